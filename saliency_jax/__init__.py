@@ -1,0 +1,13 @@
+"""saliency_jax: saliency-guided training in JAX/Flax.
+
+Subpackages (dependencies point one way, top to bottom):
+
+* :mod:`saliency_jax.saliency` - pure saliency transforms (Grad-CAM, Excitation Backprop, ...).
+* :mod:`saliency_jax.training` - training schemes built on them (distraction occlusion, ...).
+* :mod:`saliency_jax.models` - Flax linen models whose layers are addressable by module path.
+* :mod:`saliency_jax.data` - data sources and grain pipelines.
+* :mod:`saliency_jax.evaluation` - metrics, robustness, figures, reports.
+* :mod:`saliency_jax.train` - the generic jit + mesh train/eval loop; :mod:`saliency_jax.experiment` runs arms.
+"""
+
+__version__ = "0.1.0"

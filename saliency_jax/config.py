@@ -1,0 +1,70 @@
+"""Default experiment config shared by every config in ``experiments/configs/`` (configs are data)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+__all__ = ["default_config", "apply_overrides"]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The train loop's defaults: the paper's optimizer (Morales et al. 2021, Sec. 4.3) on the embedded digits data.
+
+    Returns:
+      A ``ConfigDict`` with sections ``dataset``, ``model``, ``optimizer``, ``distraction``, ``robustness``,
+      ``experiment`` and the loop's scalars. Experiment configs override what they need.
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.dataset = ml_collections.ConfigDict(dict(
+        name="digits", data_dir=None, image_size=32, val_fraction=0.25, train_limit=0,
+        oversample={},
+        # Morales et al. 2021: flip, rotation [-40, 40], channel shift [-30, 30], brightness [0.5, 1.5].
+        augment=dict(hflip=True, rotation=40.0, channel_shift=30.0, brightness=(0.5, 1.5)),
+    ))
+    c.model = ml_collections.ConfigDict(dict(name="small_cnn", kwargs={}, grad_cam_layer="conv3", pretrained=""))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adam", learning_rate=5e-5, b1=0.9, b2=0.999, eps=7e-7, momentum=0.9, weight_decay=0.0,
+        lr_boundaries=[], lr_scales=[]))
+    c.batch_size = 16
+    c.eval_batch_size = 256
+    c.num_steps = 0
+    c.num_epochs = 10.0
+    c.distraction = ml_collections.ConfigDict(dict(
+        enabled=False, probability=0.25, threshold=0.85, fill="zero", per_example=False,
+        # The authors' released code: Grad-CAM of the ground-truth class on the softmax output, guided weights.
+        # The paper's text / Selvaraju et al.: score="logit", weighting="plain".
+        score="softmax", weighting="guided", data_range=(0.0, 1.0)))
+    c.robustness = ml_collections.ConfigDict(dict(
+        # Random Erasing (Zhong et al. 2020) on every test image, fixed seed: Table 4 of Morales et al.
+        probability=1.0, area_range=(0.02, 0.4), aspect_range=(0.3, 1 / 0.3), fill="random", seed=1234))
+    c.experiment = ml_collections.ConfigDict(dict(
+        arms={"baseline": {"distraction": {"enabled": False}},
+              "0-occlusion": {"distraction": {"enabled": True, "fill": "zero"}}},
+        repeats=1, figure_examples=8))
+    c.log_every = 50
+    c.eval_every = 0
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 2
+    return c
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with nested ``overrides`` (``{"distraction": {"fill": "one"}}``) applied.
+
+    Raises:
+      KeyError: if an override names a field the config does not have (a typo would otherwise be ignored).
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+
+    def merge(node, upd, path):
+        for k, v in upd.items():
+            if k not in node:
+                raise KeyError(f"override {'.'.join(path + [k])!r} names no config field")
+            if isinstance(v, (dict, ml_collections.ConfigDict)) and isinstance(node[k], ml_collections.ConfigDict):
+                merge(node[k], dict(v), path + [k])
+            else:
+                node[k] = v
+
+    merge(config, dict(overrides), [])
+    return config
