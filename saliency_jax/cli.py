@@ -38,6 +38,8 @@ def _run(command: str, argv) -> None:
         raise app.UsageError(f"--config and --workdir are required\n{_USAGE}")
     import jax
 
+    if not FLAGS["verbosity"].present:  # orbax and grain log every checkpoint at INFO
+        logging.set_verbosity(logging.WARNING)
     if FLAGS.multihost:
         jax.distributed.initialize()
     logging.info("devices: %s", jax.devices())

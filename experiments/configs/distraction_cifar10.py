@@ -1,0 +1,45 @@
+r"""Distraction training on CIFAR-10 at a reduced budget (real copy: ../shared/data/cifar10/cifar10.npz).
+
+Baseline vs 0-, R- and 1-occlusion (Morales et al. 2021; p = 0.25, th = 0.85) on the small CNN (32/64/128 channels)
+trained from scratch on 75% of the training split, evaluated on the 10,000 test images clean and with Random
+Erasing of every image. The paper's augmentation except rotation (horizontal flip, channel shift [-30, 30],
+brightness [0.5, 1.5]); rotation is left out because its per-image host cost would dominate a CPU run.
+
+Command (from the repository root):
+  saliency-jax experiment --config experiments/configs/distraction_cifar10.py \
+      --config.dataset.data_dir=../shared/data/cifar10/cifar10.npz --workdir runs/cifar10
+
+Runtime: about 15 minutes per arm on 2 CPU cores (6,000 steps of batch 64, ~10 epochs of 37,500 images), an hour
+for the 4 arms; pass ``--config.experiment.arms`` subsets or run arms on separate machines for less.
+Expected: clean test accuracy in the high 0.70s for the baseline at this budget.
+"""
+
+from saliency_jax.config import default_config
+
+
+def get_config(arg: str | None = None):
+    c = default_config()
+    c.dataset.name = "cifar10"
+    c.dataset.data_dir = "../shared/data/cifar10/cifar10.npz"
+    c.dataset.image_size = None  # native 32 x 32
+    c.dataset.augment = dict(hflip=True, rotation=0.0, channel_shift=30.0, brightness=(0.5, 1.5))
+    c.model.name = "small_cnn"
+    c.model.kwargs = {"widths": (32, 64, 128)}
+    c.model.grad_cam_layer = "conv3"
+    c.optimizer.learning_rate = 1e-3  # from scratch
+    c.batch_size = 64
+    c.eval_batch_size = 500
+    c.num_steps = 6000
+    c.log_every = 200
+    c.checkpoint_every = 1000
+    c.experiment.arms = (
+        ("baseline", {"distraction": {"enabled": False}}),
+        ("0-occlusion", {"distraction": {"enabled": True, "fill": "zero"}}),
+        ("R-occlusion", {"distraction": {"enabled": True, "fill": "random"}}),
+        ("1-occlusion", {"distraction": {"enabled": True, "fill": "one"}}),
+    )
+    if arg == "runlocal":
+        c.num_steps = 20
+        c.log_every = 10
+        c.experiment.arms = c.experiment.arms[:2]
+    return c

@@ -1,0 +1,398 @@
+"""grain input pipelines for training and evaluation.
+
+Training (:func:`make_train_dataset`)::
+
+        source -> [indices] -> shuffle (reseeded every epoch) -> repeat
+                      -> resize -> random_map(augment) -> this process's shard -> batch
+
+The shuffle and the augmentation are functions of the seed and of the
+position in the *global* example stream, and each process keeps every
+``shard_count``-th element of that stream. Hence the union of the
+processes' batches at step t is exactly batch t of the single-process
+pipeline with the same global batch size: results do not depend on how many
+hosts read the data.
+
+Evaluation (:func:`make_eval_batches`) reads examples in order and pads the
+last batch, with a ``mask`` marking the real rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from saliency_jax.data import augment as augment_lib
+
+__all__ = [
+    "train_val_split",
+    "oversample",
+    "make_train_dataset",
+    "make_eval_batches",
+    "EvalBatches",
+    "num_classes",
+    "image_shape",
+]
+
+
+def train_val_split(
+    num_examples: int, val_fraction: float = 0.25, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic random train/validation split of ``range(num_examples)``.
+
+    The paper's 75/25 split of the training data (Morales et al. 2021, Sec. 4.3): a permutation drawn with
+    ``np.random.default_rng(seed)``; its first ``round(val_fraction * num_examples)`` entries are the validation
+    set. ``val_fraction=0`` gives an empty validation set.
+
+    Args:
+        num_examples: number of examples, >= 1.
+        val_fraction: fraction held out for validation, in [0, 1).
+        seed: permutation seed.
+
+    Returns:
+        (train_idx, val_idx): sorted int64 index arrays [n_train] and [n_val], disjoint, together covering
+        ``range(num_examples)``; ``n_train >= 1``.
+
+    Raises:
+        ValueError: num_examples < 1, val_fraction outside [0, 1), or a split that would leave no training example.
+    """
+    num_examples = int(num_examples)
+    if num_examples < 1:
+        raise ValueError(f"train_val_split: num_examples must be >= 1, got {num_examples}.")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"train_val_split: val_fraction must lie in [0, 1), got {val_fraction}.")
+    num_val = int(round(val_fraction * num_examples))
+    if num_val >= num_examples:
+        raise ValueError(
+            f"train_val_split: val_fraction={val_fraction} of {num_examples} examples leaves no training example."
+        )
+    permutation = np.random.default_rng(seed).permutation(num_examples)
+    return np.sort(permutation[num_val:]), np.sort(permutation[:num_val])
+
+
+def oversample(
+    indices: np.ndarray | Sequence[int],
+    labels: np.ndarray,
+    factors: Mapping[int, int],
+) -> np.ndarray:
+    """Repeats the indices of chosen classes (class-balancing by oversampling).
+
+    Args:
+        indices: [n] int example indices into ``labels``.
+        labels: [num_examples] int labels of the whole source (``source.labels``).
+        factors: ``{class_id: k}`` repeats every index of class ``class_id``
+            ``k`` times in total (k >= 1); other classes appear once.
+
+    Returns:
+        [n + sum((k - 1) * count[c])] int64 indices, in the input order with each
+        oversampled index repeated in place (shuffling is the pipeline's job).
+
+    Raises:
+        ValueError: labels not rank 1, indices out of range, or a factor < 1 or
+            not an integer.
+    """
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"oversample: labels must be rank 1, got shape {labels.shape}.")
+    if indices.size and (indices.min() < 0 or indices.max() >= labels.shape[0]):
+        raise ValueError(
+            f"oversample: indices must lie in [0, {labels.shape[0]}), got range"
+            f" [{indices.min()}, {indices.max()}]."
+        )
+    counts = np.ones(indices.shape[0], dtype=np.int64)
+    index_labels = labels[indices]
+    for class_id, factor in factors.items():
+        if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+            raise ValueError(
+                f"oversample: factor for class {class_id} must be an int >= 1, got"
+                f" {factor!r}."
+            )
+        counts[index_labels == class_id] = int(factor)
+    return np.repeat(indices, counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Subset:
+    """Random-access view ``source[indices[i]]`` (grain data source)."""
+
+    source: Any
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self.source[int(self.indices[index])]
+
+
+def _check_indices(source: Any, indices: Any, fn: str, allow_empty: bool = False) -> np.ndarray:
+    """Validates [n] int indices into ``source`` (None = all) and returns them as int64."""
+    if indices is None:
+        indices = np.arange(len(source), dtype=np.int64)
+    indices = np.asarray(indices)
+    if indices.ndim != 1:
+        raise ValueError(f"{fn}: indices must be rank 1, got shape {indices.shape}.")
+    if indices.size == 0:
+        if allow_empty:
+            return indices.astype(np.int64)
+        raise ValueError(f"{fn}: no examples (indices or source is empty).")
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"{fn}: indices must be integers, got {indices.dtype}.")
+    if indices.min() < 0 or indices.max() >= len(source):
+        raise ValueError(
+            f"{fn}: indices must lie in [0, {len(source)}), got range"
+            f" [{indices.min()}, {indices.max()}]."
+        )
+    return indices.astype(np.int64)
+
+
+def _prepare(example: Mapping[str, Any], image_size: int | None) -> dict[str, np.ndarray]:
+    """Checks an item and resizes its image to [image_size, image_size, c]."""
+    image = np.asarray(example["image"], dtype=np.float32)
+    if image.ndim != 3:
+        raise ValueError(
+            f"Source items must have image [height, width, channels], got shape"
+            f" {image.shape}."
+        )
+    if image_size is not None:
+        image = augment_lib.resize(image, image_size)
+    return {"image": image, "label": np.asarray(example["label"], dtype=np.int32)}
+
+
+def _augment_example(
+    example: Mapping[str, np.ndarray],
+    rng: np.random.Generator,
+    augment_kwargs: Mapping[str, Any],
+) -> dict[str, np.ndarray]:
+    """random_map transform: augments the image of one example."""
+    return {
+        "image": augment_lib.augment(example["image"], rng, **augment_kwargs),
+        "label": example["label"],
+    }
+
+
+def make_train_dataset(
+    source: Any,
+    indices: np.ndarray | Sequence[int] | None,
+    *,
+    batch_size: int,
+    seed: int,
+    image_size: int | None = None,
+    augment_kwargs: Mapping[str, Any] | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+    """Shuffled, augmented, sharded training batches (grain).
+
+    ``grain.MapDataset.source`` over ``source[indices]``, shuffled with
+    ``seed`` and reshuffled differently (but deterministically) every epoch
+    (``shuffle`` then ``repeat``), resized, augmented with
+    :func:`saliency_jax.data.augment.augment` in ``random_map`` (a function of
+    ``seed`` and the global stream position), then this process keeps
+    elements ``shard_index, shard_index + shard_count, ...`` of the stream and
+    batches ``batch_size // shard_count`` of them with ``drop_remainder``.
+    Batches may span an epoch boundary. With ``num_epochs`` set, the stream is
+    cut to a whole number of global batches so that every process yields the
+    same number of batches.
+
+    Args:
+        source: random-access source (``__len__``, ``__getitem__`` -> dict with
+            "image" [h, w, c] float32 in [0, 1] and "label" int).
+        indices: [n] int indices of ``source`` to train on (e.g. from
+            :func:`train_val_split` / :func:`oversample`); None = all.
+        batch_size: GLOBAL batch size over all processes; must be divisible by
+            ``shard_count``.
+        seed: seed of the shuffle and the augmentation.
+        image_size: optional square resize (bilinear) of every image.
+        augment_kwargs: keyword arguments of ``augment`` (e.g.
+            ``augment.PAPER_AUGMENTATION``); None or {} = no augmentation.
+        shard_index: this process, usually ``jax.process_index()``.
+        shard_count: number of processes, usually ``jax.process_count()``.
+        num_epochs: number of passes; None = infinite.
+        read_options: grain threading/prefetch options (grain's default if None).
+
+    Returns:
+        ``grain.IterDataset``; ``iter()`` gives a ``grain.DatasetIterator`` (with
+        ``get_state`` / ``set_state``) of dicts ``{"image": [b, h, w, c] float32
+        in [0, 1], "label": [b] int32}`` with ``b = batch_size // shard_count``.
+
+    Raises:
+        ValueError: bad indices, batch_size not a positive multiple of
+            shard_count, shard_index outside [0, shard_count), num_epochs < 1,
+            unknown augment keyword or bad augmentation range, or fewer examples
+            than one global batch in ``num_epochs`` epochs.
+    """
+    fn = "make_train_dataset"
+    indices = _check_indices(source, indices, fn)
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(
+            f"{fn}: need 0 <= shard_index < shard_count, got shard_index="
+            f"{shard_index}, shard_count={shard_count}."
+        )
+    if batch_size < 1 or batch_size % shard_count:
+        raise ValueError(
+            f"{fn}: global batch_size={batch_size} must be a positive multiple of"
+            f" shard_count={shard_count}."
+        )
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"{fn}: num_epochs must be >= 1 or None, got {num_epochs}.")
+    augment_kwargs = dict(augment_kwargs or {})
+    allowed = {"hflip", "rotation", "channel_shift", "brightness"}
+    unknown = set(augment_kwargs) - allowed
+    if unknown:
+        raise ValueError(
+            f"{fn}: unknown augment_kwargs {sorted(unknown)}; allowed"
+            f" {sorted(allowed)}."
+        )
+    if augment_kwargs:  # Fail here on bad ranges, not later inside a grain worker thread.
+        augment_lib.augment(np.zeros((1, 1, 1), np.float32), np.random.default_rng(0), **augment_kwargs)
+    local_batch_size = batch_size // shard_count
+
+    ds = grain.MapDataset.source(_Subset(source, indices)).seed(seed)
+    ds = ds.shuffle().repeat(num_epochs)
+    if num_epochs is not None:
+        num_batches = len(ds) // batch_size
+        if num_batches == 0:
+            raise ValueError(
+                f"{fn}: {len(indices)} examples x {num_epochs} epochs is less than"
+                f" one global batch of {batch_size}."
+            )
+        ds = ds[: num_batches * batch_size]
+    ds = ds.map(functools.partial(_prepare, image_size=image_size))
+    if augment_kwargs:
+        ds = ds.random_map(
+            functools.partial(_augment_example, augment_kwargs=augment_kwargs)
+        )
+    if shard_count > 1:
+        ds = ds[shard_index::shard_count]
+    return ds.to_iter_dataset(read_options).batch(
+        local_batch_size, drop_remainder=True
+    )
+
+
+def _pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Pads a [n, ...] batch with zero rows to [batch_size, ...] plus a mask."""
+    n = batch["label"].shape[0]
+    pad = batch_size - n
+    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    image = batch["image"]
+    label = batch["label"]
+    if pad:
+        image = np.concatenate([image, np.zeros((pad,) + image.shape[1:], image.dtype)])
+        label = np.concatenate([label, np.zeros(pad, label.dtype)])
+    return {"image": image, "label": label, "mask": mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBatches:
+    """Re-iterable, sized sequence of padded evaluation batches.
+
+    ``len()`` is the number of batches; each ``iter()`` reads the examples
+    again in order. Built by :func:`make_eval_batches`.
+
+    Attributes:
+        dataset: the grain pipeline yielding the padded batches.
+        num_examples: number of real (unpadded) examples.
+        batch_size: rows per batch.
+    """
+
+    dataset: grain.IterDataset
+    num_examples: int
+    batch_size: int
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_examples / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.dataset)
+
+
+def make_eval_batches(
+    source: Any,
+    indices: np.ndarray | Sequence[int] | None = None,
+    *,
+    batch_size: int,
+    image_size: int | None = None,
+    pad_to_multiple_of: int = 1,
+    read_options: grain.ReadOptions | None = None,
+) -> EvalBatches:
+    """Deterministic, padded evaluation batches.
+
+    Examples ``source[indices[0]], source[indices[1]], ...`` in order, in
+    batches of exactly ``batch_size`` rows; the last partial batch is padded
+    with zero images and label 0 and ``mask`` 0.
+
+    Args:
+        source: random-access source (see :func:`make_train_dataset`).
+        indices: [n] int indices to evaluate; None = all of ``source``.
+        batch_size: rows per batch (global), a multiple of ``pad_to_multiple_of``.
+        image_size: optional square resize (bilinear) of every image.
+        pad_to_multiple_of: usually the device count, so that batches shard
+            evenly over devices.
+        read_options: grain threading/prefetch options (grain's default if None).
+
+    Returns:
+        :class:`EvalBatches` of ``ceil(n / batch_size)`` dicts ``{"image":
+        [batch_size, h, w, c] float32 in [0, 1], "label": [batch_size] int32,
+        "mask": [batch_size] float32 (1 real, 0 padding)}``; no batches when
+        ``indices`` is empty.
+
+    Raises:
+        ValueError: bad indices, batch_size < 1, or batch_size not a multiple of
+            pad_to_multiple_of.
+    """
+    fn = "make_eval_batches"
+    indices = _check_indices(source, indices, fn, allow_empty=True)
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"{fn}: pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}.")
+    if batch_size < 1 or batch_size % pad_to_multiple_of:
+        raise ValueError(
+            f"{fn}: batch_size={batch_size} must be a positive multiple of"
+            f" pad_to_multiple_of={pad_to_multiple_of}."
+        )
+    ds = (
+        grain.MapDataset.source(_Subset(source, indices))
+        .map(functools.partial(_prepare, image_size=image_size))
+        .to_iter_dataset(read_options)
+        .batch(batch_size, drop_remainder=False)
+        .map(functools.partial(_pad_batch, batch_size=batch_size))
+    )
+    return EvalBatches(dataset=ds, num_examples=len(indices), batch_size=batch_size)
+
+
+def num_classes(source: Any) -> int:
+    """Number of classes of a source (its ``num_classes`` attribute).
+
+    Raises:
+        TypeError: the source has no ``num_classes``.
+    """
+    if not hasattr(source, "num_classes"):
+        raise TypeError(f"{type(source).__name__} has no num_classes attribute.")
+    return int(source.num_classes)
+
+
+def image_shape(source: Any, image_size: int | None = None) -> tuple[int, int, int]:
+    """Shape [height, width, channels] of the images a pipeline will yield.
+
+    Args:
+        source: random-access source; its first item is read.
+        image_size: the pipeline's resize, if any.
+
+    Returns:
+        (height, width, channels).
+
+    Raises:
+        ValueError: empty source or items without a rank-3 image.
+    """
+    if len(source) == 0:
+        raise ValueError(f"image_shape: source {source!r} is empty.")
+    image = _prepare(source[0], image_size)["image"]
+    return tuple(int(d) for d in image.shape)

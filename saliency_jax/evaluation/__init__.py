@@ -1,0 +1,32 @@
+"""Evaluation of saliency-guided training: metrics, robustness, figures and report tables.
+
+Follows the evaluation of Morales et al. 2021, "Playing to distraction: towards a robust
+training of CNN classifiers through visual explanation techniques": accuracy, macro / weighted
+precision, recall and F1 and per-class true positive rates (Sec. 4.4, Tables 1 and 3), the
+Random Erasing robustness test (Zhong et al. 2020; Table 4), heat-map grids (Figs. 2-3), and
+markdown tables shaped like the paper's.
+"""
+
+from saliency_jax.evaluation.figures import saliency_figure
+from saliency_jax.evaluation.figures import training_curves_figure
+from saliency_jax.evaluation.metrics import SCALAR_METRICS
+from saliency_jax.evaluation.metrics import classification_metrics
+from saliency_jax.evaluation.metrics import summarize_repeats
+from saliency_jax.evaluation.report import METRIC_LABELS
+from saliency_jax.evaluation.report import metrics_table
+from saliency_jax.evaluation.report import robustness_table
+from saliency_jax.evaluation.robustness import erased_test_set
+from saliency_jax.evaluation.robustness import random_erasing
+
+__all__ = [
+    "METRIC_LABELS",
+    "SCALAR_METRICS",
+    "classification_metrics",
+    "erased_test_set",
+    "metrics_table",
+    "random_erasing",
+    "robustness_table",
+    "saliency_figure",
+    "summarize_repeats",
+    "training_curves_figure",
+]

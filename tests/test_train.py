@@ -1,0 +1,172 @@
+"""The train loop: sharded step on 8 fake devices, kill-and-resume, bad input, the experiment end to end."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from saliency_jax import train as train_lib
+from saliency_jax.config import default_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**distraction):
+    c = default_config()
+    c.dataset.augment = dict(hflip=False, rotation=10.0, channel_shift=30.0, brightness=(0.5, 1.5))
+    c.dataset.image_size = 16
+    c.model.kwargs = {"widths": (4, 8, 8)}
+    c.optimizer.learning_rate = 1e-3
+    c.batch_size = 8
+    c.eval_batch_size = 64
+    c.num_steps = 8
+    c.log_every = 2
+    c.checkpoint_every = 4
+    c.distraction.update(dict(enabled=True, probability=0.5, fill="random"), **distraction)
+    return c
+
+
+SHARDED_STEP_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from saliency_jax import data, train as T
+    from saliency_jax.config import default_config
+    assert jax.device_count() == 8, jax.devices()
+    c = default_config()
+    c.model.kwargs = {"widths": (4, 8, 8)}
+    c.distraction.update(dict(enabled=True, probability=1.0, fill="random"))
+    src = data.get_source("digits", "train", image_size=16)
+    ds = data.make_train_dataset(src, np.arange(len(src)), batch_size=16, seed=0, image_size=16)
+    batches = [b for _, b in zip(range(3), iter(ds))]
+    model = T.build_model(c, src.num_classes)
+    opt = T.make_optimizer(c)
+    step = T.make_train_step(model, opt, distraction=T.distraction_config(c), grad_cam_layer="conv3")
+    finals = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = Mesh(np.array(devices), ("data",))
+        repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        state = jax.device_put(T.init_state(model, opt, (16, 16, 1), 0), repl)
+        fn = jax.jit(step, in_shardings=(repl, shard, repl), out_shardings=(repl, repl))
+        occluded = []
+        for b in batches:
+            state, m = fn(state, jax.device_put(b, shard), jax.random.key(1))
+            occluded.append(float(m["occluded"]))
+        assert occluded == [1.0, 1.0, 1.0], occluded
+        finals.append(jax.device_get(state))
+    a, b = (jax.tree.leaves(f) for f in finals)
+    worst = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+    print("MAXDIFF", worst)
+""")
+
+
+def test_train_step_on_8_devices_matches_1_device():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", SHARDED_STEP_SCRIPT], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    worst = float(out.stdout.split("MAXDIFF")[1])
+    # Same random fills and masks on both meshes (partitionable threefry); only reduction order differs.
+    assert worst < 1e-4, worst
+
+
+def _params(result):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get((result.state.params, result.state.batch_stats)))]
+
+
+def test_kill_and_resume_continues_the_same_trajectory(tmp_path):
+    config = tiny_config()
+    straight = train_lib.train(config, tmp_path / "straight", progress=False)
+
+    first = default_config()
+    first.update(config)
+    first.num_steps = 5  # "killed" after step 5; checkpoints at 4 and 5 (the last step is always saved)
+    train_lib.train(first, tmp_path / "resumed", progress=False)
+    resumed = train_lib.train(config, tmp_path / "resumed", progress=False)
+
+    assert int(resumed.state.step) == int(straight.state.step) == 8
+    for a, b in zip(_params(straight), _params(resumed)):
+        np.testing.assert_array_equal(a, b)
+    logged = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [2, 4, 5, 6, 8]
+
+
+def test_corrupt_checkpoint_names_the_path(tmp_path):
+    config = tiny_config(enabled=False)
+    config.num_steps = 4
+    train_lib.train(config, tmp_path / "run", progress=False)
+    step_dir = tmp_path / "run" / "checkpoints" / "4"
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        p.write_bytes(b"garbage")
+    config.num_steps = 6
+    with pytest.raises(RuntimeError, match=r"checkpoint step 4 .*checkpoints"):
+        train_lib.train(config, tmp_path / "run", progress=False)
+
+
+def test_step_is_traced_once():
+    config = tiny_config(probability=1.0)
+    model = train_lib.build_model(config, 10)
+    opt = train_lib.make_optimizer(config)
+    step = chex.assert_max_traces(train_lib.make_train_step(
+        model, opt, distraction=train_lib.distraction_config(config), grad_cam_layer="conv3"), n=1)
+    fn = jax.jit(step)
+    state = train_lib.init_state(model, opt, (16, 16, 1), 0)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        batch = {"image": rng.uniform(size=(8, 16, 16, 1)).astype(np.float32),
+                 "label": rng.integers(0, 10, 8).astype(np.int32)}
+        state, metrics = fn(state, batch, jax.random.key(0))
+    assert int(state.step) == 3 and float(metrics["occluded"]) == 1.0
+
+
+def test_check_batch_rejects_bad_input():
+    good = {"image": np.zeros((2, 4, 4, 1), np.float32), "label": np.array([0, 1], np.int32)}
+    train_lib.check_batch(good, 2)
+    nan = {**good, "image": good["image"].copy()}
+    nan["image"][1, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"NaN.*rows \[1\]"):
+        train_lib.check_batch(nan, 2, where="train step 3")
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        train_lib.check_batch({**good, "label": np.array([0, 2], np.int32)}, 2)
+    with pytest.raises(ValueError, match="batch, height, width, channels"):
+        train_lib.check_batch({**good, "image": np.zeros((2, 4, 4), np.float32)}, 2)
+    with pytest.raises(TypeError, match="float32"):
+        train_lib.check_batch({**good, "image": np.zeros((2, 4, 4, 1), np.uint8)}, 2)
+    with pytest.raises(ValueError, match="divisible"):
+        c = tiny_config()
+        c.batch_size = jax.device_count() + 1 if jax.device_count() > 1 else 3
+        if jax.device_count() == 1:
+            raise ValueError("divisible")  # every batch size divides over one device
+        train_lib.train(c, "/tmp/unused", progress=False)
+
+
+def test_experiment_runlocal_writes_report_and_figure(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-m", "saliency_jax", "experiment",
+         "--config", str(REPO / "experiments/configs/distraction_digits.py") + ":runlocal",
+         "--workdir", str(tmp_path / "exp"), "--noprogress"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = (tmp_path / "exp" / "report.md").read_text()
+    assert "| Metric | baseline | 0-occlusion |" in report
+    assert "Random Erasing" in report
+    metrics = json.loads((tmp_path / "exp" / "metrics.json").read_text())
+    for arm in ("baseline", "0-occlusion"):
+        acc = metrics["summary"][arm]["clean"]["accuracy"]
+        assert 0.0 <= acc <= 1.0
+    from PIL import Image
+
+    with Image.open(tmp_path / "exp" / "saliency_maps.png") as im:
+        assert im.size[0] > 200 and im.size[1] > 200
