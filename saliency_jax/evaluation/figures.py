@@ -28,24 +28,24 @@ _RANGE_TOLERANCE = 1e-6  # Values this far outside [0, 1] are float rounding, cl
 
 
 def _as_unit_interval(array: Any, name: str) -> np.ndarray:
-  """Returns ``array`` as float32 after checking it is finite and in [0, 1]."""
-  try:
-    values = np.asarray(array, dtype=np.float32)
-  except (TypeError, ValueError) as error:
-    raise ValueError(f"{name} must be a numeric array: {error}") from None
-  if values.size and not np.all(np.isfinite(values)):
-    raise ValueError(f"{name} contains NaN or infinite values.")
-  if values.size and (values.min() < -_RANGE_TOLERANCE or values.max() > 1 + _RANGE_TOLERANCE):
-    raise ValueError(
-        f"{name} must lie in [0, 1], got values in [{values.min():.4g}, {values.max():.4g}]; "
-        "normalise it first.")
-  return np.clip(values, 0.0, 1.0)
+    """Returns ``array`` as float32 after checking it is finite and in [0, 1]."""
+    try:
+        values = np.asarray(array, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a numeric array: {error}") from None
+    if values.size and not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} contains NaN or infinite values.")
+    if values.size and (values.min() < -_RANGE_TOLERANCE or values.max() > 1 + _RANGE_TOLERANCE):
+        raise ValueError(
+            f"{name} must lie in [0, 1], got values in [{values.min():.4g}, {values.max():.4g}]; normalise it first."
+        )
+    return np.clip(values, 0.0, 1.0)
 
 
 def _prepare_path(path: str | os.PathLike[str]) -> pathlib.Path:
-  out = pathlib.Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  return out
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def saliency_figure(
@@ -60,109 +60,108 @@ def saliency_figure(
     cell_inches: float = 2.0,
     dpi: int = 100,
 ) -> pathlib.Path:
-  """Writes a PNG grid of input images and heat maps overlaid on them (Morales 2021, Figs. 2-3).
+    """Writes a PNG grid of input images and heat maps overlaid on them (Morales 2021, Figs. 2-3).
 
-  Row ``i`` shows image ``i``: column 0 the input ("input"), then one column per entry of
-  ``maps`` (in the dict's order, headed by its key) with that map drawn with colour map ``cmap``
-  and opacity ``alpha`` over the image. Maps are shown on a fixed [0, 1] colour scale, so
-  columns are comparable. Each cell is ``cell_inches`` wide and keeps the image's aspect ratio;
-  the PNG is therefore about ``(1 + len(maps)) * cell_inches * dpi`` pixels wide and
-  ``n * cell_inches * height / width * dpi`` pixels high, plus margins for headers, labels and
-  title.
+    Row ``i`` shows image ``i``: column 0 the input ("input"), then one column per entry of
+    ``maps`` (in the dict's order, headed by its key) with that map drawn with colour map ``cmap``
+    and opacity ``alpha`` over the image. Maps are shown on a fixed [0, 1] colour scale, so
+    columns are comparable. Each cell is ``cell_inches`` wide and keeps the image's aspect ratio;
+    the PNG is therefore about ``(1 + len(maps)) * cell_inches * dpi`` pixels wide and
+    ``n * cell_inches * height / width * dpi`` pixels high, plus margins for headers, labels and
+    title.
 
-  Args:
-    images: [n, height, width, channels] float in [0, 1], channels 1 (grey) or 3 (RGB).
-    maps: dict column name -> [n, height, width] float saliency maps in [0, 1] (e.g.
-      ``{"baseline": ..., "0-occlusion": ...}``), at the image resolution.
-    path: output PNG file; missing parent directories are created.
-    row_labels: optional ``n`` strings written left of each row (e.g. the true class).
-    title: optional figure title.
-    alpha: opacity in [0, 1] of the heat map over the image.
-    cmap: name of a matplotlib colour map for the heat maps.
-    cell_inches: width of one cell in inches (> 0).
-    dpi: resolution in pixels per inch (positive int).
+    Args:
+      images: [n, height, width, channels] float in [0, 1], channels 1 (grey) or 3 (RGB).
+      maps: dict column name -> [n, height, width] float saliency maps in [0, 1] (e.g.
+        ``{"baseline": ..., "0-occlusion": ...}``), at the image resolution.
+      path: output PNG file; missing parent directories are created.
+      row_labels: optional ``n`` strings written left of each row (e.g. the true class).
+      title: optional figure title.
+      alpha: opacity in [0, 1] of the heat map over the image.
+      cmap: name of a matplotlib colour map for the heat maps.
+      cell_inches: width of one cell in inches (> 0).
+      dpi: resolution in pixels per inch (positive int).
 
-  Returns:
-    The path written, as a ``pathlib.Path``.
+    Returns:
+      The path written, as a ``pathlib.Path``.
 
-  Raises:
-    ValueError: if ``images`` is not [n, height, width, 1 or 3] with n >= 1, a map's shape is
-      not [n, height, width] (the message names the column), values are non-finite or outside
-      [0, 1], ``row_labels`` does not have ``n`` entries, ``maps`` is not a dict, or ``alpha``,
-      ``cmap``, ``cell_inches`` or ``dpi`` is invalid.
-  """
-  images = _as_unit_interval(images, "images")
-  if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] < 1 or min(
-      images.shape[1:3]) < 1:
-    raise ValueError(
-        "images must have shape [n, height, width, channels] with n >= 1 and channels 1 or 3, "
-        f"got {images.shape}.")
-  num_rows, height, width, channels = images.shape
-  if not isinstance(maps, Mapping):
-    raise ValueError(f"maps must be a dict column name -> [n, h, w] array, got {type(maps)}.")
-  checked_maps: dict[str, np.ndarray] = {}
-  for column, saliency in maps.items():
-    values = _as_unit_interval(saliency, f"maps[{column!r}]")
-    if values.shape != (num_rows, height, width):
-      raise ValueError(
-          f"maps[{column!r}] must have shape [n, height, width] = "
-          f"{(num_rows, height, width)} to match images, got {values.shape}.")
-    checked_maps[str(column)] = values
-  if row_labels is not None:
-    if isinstance(row_labels, str) or len(row_labels) != num_rows:
-      raise ValueError(
-          f"row_labels must be a sequence of n={num_rows} strings, got {row_labels!r}.")
-  if not (isinstance(alpha, numbers.Real) and 0.0 <= float(alpha) <= 1.0):
-    raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
-  try:
-    colormap = matplotlib.colormaps[cmap]
-  except (KeyError, TypeError):
-    raise ValueError(f"cmap {cmap!r} is not a matplotlib colour map name.") from None
-  if not (isinstance(cell_inches, numbers.Real) and cell_inches > 0):
-    raise ValueError(f"cell_inches must be positive, got {cell_inches!r}.")
-  if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
-    raise ValueError(f"dpi must be a positive int, got {dpi!r}.")
+    Raises:
+      ValueError: if ``images`` is not [n, height, width, 1 or 3] with n >= 1, a map's shape is
+        not [n, height, width] (the message names the column), values are non-finite or outside
+        [0, 1], ``row_labels`` does not have ``n`` entries, ``maps`` is not a dict, or ``alpha``,
+        ``cmap``, ``cell_inches`` or ``dpi`` is invalid.
+    """
+    images = _as_unit_interval(images, "images")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] < 1 or min(images.shape[1:3]) < 1:
+        raise ValueError(
+            f"images must have shape [n, height, width, channels] with n >= 1 and channels 1 or 3, got {images.shape}."
+        )
+    num_rows, height, width, channels = images.shape
+    if not isinstance(maps, Mapping):
+        raise ValueError(f"maps must be a dict column name -> [n, h, w] array, got {type(maps)}.")
+    checked_maps: dict[str, np.ndarray] = {}
+    for column, saliency in maps.items():
+        values = _as_unit_interval(saliency, f"maps[{column!r}]")
+        if values.shape != (num_rows, height, width):
+            raise ValueError(
+                f"maps[{column!r}] must have shape [n, height, width] = "
+                f"{(num_rows, height, width)} to match images, got {values.shape}."
+            )
+        checked_maps[str(column)] = values
+    if row_labels is not None:
+        if isinstance(row_labels, str) or len(row_labels) != num_rows:
+            raise ValueError(f"row_labels must be a sequence of n={num_rows} strings, got {row_labels!r}.")
+    if not (isinstance(alpha, numbers.Real) and 0.0 <= float(alpha) <= 1.0):
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
+    try:
+        colormap = matplotlib.colormaps[cmap]
+    except (KeyError, TypeError):
+        raise ValueError(f"cmap {cmap!r} is not a matplotlib colour map name.") from None
+    if not (isinstance(cell_inches, numbers.Real) and cell_inches > 0):
+        raise ValueError(f"cell_inches must be positive, got {cell_inches!r}.")
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
+        raise ValueError(f"dpi must be a positive int, got {dpi!r}.")
 
-  # Layout in inches; axes are placed explicitly so the pixel size is predictable.
-  num_cols = 1 + len(checked_maps)
-  cell_w = float(cell_inches)
-  cell_h = cell_w * height / width
-  gap = 0.05 * cell_w
-  header = 0.3
-  title_h = 0.4 if title else 0.0
-  left = 0.3 if row_labels is not None else gap
-  fig_w = left + num_cols * cell_w + (num_cols - 1) * gap + gap
-  fig_h = title_h + header + num_rows * cell_h + (num_rows - 1) * gap + gap
+    # Layout in inches; axes are placed explicitly so the pixel size is predictable.
+    num_cols = 1 + len(checked_maps)
+    cell_w = float(cell_inches)
+    cell_h = cell_w * height / width
+    gap = 0.05 * cell_w
+    header = 0.3
+    title_h = 0.4 if title else 0.0
+    left = 0.3 if row_labels is not None else gap
+    fig_w = left + num_cols * cell_w + (num_cols - 1) * gap + gap
+    fig_h = title_h + header + num_rows * cell_h + (num_rows - 1) * gap + gap
 
-  figure = Figure(figsize=(fig_w, fig_h), dpi=dpi)
-  FigureCanvasAgg(figure)
-  columns = [("input", None)] + list(checked_maps.items())
-  for row in range(num_rows):
-    image = images[row, :, :, 0] if channels == 1 else images[row]
-    for col, (name, saliency) in enumerate(columns):
-      x0 = left + col * (cell_w + gap)
-      y0 = fig_h - title_h - header - (row + 1) * cell_h - row * gap
-      axes = figure.add_axes((x0 / fig_w, y0 / fig_h, cell_w / fig_w, cell_h / fig_h))
-      axes.imshow(image, cmap="gray" if channels == 1 else None, vmin=0.0, vmax=1.0,
-                  interpolation="nearest")
-      if saliency is not None:
-        axes.imshow(saliency[row], cmap=colormap, alpha=float(alpha), vmin=0.0, vmax=1.0,
-                    interpolation="bilinear")
-      axes.set_xticks([])
-      axes.set_yticks([])
-      if row == 0:
-        axes.set_title(name, fontsize=9)
-      if col == 0 and row_labels is not None:
-        axes.set_ylabel(str(row_labels[row]), fontsize=8)
-  if title:
-    figure.text(0.5, 1.0 - 0.5 * title_h / fig_h, title, ha="center", va="center", fontsize=11)
-  out = _prepare_path(path)
-  figure.savefig(out, format="png", dpi=dpi)
-  return out
+    figure = Figure(figsize=(fig_w, fig_h), dpi=dpi)
+    FigureCanvasAgg(figure)
+    columns = [("input", None)] + list(checked_maps.items())
+    for row in range(num_rows):
+        image = images[row, :, :, 0] if channels == 1 else images[row]
+        for col, (name, saliency) in enumerate(columns):
+            x0 = left + col * (cell_w + gap)
+            y0 = fig_h - title_h - header - (row + 1) * cell_h - row * gap
+            axes = figure.add_axes((x0 / fig_w, y0 / fig_h, cell_w / fig_w, cell_h / fig_h))
+            axes.imshow(image, cmap="gray" if channels == 1 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+            if saliency is not None:
+                axes.imshow(
+                    saliency[row], cmap=colormap, alpha=float(alpha), vmin=0.0, vmax=1.0, interpolation="bilinear"
+                )
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if row == 0:
+                axes.set_title(name, fontsize=9)
+            if col == 0 and row_labels is not None:
+                axes.set_ylabel(str(row_labels[row]), fontsize=8)
+    if title:
+        figure.text(0.5, 1.0 - 0.5 * title_h / fig_h, title, ha="center", va="center", fontsize=11)
+    out = _prepare_path(path)
+    figure.savefig(out, format="png", dpi=dpi)
+    return out
 
 
 def _is_number(value: Any) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def training_curves_figure(
@@ -173,72 +172,72 @@ def training_curves_figure(
     title: str | None = None,
     dpi: int = 100,
 ) -> pathlib.Path:
-  """Writes a PNG with one panel per metric (loss, accuracy, ...) against step, a line per arm.
+    """Writes a PNG with one panel per metric (loss, accuracy, ...) against step, a line per arm.
 
-  Args:
-    history: dict arm name -> list of records ``{"step": int, "loss": float, "accuracy":
-      float, ...}`` in any order (sorted by step before plotting). A record may lack a metric;
-      non-numeric entries (e.g. ``"split": "eval"``) are ignored; NaN values leave gaps.
-    path: output PNG file; missing parent directories are created.
-    metrics: metric names to plot, one panel each, in this order; default: every numeric key
-      other than ``"step"``, in order of first appearance.
-    title: optional figure title.
-    dpi: resolution in pixels per inch (positive int).
+    Args:
+      history: dict arm name -> list of records ``{"step": int, "loss": float, "accuracy":
+        float, ...}`` in any order (sorted by step before plotting). A record may lack a metric;
+        non-numeric entries (e.g. ``"split": "eval"``) are ignored; NaN values leave gaps.
+      path: output PNG file; missing parent directories are created.
+      metrics: metric names to plot, one panel each, in this order; default: every numeric key
+        other than ``"step"``, in order of first appearance.
+      title: optional figure title.
+      dpi: resolution in pixels per inch (positive int).
 
-  Returns:
-    The path written, as a ``pathlib.Path``.
+    Returns:
+      The path written, as a ``pathlib.Path``.
 
-  Raises:
-    ValueError: if ``history`` is empty or not a dict of lists of dicts, a record lacks a
-      numeric ``"step"``, no metric is found, or a requested metric has no value in any arm.
-  """
-  if not isinstance(history, Mapping) or not history:
-    raise ValueError("history must be a non-empty dict arm -> list of records.")
-  found: dict[str, None] = {}
-  for arm, records in history.items():
-    if isinstance(records, (str, Mapping)) or not isinstance(records, Sequence) or not records:
-      raise ValueError(f"history[{arm!r}] must be a non-empty list of dicts.")
-    for i, record in enumerate(records):
-      if not isinstance(record, Mapping):
-        raise ValueError(f"history[{arm!r}][{i}] must be a dict, got {type(record).__name__}.")
-      if not _is_number(record.get("step")):
-        raise ValueError(f"history[{arm!r}][{i}] needs a numeric 'step', got {record!r}.")
-      for name, value in record.items():
-        if name != "step" and _is_number(value):
-          found[name] = None
-  if metrics is None:
-    metrics = list(found)
-  else:
-    if isinstance(metrics, str):
-      raise ValueError("metrics must be a sequence of metric names, got a single string.")
-    metrics = list(metrics)
-    missing = [m for m in metrics if m not in found]
-    if missing:
-      raise ValueError(f"metrics {missing} have no numeric value in history; found {list(found)}.")
-  if not metrics:
-    raise ValueError("history holds no numeric metric besides 'step'.")
-  if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
-    raise ValueError(f"dpi must be a positive int, got {dpi!r}.")
+    Raises:
+      ValueError: if ``history`` is empty or not a dict of lists of dicts, a record lacks a
+        numeric ``"step"``, no metric is found, or a requested metric has no value in any arm.
+    """
+    if not isinstance(history, Mapping) or not history:
+        raise ValueError("history must be a non-empty dict arm -> list of records.")
+    found: dict[str, None] = {}
+    for arm, records in history.items():
+        if isinstance(records, (str, Mapping)) or not isinstance(records, Sequence) or not records:
+            raise ValueError(f"history[{arm!r}] must be a non-empty list of dicts.")
+        for i, record in enumerate(records):
+            if not isinstance(record, Mapping):
+                raise ValueError(f"history[{arm!r}][{i}] must be a dict, got {type(record).__name__}.")
+            if not _is_number(record.get("step")):
+                raise ValueError(f"history[{arm!r}][{i}] needs a numeric 'step', got {record!r}.")
+            for name, value in record.items():
+                if name != "step" and _is_number(value):
+                    found[name] = None
+    if metrics is None:
+        metrics = list(found)
+    else:
+        if isinstance(metrics, str):
+            raise ValueError("metrics must be a sequence of metric names, got a single string.")
+        metrics = list(metrics)
+        missing = [m for m in metrics if m not in found]
+        if missing:
+            raise ValueError(f"metrics {missing} have no numeric value in history; found {list(found)}.")
+    if not metrics:
+        raise ValueError("history holds no numeric metric besides 'step'.")
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
+        raise ValueError(f"dpi must be a positive int, got {dpi!r}.")
 
-  figure = Figure(figsize=(4.0 * len(metrics), 3.2 + (0.3 if title else 0.0)), dpi=dpi)
-  FigureCanvasAgg(figure)
-  panels = figure.subplots(1, len(metrics), squeeze=False)[0]
-  for axes, metric in zip(panels, metrics):
-    for arm_index, (arm, records) in enumerate(history.items()):
-      points = sorted(
-          (float(r["step"]), float(r[metric])) for r in records if _is_number(r.get(metric)))
-      if points:
-        steps, values = zip(*points)
-        axes.plot(steps, values, label=str(arm), color=f"C{arm_index % 10}",
-                  marker="." if len(points) < 30 else None)
-    axes.set_xlabel("step")
-    axes.set_ylabel(metric)
-    axes.set_title(metric)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-  if title:
-    figure.suptitle(title)
-  figure.tight_layout()
-  out = _prepare_path(path)
-  figure.savefig(out, format="png", dpi=dpi)
-  return out
+    figure = Figure(figsize=(4.0 * len(metrics), 3.2 + (0.3 if title else 0.0)), dpi=dpi)
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, len(metrics), squeeze=False)[0]
+    for axes, metric in zip(panels, metrics):
+        for arm_index, (arm, records) in enumerate(history.items()):
+            points = sorted((float(r["step"]), float(r[metric])) for r in records if _is_number(r.get(metric)))
+            if points:
+                steps, values = zip(*points)
+                axes.plot(
+                    steps, values, label=str(arm), color=f"C{arm_index % 10}", marker="." if len(points) < 30 else None
+                )
+        axes.set_xlabel("step")
+        axes.set_ylabel(metric)
+        axes.set_title(metric)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    out = _prepare_path(path)
+    figure.savefig(out, format="png", dpi=dpi)
+    return out
