@@ -14,3 +14,11 @@ from saliency_jax.saliency.core import (
     split_layer,
 )
 from saliency_jax.saliency.grad_cam import class_scores, grad_cam, grad_cam_weights
+from saliency_jax.saliency.excitation_backprop import (
+    EBResult,
+    UnsupportedOperationError,
+    contrastive_excitation_backprop,
+    excitation_backprop,
+    marginal_winning_probability,
+    with_excitation_rules,
+)

@@ -1,0 +1,255 @@
+"""Excitation Backprop (EB) and contrastive EB: marginal winning probabilities in one backward pass.
+
+Zhang, Lin, Brandt, Shen, Sclaroff, "Top-down Neural Attention by Excitation Backprop", ECCV 2016 (IJCV 2018);
+Bargal, "Grounding deep models of visual data", PhD thesis 2019, Ch. 4:
+
+* Eq. 4.1: ``P(a_i) = sum_{a_j in parents(a_i)} P(a_i | a_j) P(a_j)`` - the marginal winning probability of a
+  neuron, starting from a top-down prior ``P`` over the output units (one-hot on a class, or any distribution);
+* Eq. 4.2: ``P(a_i | a_j) = Z_j a_i w_ij`` if ``w_ij >= 0`` else 0, with ``Z_j`` normalising over the children.
+
+Written per layer with ``W+ = max(W, 0)``, dense and convolution layers give ``p_in = x * W+^T (p_out / (W+ x))``
+(bias ignored, ``0 / 0 := 0``); average pooling ``p_in = x * pool^T(p_out / pool(x))``; residual sums
+``p_i = x_i / sum_j x_j * p_out``; batch norm in inference mode passes the signal unchanged; ReLU and max pooling
+route it like the gradient. These are the rules of the reference implementations (Caffe-ExcitationBP, TorchRay);
+EB equals LRP's z+ rule with biases ignored.
+
+How it is computed: the rules are attached to JAX *primitives* by re-evaluating the model's jaxpr with each
+primitive replaced by a ``jax.custom_vjp`` function (:func:`with_excitation_rules`), so ``jax.vjp`` of the model
+yields the EB signal, and models we did not write work unmodified - a Flax linen module split with
+:func:`~saliency_jax.saliency.core.linen_layer`, a Flax NNX module or any pure function split with
+:func:`~saliency_jax.saliency.core.split_layer`. The signal at the explained layer is the cotangent of the
+:class:`~saliency_jax.saliency.core.LayerModel` perturbation; only the part of the network between that layer and
+the logits is run backwards.
+
+Supported layer kinds (on the path from the explained layer to the logits), by what they compile to:
+
+* dense and convolution layers whose weights are parameters (``dot_general``, ``conv_general_dilated``; grouped and
+  strided convolutions included), their biases;
+* average pooling (``nn.avg_pool``: ``reduce_window_sum``), global average pooling / spatial means and sums
+  (``jnp.mean``: ``reduce_sum``);
+* max pooling (``reduce_window_max``), global max pooling (``reduce_max``), ReLU (``jax.nn.relu``, ``jnp.maximum``),
+  ``jnp.where``;
+* residual sums of two data tensors (``x + shortcut``);
+* batch norm in inference mode, input normalisation and any add/subtract/multiply/divide by parameters;
+* reshapes, transposes, flattening, broadcasting, slicing, concatenation, padding, dtype conversion; ``jax.jit``,
+  ``jax.checkpoint`` and custom-derivative wrappers are looked through.
+
+Anything else that the signal reaches (``tanh``, sigmoid, softmax, GELU, layer norm, batch norm with batch
+statistics, attention products, ``lax.scan`` / ``while`` / ``cond``) raises
+:class:`~saliency_jax.saliency._eb_rules.UnsupportedOperationError` naming the primitive, instead of returning a
+wrong map. Operations *below* the explained layer are never run backwards and may be anything. EB assumes
+non-negative activations (post-ReLU); explain the logits, not softmax probabilities, in inference mode.
+
+Every transform takes a whole batch at once with no loop over examples (examples do not interact in inference
+mode), and is jittable and vmappable.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from saliency_jax.saliency._eb_rules import UnsupportedOperationError, with_excitation_rules
+from saliency_jax.saliency.core import LayerModel, check_images, normalize_maps, resize_maps, resolve_targets
+
+Array = jax.Array
+
+__all__ = [
+    "EBResult",
+    "UnsupportedOperationError",
+    "contrastive_excitation_backprop",
+    "excitation_backprop",
+    "marginal_winning_probability",
+    "with_excitation_rules",
+]
+
+
+class EBResult(NamedTuple):
+    """Excitation Backprop output for a batch.
+
+    Attributes:
+      probability: [batch, h, w, channels] float - the marginal winning probabilities ``P(a_i)`` at the layer
+        (Eq. 4.1); for contrastive EB the signed difference between the class and its dual units.
+      saliency: [batch, h, w] float32 - the channel sum of ``probability`` (clamped at 0 for contrastive EB,
+        Bargal 2019 Fig. 4.2); ``[batch, height, width]`` when resized to the input, in [0, 1] when normalised.
+    """
+
+    probability: Array
+    saliency: Array
+
+
+def _top_down_prior(logits: Array, targets: Array | int | None, prior: Array | None) -> Array:
+    """The top-down signal over the output units: one-hot on the target classes, or the given distribution."""
+    if prior is None:
+        classes = resolve_targets(targets, logits)
+        return jax.nn.one_hot(classes, logits.shape[-1], dtype=logits.dtype)
+    if targets is not None:
+        raise ValueError("give either targets (a one-hot prior on those classes) or prior, not both")
+    prior = jnp.asarray(prior)
+    if prior.shape != logits.shape:
+        raise ValueError(f"prior must have the logits' shape [batch, num_classes] = {tuple(logits.shape)}; got "
+                         f"{tuple(prior.shape)}")
+    if not jnp.issubdtype(prior.dtype, jnp.floating):
+        raise TypeError(f"prior must be a float distribution over the classes; got dtype {prior.dtype}")
+    return prior.astype(logits.dtype)
+
+
+def _excite(model: LayerModel, images: Array, targets, prior, contrastive: bool) -> Array:
+    if not isinstance(model, LayerModel):
+        raise TypeError(f"model must be a saliency_jax.saliency.LayerModel (from linen_layer or split_layer); got "
+                        f"{type(model).__name__}")
+    check_images(images)
+    shape = model.activation_shape(images)
+    eb_fn = with_excitation_rules(model.fn, probe_argnums=1, contrastive=contrastive)
+
+    def logits_of(perturbation):
+        return eb_fn(images, perturbation)[0]
+
+    logits, pullback = jax.vjp(logits_of, jnp.zeros(shape.shape, shape.dtype))
+    if logits.ndim != 2:
+        raise ValueError(f"the model must return logits [batch, num_classes]; got shape {tuple(logits.shape)}")
+    (probability,) = pullback(_top_down_prior(logits, targets, prior))
+    return probability
+
+
+def marginal_winning_probability(
+    model: LayerModel,
+    images: Array,
+    targets: Array | int | None = None,
+    *,
+    prior: Array | None = None,
+    contrastive: bool = False,
+) -> Array:
+    """Marginal winning probabilities ``P(a_i)`` of every neuron of a layer (Bargal 2019, Eq. 4.1-4.2).
+
+    Works for any layer shape, e.g. ``[batch, units]`` at a dense layer (the ``p_EB`` of Excitation Dropout,
+    Bargal 2019 Eq. 5.1) or ``[batch, h, w, channels]`` at a convolutional one.
+
+    Args:
+      model: the network split at the layer, in inference mode (:func:`~saliency_jax.saliency.core.linen_layer`,
+        :func:`~saliency_jax.saliency.core.split_layer`); it must return logits ``[batch, num_classes]``.
+      images: [batch, height, width, channels] float (our models take float32 in [0, 1]).
+      targets: the class of the one-hot prior per example: ``None`` for the predicted class, an ``int`` for all
+        examples, or int [batch] (e.g. ground-truth labels). Must be None when ``prior`` is given.
+      prior: optional [batch, num_classes] float top-down distribution over the output units (rows summing to 1)
+        instead of a one-hot; EB is linear in the prior.
+      contrastive: return the contrastive signal (class minus dual units with negated classifier weights,
+        see :func:`contrastive_excitation_backprop`).
+
+    Returns:
+      [batch, *layer_shape] in the layer's dtype. With a one-hot (or normalised) prior, non-negative activations
+      and no zero denominators, each example sums to 1 (conservation); rows of a contrastive signal sum to 0.
+
+    Raises:
+      ValueError: bad image rank, target or prior shape, both targets and prior given, logits not rank 2.
+      TypeError: non-float images or prior, non-integer targets, model not a LayerModel.
+      UnsupportedOperationError: the signal reaches an operation without an EB rule (named in the message).
+    """
+    return _excite(model, images, targets, prior, contrastive)
+
+
+def _finish(probability: Array, images: Array, layer: str, contrastive: bool, resize: bool,
+            normalize: bool) -> EBResult:
+    if probability.ndim != 4:
+        raise ValueError(
+            f"an Excitation Backprop map needs spatial activations [batch, h, w, channels] at layer {layer!r}; got "
+            f"shape {tuple(probability.shape)} (use marginal_winning_probability for dense layers)")
+    maps = jnp.sum(probability.astype(jnp.float32), axis=-1)
+    if contrastive:
+        maps = jnp.maximum(maps, 0.0)
+    if resize:
+        maps = resize_maps(maps, images.shape[1:3])
+    if normalize:
+        maps = normalize_maps(maps)
+    return EBResult(probability=probability, saliency=maps)
+
+
+def excitation_backprop(
+    model: LayerModel,
+    images: Array,
+    targets: Array | int | None = None,
+    *,
+    prior: Array | None = None,
+    resize: bool = False,
+    normalize: bool = False,
+) -> EBResult:
+    """Excitation Backprop maps for a batch, one per example, in one backward pass (Zhang et al. 2016).
+
+    Args:
+      model: the network split at the layer to explain (:func:`~saliency_jax.saliency.core.linen_layer` for a
+        Flax linen module, e.g. ``linen_layer(resnet, variables, "layer3", train=False)``;
+        :func:`~saliency_jax.saliency.core.split_layer` for NNX modules and plain functions), in inference mode.
+        The layer's activations must be ``[batch, h, w, channels]``.
+      images: [batch, height, width, channels] float (our models take float32 in [0, 1]).
+      targets: the class of the one-hot top-down prior per example: ``None`` for the predicted class, an ``int``
+        for all examples, or int [batch] (e.g. the ground-truth labels). Must be None when ``prior`` is given.
+      prior: optional [batch, num_classes] float top-down distribution over the outputs (rows summing to 1).
+      resize: bilinearly resize the map from the layer's resolution to ``(height, width)``.
+      normalize: per-example min-max normalisation of the map to [0, 1] (a constant map becomes zeros).
+
+    Returns:
+      :class:`EBResult`: ``probability`` [batch, h, w, channels] (the marginal winning probabilities, summing to 1
+      per example under the conditions of :func:`marginal_winning_probability`) and ``saliency`` [batch, h, w]
+      float32, their channel sum (``[batch, height, width]`` with ``resize``).
+
+    Raises:
+      ValueError: bad image rank, non-spatial layer, target/prior shape, both targets and prior given.
+      TypeError: non-float images or prior, non-integer targets, model not a LayerModel.
+      UnsupportedOperationError: the signal reaches an operation without an EB rule (named in the message).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from saliency_jax.saliency import split_layer
+      >>> w = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+      >>> model = split_layer(lambda x: x, lambda a: jnp.mean(a, axis=(1, 2)) @ w)
+      >>> out = excitation_backprop(model, jnp.ones((2, 4, 4, 3)), targets=0)
+      >>> out.saliency.shape, float(out.probability[0].sum())
+      ((2, 4, 4), 1.0)
+    """
+    probability = _excite(model, images, targets, prior, contrastive=False)
+    return _finish(probability, images, model.layer, False, resize, normalize)
+
+
+def contrastive_excitation_backprop(
+    model: LayerModel,
+    images: Array,
+    targets: Array | int | None = None,
+    *,
+    prior: Array | None = None,
+    resize: bool = False,
+    normalize: bool = False,
+) -> EBResult:
+    """Contrastive Excitation Backprop (cEB) maps for a batch (Zhang et al. 2016; Bargal 2019, Sec. 4, Fig. 4.2).
+
+    Each output unit ``o`` gets a dual unit whose input weights are the negation of ``o``'s at the classifier
+    layer. The reference procedure runs EB for the dual units down to a contrast layer, subtracts that from the
+    normal pass there and continues down to the saliency layer; the displayed map is the channel sum clamped at 0.
+    Every EB rule is linear in the top-down signal for fixed activations, and negating the classifier changes no
+    activation below it, so the result is the same whichever contrast layer between the saliency layer and the
+    classifier is chosen; it is computed in one pass by giving the classifier the rule
+    ``x * W+^T(p / W+ x) - x * (-W)+^T(p / (-W)+ x)`` (subtraction at the classifier's input, e.g. ResNet's global
+    pool). The classifier layer is the last dense/conv operation of the network (as TorchRay's default).
+
+    Args:
+      model: the network split at the saliency layer (see :func:`excitation_backprop`); the layer must lie below
+        the classifier and have activations ``[batch, h, w, channels]``.
+      images: [batch, height, width, channels] float.
+      targets: the class per example (``None``: predicted; ``int``; int [batch]); None when ``prior`` is given.
+      prior: optional [batch, num_classes] float top-down distribution over the outputs (and over their duals).
+      resize: bilinearly resize the map to ``(height, width)``.
+      normalize: per-example min-max normalisation of the map to [0, 1].
+
+    Returns:
+      :class:`EBResult`: ``probability`` [batch, h, w, channels], the contrastive signal (class minus dual; signed,
+      each example sums to 0 when both passes conserve) and ``saliency`` [batch, h, w] float32, its channel sum
+      clamped at 0.
+
+    Raises:
+      ValueError: as :func:`excitation_backprop`, and if the network has no dense/conv classifier above the layer.
+      TypeError: as :func:`excitation_backprop`.
+      UnsupportedOperationError: the signal reaches an operation without an EB rule.
+    """
+    probability = _excite(model, images, targets, prior, contrastive=True)
+    return _finish(probability, images, model.layer, True, resize, normalize)
