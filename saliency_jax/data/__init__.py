@@ -8,6 +8,8 @@ for grayscale); labels are int32.
 """
 
 from saliency_jax.data import augment
+from saliency_jax.data import coco
+from saliency_jax.data import voc
 from saliency_jax.data import pipeline
 from saliency_jax.data import sources
 from saliency_jax.data.augment import PAPER_AUGMENTATION
@@ -31,8 +33,16 @@ from saliency_jax.data.sources import load_image_folder
 from saliency_jax.data.sources import load_mnist
 from saliency_jax.data.sources import load_npz
 from saliency_jax.data.sources import load_tfds
+from saliency_jax.data.voc import VOC_CLASSES
+from saliency_jax.data.voc import load_voc
+from saliency_jax.data.coco import load_coco
 
 __all__ = [
+    "VOC_CLASSES",
+    "coco",
+    "voc",
+    "load_coco",
+    "load_voc",
     "PAPER_AUGMENTATION",
     "CIFAR10_CLASSES",
     "DIGITS_SPLIT_SEED",

@@ -12,6 +12,13 @@ from saliency_jax.evaluation.figures import training_curves_figure
 from saliency_jax.evaluation.metrics import SCALAR_METRICS
 from saliency_jax.evaluation.metrics import classification_metrics
 from saliency_jax.evaluation.metrics import summarize_repeats
+from saliency_jax.evaluation.pointing_game import DEFAULT_TOLERANCE
+from saliency_jax.evaluation.pointing_game import PointingGame
+from saliency_jax.evaluation.pointing_game import argmax_points
+from saliency_jax.evaluation.pointing_game import hits_at_points
+from saliency_jax.evaluation.pointing_game import load_difficult_flags
+from saliency_jax.evaluation.pointing_game import pointing_game_table
+from saliency_jax.evaluation.pointing_game import pointing_hits
 from saliency_jax.evaluation.report import METRIC_LABELS
 from saliency_jax.evaluation.report import metrics_table
 from saliency_jax.evaluation.report import robustness_table
@@ -19,6 +26,13 @@ from saliency_jax.evaluation.robustness import erased_test_set
 from saliency_jax.evaluation.robustness import random_erasing
 
 __all__ = [
+    "DEFAULT_TOLERANCE",
+    "PointingGame",
+    "argmax_points",
+    "hits_at_points",
+    "load_difficult_flags",
+    "pointing_game_table",
+    "pointing_hits",
     "METRIC_LABELS",
     "SCALAR_METRICS",
     "classification_metrics",

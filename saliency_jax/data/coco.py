@@ -1,0 +1,438 @@
+"""COCO 2014 instance annotations as pointing-game data: image, categories present, per-category instance masks.
+
+Lin et al., "Microsoft COCO: Common Objects in Context", ECCV 2014. Reads ``annotations/instances_val2014.json``
+with the standard library's :mod:`json` - pycocotools is not needed. The layout::
+
+    <data_dir>/
+      annotations/instances_<split>.json   {"images": [...], "annotations": [...], "categories": [...]}
+      <split>/<file_name>                  the images (read with Pillow)
+
+An annotation's ``segmentation`` is one of
+
+* **polygons**: a list of ``[x1, y1, x2, y2, ...]`` in pixel coordinates (non-crowd objects); rasterised with
+  Pillow's ``ImageDraw.polygon`` (outline included). pycocotools rasterises polygons with its own scan converter;
+  the two can differ on boundary pixels (at most about one pixel), which does not matter at the pointing game's
+  15-pixel tolerance;
+* **uncompressed RLE**: ``{"counts": [int, ...], "size": [height, width]}`` (crowd regions in the instances files);
+* **compressed RLE**: ``{"counts": "<string>", "size": [height, width]}`` (COCO's LEB128-like text encoding, decoded
+  here by :func:`rle_string_to_counts`).
+
+RLE counts alternate runs of 0 and 1, starting with 0, over the mask flattened in **column-major** order.
+A category's mask is the union of the masks of all its annotations (crowd annotations included), as TorchRay's
+``coco_as_mask``. Category ids (1..90, with gaps) map to contiguous class ids 0..79 in increasing id order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from saliency_jax.data.voc import load_image
+
+__all__ = [
+    "COCOPointingData",
+    "annotation_mask",
+    "counts_to_rle_string",
+    "load_coco",
+    "load_coco_instances",
+    "polygons_to_mask",
+    "rle_decode",
+    "rle_encode",
+    "rle_string_to_counts",
+]
+
+
+def rle_string_to_counts(text: str | bytes) -> np.ndarray:
+    """Decodes COCO's compressed RLE string into run lengths (pycocotools ``rleFrString``).
+
+    Each count is written in 5-bit groups, least significant first, one character per group:
+    ``char = 48 + group | 0x20 (more groups follow)``; the last group's bit ``0x10`` is the sign (the value is
+    sign-extended). From the fourth count on (index > 2) the stored value is the difference to the count two places
+    before, so ``counts[i] = stored[i] + counts[i - 2]``.
+
+    Args:
+      text: the ``counts`` string (``str`` or ASCII ``bytes``).
+
+    Returns:
+      int64 [num_runs] run lengths.
+
+    Raises:
+      ValueError: on a character outside the code range (``'0'`` .. ``'o'``), a truncated last value or a negative
+        run length.
+      TypeError: if ``text`` is not ``str``/``bytes``.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("ascii")
+    if not isinstance(text, str):
+        raise TypeError(f"compressed RLE counts must be a str; got {type(text).__name__}")
+    counts: list[int] = []
+    p, n = 0, len(text)
+    while p < n:
+        value, shift, more = 0, 0, True
+        while more:
+            if p >= n:
+                raise ValueError(f"truncated compressed RLE string (ends inside a value): {text[:40]!r}")
+            c = ord(text[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"invalid character {text[p]!r} at position {p} of a compressed RLE string")
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            p += 1
+            shift += 5
+            if not more and (c & 0x10):
+                value -= 1 << shift  # sign-extend (the C code ORs in -1 << shift)
+        if len(counts) > 2:
+            value += counts[-2]
+        if value < 0:
+            raise ValueError(f"compressed RLE string decodes to a negative run length ({value}) at run "
+                             f"{len(counts)}")
+        counts.append(value)
+    return np.asarray(counts, dtype=np.int64)
+
+
+def counts_to_rle_string(counts: Sequence[int] | np.ndarray) -> str:
+    """Encodes run lengths as COCO's compressed RLE string (pycocotools ``rleToString``); the inverse of
+    :func:`rle_string_to_counts`.
+
+    Args:
+      counts: [num_runs] non-negative run lengths.
+
+    Returns:
+      The ASCII string.
+
+    Raises:
+      ValueError: on negative counts or a non-1-D input.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.ndim != 1:
+        raise ValueError(f"counts must be 1-D; got shape {counts.shape}")
+    if counts.size and counts.min() < 0:
+        raise ValueError("run lengths must be non-negative")
+    chars: list[str] = []
+    for i, count in enumerate(counts.tolist()):
+        x = count - counts[i - 2].item() if i > 2 else count
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5  # arithmetic shift (Python ints are signed)
+            more = (x != -1) if (c & 0x10) else (x != 0)
+            if more:
+                c |= 0x20
+            chars.append(chr(c + 48))
+    return "".join(chars)
+
+
+def _check_size(size: Any, where: str) -> tuple[int, int]:
+    if not isinstance(size, Sequence) or len(size) != 2 or any(
+            isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in size):
+        raise ValueError(f"{where}: RLE size must be [height, width] non-negative ints; got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
+    """Decodes a COCO run-length encoding (compressed string or uncompressed list of counts) into a mask.
+
+    Args:
+      rle: ``{"size": [height, width], "counts": str | bytes | list[int]}``; runs alternate 0 and 1 starting with
+        0, over the column-major flattened mask.
+
+    Returns:
+      bool [height, width].
+
+    Raises:
+      ValueError: if the counts do not sum to ``height * width``, are negative, or the dict is malformed.
+      TypeError: on counts of another type.
+    """
+    if not isinstance(rle, Mapping) or "size" not in rle or "counts" not in rle:
+        raise ValueError(f"an RLE must be a dict with 'size' and 'counts'; got {type(rle).__name__}"
+                         + (f" with keys {sorted(rle)}" if isinstance(rle, Mapping) else ""))
+    height, width = _check_size(rle["size"], "rle_decode")
+    raw = rle["counts"]
+    if isinstance(raw, (str, bytes)):
+        counts = rle_string_to_counts(raw)
+    elif isinstance(raw, (list, tuple, np.ndarray)):
+        counts = np.asarray(raw)
+        if counts.ndim != 1 or (counts.size and not np.issubdtype(counts.dtype, np.integer)):
+            raise ValueError(f"uncompressed RLE counts must be a flat list of ints; got {counts.dtype} "
+                             f"{counts.shape}")
+        counts = counts.astype(np.int64)
+        if counts.size and counts.min() < 0:
+            raise ValueError("uncompressed RLE counts must be non-negative")
+    else:
+        raise TypeError(f"RLE counts must be a str or a list of ints; got {type(raw).__name__}")
+    if int(counts.sum()) != height * width:
+        raise ValueError(f"RLE counts sum to {int(counts.sum())} but size {height}x{width} has "
+                         f"{height * width} pixels")
+    values = (np.arange(counts.size) % 2).astype(bool)
+    flat = np.repeat(values, counts)
+    return flat.reshape(width, height).T  # column-major
+
+
+def rle_encode(mask: np.ndarray) -> dict[str, Any]:
+    """Encodes a mask as a compressed COCO RLE (pycocotools ``encode``), the inverse of :func:`rle_decode`.
+
+    Args:
+      mask: bool [height, width].
+
+    Returns:
+      ``{"size": [height, width], "counts": str}``.
+
+    Raises:
+      ValueError: if ``mask`` is not 2-D.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be [height, width]; got shape {mask.shape}")
+    height, width = mask.shape
+    flat = mask.astype(bool).T.reshape(-1)  # column-major
+    if flat.size == 0:
+        return {"size": [height, width], "counts": counts_to_rle_string([0])}
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds)
+    if flat[0]:
+        counts = np.concatenate([[0], counts])  # runs start with zeros
+    return {"size": [height, width], "counts": counts_to_rle_string(counts)}
+
+
+def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
+    """Rasterises COCO polygons (their union) with Pillow's ``ImageDraw.polygon``.
+
+    Args:
+      polygons: list of flat coordinate lists ``[x1, y1, x2, y2, ...]`` in pixels (x: column, y: row).
+      height, width: the image size.
+
+    Returns:
+      bool [height, width], True inside (or on the outline of) any polygon.
+
+    Raises:
+      ValueError: if a polygon has an odd number of coordinates, fewer than one point, or non-numeric entries.
+    """
+    image = Image.new("1", (width, height), 0)
+    draw = ImageDraw.Draw(image)
+    for k, polygon in enumerate(polygons):
+        try:
+            coords = np.asarray(polygon, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"polygon #{k} has non-numeric coordinates") from e
+        if coords.ndim != 1 or coords.size < 2 or coords.size % 2:
+            raise ValueError(f"polygon #{k} must be a flat list [x1, y1, x2, y2, ...] with an even number (>= 2) of "
+                             f"coordinates; got shape {coords.shape}")
+        if not np.all(np.isfinite(coords)):
+            raise ValueError(f"polygon #{k} has non-finite coordinates")
+        points = [tuple(p) for p in coords.reshape(-1, 2).tolist()]
+        if len(points) == 1:
+            draw.point(points, fill=1)
+        else:
+            draw.polygon(points, fill=1, outline=1)
+    return np.asarray(image, dtype=bool)
+
+
+def annotation_mask(annotation: Mapping[str, Any], height: int, width: int) -> np.ndarray:
+    """The mask of one COCO annotation (pycocotools ``annToMask``), whatever its segmentation format.
+
+    Args:
+      annotation: a COCO annotation dict with ``segmentation`` (polygons, uncompressed or compressed RLE).
+      height, width: the image size.
+
+    Returns:
+      bool [height, width].
+
+    Raises:
+      ValueError: naming the annotation id, on a missing/malformed segmentation or an RLE whose size differs from
+        the image's.
+    """
+    ann_id = annotation.get("id", "?")
+    segmentation = annotation.get("segmentation")
+    try:
+        if isinstance(segmentation, list):
+            return polygons_to_mask(segmentation, height, width)
+        if isinstance(segmentation, Mapping):
+            size = _check_size(segmentation.get("size"), "segmentation")
+            if size != (height, width):
+                raise ValueError(f"RLE size {list(size)} differs from the image size [{height}, {width}]")
+            return rle_decode(segmentation)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"annotation {ann_id}: bad segmentation: {e}") from e
+    raise ValueError(f"annotation {ann_id}: segmentation must be a list of polygons or an RLE dict; got "
+                     f"{type(segmentation).__name__}")
+
+
+def _require(record: Mapping[str, Any], keys: Sequence[str], what: str, path: str) -> None:
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise ValueError(f"malformed COCO annotation file {path!r}: {what} lacks {missing}")
+
+
+class COCOPointingData:
+    """Random-access COCO instances for the pointing game (JSON parsed eagerly, images and masks lazily).
+
+    Attributes:
+      annotation_file: the JSON it was read from.
+      image_dir: folder holding the images.
+      images: image records (``id``, ``file_name``, ``height``, ``width``), in increasing ``id`` order.
+      category_ids: the COCO category ids, increasing; ``class_id = category_ids.index(category_id)``.
+      class_names: category names in class-id order.
+      num_classes: number of categories (80 for COCO 2014).
+
+    ``data[i]`` returns a dict:
+
+    * ``"image_id"``: str, the file name stem (``"COCO_val2014_000000000042"``), the key of difficult tables;
+    * ``"coco_id"``: int, the COCO image id;
+    * ``"image"``: float32 [height, width, 3] in [0, 1];
+    * ``"class_ids"``: int32 [k] the classes with at least one annotation on the image, sorted;
+    * ``"class_masks"``: bool [num_classes, height, width], the union of each class's instance masks.
+
+    Raises (on ``data[i]``):
+      FileNotFoundError: missing image; ValueError: undecodable image, image size differing from the JSON's, or a
+      malformed segmentation (naming the annotation).
+    """
+
+    def __init__(self, annotation_file: str | os.PathLike, image_dir: str | os.PathLike | None,
+                 dataset: Mapping[str, Any], *, skip_empty: bool = True, limit: int | None = None):
+        path = os.fspath(annotation_file)
+        self.annotation_file = path
+        self.image_dir = pathlib.Path(image_dir) if image_dir is not None else None
+        for key in ("images", "annotations", "categories"):
+            if key not in dataset or not isinstance(dataset[key], list):
+                raise ValueError(f"malformed COCO annotation file {path!r}: missing list {key!r}")
+        categories = dataset["categories"]
+        for c in categories:
+            _require(c, ("id", "name"), "a category", path)
+        categories = sorted(categories, key=lambda c: c["id"])
+        self.category_ids = tuple(int(c["id"]) for c in categories)
+        if len(set(self.category_ids)) != len(self.category_ids):
+            raise ValueError(f"malformed COCO annotation file {path!r}: repeated category ids")
+        self.class_names = tuple(str(c["name"]) for c in categories)
+        self.num_classes = len(self.category_ids)
+        class_of = {cid: i for i, cid in enumerate(self.category_ids)}
+
+        images = {}
+        for record in dataset["images"]:
+            _require(record, ("id", "file_name", "height", "width"), "an image", path)
+            images[record["id"]] = record
+        self._annotations: dict[Any, list[Mapping[str, Any]]] = {}
+        for ann in dataset["annotations"]:
+            _require(ann, ("image_id", "category_id", "segmentation"), f"annotation {ann.get('id', '?')}", path)
+            if ann["image_id"] not in images:
+                raise ValueError(f"malformed COCO annotation file {path!r}: annotation {ann.get('id', '?')} refers "
+                                 f"to unknown image id {ann['image_id']}")
+            if ann["category_id"] not in class_of:
+                raise ValueError(f"malformed COCO annotation file {path!r}: annotation {ann.get('id', '?')} has "
+                                 f"unknown category id {ann['category_id']}")
+            self._annotations.setdefault(ann["image_id"], []).append(ann)
+        self._class_of = class_of
+        ids = sorted(images)
+        if skip_empty:
+            ids = [i for i in ids if self._annotations.get(i)]
+        if limit:
+            ids = ids[:limit]
+        self.images = [images[i] for i in ids]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def annotations_of(self, index: int) -> list[Mapping[str, Any]]:
+        """The annotation dicts of image ``index``."""
+        return list(self._annotations.get(self.images[index]["id"], []))
+
+    def class_ids(self, index: int) -> np.ndarray:
+        """int32 [k]: sorted class ids with at least one annotation on image ``index``."""
+        return np.asarray(sorted({self._class_of[a["category_id"]] for a in self.annotations_of(index)}), np.int32)
+
+    def class_masks(self, index: int) -> np.ndarray:
+        """bool [num_classes, height, width]: per-class union of the instance masks of image ``index``."""
+        record = self.images[index]
+        height, width = int(record["height"]), int(record["width"])
+        masks = np.zeros((self.num_classes, height, width), dtype=bool)
+        for ann in self.annotations_of(index):
+            masks[self._class_of[ann["category_id"]]] |= annotation_mask(ann, height, width)
+        return masks
+
+    def image_path(self, index: int) -> pathlib.Path:
+        """Path of the image file of image ``index``.
+
+        Raises:
+          ValueError: if the data was loaded without an image folder.
+        """
+        if self.image_dir is None:
+            raise ValueError("no image_dir was given: only annotations and masks are available")
+        return self.image_dir / self.images[index]["file_name"]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.images[index]
+        image = load_image(self.image_path(index))
+        if image.shape[:2] != (int(record["height"]), int(record["width"])):
+            raise ValueError(f"image {str(self.image_path(index))!r} is {image.shape[1]}x{image.shape[0]} (WxH) but "
+                             f"{self.annotation_file!r} says {record['width']}x{record['height']}")
+        return {
+            "image_id": os.path.splitext(record["file_name"])[0],
+            "coco_id": int(record["id"]),
+            "image": image,
+            "class_ids": self.class_ids(index),
+            "class_masks": self.class_masks(index),
+        }
+
+    def __repr__(self) -> str:
+        return (f"COCOPointingData(annotation_file={self.annotation_file!r}, images={len(self)}, "
+                f"classes={self.num_classes})")
+
+
+def load_coco_instances(annotation_file: str | os.PathLike, image_dir: str | os.PathLike | None = None, *,
+                        skip_empty: bool = True, limit: int | None = None) -> COCOPointingData:
+    """Reads a COCO instances JSON (e.g. ``annotations/instances_val2014.json``).
+
+    Args:
+      annotation_file: the JSON file.
+      image_dir: folder of the images (``<data_dir>/val2014``); None for annotations and masks only.
+      skip_empty: leave out images without any annotation (nothing to point at; TorchRay evaluates nothing on them).
+      limit: keep only the first ``limit`` images (by id; None or 0: all).
+
+    Returns:
+      :class:`COCOPointingData`.
+
+    Raises:
+      FileNotFoundError: if the JSON (or the given image folder) does not exist, naming it.
+      ValueError: naming the file, if it is not valid JSON or lacks images / annotations / categories or their
+        required fields, or refers to unknown images or categories.
+    """
+    path = os.fspath(annotation_file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"COCO annotation file not found: {path!r}")
+    if image_dir is not None and not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"COCO image folder not found: {os.fspath(image_dir)!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 (0 or None: all images); got {limit}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            dataset = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed COCO annotation file {path!r}: {e}") from e
+    if not isinstance(dataset, Mapping):
+        raise ValueError(f"malformed COCO annotation file {path!r}: top level is {type(dataset).__name__}, not an "
+                         "object")
+    return COCOPointingData(path, image_dir, dataset, skip_empty=skip_empty, limit=limit)
+
+
+def load_coco(data_dir: str | os.PathLike, split: str = "val2014", *, limit: int | None = None) -> COCOPointingData:
+    """COCO ``split`` in the standard layout: ``annotations/instances_<split>.json``, ``<split>/`` under ``data_dir``.
+
+    Args:
+      data_dir: the COCO folder.
+      split: ``"val2014"`` (the pointing-game benchmark of Zhang et al.).
+      limit: keep only the first ``limit`` images with annotations.
+
+    Returns:
+      :class:`COCOPointingData`.
+
+    Raises:
+      FileNotFoundError, ValueError: as :func:`load_coco_instances`.
+    """
+    data_dir = pathlib.Path(data_dir)
+    return load_coco_instances(data_dir / "annotations" / f"instances_{split}.json", data_dir / split, limit=limit)
