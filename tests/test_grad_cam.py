@@ -99,10 +99,9 @@ def test_targets_none_int_and_array():
 def _small_cnn():
     model = SmallCNN(num_classes=5, widths=(4, 6, 8))
     x = jax.random.uniform(jax.random.key(1), (6, 16, 16, 1))
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
     # Non-trivial BatchNorm statistics, so inference mode differs from identity.
-    variables = jax.tree.map(lambda v: v, variables)
-    _, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    _, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
     variables = {"params": variables["params"], **upd}
     return model, variables, x
 
@@ -115,7 +114,8 @@ def test_batched_equals_vmap_and_per_example_loop(weighting):
     fn = lambda imgs, ys: grad_cam(layer, imgs, ys, score="softmax", weighting=weighting)
     batched = jax.jit(fn)(x, labels)
     vmapped = jax.vmap(lambda im, y: fn(im[None], y[None])[0])(x, labels)
-    looped = np.stack([np.asarray(fn(x[i:i + 1], labels[i:i + 1]))[0] for i in range(x.shape[0])])
+    single = jax.jit(fn)  # one compile for the [1, ...] shape, reused by every example
+    looped = np.stack([np.asarray(single(x[i:i + 1], labels[i:i + 1]))[0] for i in range(x.shape[0])])
     assert batched.shape == (6, 16, 16)
     np.testing.assert_allclose(batched, vmapped, atol=1e-5)
     np.testing.assert_allclose(batched, looped, atol=1e-5)
@@ -135,9 +135,10 @@ class ForeignNet(nn.Module):
 def test_unmodified_linen_module_matches_manual_split():
     net = ForeignNet()
     x = jax.random.uniform(jax.random.key(3), (3, 8, 8, 2))
-    v = net.init(jax.random.key(4), x)
+    v = jax.jit(net.init)(jax.random.key(4), x)
     assert "last_conv" in module_paths(net, v, x)
-    maps = grad_cam(linen_layer(net, v, "last_conv"), x, jnp.array([0, 1, 1]), resize=False, normalize=False)
+    maps = jax.jit(lambda x: grad_cam(linen_layer(net, v, "last_conv"), x, jnp.array([0, 1, 1]), resize=False,
+                                      normalize=False))(x)
 
     p = v["params"]
 
@@ -148,7 +149,8 @@ def test_unmodified_linen_module_matches_manual_split():
     def head(a):
         return nn.Dense(2).apply({"params": p["Dense_0"]}, nn.relu(a).mean(axis=(1, 2)))
 
-    manual = grad_cam(split_layer(features, head), x, jnp.array([0, 1, 1]), resize=False, normalize=False)
+    manual = jax.jit(lambda x: grad_cam(split_layer(features, head), x, jnp.array([0, 1, 1]), resize=False,
+                                        normalize=False))(x)
     np.testing.assert_allclose(maps, manual, atol=1e-6)
 
 

@@ -22,3 +22,19 @@ from saliency_jax.saliency.excitation_backprop import (
     marginal_winning_probability,
     with_excitation_rules,
 )
+from saliency_jax.saliency.gradients import (
+    GuidedBackpropError,
+    gradient_x_input,
+    guided_backprop,
+    reduce_attribution,
+    smooth_grad,
+    vanilla_gradient,
+    with_guided_relu,
+)
+from saliency_jax.saliency.cam import (
+    class_activation_map,
+    grad_cam_plus_plus,
+    grad_cam_plus_plus_weights,
+    linen_class_activation_map,
+)
+from saliency_jax.saliency.rise import rise, rise_masks
