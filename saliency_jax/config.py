@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import ml_collections
 
-__all__ = ["default_config", "apply_overrides"]
+__all__ = ["default_config", "apply_overrides", "DISTRACTION_ARMS"]
+
+#: The four arms of Morales et al. 2021, Table 1: (arm name, overrides) pairs in the table's column order.
+DISTRACTION_ARMS = (
+    ("baseline", {"distraction": {"enabled": False}}),
+    ("0-occlusion", {"distraction": {"enabled": True, "fill": "zero"}}),
+    ("R-occlusion", {"distraction": {"enabled": True, "fill": "random"}}),
+    ("1-occlusion", {"distraction": {"enabled": True, "fill": "one"}}),
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The train loop's defaults: the paper's optimizer (Morales et al. 2021, Sec. 4.3) on the embedded digits data.
 
     Returns:
-      A ``ConfigDict`` with sections ``dataset``, ``model``, ``optimizer``, ``distraction``, ``robustness``,
-      ``experiment`` and the loop's scalars. Experiment configs override what they need.
+      A ``ConfigDict`` with sections ``dataset``, ``model``, ``optimizer``, ``distraction``, ``dropout``,
+      ``robustness``, ``experiment`` and the loop's scalars. Experiment configs override what they need.
     """
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -36,13 +44,17 @@ def default_config() -> ml_collections.ConfigDict:
         # The authors' released code: Grad-CAM of the ground-truth class on the softmax output, guided weights.
         # The paper's text / Selvaraju et al.: score="logit", weighting="plain".
         score="softmax", weighting="guided", data_range=(0.0, 1.0)))
+    c.dropout = ml_collections.ConfigDict(dict(
+        # Dropout scheme at one layer (Bargal 2019, Ch. 5; saliency_jax.training.excitation_dropout): "none" leaves
+        # the model's own forward untouched. layer: module path of the dropped activations; weights: the dense layer
+        # whose units they are (conservative-filter analysis); bypass: model dropout layers the scheme replaces.
+        scheme="none", base_retain=0.5, layer="relu_fc1", weights="fc1", rescale="none", gamma=5e-4, bypass=()))
     c.robustness = ml_collections.ConfigDict(dict(
         # Random Erasing (Zhong et al. 2020) on every test image, fixed seed: Table 4 of Morales et al.
         probability=1.0, area_range=(0.02, 0.4), aspect_range=(0.3, 1 / 0.3), fill="random", seed=1234))
     c.experiment = ml_collections.ConfigDict(dict(
         # (arm name, overrides of this config) pairs, in the report's column order.
-        arms=(("baseline", {"distraction": {"enabled": False}}),
-              ("0-occlusion", {"distraction": {"enabled": True, "fill": "zero"}})),
+        arms=DISTRACTION_ARMS[:2],
         repeats=1, figure_examples=8))
     c.log_every = 50
     c.eval_every = 0

@@ -16,7 +16,7 @@ Expected (paper): Table 3 accuracy 0.67 (FT-ResNet50) vs 0.68 (0-occlusion), wei
 Table 4 (randomly erased test images) accuracy 0.59 vs 0.60.
 """
 
-from saliency_jax.config import default_config
+from saliency_jax.config import DISTRACTION_ARMS, default_config
 
 
 def get_config(arg: str | None = None):
@@ -34,9 +34,6 @@ def get_config(arg: str | None = None):
     c.num_epochs = 30.0
     c.log_every = 100
     c.checkpoint_every = 1000
-    c.experiment.arms = (
-        ("FT-ResNet50", {"distraction": {"enabled": False}}),
-        ("0-occlusion", {"distraction": {"enabled": True, "fill": "zero"}}),
-    )
+    c.experiment.arms = (("FT-ResNet50", DISTRACTION_ARMS[0][1]), DISTRACTION_ARMS[1])
     c.experiment.repeats = 3
     return c

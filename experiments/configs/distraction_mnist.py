@@ -14,7 +14,7 @@ Expected: clean test accuracy about 0.99 for every arm; erased accuracy far lowe
 its area); the measured table is in the closing note of the issue that added this config.
 """
 
-from saliency_jax.config import default_config
+from saliency_jax.config import DISTRACTION_ARMS, default_config
 
 
 def get_config(arg: str | None = None):
@@ -32,12 +32,7 @@ def get_config(arg: str | None = None):
     c.num_steps = 2000
     c.log_every = 100
     c.checkpoint_every = 1000
-    c.experiment.arms = (
-        ("baseline", {"distraction": {"enabled": False}}),
-        ("0-occlusion", {"distraction": {"enabled": True, "fill": "zero"}}),
-        ("R-occlusion", {"distraction": {"enabled": True, "fill": "random"}}),
-        ("1-occlusion", {"distraction": {"enabled": True, "fill": "one"}}),
-    )
+    c.experiment.arms = DISTRACTION_ARMS
     c.experiment.repeats = 2
     if arg == "runlocal":
         c.num_steps = 20

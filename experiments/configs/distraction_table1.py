@@ -19,7 +19,7 @@ Expected (paper, Table 1), accuracy: Cars 0.846 (FT-ResNet50), 0.875 (0-occ.), 0
 Aircraft 0.733, 0.751, 0.740, 0.746.
 """
 
-from saliency_jax.config import default_config
+from saliency_jax.config import DISTRACTION_ARMS, default_config
 
 DATASETS = ("stanford_cars", "fgvc_aircraft")
 
@@ -41,11 +41,6 @@ def get_config(arg: str | None = "stanford_cars"):
     c.num_epochs = 30.0
     c.log_every = 100
     c.checkpoint_every = 1000
-    c.experiment.arms = (
-        ("FT-ResNet50", {"distraction": {"enabled": False}}),
-        ("0-occlusion", {"distraction": {"enabled": True, "fill": "zero"}}),
-        ("R-occlusion", {"distraction": {"enabled": True, "fill": "random"}}),
-        ("1-occlusion", {"distraction": {"enabled": True, "fill": "one"}}),
-    )
+    c.experiment.arms = (("FT-ResNet50", DISTRACTION_ARMS[0][1]), *DISTRACTION_ARMS[1:])
     c.experiment.repeats = 3
     return c
