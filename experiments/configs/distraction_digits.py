@@ -9,8 +9,9 @@ Tiny variant (tests): ``--config experiments/configs/distraction_digits.py:runlo
 
 Runtime: 2.7 minutes on 2 CPU cores, measured while other jobs loaded the machine (4 arms x 1 repeat, 1,200 steps
 of batch 32 each).
-Expected: every arm above 0.95 clean test accuracy; Random Erasing costs every arm accuracy, the arms differ by a
-few points at most (measured figures are in report.md and in the closing note of the issue that added this).
+Expected (measured, seed 0): clean / randomly erased test accuracy - baseline 0.987 / 0.307, 0-occlusion
+0.982 / 0.502, R-occlusion 0.976 / 0.611, 1-occlusion 0.991 / 0.540: all arms equal on clean images within a point,
+the occlusion arms far more robust to erasing (one seed; rerun with ``--config.experiment.repeats=3`` for spreads).
 """
 
 from saliency_jax.config import DISTRACTION_ARMS, default_config
