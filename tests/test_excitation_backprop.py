@@ -508,3 +508,17 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="marginal_winning_probability"):
         excitation_backprop(dense_layer, images, 0)
     assert marginal_winning_probability(dense_layer, images, 0).shape == (2, 3)
+
+
+def test_custom_jvp_applied_to_weights_only_is_evaluated_plainly():
+    """A custom_jvp function (jax.nn.relu) applied to a parameter, not to data, is just evaluated."""
+    w = jax.random.normal(jax.random.key(0), (4, 3))
+    x = jax.random.uniform(jax.random.key(1), (2, 4)) + 0.1
+    prior = jax.nn.one_hot(jnp.array([0, 2]), 3)
+    _, vjp = jax.vjp(with_excitation_rules(lambda a: a @ jax.nn.relu(w)), x)
+    p = vjp(prior)[0]
+    w_plus = np.maximum(np.asarray(w), 0)
+    z = np.asarray(x) @ w_plus
+    expected = np.asarray(x) * ((np.asarray(prior) / np.where(z > 0, z, 1)) @ w_plus.T)
+    np.testing.assert_allclose(p, expected, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(p).sum(1), 1.0, rtol=1e-5)

@@ -48,12 +48,21 @@ All rules are linear in ``p`` for fixed activations, which is what lets contrast
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jex_core
+
+from saliency_jax.saliency._jaxpr import (
+    evaluate_jaxpr,
+    inner_jaxpr,
+    is_float,
+    operand_values,
+    source_location,
+    unbroadcast,
+)
 
 Array = jax.Array
 
@@ -77,19 +86,6 @@ _ROUTING = frozenset({"max", "reduce_max", "reduce_window_max", "select_n"})
 _POOLING = frozenset({"reduce_sum", "reduce_window_sum"})
 # Linear maps with a parameter operand (dense, conv): the W+ rule.
 _WEIGHTED = frozenset({"dot_general", "conv_general_dilated"})
-# Call-like primitives evaluated recursively, with the parameter holding the inner jaxpr.
-_CALLS = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat": "jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
-}
 
 
 class UnsupportedOperationError(ValueError):
@@ -111,20 +107,6 @@ class _Context:
     weighted: list = dataclasses.field(default_factory=list)  # (index, kind of its data operand)
 
 
-def _is_float(aval) -> bool:
-    return jnp.issubdtype(aval.dtype, jnp.inexact)
-
-
-def _where(eqn) -> str:
-    """A short "file:line (function)" of the user code that created ``eqn``, when JAX recorded it."""
-    try:
-        from jax._src import source_info_util  # summarised source location; optional nicety in messages
-
-        return source_info_util.summarize(eqn.source_info)
-    except Exception:  # noqa: BLE001 - the location is only decoration of an error message
-        return "unknown location"
-
-
 def _classify(eqn, kinds: Sequence[int]) -> tuple[str, Any]:
     """Chooses the EB rule of a (non-call) equation from the kinds of its operands.
 
@@ -134,7 +116,7 @@ def _classify(eqn, kinds: Sequence[int]) -> tuple[str, Any]:
       ``("unsupported", reason)``.
     """
     name = eqn.primitive.name
-    if not any(_is_float(v.aval) for v in eqn.outvars) or not any(kinds):
+    if not any(is_float(v.aval) for v in eqn.outvars) or not any(kinds):
         return "plain", None  # constants, or boolean/integer results (comparisons, argmax): no signal
     has_data = [bool(k & _DATA) for k in kinds]
     probe_only = [k == _PROBE for k in kinds]
@@ -172,19 +154,6 @@ def _classify(eqn, kinds: Sequence[int]) -> tuple[str, Any]:
     return "unsupported", "no Excitation Backprop rule for this operation"
 
 
-def _inner_jaxpr(eqn):
-    """``(jaxpr, consts)`` of a call-like equation, or None."""
-    key = _CALLS.get(eqn.primitive.name)
-    if key is None or key not in eqn.params:
-        return None
-    inner = eqn.params[key]
-    if isinstance(inner, jex_core.ClosedJaxpr):
-        return inner.jaxpr, list(inner.consts)
-    if isinstance(inner, jex_core.Jaxpr):
-        return inner, []
-    return None
-
-
 def _safe_div(p: Array, z: Array) -> Array:
     """``p / z`` with zero wherever ``z == 0`` (the ``0 / 0 := 0`` of EB; a signal on a zero denominator is lost)."""
     nonzero = z != 0
@@ -196,17 +165,6 @@ def _zero_cotangent(x: Array):
     if jnp.issubdtype(x.dtype, jnp.inexact):
         return jnp.zeros_like(x)
     return np.zeros(x.shape, jax.dtypes.float0)
-
-
-def _unbroadcast(g: Array, like: Array) -> Array:
-    """Sums ``g`` down to the shape of ``like`` (undoing an implicit scalar broadcast of a jaxpr operand)."""
-    like = jnp.asarray(like)
-    if g.shape != like.shape:
-        lead = g.ndim - like.ndim
-        g = jnp.sum(g, axis=tuple(range(lead)))
-        axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, like.shape)) if b == 1 and a != 1)
-        g = jnp.sum(g, axis=axes, keepdims=True).reshape(like.shape)
-    return g.astype(like.dtype)
 
 
 def _bind(prim, params, operands):
@@ -224,7 +182,7 @@ def _pass_rule(prim, params, data_pos):
         return _bind(prim, params, operands), operands
 
     def bwd(operands, p):
-        return tuple(_unbroadcast(p, o) if i == data_pos else _zero_cotangent(o) for i, o in enumerate(operands))
+        return tuple(unbroadcast(p, o) if i == data_pos else _zero_cotangent(o) for i, o in enumerate(operands))
 
     rule.defvjp(fwd, bwd)
     return rule
@@ -243,7 +201,7 @@ def _residual_rule(prim, params):
     def bwd(res, p):
         a, b = res
         s = _safe_div(p, a + b)
-        return _unbroadcast(a * s, a), _unbroadcast(b * s, b)
+        return unbroadcast(a * s, a), unbroadcast(b * s, b)
 
     rule.defvjp(fwd, bwd)
     return rule
@@ -288,7 +246,7 @@ def _linear_rule(prim, params, data_pos, weight_pos, contrastive):
 def _unsupported_rule(eqn, reason):
     """Forward as usual; the backward pass raises, naming the primitive (only if the signal reaches it)."""
     prim, params = eqn.primitive, eqn.params
-    where = _where(eqn)
+    where = source_location(eqn)
     in_shapes = ", ".join(f"{v.aval.str_short()}" for v in eqn.invars)
 
     @jax.custom_vjp
@@ -310,80 +268,44 @@ def _unsupported_rule(eqn, reason):
     return rule
 
 
-def _operand_values(eqn, values):
-    """Operands as arrays (literals converted to their jaxpr dtype, so custom_vjp sees arrays)."""
-    out = []
-    for v, x in zip(eqn.invars, values):
-        if isinstance(v, jex_core.Literal):
-            x = jnp.asarray(np.asarray(x), v.aval.dtype)
-        out.append(x)
-    return out
-
-
-def _run(jaxpr, consts, const_kinds, args, arg_kinds, ctx: _Context, evaluate: bool):
+def _run(jaxpr, consts, args, arg_kinds, ctx: _Context, evaluate: bool):
     """Evaluates (or, with ``evaluate=False``, only classifies) a jaxpr under EB rules.
+
+    Constants are parameters (kind 0), as are literals; ``arg_kinds`` are the kinds of ``args``.
 
     Returns:
       ``(outputs, output_kinds)``; outputs are None when not evaluating.
     """
-    env: dict = {}
-    kinds: dict = {}
 
-    def read(v):
-        if isinstance(v, jex_core.Literal):
-            return v.val, 0
-        return env.get(v), kinds[v]
-
-    def write(v, value, kind):
-        if isinstance(v, jex_core.DropVar):
-            return
-        env[v] = value
-        kinds[v] = kind
-
-    for v, x, k in zip(jaxpr.constvars, consts, const_kinds):
-        write(v, x, k)
-    for v, x, k in zip(jaxpr.invars, args, arg_kinds):
-        write(v, x, k)
-
-    for eqn in jaxpr.eqns:
-        pairs = [read(v) for v in eqn.invars]
-        values = [x for x, _ in pairs]
-        in_kinds = [k for _, k in pairs]
-        inner = _inner_jaxpr(eqn)
+    def eval_equation(eqn, values, in_kinds):
+        inner = inner_jaxpr(eqn)
         if inner is not None and any(in_kinds):
-            inner_jaxpr, inner_consts = inner
-            outs, out_kinds = _run(inner_jaxpr, inner_consts, [0] * len(inner_consts), values, in_kinds, ctx,
-                                   evaluate)
-        else:
-            rule, info = _classify(eqn, in_kinds)
-            out_float = [_is_float(v.aval) for v in eqn.outvars]
-            kind = 0
-            for k in in_kinds:
-                kind |= k
-            out_kinds = [kind if f else 0 for f in out_float]
-            contrastive_here = False
-            if rule == "linear" and info[1] is not None:
-                index = ctx.counter
-                ctx.counter += 1
-                ctx.weighted.append((index, in_kinds[info[0]]))
-                contrastive_here = ctx.contrastive and index == ctx.classifier
-            outs = None
-            if evaluate:
-                outs = _apply(eqn, rule, info, values, contrastive_here)
-                if not eqn.primitive.multiple_results:
-                    outs = [outs]
-        for i, v in enumerate(eqn.outvars):
-            write(v, None if outs is None else outs[i], out_kinds[i])
+            body, body_consts = inner
+            return _run(body, body_consts, values, in_kinds, ctx, evaluate)
+        rule, info = _classify(eqn, in_kinds)
+        kind = 0
+        for k in in_kinds:
+            kind |= k
+        out_kinds = [kind if is_float(v.aval) else 0 for v in eqn.outvars]
+        contrastive_here = False
+        if rule == "linear" and info[1] is not None:
+            index = ctx.counter
+            ctx.counter += 1
+            ctx.weighted.append((index, in_kinds[info[0]]))
+            contrastive_here = ctx.contrastive and index == ctx.classifier
+        if not evaluate:
+            return [None] * len(eqn.outvars), out_kinds
+        outs = _apply(eqn, rule, info, values, contrastive_here)
+        return (outs if eqn.primitive.multiple_results else [outs]), out_kinds
 
-    results = [read(v) for v in jaxpr.outvars]
-    return [x for x, _ in results], [k for _, k in results]
+    return evaluate_jaxpr(jaxpr, consts, 0, args, arg_kinds, eval_equation, literal_tag=lambda _: 0)
 
 
 def _apply(eqn, rule, info, values, contrastive_here):
     prim, params = eqn.primitive, eqn.params
-    if rule == "plain":
-        return prim.bind(*values, **params)
-    operands = _operand_values(eqn, values)
+    if rule == "plain":  # bind as jax.core.eval_jaxpr does (custom_jvp/vjp calls need their bind parameters)
+        return prim.bind(*values, **prim.get_bind_params(params))
+    operands = operand_values(eqn, values)
     if rule == "pass":
         return _pass_rule(prim, params, info)(*operands)
     if rule == "residual":
@@ -435,11 +357,10 @@ def with_excitation_rules(fn: Callable, *, probe_argnums: int | Sequence[int] = 
             arg_kinds += [_PROBE if i in probe_argnums else _DATA] * len(jax.tree_util.tree_leaves(a))
         leaves = jax.tree_util.tree_leaves(args)
         consts = list(closed.consts)
-        const_kinds = [0] * len(consts)
         classifier = None
         if contrastive:
             scan = _Context(contrastive=False)
-            _run(closed.jaxpr, consts, const_kinds, leaves, arg_kinds, scan, evaluate=False)
+            _run(closed.jaxpr, consts, leaves, arg_kinds, scan, evaluate=False)
             if not scan.weighted:
                 raise ValueError("contrastive Excitation Backprop needs a classifier layer (a dense or conv "
                                  "operation on the data); the function applies none")
@@ -449,7 +370,7 @@ def with_excitation_rules(fn: Callable, *, probe_argnums: int | Sequence[int] = 
                                  "operation) does not depend on the layer perturbation; choose a layer below the "
                                  "classifier")
         ctx = _Context(contrastive=contrastive, classifier=classifier)
-        outs, _ = _run(closed.jaxpr, consts, const_kinds, leaves, arg_kinds, ctx, evaluate=True)
+        outs, _ = _run(closed.jaxpr, consts, leaves, arg_kinds, ctx, evaluate=True)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped

@@ -55,6 +55,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
+from saliency_jax.saliency._jaxpr import (
+    evaluate_jaxpr,
+    inner_jaxpr,
+    is_float,
+    operand_values,
+    source_location,
+    unbroadcast,
+)
 from saliency_jax.saliency.core import check_images, normalize_maps, resolve_targets
 from saliency_jax.saliency.grad_cam import Score, class_scores
 
@@ -237,19 +245,6 @@ class GuidedBackpropError(ValueError):
     """
 
 
-# Call-like primitives: parameter holding the inner jaxpr (evaluated recursively when they contain a rectifier).
-_CALLS = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat": "jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
-}
 # Float-valued primitives that can implement (part of) a rectifier; only ``max(x, 0)`` is understood.
 _GATES = frozenset({"max", "min", "clamp", "abs", "sign", "select_n"})
 # Primitives through which a constant zero stays a zero.
@@ -261,20 +256,6 @@ _ZERO_PRESERVING = frozenset({
 @dataclasses.dataclass
 class _State:
     relus: int = 0  # guided ReLUs applied so far
-
-
-def _is_float(aval) -> bool:
-    return jnp.issubdtype(aval.dtype, jnp.inexact)
-
-
-def _where(eqn) -> str:
-    """A short "file:line (function)" of the user code that created ``eqn``, when JAX recorded it."""
-    try:
-        from jax._src import source_info_util  # only decorates error messages
-
-        return source_info_util.summarize(eqn.source_info) or "unknown location"
-    except Exception:  # noqa: BLE001 - the location is optional
-        return "unknown location"
 
 
 def _subjaxprs(eqn):
@@ -294,26 +275,14 @@ def _contains_gate(jaxpr) -> bool:
     """Whether a jaxpr (recursively) contains a float rectifier-like primitive or a float mask conversion."""
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
-        floats = any(_is_float(v.aval) for v in eqn.outvars)
+        floats = any(is_float(v.aval) for v in eqn.outvars)
         if name in _GATES and floats:
             return True
-        if name == "convert_element_type" and floats and not _is_float(eqn.invars[0].aval):
+        if name == "convert_element_type" and floats and not is_float(eqn.invars[0].aval):
             return True
         if any(_contains_gate(sub) for sub in _subjaxprs(eqn)):
             return True
     return False
-
-
-def _inner_jaxpr(eqn):
-    key = _CALLS.get(eqn.primitive.name)
-    if key is None or key not in eqn.params:
-        return None
-    inner = eqn.params[key]
-    if isinstance(inner, jex_core.ClosedJaxpr):
-        return inner.jaxpr, list(inner.consts)
-    if isinstance(inner, jex_core.Jaxpr):
-        return inner, []
-    return None
 
 
 def _is_static_zero(value) -> bool:
@@ -324,15 +293,6 @@ def _is_static_zero(value) -> bool:
         return bool(np.all(np.asarray(value) == 0))
     except Exception:  # noqa: BLE001 - anything not convertible is not a known zero
         return False
-
-
-def _unbroadcast(g: Array, like: Array) -> Array:
-    """Sums ``g`` down to the shape of ``like`` (undoing an implicit scalar broadcast of a jaxpr operand)."""
-    if g.shape != like.shape:
-        g = jnp.sum(g, axis=tuple(range(g.ndim - like.ndim)))
-        axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, like.shape)) if b == 1 and a != 1)
-        g = jnp.sum(g, axis=axes, keepdims=True).reshape(like.shape)
-    return g.astype(like.dtype)
 
 
 def _guided_relu(prim, params, data_pos: int):
@@ -348,7 +308,7 @@ def _guided_relu(prim, params, data_pos: int):
     def bwd(operands, g):
         x = jnp.broadcast_to(operands[data_pos], g.shape)
         gx = jnp.where((x > 0) & (g > 0), g, jnp.zeros_like(g))
-        return tuple(_unbroadcast(gx, o) if i == data_pos else jnp.zeros_like(o) for i, o in enumerate(operands))
+        return tuple(unbroadcast(gx, o) if i == data_pos else jnp.zeros_like(o) for i, o in enumerate(operands))
 
     relu.defvjp(fwd, bwd)
     return relu
@@ -357,15 +317,9 @@ def _guided_relu(prim, params, data_pos: int):
 def _reject(eqn, reason: str):
     shapes = ", ".join(v.aval.str_short() for v in eqn.invars)
     raise GuidedBackpropError(
-        f"guided backprop cannot handle primitive '{eqn.primitive.name}' ({shapes}) at {_where(eqn)}: {reason}. "
-        "Only ReLUs written as max(x, 0) (nn.relu, jax.nn.relu, jnp.maximum(x, 0)) are guided; a rectifier in "
-        "another form would silently receive the plain gradient.")
-
-
-def _operand_values(eqn, values):
-    """Operands as arrays (literals converted to their jaxpr dtype, so custom_vjp sees arrays)."""
-    return [jnp.asarray(np.asarray(x), v.aval.dtype) if isinstance(v, jex_core.Literal) else x
-            for v, x in zip(eqn.invars, values)]
+        f"guided backprop cannot handle primitive '{eqn.primitive.name}' ({shapes}) at {source_location(eqn)}: "
+        f"{reason}. Only ReLUs written as max(x, 0) (nn.relu, jax.nn.relu, jnp.maximum(x, 0)) are guided; a "
+        "rectifier in another form would silently receive the plain gradient.")
 
 
 def _bind(eqn, values):
@@ -381,7 +335,7 @@ def _apply_data_eqn(eqn, values, kinds, zeros, state: _State):
     """
     name = eqn.primitive.name
     prim, params = eqn.primitive, eqn.params
-    floats = any(_is_float(v.aval) for v in eqn.outvars)
+    floats = any(is_float(v.aval) for v in eqn.outvars)
     if name == "max" and floats:
         if all(kinds):
             _reject(eqn, "element-wise max of two data-dependent tensors (maxout)")
@@ -392,62 +346,53 @@ def _apply_data_eqn(eqn, values, kinds, zeros, state: _State):
             _reject(eqn, "max of data with an operand not known to be zero (a shifted rectifier, or a zero passed "
                          "as a traced argument: write the ReLU as max(x, 0) with a literal 0 or jnp.zeros_like)")
         state.relus += 1
-        return _guided_relu(prim, params, data_pos)(*_operand_values(eqn, values))
+        return _guided_relu(prim, params, data_pos)(*operand_values(eqn, values))
     if name in ("min", "clamp", "abs", "sign") and floats:
         _reject(eqn, f"'{name}' of a data-dependent tensor (ReLU6, clip, hard tanh or another rectifier variant)")
     if name == "select_n" and floats and kinds[0]:
         _reject(eqn, "jnp.where / lax.select with a data-dependent condition (leaky ReLU, ELU, "
                      "where(x > 0, x, 0))")
-    if name == "convert_element_type" and floats and not _is_float(eqn.invars[0].aval):
+    if name == "convert_element_type" and floats and not is_float(eqn.invars[0].aval):
         _reject(eqn, "a data-dependent boolean/integer turned into a float mask (e.g. x * (x > 0))")
-    if _inner_jaxpr(eqn) is None and any(_contains_gate(sub) for sub in _subjaxprs(eqn)):
+    if inner_jaxpr(eqn) is None and any(_contains_gate(sub) for sub in _subjaxprs(eqn)):
         _reject(eqn, "a rectifier inside a control-flow primitive (lax.scan, while_loop, cond)")
     return _bind(eqn, values)
 
 
-def _run(jaxpr, consts, args, arg_data, arg_zero, state: _State):
-    """Evaluates a jaxpr with guided ReLUs; returns its outputs and their data-dependence flags."""
-    env: dict = {}
-    data: dict = {}
-    zero: dict = {}
+def _literal_tag(value):
+    """Tag ``(is_data, is_zero)`` of a literal operand: a constant, known zero or not from its value."""
+    return False, _is_static_zero(value)
 
-    def read(v):
-        if isinstance(v, jex_core.Literal):
-            return v.val, False, _is_static_zero(v.val)
-        return env[v], data[v], zero[v]
 
-    def write(v, value, is_data, is_zero):
-        if isinstance(v, jex_core.DropVar):
-            return
-        env[v], data[v], zero[v] = value, is_data, is_zero
+def _run(jaxpr, consts, args, arg_tags, state: _State):
+    """Evaluates a jaxpr with guided ReLUs.
 
-    for v, x in zip(jaxpr.constvars, consts):
-        write(v, x, False, None)  # a constant's value is inspected only if a max needs it (weights stay on device)
-    for v, x, d, z in zip(jaxpr.invars, args, arg_data, arg_zero):
-        write(v, x, d, z)
+    Every value is tagged ``(is_data, is_zero)``: whether it depends on the data, and True if it is known to be a
+    constant zero, None if its (constant) value must be inspected to tell, False otherwise. A constant's value is
+    inspected only if a max needs it (weights stay on device).
 
-    for eqn in jaxpr.eqns:
-        values, in_data, in_zero = zip(*[read(v) for v in eqn.invars]) if eqn.invars else ((), (), ())
-        values, in_data, in_zero = list(values), list(in_data), list(in_zero)
-        inner = _inner_jaxpr(eqn)
+    Returns:
+      ``(outputs, output_tags)``.
+    """
+
+    def eval_equation(eqn, values, tags):
+        in_data = [d for d, _ in tags]
+        in_zero = [z for _, z in tags]
         if not any(in_data):
             outs = _bind(eqn, values)
             outs = outs if eqn.primitive.multiple_results else [outs]
             keeps_zero = eqn.primitive.name in _ZERO_PRESERVING and len(in_zero) == 1 and in_zero[0] is True
-            out_data, out_zero = [False] * len(outs), [True if keeps_zero else None] * len(outs)
-        elif inner is not None and _contains_gate(inner[0]):
-            inner_jaxpr, inner_consts = inner
-            outs, out_data = _run(inner_jaxpr, inner_consts, values, in_data, in_zero, state)
-            out_zero = [False] * len(outs)
-        else:
-            outs = _apply_data_eqn(eqn, values, in_data, in_zero, state)
-            outs = outs if eqn.primitive.multiple_results else [outs]
-            out_data, out_zero = [True] * len(outs), [False] * len(outs)
-        for v, x, d, z in zip(eqn.outvars, outs, out_data, out_zero):
-            write(v, x, d, z)
+            return outs, [(False, True if keeps_zero else None)] * len(outs)
+        inner = inner_jaxpr(eqn)
+        if inner is not None and _contains_gate(inner[0]):
+            body, body_consts = inner
+            outs, out_tags = _run(body, body_consts, values, tags, state)
+            return outs, [(d, False) for d, _ in out_tags]
+        outs = _apply_data_eqn(eqn, values, in_data, in_zero, state)
+        outs = outs if eqn.primitive.multiple_results else [outs]
+        return outs, [(True, False)] * len(outs)
 
-    results = [read(v) for v in jaxpr.outvars]
-    return [x for x, _, _ in results], [d for _, d, _ in results]
+    return evaluate_jaxpr(jaxpr, consts, (False, None), args, arg_tags, eval_equation, literal_tag=_literal_tag)
 
 
 def _describe(fn) -> str:
@@ -479,8 +424,7 @@ def with_guided_relu(fn: Callable[..., Any]) -> Callable[..., Any]:
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
         leaves = jax.tree_util.tree_leaves(args)
         state = _State()
-        outs, _ = _run(closed.jaxpr, list(closed.consts), leaves, [True] * len(leaves), [False] * len(leaves),
-                       state)
+        outs, _ = _run(closed.jaxpr, list(closed.consts), leaves, [(True, False)] * len(leaves), state)
         if state.relus == 0:
             raise GuidedBackpropError(
                 f"guided backprop found no ReLU (max(x, 0)) in {_describe(fn)}: the result would be "
