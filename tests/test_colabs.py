@@ -1,6 +1,6 @@
 """The notebooks in ``colabs/``: each ``.ipynb`` is the jupytext rendering of its ``.py`` and runs top to bottom.
 
-The digits notebook is executed with ``SALIENCY_JAX_QUICK=1`` (the config's ``:runlocal`` variant) by nbclient on an
+Each notebook is executed with ``SALIENCY_JAX_QUICK=1`` (the config's ``:runlocal`` variant) by nbclient on an
 ipykernel started from this interpreter (a kernelspec written into ``tmp_path``, so nothing has to be installed by
 hand), in a temporary working directory.
 """
@@ -20,8 +20,10 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-NOTEBOOK_PY = REPO / "colabs" / "distraction_digits.py"
-NOTEBOOK = REPO / "colabs" / "distraction_digits.ipynb"
+COLABS = REPO / "colabs"
+NOTEBOOK_PY = COLABS / "distraction_digits.py"
+NOTEBOOK = COLABS / "distraction_digits.ipynb"
+METHODS_NOTEBOOK = COLABS / "saliency_methods.ipynb"
 KERNEL_NAME = "saliency_jax_test_python3"
 RUNLOCAL_ARMS = ["baseline", "0-occlusion"]  # experiments/configs/distraction_digits.py, get_config("runlocal").
 
@@ -32,7 +34,7 @@ def _cells(notebook):
 
 def _tagged(notebook, tag):
     cells = [c for c in notebook.cells if tag in c.metadata.get("tags", [])]
-    assert len(cells) == 1, f"expected one cell tagged {tag!r} in {NOTEBOOK}, got {len(cells)}"
+    assert len(cells) == 1, f"expected one cell tagged {tag!r}, got {len(cells)}"
     return cells[0]
 
 
@@ -41,19 +43,17 @@ def _png_outputs(cell):
             if o.get("output_type") in ("display_data", "execute_result") and "image/png" in o.get("data", {})]
 
 
-def test_ipynb_is_the_jupytext_rendering_of_the_py():
-    from_py = jupytext.read(NOTEBOOK_PY)
-    committed = nbformat.read(NOTEBOOK, as_version=4)
-    assert _cells(committed) == _cells(from_py), (
-        f"{NOTEBOOK} is out of sync with {NOTEBOOK_PY}: run `jupytext --to ipynb {NOTEBOOK_PY.relative_to(REPO)}`")
-    assert committed.metadata["kernelspec"]["name"] == "python3"
-    for cell in committed.cells:  # Committed outputs-free.
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
-    assert "QUICK = False" in _tagged(committed, "parameters").source  # The full comparison is the default.
+def _png_size(png):
+    """(width, height) in pixels of a PNG, read from its IHDR chunk."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
 
 
-def test_digits_notebook_runs_top_to_bottom_quick(tmp_path, monkeypatch):
+def _execute_quick(notebook, tmp_path, monkeypatch):
+    """Runs ``notebook`` (in place) with SALIENCY_JAX_QUICK=1 on a kernel of this interpreter; returns its cwd.
+
+    Raises CellExecutionError (with the traceback) if any cell fails.
+    """
     kernel_dir = tmp_path / "jupyter" / "kernels" / KERNEL_NAME
     kernel_dir.mkdir(parents=True)
     (kernel_dir / "kernel.json").write_text(json.dumps({
@@ -65,11 +65,29 @@ def test_digits_notebook_runs_top_to_bottom_quick(tmp_path, monkeypatch):
     monkeypatch.delenv("MPLBACKEND", raising=False)  # The kernel's inline backend turns plt.show() into a PNG.
     run_dir = tmp_path / "cwd"
     run_dir.mkdir()
-
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(notebook, timeout=300, kernel_name=KERNEL_NAME,
                                      resources={"metadata": {"path": str(run_dir)}})
-    client.execute()  # Raises CellExecutionError (with the traceback) if any cell fails.
+    client.execute()
+    return run_dir
+
+
+@pytest.mark.parametrize("name", ["distraction_digits", "saliency_methods"])
+def test_ipynb_is_the_jupytext_rendering_of_the_py(name):
+    notebook_py, notebook = COLABS / f"{name}.py", COLABS / f"{name}.ipynb"
+    from_py = jupytext.read(notebook_py)
+    committed = nbformat.read(notebook, as_version=4)
+    assert _cells(committed) == _cells(from_py), (
+        f"{notebook} is out of sync with {notebook_py}: run `jupytext --to ipynb {notebook_py.relative_to(REPO)}`")
+    assert committed.metadata["kernelspec"]["name"] == "python3"
+    for cell in committed.cells:  # Committed outputs-free.
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
+    assert "QUICK = False" in _tagged(committed, "parameters").source  # The full comparison is the default.
+
+
+def test_digits_notebook_runs_top_to_bottom_quick(tmp_path, monkeypatch):
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    run_dir = _execute_quick(notebook, tmp_path, monkeypatch)
 
     # The quick switch selected the :runlocal variant, and everything was written under the working directory.
     workdir = run_dir / "runs" / "digits_runlocal"
@@ -97,6 +115,65 @@ def test_digits_notebook_runs_top_to_bottom_quick(tmp_path, monkeypatch):
     # The exploration cell drew one figure: 5 rows of 32x32 digits x 5 columns (input, Grad-CAM, 3 fills).
     exploration = _png_outputs(_tagged(notebook, "exploration"))
     assert len(exploration) == 1
-    assert exploration[0][:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = int.from_bytes(exploration[0][16:20], "big"), int.from_bytes(exploration[0][20:24], "big")
+    width, height = _png_size(exploration[0])
     assert width > 300 and height > 300, (width, height)
+
+
+# Appended to the saliency-methods notebook before it runs: reports what the notebook computed, and the vanilla
+# gradient recomputed here with plain jax.grad of the predicted class's logit (|d S_c / d I|, min-max per image).
+_METHODS_PROBE = """\
+import json as _json
+import jax.numpy as _jnp
+_logits = model.apply(variables, _jnp.asarray(images), train=False)
+_rows = _jnp.arange(NUM_EXAMPLES)
+_g = jax.grad(lambda x: _jnp.sum(model.apply(variables, x, train=False)[_rows, targets]))(_jnp.asarray(images))
+_a = np.abs(np.asarray(_g[..., 0], np.float64))
+_a = (_a - _a.min(axis=(1, 2), keepdims=True)) / np.ptp(_a, axis=(1, 2), keepdims=True)
+print(_json.dumps({
+    "quick": QUICK, "num_masks": NUM_MASKS, "workdir": str(WORKDIR.resolve()),
+    "maps": [[k, list(np.shape(v)), float(np.min(v)), float(np.max(v)), bool(np.all(np.isfinite(v)))]
+             for k, v in maps.items()],
+    "gradient_error": float(np.max(np.abs(_a - np.asarray(maps["gradient"])))),
+    "labels": np.asarray(labels).tolist(),
+    "source_labels": [int(test_source[i]["label"]) for i in range(NUM_EXAMPLES)],
+    "predictions": np.asarray(predictions).tolist(),
+    "argmax": np.asarray(_jnp.argmax(_logits, -1)).tolist(),
+}))
+"""
+METHODS = ["gradient", "guided backprop", "Grad-CAM (conv3)", "Grad-CAM++ (conv3)", "EB (conv2)", "cEB (conv2)",
+           "RISE"]
+
+
+def test_saliency_methods_notebook_runs_top_to_bottom_quick(tmp_path, monkeypatch):
+    notebook = nbformat.read(METHODS_NOTEBOOK, as_version=4)
+    headings = [c.source.split("\n")[0] for c in notebook.cells if c.cell_type == "markdown"]
+    assert sum(h.startswith("### ") for h in headings) == len(METHODS)  # One markdown cell per method.
+    notebook.cells.append(nbformat.v4.new_code_cell(_METHODS_PROBE, metadata={"tags": ["probe"]}))
+    run_dir = _execute_quick(notebook, tmp_path, monkeypatch)
+
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    probe = json.loads("".join(o["text"] for o in _tagged(notebook, "probe").outputs if o["output_type"] == "stream"))
+
+    # The quick switch: the :runlocal config's baseline arm, trained under the working directory.
+    assert probe["quick"] is True and probe["num_masks"] == 200
+    workdir = run_dir / "runs" / "digits_runlocal" / "baseline" / "seed0"
+    assert pathlib.Path(probe["workdir"]) == workdir.resolve()
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["num_steps"] == 12 and config["distraction"]["enabled"] is False
+    assert (workdir / "metrics.jsonl").exists()
+
+    # Six test images in order, with the model's own argmax as prediction; every method gave [6, 32, 32] in [0, 1].
+    assert probe["labels"] == probe["source_labels"]
+    assert probe["predictions"] == probe["argmax"]
+    assert [m[0] for m in probe["maps"]] == METHODS
+    for name, shape, lo, hi, finite in probe["maps"]:
+        assert shape == [6, 32, 32] and finite and 0.0 <= lo <= hi <= 1.0, (name, shape, lo, hi, finite)
+    assert probe["gradient_error"] < 1e-4
+
+    # The figure: one PNG of 6 rows x 8 columns (the input and the seven methods).
+    pngs = _png_outputs(_tagged(notebook, "figure"))
+    assert len(pngs) == 1
+    width, height = _png_size(pngs[0])
+    assert width > 600 and height > 450 and width > height, (width, height)
+    assert [p for c in notebook.cells for p in _png_outputs(c)] == pngs  # No other figure.
