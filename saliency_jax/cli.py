@@ -54,6 +54,12 @@ def _run(command: str, argv) -> None:
         if jax.process_index() == 0:
             print(json.dumps({k: {m: metrics[k][m] for m in ("accuracy", "f1_macro", "f1_weighted")}
                               for k in ("clean", "erased")}, indent=2))
+    elif FLAGS.config.experiment.get("runner", "") == "excitation_dropout":
+        from saliency_jax import experiment_dropout
+
+        experiment_dropout.run_dropout_experiment(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+        if jax.process_index() == 0:
+            print(f"report: {FLAGS.workdir}/report.md")
     else:
         from saliency_jax import experiment
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from saliency_jax import data as data_lib
 from saliency_jax import models
 from saliency_jax.saliency import linen_layer
-from saliency_jax.training import DistractionConfig, distract
+from saliency_jax.training import DistractionConfig, DropoutConfig, distract, make_dropout_forward
 
 Array = jax.Array
 
@@ -122,8 +122,9 @@ def load_sources(config: ml_collections.ConfigDict):
     test_source = data_lib.get_source(ds.name, "test", data_dir=ds.get("data_dir"), image_size=ds.get("image_size"))
     train_idx, val_idx = data_lib.train_val_split(len(train_source), ds.get("val_fraction", 0.25), seed=config.seed)
     limit = ds.get("train_limit")
-    if limit:
-        train_idx = train_idx[:limit]
+    if limit:  # a seeded random subset (sources may be sorted by class)
+        train_idx = np.sort(np.random.default_rng(config.seed).choice(train_idx, min(limit, len(train_idx)),
+                                                                        replace=False))
     oversample = dict(ds.get("oversample") or {})
     if oversample:
         train_idx = data_lib.oversample(train_idx, train_source.labels, {int(k): int(v) for k, v in oversample.items()})
@@ -227,8 +228,17 @@ def distraction_config(config: ml_collections.ConfigDict) -> DistractionConfig |
                              data_range=tuple(d.get("data_range", (0.0, 1.0))))
 
 
+def training_forward(config: ml_collections.ConfigDict, model: nn.Module) -> Callable | None:
+    """The training forward of ``config.dropout`` (Bargal 2019, Ch. 5; ``None``: the model's own, no scheme)."""
+    d = config.get("dropout")
+    if d is None or (d.get("scheme", "none") == "none" and not d.get("bypass")):
+        return None
+    return make_dropout_forward(model, DropoutConfig.from_mapping(d))
+
+
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *,
                     distraction: DistractionConfig | None = None, grad_cam_layer: str | None = None,
+                    forward: Callable | None = None,
                     ) -> Callable[[TrainState, dict[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
     """Builds the (un-jitted) update step ``(state, batch, key) -> (state, metrics)``.
 
@@ -243,6 +253,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
       optimizer: optax optimizer.
       distraction: the scheme's hyper-parameters, or ``None`` for plain training.
       grad_cam_layer: module path of the last convolutional layer (needed with ``distraction``).
+      forward: optional training forward pass replacing ``model.apply(..., train=True)``:
+        ``(variables, images, labels, key, step) -> (logits, updates)`` with ``updates`` holding the new
+        ``batch_stats`` (e.g. a dropout scheme, :func:`saliency_jax.training.make_dropout_forward`); it gets the
+        step's dropout key.
 
     Raises:
       ValueError: if ``distraction`` is given without ``grad_cam_layer``.
@@ -260,8 +274,12 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *
             images, occluded = distract(k_scheme, layer_model, images, labels, distraction)
 
         def loss_fn(params):
-            logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                                          mutable=["batch_stats"], rngs={"dropout": k_dropout})
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            if forward is not None:
+                logits, updates = forward(variables, images, labels, k_dropout, state.step)
+            else:
+                logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                              rngs={"dropout": k_dropout})
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, (logits, updates)
 
@@ -455,7 +473,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
                     out_shardings=replicated)()
     step_fn = jax.jit(
         make_train_step(model, optimizer, distraction=distraction_config(config),
-                        grad_cam_layer=config.model.get("grad_cam_layer")),
+                        grad_cam_layer=config.model.get("grad_cam_layer"), forward=training_forward(config, model)),
         in_shardings=(replicated, data_sharding, replicated), out_shardings=(replicated, replicated),
         donate_argnums=(0,))
 

@@ -7,20 +7,23 @@ Excitation Dropout (Eq. 5.1) and the "Adaptive" opposite (drops the least releva
 Report: test accuracy (Tables 5.1/5.2/5.5 shape), utilization at fc1 (Table 5.3), compression curves (Fig. 5.5),
 metrics over training (Figs. 5.6-5.9).
 
-Reduced budget, so that the six arms x 2 repeats run in about 25 minutes on 2 busy CPU cores (the thesis: full
-CNN-2 with 96/128/256 filters and 2048-unit fc layers, 100k iterations of batch 100, SGD lr 1e-3 -> 1e-4 after 25k,
-momentum 0.9, weight decay 0.005; see ``excitation_dropout_thesis.py:cifar10``):
-CNN-2 narrowed to 16/16/32 filters and 256-unit fc layers (same structure, Gaussian init std 0.01), 20,000 training
-images, 300 steps of batch 100 (1.5 epochs), Adam lr 1e-3 (SGD at lr 1e-3 barely moves a std-0.01 network in so few
-steps), horizontal flips only, analyses on 2,000 test images (compression: 1,000; curves: 500).
+Reduced budget (the thesis: full CNN-2 with 96/128/256 filters and 2048-unit fc layers, 100k iterations of batch
+100, SGD lr 1e-3 -> 1e-4 after 25k, momentum 0.9, weight decay 0.005; see ``excitation_dropout_thesis.py:cifar10``):
+CNN-2 narrowed to 16/16/32 filters and 256-unit fc layers (same structure, Gaussian init std 0.01), 200 steps of
+batch 100 (20,000 images drawn from 98% of the training split, less than half an epoch; ``dataset.train_limit`` is
+not used because it keeps the first indices of the class-sorted archive, i.e. only 4-5 classes), Adam lr 1e-3 (SGD
+at lr 1e-3 barely moves a std-0.01 network in so few steps), horizontal flips only, analyses on 2,000 test images
+(compression: 1,000; curves: 500).
 
 Command (from the repository root):
   saliency-jax experiment --config experiments/configs/excitation_dropout_cifar10.py --workdir runs/ed_cifar10
 Tiny variant (tests): ``:runlocal``.
 
-Expected at this budget: every dropout arm within a few points of the others (roughly 0.40-0.50 test accuracy); the thesis's
-gains (ED 81.9% vs SD 80.1%) need the full 100k-iteration schedule. Measured numbers: runs/ed_cifar10/report.md and
-the closing note of the issue that added this config.
+Runtime: about 25-30 minutes for the 6 arms x 2 repeats on 2 heavily shared CPU cores (60-120 s of training and
+~30 s of analyses per run).
+Measured (seed 0): test accuracy 0.20-0.25 for none / standard / per-image / curriculum and 0.11-0.12 for
+excitation / adaptive: 200 steps are far too few (the std-0.01 network is barely out of its initial plateau), so
+this run checks the machinery and the analyses, not the thesis's ranking (ED 81.9% vs SD 80.1% after 100k steps).
 """
 
 from saliency_jax.config import default_config
@@ -75,22 +78,20 @@ def get_config(arg: str | None = None):
     c.dataset.data_dir = "../shared/data/cifar10/cifar10.npz"
     c.dataset.image_size = None
     c.dataset.augment = dict(hflip=True, rotation=0.0, channel_shift=0.0, brightness=(1.0, 1.0))
-    c.dataset.train_limit = 20_000
     c.model.kwargs = {"conv_features": (16, 16, 32), "fc_features": (256, 256)}
     c.optimizer.name = "adam"
     c.optimizer.learning_rate = 1e-3
     c.optimizer.weight_decay = 0.0
     c.optimizer.lr_boundaries = []
     c.optimizer.lr_scales = []
-    c.num_steps = 300
+    c.num_steps = 200
     c.log_every = 50
-    c.checkpoint_every = 75
+    c.checkpoint_every = 50
     c.experiment.repeats = 2
     c.analysis = dict(test_examples=2000, curve_examples=500, compression_examples=1000,
                       conservative_deltas=(0.05, 0.1, 0.25), seed=0)
     if arg == "runlocal":
         c.model.kwargs = {"conv_features": (4, 4, 8), "fc_features": (16, 16)}
-        c.dataset.train_limit = 200
         c.num_steps = 6
         c.log_every = 3
         c.checkpoint_every = 3

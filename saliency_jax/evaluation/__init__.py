@@ -24,8 +24,23 @@ from saliency_jax.evaluation.report import metrics_table
 from saliency_jax.evaluation.report import robustness_table
 from saliency_jax.evaluation.robustness import erased_test_set
 from saliency_jax.evaluation.robustness import random_erasing
+from saliency_jax.evaluation.utilization import (UTILIZATION_METRICS, compression_curves, compression_figure,
+                                                 conservative_filters, random_unit_masks, relevance_masks,
+                                                 utilization_curves_figure, utilization_metrics,
+                                                 utilization_per_example, utilization_table, weight_change)
 
 __all__ = [
+    "UTILIZATION_METRICS",
+    "compression_curves",
+    "compression_figure",
+    "conservative_filters",
+    "random_unit_masks",
+    "relevance_masks",
+    "utilization_curves_figure",
+    "utilization_metrics",
+    "utilization_per_example",
+    "utilization_table",
+    "weight_change",
     "DEFAULT_TOLERANCE",
     "PointingGame",
     "argmax_points",

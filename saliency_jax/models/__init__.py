@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from saliency_jax.models.cnn2 import CNN2
 from saliency_jax.models.resnet import ResNet18, ResNet50
 from saliency_jax.models.small_cnn import SmallCNN
 from saliency_jax.models.vgg import VGG16
 
-__all__ = ["SmallCNN", "ResNet18", "ResNet50", "VGG16", "get_model", "GRAD_CAM_LAYER", "MODEL_NAMES"]
+__all__ = ["CNN2", "SmallCNN", "ResNet18", "ResNet50", "VGG16", "get_model", "GRAD_CAM_LAYER", "MODEL_NAMES"]
 
 GRAD_CAM_LAYER = {
     "small_cnn": "conv3",
     "resnet18": "layer4",
     "resnet50": "layer4",
     "vgg16": "relu5_3",
+    "cnn2": "relu_conv3",
 }
 
 MODEL_NAMES = tuple(GRAD_CAM_LAYER)
@@ -45,6 +47,8 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         return ResNet18(num_classes=num_classes, **kwargs)
     if name == "resnet50":
         return ResNet50(num_classes=num_classes, **kwargs)
+    if name == "cnn2":
+        return CNN2(num_classes=num_classes, **kwargs)
     if name == "vgg16":
         return VGG16(num_classes=num_classes, **kwargs)
     raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
