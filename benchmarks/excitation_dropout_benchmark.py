@@ -9,7 +9,8 @@ Caffe layer: 1.23).
 
 ``--narrow`` times a narrowed CNN-2 (32/32/64 filters, 256-unit fc layers).
 
-Measured (2 shared, heavily loaded CPU cores): full CNN-2 1.58 vs 1.76 s/step, ratio 1.12; narrow 0.95.
+Measured on 2 otherwise idle CPU cores (--iters 10): full CNN-2 0.867 vs 0.892 s/step, ratio 1.03. (Under heavy
+load from other jobs the same run gave 1.12: alternate timing does not remove all of the noise.)
 """
 
 from __future__ import annotations
