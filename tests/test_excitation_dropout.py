@@ -225,3 +225,35 @@ def test_bypass_and_missing_layer():
     bad = make_dropout_forward(model, DropoutConfig(scheme="standard", layer="nope"))
     with pytest.raises(ValueError, match="not found"):
         bad(v, x, y, jax.random.key(2), 0)
+
+
+def test_p_eb_at_relu_fc1_is_a_distribution_over_live_units():
+    # The quantities checked while diagnosing the Excitation arm's collapse at init std 0.01: p_EB at relu_fc1 is a
+    # distribution over the *live* units of each image (rows sum to 1, exactly 0 where the ReLU is off), the
+    # retaining probabilities are Eq. 5.1 of it, and dead units (p_EB = 0) are always kept.
+    model = CNN2(num_classes=3, conv_features=(2, 3, 4), fc_features=(16, 5), init_std=0.5)
+    x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 3))
+    y = jnp.asarray([0, 1, 2, 0, 1, 2])
+    variables = model.init(jax.random.key(1), x)
+    fwd = make_dropout_forward(model, DropoutConfig(scheme="excitation", layer="relu_fc1"))
+    _, updates = jax.jit(fwd)(variables, x, y, jax.random.key(2), jnp.int32(0))
+    p_eb, retain, mask = (np.asarray(updates["dropout"][k]) for k in ("p_eb", "retain", "mask"))
+    _, a = linen_layer(model, variables, "relu_fc1", train=False)(x)
+    a = np.asarray(a)
+    dead = a <= 0
+    assert dead.any() and (~dead).any()  # the tiny net has both live and dead units
+    # Reference by hand: EB through fc2 -> ReLU -> fc3 with positive weights, biases ignored.
+    p = variables["params"]
+    w2, w3 = np.maximum(np.asarray(p["fc2"]["kernel"]), 0), np.maximum(np.asarray(p["fc3"]["kernel"]), 0)
+    a2 = np.maximum(a @ np.asarray(p["fc2"]["kernel"]) + np.asarray(p["fc2"]["bias"]), 0)
+    top = np.eye(3)[np.asarray(y)]  # [6, 3]
+    z3 = a2 @ w3
+    p2 = a2 * ((top / np.where(z3 > 0, z3, 1)) @ w3.T)
+    z2 = a @ w2
+    expected = a * ((p2 / np.where(z2 > 0, z2, 1)) @ w2.T)
+    np.testing.assert_allclose(p_eb, expected, rtol=1e-4, atol=1e-6)
+    reachable = expected.sum(1) > 0
+    np.testing.assert_allclose(p_eb.sum(1)[reachable], 1.0, rtol=1e-5)
+    assert np.all(p_eb[dead] == 0)
+    np.testing.assert_allclose(retain, eq51(np.clip(p_eb, 0, 1).astype(np.float64), 0.5, 16), rtol=1e-5, atol=1e-6)
+    assert np.all(mask[dead] == 1)
