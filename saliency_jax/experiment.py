@@ -28,7 +28,8 @@ from saliency_jax import train as train_lib
 from saliency_jax.config import apply_overrides
 from saliency_jax.saliency import grad_cam, linen_layer
 
-__all__ = ["arm_config", "run_experiment", "evaluate_arm", "grad_cam_maps"]
+__all__ = ["arm_config", "run_experiment", "evaluate_arm", "grad_cam_maps", "mean_std", "read_metrics_log",
+           "to_jsonable"]
 
 
 def arm_config(config: ml_collections.ConfigDict, arm: str, repeat: int) -> ml_collections.ConfigDict:
@@ -89,11 +90,12 @@ def grad_cam_maps(config: ml_collections.ConfigDict, result: train_lib.TrainResu
     return np.asarray(fn(jnp.asarray(images), jnp.asarray(labels)))
 
 
-def _jsonable(x):
+def to_jsonable(x):
+    """``x`` with dict keys as strings, tuples as lists and NumPy scalars as Python numbers (for ``json.dumps``)."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [to_jsonable(v) for v in x]
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
     return x
@@ -152,7 +154,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
             runs[arm].append(metrics)
             if repeat == 0:
                 maps[arm] = arm_maps
-                history[arm] = _read_history(result.workdir)
+                history[arm] = read_metrics_log(result.workdir)
             if is_main:
                 print(f"[{arm} seed {cfg.seed}] clean acc {metrics['clean']['accuracy']:.4f}  "
                       f"erased acc {metrics['erased']['accuracy']:.4f}  ({train_s:.0f} s)", flush=True)
@@ -162,12 +164,12 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
 
     summary = {arm: {"clean": combine([r["clean"] for r in runs[arm]]),
                      "erased": combine([r["erased"] for r in runs[arm]]),
-                     "salient_area": _mean_std([r["salient_area"] for r in runs[arm]])}
+                     "salient_area": mean_std([r["salient_area"] for r in runs[arm]])}
                for arm in arms}
     out = {"config": config.to_dict(), "arms": arms, "repeats": exp.repeats, "summary": summary, "runs": runs,
            "wall_seconds": time.time() - start, "devices": [str(d) for d in jax.devices()]}
     if is_main:
-        (workdir / "metrics.json").write_text(json.dumps(_jsonable(out), indent=2, default=str))
+        (workdir / "metrics.json").write_text(json.dumps(to_jsonable(out), indent=2, default=str))
         if n_fig:
             evaluation.saliency_figure(
                 fig_images, maps, workdir / "saliency_maps.png",
@@ -180,15 +182,17 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     return out
 
 
-def _mean_std(values):
+def mean_std(values) -> dict[str, float] | None:
+    """``{"mean", "std"}`` (sample std; 0 for one value) of the non-None ``values``; None if there are none."""
     values = [v for v in values if v is not None]
     if not values:
         return None
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
-def _read_history(workdir: pathlib.Path) -> list[dict[str, float]]:
-    path = workdir / "metrics.jsonl"
+def read_metrics_log(workdir: pathlib.Path) -> list[dict[str, float]]:
+    """The records of a run's ``workdir/metrics.jsonl`` (as :func:`saliency_jax.train.train` writes them)."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -32,10 +32,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from saliency_jax import data as data_lib
-from saliency_jax import evaluation
 from saliency_jax import train as train_lib
 from saliency_jax.evaluation import utilization as util
-from saliency_jax.experiment import arm_config
+from saliency_jax.experiment import arm_config, mean_std, read_metrics_log, to_jsonable
 from saliency_jax.saliency import linen_layer
 from saliency_jax.training import layer_excitation, linen_head
 
@@ -153,9 +152,6 @@ def _get_path(tree, path: str):
     return node
 
 
-def _mean_std(values) -> dict[str, float]:
-    v = np.asarray(values, np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
 
 
 def run_dropout_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -232,7 +228,7 @@ def run_dropout_experiment(config: ml_collections.ConfigDict, workdir: str | os.
                               "conservative_filters": {str(k): v for k, v in conservative.items()},
                               "history": history, "compression": comp, "train_seconds": train_s,
                               "analysis_seconds": time.time() - t1,
-                              "train_log": _read_jsonl(result.workdir / "metrics.jsonl")})
+                              "train_log": read_metrics_log(result.workdir)})
             print(f"[{arm} seed {cfg.seed}] test acc {final['accuracy']:.4f}  neurons ON "
                   f"{final['utilization']['neurons_on']['mean']:.0f}  ({train_s:.0f} s train)", flush=True)
 
@@ -240,16 +236,16 @@ def run_dropout_experiment(config: ml_collections.ConfigDict, workdir: str | os.
     for arm in arms:
         rs = runs[arm]
         summary[arm] = {
-            "test_accuracy": _mean_std([r["test_accuracy"] for r in rs]),
-            "utilization": {m: _mean_std([r["utilization"][m]["mean"] for r in rs])
+            "test_accuracy": mean_std([r["test_accuracy"] for r in rs]),
+            "utilization": {m: mean_std([r["utilization"][m]["mean"] for r in rs])
                             for m in util.UTILIZATION_METRICS},
-            "conservative_filters": {d: _mean_std([r["conservative_filters"][str(d)] for r in rs]) for d in deltas},
-            "train_seconds": _mean_std([r["train_seconds"] for r in rs]),
+            "conservative_filters": {d: mean_std([r["conservative_filters"][str(d)] for r in rs]) for d in deltas},
+            "train_seconds": mean_std([r["train_seconds"] for r in rs]),
         }
     out = {"config": config.to_dict(), "arms": arms, "repeats": exp.repeats, "summary": summary, "runs": runs,
            "wall_seconds": time.time() - start, "devices": [str(d) for d in jax.devices()]}
     if jax.process_index() == 0:
-        (workdir / "metrics.json").write_text(json.dumps(_jsonable(out), indent=2, default=str))
+        (workdir / "metrics.json").write_text(json.dumps(to_jsonable(out), indent=2, default=str))
         util.compression_figure(curves, workdir / "compression.png",
                                 title=f"{config.dataset.name}, {config.model.name}: units of "
                                       f"{config.dropout.layer} switched off at test time")
@@ -261,20 +257,8 @@ def run_dropout_experiment(config: ml_collections.ConfigDict, workdir: str | os.
     return out
 
 
-def _read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    return x
 
 
 def _fmt(v: dict[str, float], digits: int = 4) -> str:
@@ -339,7 +323,7 @@ def _report(config, summary, runs, curves, out, n_test, n_curve, n_comp) -> str:
         cells = [f"{most[i]:.3f}" for i in show_pc[1:]] + [f"{least[i]:.3f}" for i in show_pc[1:]] + \
             [f"{rnd[i]:.3f}" for i in show_k[1:]]
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    lines += ["", f"(p_c = 0 / k = 0, nothing switched off: " + ", ".join(
+    lines += ["", "(p_c = 0 / k = 0, nothing switched off: " + ", ".join(
         f"{a} {np.mean([c['most'][0] for c in curves[a]]):.3f}" for a in arms) + ")", "",
         "![compression](compression.png)", "",
         "## Over training (Figs. 5.3, 5.6-5.9 shape)", "",

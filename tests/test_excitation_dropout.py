@@ -2,6 +2,7 @@
 step against a slow per-image reference."""
 
 import math
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -257,3 +258,31 @@ def test_p_eb_at_relu_fc1_is_a_distribution_over_live_units():
     assert np.all(p_eb[dead] == 0)
     np.testing.assert_allclose(retain, eq51(np.clip(p_eb, 0, 1).astype(np.float64), 0.5, 16), rtol=1e-5, atol=1e-6)
     assert np.all(mask[dead] == 1)
+
+
+def test_dropout_experiment_runner_writes_report(tmp_path):
+    """The Excitation Dropout runner end to end (the CIFAR-10 config's :runlocal variant on the embedded digits)."""
+    import importlib.util
+    import json
+
+    from saliency_jax import experiment_dropout
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments/configs/excitation_dropout_cifar10.py"
+    spec = importlib.util.spec_from_file_location("ed_cifar10", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("runlocal")
+    config.dataset.name = "digits"
+    config.dataset.data_dir = None
+    config.dataset.image_size = 16
+    config.dataset.augment = {}
+    config.experiment.arms = (config.experiment.arms[1], config.experiment.arms[4])  # standard, excitation
+    out = experiment_dropout.run_dropout_experiment(config, tmp_path, progress=False)
+    report = (tmp_path / "report.md").read_text()
+    assert "Test accuracy" in report and "utilization" in report.lower() and "compression" in report.lower()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for arm in ("standard", "excitation"):
+        acc = metrics["summary"][arm]["test_accuracy"]["mean"]
+        assert 0.0 <= acc <= 1.0
+    assert (tmp_path / "compression.png").stat().st_size > 1000
+    assert out["arms"] == ["standard", "excitation"]
