@@ -460,7 +460,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
     image_shape = train_source[0]["image"].shape if not config.dataset.get("image_size") else (
         config.dataset.image_size, config.dataset.image_size, train_source[0]["image"].shape[-1])
     variables = None
-    if not config.model.get("pretrained") and config.model.name in ("resnet50", "vgg16"):
+    if not config.model.get("pretrained") and config.model.name in ("resnet50", "vgg16", "alexnet"):
         logging.warning("%s starts from random weights: set --config.model.pretrained=PATH (torchvision-named "
                         ".safetensors/.npz) to fine-tune from ImageNet as the papers do", config.model.name)
     if config.model.get("pretrained"):

@@ -17,6 +17,8 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from safetensors.numpy import save_file
 
+from saliency_jax import models
+from saliency_jax.models import alexnet as alexnet_lib
 from saliency_jax.models import resnet as resnet_lib
 from saliency_jax.models import vgg as vgg_lib
 from saliency_jax.models import weights
@@ -467,7 +469,7 @@ def test_architecture_and_name_errors(small_resnet18, tmp_path):
     path = tmp_path / "r.npz"
     np.savez(path, **sd)
     with pytest.raises(ValueError, match="unknown model_name"):
-        weights.load_pretrained("alexnet", path, shapes)
+        weights.load_pretrained("vgg19", path, shapes)
 
 
 def test_file_errors(tmp_path):
@@ -498,3 +500,148 @@ def test_file_errors(tmp_path):
         save_file({"a": np.ones((100,), np.float32)}, str(truncated))
         truncated.write_bytes(truncated.read_bytes()[:-40])
         weights.load_torch_state_dict(truncated)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AlexNet (torchvision layout): shapes, layer paths, dropout, import against a NumPy reference.
+
+ALEXNET_WIDTHS = (4, 6, 8, 6, 5)  # narrow conv1..conv5 widths keep the reference forward pass fast
+
+
+def alexnet_state_dict(rng, widths=(64, 192, 384, 256, 256), fc=4096, num_classes=1000):
+    """Random state dict with torchvision alexnet keys/shapes (features.0/3/6/8/10, classifier.1/4/6)."""
+    sd, cin = {}, 3
+    for index, width, k in zip((0, 3, 6, 8, 10), widths, (11, 5, 3, 3, 3)):
+        sd[f"features.{index}.weight"] = rng.normal(0, math.sqrt(2.0 / (cin * k * k)), (width, cin, k, k)).astype(
+            np.float32)
+        sd[f"features.{index}.bias"] = rng.normal(0, 0.1, width).astype(np.float32)
+        cin = width
+    for i, (cout, fan_in) in zip((1, 4, 6), ((fc, cin * 36), (fc, fc), (num_classes, fc))):
+        sd[f"classifier.{i}.weight"] = rng.normal(0, math.sqrt(2.0 / fan_in), (cout, fan_in)).astype(np.float32)
+        sd[f"classifier.{i}.bias"] = rng.normal(0, 0.1, cout).astype(np.float32)
+    return sd
+
+
+def np_alexnet(sd, images):
+    """torchvision AlexNet.forward in NumPy (eval mode: dropout is the identity)."""
+    x = to_nchw(images)
+    x = np_maxpool(relu(np_conv(x, sd["features.0.weight"], sd["features.0.bias"], stride=4, pad=2)), 3, 2, 0)
+    x = np_maxpool(relu(np_conv(x, sd["features.3.weight"], sd["features.3.bias"], pad=2)), 3, 2, 0)
+    x = relu(np_conv(x, sd["features.6.weight"], sd["features.6.bias"], pad=1))
+    x = relu(np_conv(x, sd["features.8.weight"], sd["features.8.bias"], pad=1))
+    x = np_maxpool(relu(np_conv(x, sd["features.10.weight"], sd["features.10.bias"], pad=1)), 3, 2, 0)
+    x = np_adaptive_avg_pool(x, out=6).reshape(x.shape[0], -1)  # torch.flatten(x, 1): channels-first
+    x = relu(x @ sd["classifier.1.weight"].T + sd["classifier.1.bias"])
+    x = relu(x @ sd["classifier.4.weight"].T + sd["classifier.4.bias"])
+    return x @ sd["classifier.6.weight"].T + sd["classifier.6.bias"]
+
+
+def test_alexnet_output_shape():
+    _, _, logits = trace_layers(alexnet_lib.AlexNet(num_classes=7), (2, 64, 64, 3))
+    assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+    assert models.get_model("alexnet", 7).num_classes == 7
+    assert models.GRAD_CAM_LAYER["alexnet"] == "relu5"
+
+
+def test_alexnet_layer_paths():
+    shapes, kinds, logits = trace_layers(alexnet_lib.AlexNet(num_classes=3), (2, 224, 224, 3))
+    # Hand-computed torchvision sizes at 224 px: 55 -> 27 -> 27 -> 13 -> 13 -> 6.
+    assert shapes["conv1"] == [(2, 55, 55, 64)] and shapes["pool1"] == [(2, 27, 27, 64)]
+    assert shapes["conv2"] == [(2, 27, 27, 192)] and shapes["pool2"] == [(2, 13, 13, 192)]
+    assert shapes["conv3"] == [(2, 13, 13, 384)]
+    assert shapes["conv4"] == shapes["conv5"] == [(2, 13, 13, 256)]
+    assert shapes["relu5"] == [(2, 13, 13, 256)]  # the Grad-CAM layer
+    assert shapes["pool5"] == shapes["avgpool"] == [(2, 6, 6, 256)]
+    assert shapes["drop5"] == [(2, 9216)]
+    assert shapes["fc6"] == shapes["relu6"] == shapes["drop6"] == shapes["fc7"] == shapes["relu7"] == [(2, 4096)]
+    assert shapes["fc8"] == [(2, 3)] and logits.shape == (2, 3)
+    for i in range(1, 8):
+        assert kinds[f"relu{i}"] == "ReLU"
+    assert {kinds[p] for p in ("pool1", "pool2", "pool5")} == {"MaxPool"}
+    assert kinds["avgpool"] == "AdaptiveAvgPool" and kinds["drop5"] == kinds["drop6"] == "Dropout"
+    assert "drop7" not in shapes  # torchvision has no dropout after relu7
+    assert all(len(v) == 1 for v in shapes.values()), "every named layer must run once"
+
+
+def test_alexnet_size_checks():
+    assert [alexnet_lib.alexnet_pool5_size(h) for h in (62, 63, 96, 128, 224)] == [0, 1, 2, 3, 6]
+    with pytest.raises(ValueError, match="at least 63x63"):
+        abstract_init(alexnet_lib.AlexNet(num_classes=3), (1, 62, 80, 3))
+    abstract_init(alexnet_lib.AlexNet(num_classes=3), (1, 63, 63, 3))
+    with pytest.raises(ValueError, match="conv_features needs 5 entries"):
+        abstract_init(alexnet_lib.AlexNet(num_classes=3, conv_features=(4, 4)), (1, 64, 64, 3))
+
+
+def test_alexnet_dropout_only_in_train():
+    model = alexnet_lib.AlexNet(num_classes=3, conv_features=ALEXNET_WIDTHS, fc_features=16)
+    x = jnp.asarray(np.random.default_rng(6).uniform(0, 1, (2, 64, 64, 3)).astype(np.float32))
+    variables = numpy_variables(model, x.shape)
+
+    @jax.jit
+    def run(variables, x):
+        eval_logits = model.apply(variables, x, train=False)
+        train_logits = model.apply(variables, jnp.concatenate([x, x]), train=True, rngs={"dropout": jax.random.key(1)})
+        return eval_logits, train_logits
+
+    eval_logits, train_logits = run(variables, x)
+    assert np.max(np.abs(train_logits[:2] - train_logits[2:])) > 1e-6
+    assert np.max(np.abs(train_logits[:2] - eval_logits)) > 1e-6
+    with pytest.raises(Exception, match="dropout"):
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=True), variables, x)
+
+
+def test_alexnet_import_matches_numpy_reference(tmp_path):
+    # 96x128 px: pool5 is 2x3, upsampled to 6x6 by overlapping bins, so fc6's flatten order is fully exercised.
+    images = np.random.default_rng(7).uniform(0, 1, (2, 96, 128, 3)).astype(np.float32)
+    sd = alexnet_state_dict(np.random.default_rng(8), widths=ALEXNET_WIDTHS, fc=24, num_classes=6)
+    model = alexnet_lib.AlexNet(num_classes=6, conv_features=ALEXNET_WIDTHS, fc_features=24)
+    st_path, _ = save_both(tmp_path, sd, "alexnet")
+    variables = weights.load_pretrained("AlexNet", st_path, abstract_init(model, images.shape))
+    np.testing.assert_array_equal(variables["params"]["conv4"]["kernel"],
+                                  sd["features.8.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(variables["params"]["fc7"]["kernel"], sd["classifier.4.weight"].T)
+    logits = np.asarray(jax.jit(model.apply)(variables, images))
+    reference = np_alexnet(sd, images)
+    assert np.std(reference) > 0.1
+    np.testing.assert_allclose(logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_alexnet_import_errors():
+    model = alexnet_lib.AlexNet(num_classes=6, conv_features=ALEXNET_WIDTHS, fc_features=24)
+    shapes = abstract_init(model, (1, 64, 64, 3))
+    sd = alexnet_state_dict(np.random.default_rng(9), widths=ALEXNET_WIDTHS, fc=24, num_classes=6)
+    weights.import_alexnet(sd, shapes)
+    bad = {k: v for k, v in sd.items() if k != "features.8.weight"}
+    with pytest.raises(ValueError, match=r"(?s)import_alexnet.*missing keys \(1\): features\.8\.weight"):
+        weights.import_alexnet(bad, shapes)
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): classifier\.0\.weight"):
+        weights.import_alexnet({**sd, "classifier.0.weight": np.zeros((24, 180), np.float32)}, shapes)
+    # A 1000-class head is refused unless skip_head keeps ours.
+    big_head = alexnet_state_dict(np.random.default_rng(9), widths=ALEXNET_WIDTHS, fc=24, num_classes=1000)
+    with pytest.raises(ValueError, match=r"(?s)classifier\.6\.weight.*skip_head=True"):
+        weights.import_alexnet(big_head, shapes)
+    ours = jax.tree.map(lambda s: np.full(s.shape, 7.0, np.float32), shapes)
+    variables = weights.import_alexnet(big_head, ours, skip_head=True)
+    np.testing.assert_array_equal(variables["params"]["fc8"]["kernel"], 7.0)
+    np.testing.assert_array_equal(variables["params"]["conv1"]["bias"], big_head["features.0.bias"])
+    vgg_shapes = abstract_init(vgg_lib.VGG(num_classes=3, stage_features=(4, 4, 8, 8, 8), fc_features=32),
+                               (1, 32, 32, 3))
+    with pytest.raises(ValueError, match="not AlexNet-shaped"):
+        weights.import_alexnet(sd, vgg_shapes)
+
+
+def test_ucf101_alexnet_config_names_existing_layers():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "experiments" / "configs" / "excitation_dropout_thesis.py"
+    spec = importlib.util.spec_from_file_location("_ed_thesis", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("ucf101_alexnet")
+    assert c.model.name == "alexnet" and c.dataset.image_size == 224
+    shapes, kinds, _ = trace_layers(models.get_model(c.model.name, 5), (1, 224, 224, 3))
+    assert c.model.grad_cam_layer == models.GRAD_CAM_LAYER["alexnet"] == "relu5"
+    assert c.dropout.layer == "relu6" and kinds[c.dropout.layer] == "ReLU"
+    assert c.dropout.weights == "fc6" and kinds["fc6"] == "Dense"
+    assert tuple(c.dropout.bypass) == ("drop6",) and kinds["drop6"] == "Dropout"

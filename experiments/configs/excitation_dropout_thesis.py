@@ -9,7 +9,9 @@ Arguments (``--config experiments/configs/excitation_dropout_thesis.py:<arg>``):
 * ``ucf101_vgg16``: VGG16 fine-tuned on UCF101 frames at 224 px (an image folder of extracted frames:
   ``DIR/{train,test}/<class>/*.jpg``), dropout at ``fc6`` (the model's own ``drop6`` bypassed; ``drop7`` kept),
   30k iterations of batch 50, lr 1e-3, ImageNet weights from ``--config.model.pretrained=PATH``. Table 5.2.
-  (AlexNet is not among the library's models.)
+* ``ucf101_alexnet``: the same with torchvision's AlexNet (ImageNet weights from a torchvision ``alexnet`` state
+  dict), dropout at ``fc6`` (the output of ``relu6``; the model's own ``drop6`` after it is bypassed, its
+  ``drop5`` before ``fc6`` kept, as ``drop7`` is kept for VGG16). Table 5.2.
 
 Data: ``cifar10`` reads ../shared/data/cifar10/cifar10.npz; CIFAR-100 and Caltech-256 through TFDS prepared with
 ``tfds build --file_format=array_record`` (``--config.dataset.data_dir``) or an image folder.
@@ -44,12 +46,12 @@ def get_config(arg: str | None = "cifar10"):
     elif arg == "caltech256":
         c.dataset.name = "tfds:caltech256"  # or "folder" with --config.dataset.data_dir
         c.dataset.image_size = 128
-    elif arg == "ucf101_vgg16":
+    elif arg in ("ucf101_vgg16", "ucf101_alexnet"):
         c.dataset.name = "folder"
         c.dataset.data_dir = ""
         c.dataset.image_size = 224
-        c.model.name = "vgg16"
-        c.model.grad_cam_layer = "relu5_3"
+        c.model.name = "vgg16" if arg == "ucf101_vgg16" else "alexnet"
+        c.model.grad_cam_layer = "relu5_3" if arg == "ucf101_vgg16" else "relu5"
         c.dropout.layer = "relu6"
         c.dropout.weights = "fc6"
         c.dropout.bypass = ("drop6",)
@@ -62,8 +64,9 @@ def get_config(arg: str | None = "cifar10"):
         c.analysis = dict(test_examples=0, curve_examples=1000, compression_examples=1000,
                           conservative_deltas=(0.15,), seed=0)
     else:
-        raise ValueError(f"unknown argument {arg!r}; choose cifar10, cifar100, caltech256 or ucf101_vgg16")
-    if arg != "ucf101_vgg16":
+        raise ValueError(f"unknown argument {arg!r}; choose cifar10, cifar100, caltech256, ucf101_vgg16 or "
+                         "ucf101_alexnet")
+    if arg not in ("ucf101_vgg16", "ucf101_alexnet"):
         c.analysis = dict(test_examples=0, curve_examples=1000, compression_examples=2000,
                           conservative_deltas={"cifar10": (0.25,), "cifar100": (0.30,), "caltech256": (1.25,)}[arg],
                           seed=0)

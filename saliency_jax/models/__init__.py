@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from saliency_jax.models.alexnet import AlexNet
 from saliency_jax.models.cnn2 import CNN2
 from saliency_jax.models.resnet import ResNet18, ResNet50
 from saliency_jax.models.small_cnn import SmallCNN
 from saliency_jax.models.vgg import VGG16
 
-__all__ = ["CNN2", "SmallCNN", "ResNet18", "ResNet50", "VGG16", "get_model", "GRAD_CAM_LAYER", "MODEL_NAMES"]
+__all__ = ["AlexNet", "CNN2", "SmallCNN", "ResNet18", "ResNet50", "VGG16", "get_model", "GRAD_CAM_LAYER",
+           "MODEL_NAMES"]
 
 GRAD_CAM_LAYER = {
     "small_cnn": "conv3",
@@ -21,6 +23,7 @@ GRAD_CAM_LAYER = {
     "resnet50": "layer4",
     "vgg16": "relu5_3",
     "cnn2": "relu_conv3",
+    "alexnet": "relu5",
 }
 
 MODEL_NAMES = tuple(GRAD_CAM_LAYER)
@@ -51,4 +54,6 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         return CNN2(num_classes=num_classes, **kwargs)
     if name == "vgg16":
         return VGG16(num_classes=num_classes, **kwargs)
+    if name == "alexnet":
+        return AlexNet(num_classes=num_classes, **kwargs)
     raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")

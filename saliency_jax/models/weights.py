@@ -1,4 +1,4 @@
-"""Import ImageNet weights saved in PyTorch (torchvision) naming into our Flax ResNet / VGG16 variables.
+"""Import ImageNet weights saved in PyTorch (torchvision) naming into our Flax ResNet / VGG16 / AlexNet variables.
 
 No PyTorch is needed: the weights are read from a local ``.safetensors`` file or a NumPy ``.npz`` archive whose
 keys are torchvision ``state_dict`` keys. To produce one from a torchvision model (on a machine with torch)::
@@ -9,15 +9,17 @@ keys are torchvision ``state_dict`` keys. To produce one from a torchvision mode
 Layout conversions (torch -> Flax):
 
 * conv weight ``[out, in, kh, kw]`` (OIHW) -> ``kernel [kh, kw, in, out]`` (HWIO);
-* linear weight ``[out, in]`` -> ``kernel [in, out]``; VGG's ``classifier.0`` (our ``fc6``) additionally has its
-  input axis permuted from torch's (channels, height, width) flatten order to our (height, width, channels);
+* linear weight ``[out, in]`` -> ``kernel [in, out]``; VGG's ``classifier.0`` and AlexNet's ``classifier.1`` (our
+  ``fc6``) additionally have their input axis permuted from torch's (channels, height, width) flatten order to our
+  (height, width, channels);
 * BatchNorm ``weight`` -> ``scale``, ``bias`` -> ``bias``, ``running_mean`` -> ``batch_stats/.../mean``,
   ``running_var`` -> ``batch_stats/.../var`` (our BatchNorm uses torchvision's eps 1e-5); ``num_batches_tracked``
   is read and ignored.
 
 Names: ResNet paths map one to one (``layer1/0/downsample/0/kernel`` <- ``layer1.0.downsample.0.weight``); VGG16
 ``conv{s}_{k}`` <- ``features.{i}`` (i = 0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28), ``fc6``/``fc7``/``fc8``
-<- ``classifier.0``/``classifier.3``/``classifier.6``.
+<- ``classifier.0``/``classifier.3``/``classifier.6``; AlexNet ``conv1``..``conv5`` <- ``features.{0,3,6,8,10}``,
+``fc6``/``fc7``/``fc8`` <- ``classifier.1``/``classifier.4``/``classifier.6``.
 
 The import is strict: every tensor of the file must be used and every Flax leaf set; otherwise a ValueError lists
 the missing keys, unexpected keys and shape mismatches. ``skip_head=True`` keeps our freshly initialised head
@@ -46,6 +48,7 @@ __all__ = [
     "load_torch_state_dict",
     "import_resnet",
     "import_vgg16",
+    "import_alexnet",
     "load_pretrained",
 ]
 
@@ -60,6 +63,8 @@ RESNET_ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
 
 _VGG16_DEPTHS = (2, 2, 3, 3, 3)
 _VGG_CLASSIFIER = {"fc6": "classifier.0", "fc7": "classifier.3", "fc8": "classifier.6"}
+_ALEXNET_MODULES = {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6", "conv4": "features.8",
+                    "conv5": "features.10", "fc6": "classifier.1", "fc7": "classifier.4", "fc8": "classifier.6"}
 _MAX_LISTED = 25
 
 
@@ -315,19 +320,20 @@ def import_vgg16(state_dict: Mapping[str, Any], variables: Any, *, skip_head: bo
             raise ValueError(f"import_vgg16: no torchvision counterpart for Flax variable {'/'.join(key)!r}")
         shape = tuple(np.shape(leaf))
         if module == "fc6" and key[-1] == "kernel":
-            entries.append(_fc6_entry(torch_module[module], key, shape, channels))
+            entries.append(_fc6_entry(torch_module[module], key, shape, channels, "import_vgg16"))
         else:
             entries.append(_leaf_entry(torch_module[module], key, shape))
     return _apply_entries(state_dict, variables, entries, head_module="fc8", torch_head_prefix="classifier.6.",
                           skip_head=skip_head, model="import_vgg16")
 
 
-def _fc6_entry(torch_module: str, flat_key: tuple[str, ...], shape: tuple[int, ...], channels: int) -> _Entry:
-    """fc6 kernel [h * w * C, out] <- torch classifier.0.weight [out, C * h * w] (channels-first flatten)."""
+def _fc6_entry(torch_module: str, flat_key: tuple[str, ...], shape: tuple[int, ...], channels: int,
+               model: str) -> _Entry:
+    """fc6 kernel [h * w * C, out] <- torch ``{torch_module}.weight`` [out, C * h * w] (channels-first flatten)."""
     fan_in, out = shape
     side = int(round((fan_in / channels) ** 0.5)) if fan_in % channels == 0 else 0
     if side < 1 or side * side * channels != fan_in:
-        raise ValueError(f"import_vgg16: fc6 kernel {shape} does not take a square pooled map of {channels} "
+        raise ValueError(f"{model}: fc6 kernel {shape} does not take a square pooled map of {channels} "
                          "channels")
 
     def to_flax(w):
@@ -336,12 +342,48 @@ def _fc6_entry(torch_module: str, flat_key: tuple[str, ...], shape: tuple[int, .
     return _Entry(f"{torch_module}.weight", flat_key, (out, fan_in), to_flax)
 
 
+def import_alexnet(state_dict: Mapping[str, Any], variables: Any, *, skip_head: bool = False) -> Any:
+    """Loads a torchvision ``alexnet`` state dict into the variables of our :class:`AlexNet`.
+
+    Args:
+      state_dict: ``{torch_key: array}`` with ``features.{0,3,6,8,10}.{weight,bias}`` and
+        ``classifier.{1,4,6}.{weight,bias}``.
+      variables: ``{"params": ...}`` from ``AlexNet(...).init`` (any conv/fc widths).
+      skip_head: keep our ``fc8`` and ignore the file's ``classifier.6.*``.
+
+    Returns:
+      New variables with the imported weights. ``classifier.1.weight [4096, C * 6 * 6]`` (torch flattens
+      channels-first) becomes ``fc6/kernel [6 * 6 * C, 4096]`` in our (height, width, channels) order.
+
+    Raises:
+      ValueError: variables that are not AlexNet-shaped; any missing key, unexpected key, or shape mismatch.
+    """
+    flat = _flatten(variables)
+    params = flax.core.unfreeze(variables)["params"]
+    if set(params) != set(_ALEXNET_MODULES):
+        raise ValueError(f"import_alexnet: variables are not AlexNet-shaped (expected exactly the modules "
+                         f"{sorted(_ALEXNET_MODULES)}); modules found: {sorted(params)}")
+    channels = int(np.shape(params["conv5"]["kernel"])[-1])
+    entries = []
+    for key, leaf in flat.items():
+        module = key[1]
+        if key[0] != "params" or len(key) != 3 or module not in _ALEXNET_MODULES:
+            raise ValueError(f"import_alexnet: no torchvision counterpart for Flax variable {'/'.join(key)!r}")
+        shape = tuple(np.shape(leaf))
+        if module == "fc6" and key[-1] == "kernel":
+            entries.append(_fc6_entry(_ALEXNET_MODULES[module], key, shape, channels, "import_alexnet"))
+        else:
+            entries.append(_leaf_entry(_ALEXNET_MODULES[module], key, shape))
+    return _apply_entries(state_dict, variables, entries, head_module="fc8", torch_head_prefix="classifier.6.",
+                          skip_head=skip_head, model="import_alexnet")
+
+
 def load_pretrained(model_name: str, path: str | os.PathLike, variables: Any, skip_head: bool = False) -> Any:
     """Reads a torchvision-named weights file and imports it into ``variables`` (the one entry point).
 
     Args:
-      model_name: ``"resnet18"``, ``"resnet34"``, ``"resnet50"``, ``"resnet101"``, ``"resnet152"`` or ``"vgg16"``
-        (case, ``-`` and ``_`` ignored: ``"ResNet-50"`` works).
+      model_name: ``"resnet18"``, ``"resnet34"``, ``"resnet50"``, ``"resnet101"``, ``"resnet152"``, ``"vgg16"``
+        or ``"alexnet"`` (case, ``-`` and ``_`` ignored: ``"ResNet-50"`` works).
       path: ``.safetensors`` or ``.npz`` file with torchvision ``state_dict`` keys.
       variables: the variables from ``model.init`` of the matching model.
       skip_head: keep our freshly initialised classifier head (``fc`` / ``fc8``), for fine-tuning with another
@@ -355,13 +397,15 @@ def load_pretrained(model_name: str, path: str | os.PathLike, variables: Any, sk
       ValueError: unknown ``model_name``, unreadable file, or any mismatch between file and model (listed).
     """
     name = str(model_name).lower().replace("-", "").replace("_", "")
-    if name not in RESNET_ARCHS and name != "vgg16":
+    if name not in RESNET_ARCHS and name not in ("vgg16", "alexnet"):
         raise ValueError(f"load_pretrained: unknown model_name {model_name!r}; expected one of "
-                         f"{sorted(RESNET_ARCHS) + ['vgg16']}")
+                         f"{sorted(RESNET_ARCHS) + ['vgg16', 'alexnet']}")
     state_dict = load_torch_state_dict(path)
     try:
         if name == "vgg16":
             return import_vgg16(state_dict, variables, skip_head=skip_head)
+        if name == "alexnet":
+            return import_alexnet(state_dict, variables, skip_head=skip_head)
         return import_resnet(state_dict, variables, arch=name, skip_head=skip_head)
     except ValueError as e:
         raise ValueError(f"{e}\n  (weights file: {os.fspath(path)!r})") from e
