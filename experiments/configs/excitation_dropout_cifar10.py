@@ -49,78 +49,13 @@ the compression behaviour, not the thesis's accuracy ranking (ED 81.9% vs SD 80.
 off the least relevant units at test time gives it ground-truth probability 1.0, and its test accuracy is low.
 """
 
-from saliency_jax.config import default_config
-
-ARMS = (
-    ("none", {"dropout": {"scheme": "none"}}),
-    ("standard", {"dropout": {"scheme": "standard"}}),
-    ("standard_per_image", {"dropout": {"scheme": "standard_per_image"}}),
-    ("curriculum", {"dropout": {"scheme": "curriculum"}}),
-    ("excitation", {"dropout": {"scheme": "excitation"}}),
-    ("adaptive", {"dropout": {"scheme": "adaptive"}}),
-)
-
-
-def base_config():
-    """Settings shared by the Excitation Dropout configs (CNN-2, dropout at relu_fc1, the six arms)."""
-    c = default_config()
-    c.model.name = "cnn2"
-    c.model.kwargs = {}
-    c.model.grad_cam_layer = "relu_conv3"
-    c.dropout.scheme = "excitation"
-    c.dropout.base_retain = 0.5
-    c.dropout.layer = "relu_fc1"
-    c.dropout.weights = "fc1"
-    c.dropout.rescale = "none"
-    c.experiment.runner = "excitation_dropout"
-    c.experiment.arms = ARMS
-    c.experiment.repeats = 5
-    c.analysis = dict(test_examples=0, curve_examples=1000, compression_examples=1000,
-                      conservative_deltas=(0.05, 0.1, 0.25), seed=0)
-    # The thesis's optimizer (Sec. 5.2.1).
-    c.optimizer.name = "sgd"
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.momentum = 0.9
-    c.optimizer.weight_decay = 0.005
-    c.optimizer.lr_boundaries = [25_000]
-    c.optimizer.lr_scales = [0.1]
-    c.batch_size = 100
-    c.eval_batch_size = 500
-    c.num_steps = 100_000
-    c.log_every = 500
-    c.checkpoint_every = 10_000
-    c.keep_checkpoints = 20
-    c.dataset.val_fraction = 0.02
-    c.dataset.augment = dict(hflip=False, rotation=0.0, channel_shift=0.0, brightness=(1.0, 1.0))
-    return c
+from saliency_jax.config import excitation_dropout_config, reduced_dropout_config
 
 
 def get_config(arg: str | None = None):
-    c = base_config()
+    c = excitation_dropout_config()
     c.dataset.name = "cifar10"
     c.dataset.data_dir = "../shared/data/cifar10/cifar10.npz"
     c.dataset.image_size = None
     c.dataset.augment = dict(hflip=True, rotation=0.0, channel_shift=0.0, brightness=(1.0, 1.0))
-    c.model.kwargs = {"conv_features": (16, 16, 32), "fc_features": (256, 256), "init_std": 0.05}
-    c.optimizer.name = "adam"
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.lr_boundaries = []
-    c.optimizer.lr_scales = []
-    c.num_steps = 800
-    c.log_every = 100
-    c.checkpoint_every = 200
-    c.experiment.repeats = 2
-    c.analysis = dict(test_examples=2000, curve_examples=500, compression_examples=500,
-                      conservative_deltas=(0.05, 0.1, 0.25), seed=0)
-    if arg == "runlocal":
-        c.model.kwargs = {"conv_features": (4, 4, 8), "fc_features": (16, 16)}
-        c.num_steps = 6
-        c.log_every = 3
-        c.checkpoint_every = 3
-        c.batch_size = 10
-        c.eval_batch_size = 50
-        c.experiment.repeats = 1
-        c.analysis = dict(test_examples=50, curve_examples=20, compression_examples=20,
-                          conservative_deltas=(0.01, 0.1), seed=0)
-    return c
+    return reduced_dropout_config(c, arg, num_steps=800, log_every=100, checkpoint_every=200)

@@ -18,41 +18,12 @@ switched off, the ground-truth probability stays 0.94 (0.90) for excitation vs 0
 standard, 0.87 (0.44) per-image; with 192 random units off 0.87 vs 0.43 / 0.69 / 0.74 (Fig. 5.5's ranking).
 """
 
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location(
-    "_excitation_dropout_cifar10", pathlib.Path(__file__).with_name("excitation_dropout_cifar10.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
-base_config = _base.base_config
+from saliency_jax.config import excitation_dropout_config, reduced_dropout_config
 
 
 def get_config(arg: str | None = None):
-    c = base_config()
+    c = excitation_dropout_config()
     c.dataset.name = "mnist"
     c.dataset.data_dir = "../shared/data/mnist"
     c.dataset.image_size = None
-    c.model.kwargs = {"conv_features": (16, 16, 32), "fc_features": (256, 256), "init_std": 0.05}
-    c.optimizer.name = "adam"
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.lr_boundaries = []
-    c.optimizer.lr_scales = []
-    c.num_steps = 300
-    c.log_every = 50
-    c.checkpoint_every = 75
-    c.experiment.repeats = 2
-    c.analysis = dict(test_examples=2000, curve_examples=500, compression_examples=500,
-                      conservative_deltas=(0.05, 0.1, 0.25), seed=0)
-    if arg == "runlocal":
-        c.model.kwargs = {"conv_features": (4, 4, 8), "fc_features": (16, 16)}
-        c.num_steps = 6
-        c.log_every = 3
-        c.checkpoint_every = 3
-        c.batch_size = 10
-        c.eval_batch_size = 50
-        c.experiment.repeats = 1
-        c.analysis = dict(test_examples=50, curve_examples=20, compression_examples=20,
-                          conservative_deltas=(0.01, 0.1), seed=0)
-    return c
+    return reduced_dropout_config(c, arg, num_steps=300, log_every=50, checkpoint_every=75)

@@ -24,17 +24,11 @@ Expected (thesis, mean of 5): CIFAR-10 ED 81.94% / SD 80.13%; CIFAR-100 52.04% /
 28.73%; UCF101 VGG16 73.23% / 71.93%.
 """
 
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location(
-    "_excitation_dropout_cifar10", pathlib.Path(__file__).with_name("excitation_dropout_cifar10.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from saliency_jax.config import excitation_dropout_config
 
 
 def get_config(arg: str | None = "cifar10"):
-    c = _base.base_config()  # CNN-2 and the thesis optimizer, 100k steps, 5 repeats
+    c = excitation_dropout_config()  # CNN-2 and the thesis optimizer, 100k steps, 5 repeats
     arg = arg or "cifar10"
     if arg == "cifar10":
         c.dataset.name = "cifar10"
