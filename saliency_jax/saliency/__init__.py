@@ -5,7 +5,10 @@ This package knows nothing of training; :mod:`saliency_jax.training` builds on i
 
 from saliency_jax.saliency.core import (
     LayerModel,
+    LayerOutputs,
+    apply_with_layers,
     check_images,
+    linen_head,
     linen_layer,
     module_paths,
     normalize_maps,
@@ -33,6 +36,8 @@ from saliency_jax.saliency.gradients import (
 )
 from saliency_jax.saliency.cam import (
     class_activation_map,
+    class_activation_maps,
+    classifier_params,
     grad_cam_plus_plus,
     grad_cam_plus_plus_weights,
     linen_class_activation_map,

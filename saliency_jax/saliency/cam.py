@@ -28,8 +28,9 @@ import numpy as np
 
 from saliency_jax.saliency.core import (
     LayerModel,
+    apply_with_layers,
+    at_least_float32,
     check_images,
-    module_paths,
     normalize_maps,
     resize_maps,
     resolve_targets,
@@ -40,6 +41,8 @@ Array = jax.Array
 
 __all__ = [
     "class_activation_map",
+    "class_activation_maps",
+    "classifier_params",
     "grad_cam_plus_plus",
     "grad_cam_plus_plus_weights",
     "linen_class_activation_map",
@@ -115,9 +118,7 @@ def class_activation_map(
     bias = jnp.asarray(bias)
     if bias.shape != (num_classes,):
         raise ValueError(f"bias must be [num_classes={num_classes}]; got shape {tuple(bias.shape)}")
-    features = features.astype(jnp.float32)
-    kernel = kernel.astype(jnp.float32)
-    bias = bias.astype(jnp.float32)
+    features, kernel, bias = at_least_float32(features), at_least_float32(kernel), at_least_float32(bias)
     logits = jnp.mean(features, axis=(1, 2)) @ kernel + bias
     classes = resolve_targets(targets, logits)
     maps = jnp.einsum("bhwk,kb->bhw", features, kernel[:, classes]) + bias[classes][:, None, None]
@@ -130,11 +131,49 @@ def class_activation_map(
     return maps
 
 
-def _path(module: nn.Module) -> str:
-    return "/".join(str(p) for p in module.path)
+def class_activation_maps(features: Array, kernel: Array, bias: Array | None, classes: Array) -> Array:
+    """Class activation maps (Zhou et al. 2016, Eq. 2; bias included) of several classes per example.
+
+    ``M[b, j](x, y) = sum_k kernel[k, classes[b, j]] * features[b, x, y, k] + bias[classes[b, j]]``: one contraction
+    over the feature map for the ``n`` requested classes (not all of them). Differentiable in every argument but
+    ``classes`` (e.g. the HNC loss's negative CAMs).
+
+    Args:
+      features: [batch, h, w, channels] float, the tensor the network average-pools into its classifier.
+      kernel: [channels, num_classes] float (``[1, 1, channels, num_classes]`` for a 1x1 convolution classifier).
+      bias: [num_classes] float or None.
+      classes: int [batch, n], the classes of each example's maps.
+
+    Returns:
+      [batch, n, h, w] float32 (float64 for float64 inputs).
+
+    Raises:
+      ValueError: on inconsistent shapes.
+    """
+    if getattr(features, "ndim", None) != 4:
+        raise ValueError(f"features must be [batch, h, w, channels]; got shape {getattr(features, 'shape', None)}")
+    kernel = _classifier_matrix(kernel, features.shape[-1])
+    classes = jnp.asarray(classes)
+    if classes.ndim != 2 or classes.shape[0] != features.shape[0]:
+        raise ValueError(f"classes must be [batch={features.shape[0]}, n]; got shape {classes.shape}")
+    features, kernel = at_least_float32(features), at_least_float32(kernel)
+    w = jnp.take(kernel, classes, axis=1)  # [channels, batch, n]
+    maps = jnp.einsum("bhwc,cbn->bnhw", features, w)
+    if bias is not None:
+        maps = maps + at_least_float32(jnp.take(jnp.asarray(bias), classes))[:, :, None, None]
+    return maps
 
 
-def _classifier_params(variables: Any, classifier: str) -> tuple[Array, Array | None]:
+def classifier_params(variables: Any, classifier: str) -> tuple[Array, Array | None]:
+    """The ``kernel`` and ``bias`` (None if absent) of the dense layer at module path ``classifier``.
+
+    Args:
+      variables: a linen model's variables (``{"params": ...}``) or its ``params`` collection.
+      classifier: module path, ``"/"``-joined (``"fc"``, ``"head/Dense_0"``).
+
+    Raises:
+      ValueError: if there are no parameters at that path or they have no ``kernel``.
+    """
     node = variables.get("params", variables) if hasattr(variables, "get") else variables
     for part in classifier.split("/"):
         if not hasattr(node, "get") or part not in node:
@@ -168,9 +207,9 @@ def linen_class_activation_map(
 ) -> Array:
     """Class activation maps (Zhou et al. 2016) of an unmodified Flax linen GAP network.
 
-    Runs ``module.apply(variables, images, **apply_kwargs)`` once, taking the output of the submodule
-    ``features_layer`` (:func:`flax.linen.intercept_methods`) and the kernel/bias of the dense layer
-    ``classifier`` from ``variables["params"]``, then calls :func:`class_activation_map`.
+    Runs ``module.apply(variables, images, **apply_kwargs)`` once, taking the output of the layer
+    ``features_layer`` and the input of ``classifier`` (:func:`~saliency_jax.saliency.core.apply_with_layers`) and
+    the kernel/bias of ``classifier`` from ``variables["params"]``, then calls :func:`class_activation_map`.
 
     The network must compute ``logits = classifier(mean_xy(features_layer(...)))``. Outside ``jax.jit`` this is
     verified (the classifier's input must equal the spatial mean of the layer's output, else ``ValueError``, e.g.
@@ -181,14 +220,16 @@ def linen_class_activation_map(
       variables: its variables.
       images: [batch, height, width, channels] float.
       targets: ``None`` (the model's predicted class), ``int`` or int [batch].
-      features_layer: module path of the last convolutional block (e.g. ``"conv3"`` of
-        :class:`~saliency_jax.models.SmallCNN`, ``"layer4"`` of our ResNets); its output [batch, h, w, channels]
-        must be what is average-pooled.
+      features_layer: path of the last convolutional block (e.g. ``"conv3"`` of
+        :class:`~saliency_jax.models.SmallCNN`, ``"layer4"`` of our ResNets, ``"Conv_2+relu"`` for a ReLU applied as
+        a function); its output [batch, h, w, channels] must be what is average-pooled.
       classifier: module path of the classifier ``nn.Dense`` (e.g. ``"fc"``, ``"Dense_0"``).
       resize: bilinearly resize the maps to ``(height, width)``.
       relu: keep only positive evidence.
       normalize: per-example min-max normalisation to [0, 1].
-      **apply_kwargs: forwarded to ``module.apply`` (``train=False`` for our models).
+      **apply_kwargs: forwarded to ``module.apply`` (``train=False`` for our models; in train mode with
+        ``mutable=[...]`` the updated collections are discarded). Inside ``jax.grad`` with traced parameters the
+        maps carry gradients to them (a CAM loss term).
 
     Returns:
       float32 [batch, height, width] (``[batch, h, w]`` without ``resize``).
@@ -200,31 +241,14 @@ def linen_class_activation_map(
       TypeError: non-float images, non-integer targets.
     """
     check_images(images)
-    captured: dict[str, list] = {"features": [], "pooled": []}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__":
-            path = _path(context.module)
-            if path == features_layer:
-                captured["features"].append(out)
-            if path == classifier and args:
-                captured["pooled"].append(args[0])
-        return out
-
-    with nn.intercept_methods(interceptor):
-        logits = module.apply(variables, images, **apply_kwargs)
-    for name, path in (("features", features_layer), ("pooled", classifier)):
-        if not captured[name]:
-            paths = module_paths(module, variables, images, **apply_kwargs)
-            raise ValueError(f"layer {path!r} not found in {type(module).__name__}; module paths: {paths}")
-        if len(captured[name]) > 1:
-            raise ValueError(f"layer {path!r} was called {len(captured[name])} times; name a layer that runs once")
-    features, pooled = captured["features"][0], captured["pooled"][0]
+    out = apply_with_layers(module, variables, images, capture=(features_layer,), capture_inputs=(classifier,),
+                            **apply_kwargs)
+    logits = out.output[0] if apply_kwargs.get("mutable") else out.output
+    features, pooled = out.activations[features_layer], out.inputs[classifier]
     if not isinstance(features, jax.Array) or features.ndim != 4:
         raise ValueError(f"CAM needs spatial features [batch, h, w, channels] at layer {features_layer!r}; got "
                          f"{getattr(features, 'shape', type(features).__name__)}")
-    kernel, bias = _classifier_params(variables, classifier)
+    kernel, bias = classifier_params(variables, classifier)
     kernel = _classifier_matrix(kernel, features.shape[-1])
     if getattr(pooled, "shape", None) != (features.shape[0], features.shape[-1]):
         raise ValueError(f"classifier {classifier!r} must take the globally average-pooled features "

@@ -1,4 +1,4 @@
-"""Shared plumbing of the saliency transforms: splitting a model at a layer, targets, map post-processing.
+"""Shared plumbing of the saliency transforms: reaching a layer of a model, targets, map post-processing.
 
 Every transform in :mod:`saliency_jax.saliency` sees a model as a :class:`LayerModel`: a pure function
 ``(images, perturbation) -> (logits, activations)`` that runs the whole network, returns the activations of one
@@ -7,30 +7,52 @@ gradient with respect to ``perturbation`` (evaluated at zero) is therefore the g
 activations, with no change to the model's code. Two constructors build one:
 
 * :func:`linen_layer` - a Flax linen module used unmodified, the layer named by its module path (``"layer4"``,
-  ``"block3/conv"``); the layer's output is reached with :func:`flax.linen.intercept_methods`.
+  ``"block3/conv"``, or ``"Conv_2+relu"`` for the output of an activation applied as a function call);
 * :func:`split_layer` - any pure JAX model given as a pair ``(features_fn, head_fn)``.
+
+:func:`apply_with_layers` is the one way this library reaches inside a linen module: it runs ``module.apply`` (in
+train or inference mode, with mutable collections) and reads the outputs (and inputs) of named layers, replaces
+outputs, or runs layers as the identity. :func:`linen_layer`, :func:`linen_head`, class activation maps
+(:mod:`saliency_jax.saliency.cam`) and the training schemes (:mod:`saliency_jax.training`) all use it.
+
+Layer paths: a submodule's path, ``"/"``-joined (``"conv3"``, ``"layer4/1/conv2"``, ``"Conv_2"``), reads the output
+of that submodule's ``__call__``. ``"PATH+ACT"`` reads the output of the activation function ``ACT`` applied, as a
+plain function call, to that submodule's output - the way linen models are usually written
+(``nn.relu(nn.Conv(...)(x))``: ``"Conv_0+relu"``). ``ACT`` names the single operation that consumes the submodule's
+output: a ``jax.nn`` function that compiles to one call (``relu``, ``relu6``, ``silu``, ``sigmoid``, ``softplus``,
+...) or a single element-wise primitive (``tanh``, ``logistic``, ``max``). Such paths are reached by tracing the model
+to a jaxpr once and evaluating it again with the layer's value exposed (same numbers, same gradients, same compiled
+program); a name that does not match what consumes the output raises, naming what does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
+from jax.interpreters import mlir
+
+from saliency_jax.saliency._jaxpr import evaluate_jaxpr, inner_jaxpr
 
 Array = jax.Array
 
 __all__ = [
     "LayerModel",
+    "LayerOutputs",
+    "apply_with_layers",
     "linen_layer",
+    "linen_head",
     "split_layer",
     "module_paths",
     "resolve_targets",
     "normalize_maps",
     "resize_maps",
     "check_images",
+    "at_least_float32",
 ]
 
 
@@ -62,8 +84,32 @@ class LayerModel:
         return self.fn(images, perturbation)
 
 
+class LayerOutputs(NamedTuple):
+    """What :func:`apply_with_layers` returns.
+
+    Attributes:
+      output: what ``module.apply`` returned (logits, or ``(logits, updates)`` with ``mutable``).
+      activations: ``{path: array}``, the output of each layer named in ``capture`` (before any replacement).
+      inputs: ``{path: array}``, the first positional argument of each layer named in ``capture_inputs``.
+    """
+
+    output: Any
+    activations: dict[str, Array]
+    inputs: dict[str, Array]
+
+
 def _path_str(module: nn.Module) -> str:
     return "/".join(str(p) for p in module.path)
+
+
+def _split_path(layer: str) -> tuple[str, str | None]:
+    """``"a/b+relu"`` -> ``("a/b", "relu")``; ``"a/b"`` -> ``("a/b", None)``."""
+    if not isinstance(layer, str) or not layer:
+        raise ValueError(f"a layer path must be a non-empty string; got {layer!r}")
+    base, sep, act = layer.partition("+")
+    if sep and (not base or not act or "+" in act):
+        raise ValueError(f"layer path {layer!r} must be 'MODULE/PATH' or 'MODULE/PATH+ACTIVATION'")
+    return base, (act or None)
 
 
 def module_paths(module: nn.Module, variables: Any, images: Array, **apply_kwargs) -> list[str]:
@@ -96,50 +142,275 @@ def module_paths(module: nn.Module, variables: Any, images: Array, **apply_kwarg
     return seen
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The layer tag: an identity primitive that marks a layer's value in a traced jaxpr (only ever traced, never run:
+# apply_with_layers evaluates the jaxpr itself and passes tagged values through).
+
+_layer_tag_p = jex_core.Primitive("saliency_layer_tag")
+_layer_tag_p.def_impl(lambda x, *, index: x)
+_layer_tag_p.def_abstract_eval(lambda x, *, index: x)
+mlir.register_lowering(_layer_tag_p, lambda ctx, x, *, index: [x])
+
+
+def _activation_name(eqn) -> str | None:
+    """The name of the activation an equation computes: a named ``jit`` / ``custom_jvp`` call or a primitive."""
+    prim = eqn.primitive.name
+    if prim in ("jit", "pjit") and eqn.params.get("name"):
+        return str(eqn.params["name"])
+    if prim in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"):
+        inner = inner_jaxpr(eqn)
+        if inner is not None and len(inner[0].eqns) == 1:
+            return _activation_name(inner[0].eqns[0]) or prim
+        return prim
+    return prim
+
+
+_ALIASES = {"sigmoid": "logistic"}
+
+
+def _tap_vars(jaxpr, tags: dict[int, str]) -> dict[Any, str]:
+    """Maps the jaxpr variable holding each requested layer's value to its path."""
+    tag_out: dict[int, Any] = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is _layer_tag_p:
+            tag_out[eqn.params["index"]] = eqn.outvars[0]
+    taps: dict[Any, str] = {}
+    for index, layer in tags.items():
+        base, act = _split_path(layer)
+        if index not in tag_out:
+            raise ValueError(f"layer {base!r} ran inside a transformed call (jit/remat/scan) of the module; "
+                             f"{layer!r} can only be reached at the top level")
+        var = tag_out[index]
+        if act is None:
+            taps[var] = layer
+            continue
+        consumers = [e for e in jaxpr.eqns if any(v is var for v in e.invars)]
+        names = [_activation_name(e) for e in consumers]
+        if len(consumers) != 1:
+            what = "is the model's output" if not consumers else f"is consumed by {len(consumers)} operations {names}"
+            raise ValueError(f"layer {layer!r}: the output of {base!r} {what}; '+{act}' needs exactly one activation "
+                             "applied to it")
+        name = names[0]
+        if name != act and name != _ALIASES.get(act):
+            raise ValueError(f"layer {layer!r}: the output of {base!r} goes into {name!r}, not {act!r}; name the "
+                             f"path {base + '+' + name!r} (only single-operation activations can be reached)")
+        if len(consumers[0].outvars) != 1:
+            raise ValueError(f"layer {layer!r}: {name!r} has {len(consumers[0].outvars)} outputs")
+        taps[consumers[0].outvars[0]] = layer
+    return taps
+
+
+def _bind(eqn, values):
+    """Evaluates one equation as ``jax.core.eval_jaxpr`` does."""
+    outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+    return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
+def _intercept(capture, capture_inputs, replace, bypass, tag_paths, found_out, found_in):
+    """A linen method interceptor reading / replacing / bypassing / tagging submodule calls by path."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        path = _path_str(context.module)
+        if path in bypass:
+            return args[0]
+        if path in capture_inputs:
+            found_in.setdefault(path, []).append(args[0] if args else None)
+        out = next_fun(*args, **kwargs)
+        if path in capture or path in replace or path in tag_paths:
+            if not isinstance(out, jax.Array):
+                raise ValueError(f"layer {path!r} returns {type(out).__name__}, not a single array; name a "
+                                 "submodule whose __call__ returns one activation tensor")
+            found_out.setdefault(path, []).append(out)
+            if path in replace:
+                out = replace[path](out)
+            for index in tag_paths.get(path, ()):
+                out = _layer_tag_p.bind(out, index=index)
+        return out
+
+    return interceptor
+
+
+def _check_found(module, variables, args, apply_kwargs, wanted, found, what):
+    for path in wanted:
+        hits = found.get(path, [])
+        if not hits:
+            paths = module_paths(module, variables, *args, **apply_kwargs)
+            raise ValueError(f"layer {path!r} not found in {type(module).__name__}; module paths: {paths}")
+        if len(hits) > 1:
+            raise ValueError(f"layer {path!r} was called {len(hits)} times; name a layer that runs once")
+        if what == "input" and hits[0] is None:
+            raise ValueError(f"layer {path!r} is called without a positional input")
+
+
+def apply_with_layers(module: nn.Module, variables: Any, *args, capture: Sequence[str] = (),
+                      capture_inputs: Sequence[str] = (), replace: Mapping[str, Callable[[Array], Array]] | None = None,
+                      bypass: Sequence[str] = (), **apply_kwargs) -> LayerOutputs:
+    """Runs an unmodified linen module, reading, replacing or bypassing named layers.
+
+    ``module.apply(variables, *args, **apply_kwargs)`` - in train or inference mode, with ``mutable`` collections
+    and ``rngs`` as the caller passes them - with:
+
+    * ``capture``: the output of each named layer returned in :attr:`LayerOutputs.activations`;
+    * ``capture_inputs``: the first positional argument of each named submodule returned in
+      :attr:`LayerOutputs.inputs` (e.g. the pooled features a classifier receives);
+    * ``replace``: ``{path: fn}``, the layer's output ``a`` replaced by ``fn(a)`` before the rest of the network
+      consumes it (what :attr:`LayerOutputs.activations` holds is ``a``);
+    * ``bypass``: submodules that run as the identity (return their first argument), e.g. a dropout layer that a
+      training scheme replaces.
+
+    Paths are described in the module docstring (``"conv3"``, ``"Conv_2+relu"``). Jittable, differentiable with
+    respect to ``variables`` and ``args`` (inside ``jax.grad`` the values it returns carry the gradient).
+
+    Args:
+      module: a ``flax.linen.Module``.
+      variables: its variables.
+      *args: positional arguments of ``module.apply`` (the images).
+      capture: layer paths to read.
+      capture_inputs: module paths (no ``+ACT``) whose input to read.
+      replace: layer paths to replace, with the function giving the new value (same shape).
+      bypass: module paths (no ``+ACT``) run as the identity.
+      **apply_kwargs: forwarded to ``module.apply`` (``train=``, ``mutable=``, ``rngs=``).
+
+    Returns:
+      :class:`LayerOutputs`.
+
+    Raises:
+      ValueError: a path that is not found (the message lists the module paths), that runs more than once, whose
+        output is not one array, or (``+ACT``) whose output is not consumed by exactly the named activation.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         h = nn.relu(nn.Dense(3, name="hidden")(x))
+      ...         return nn.Dense(2, name="out")(h)
+      >>> net = Net()
+      >>> variables = net.init(jax.random.key(0), jnp.ones((1, 4)))
+      >>> out = apply_with_layers(net, variables, jnp.ones((5, 4)), capture=["hidden+relu"])
+      >>> out.activations["hidden+relu"].shape, bool(out.activations["hidden+relu"].min() >= 0)
+      ((5, 3), True)
+    """
+    capture, capture_inputs, bypass = tuple(capture), tuple(capture_inputs), frozenset(bypass)
+    replace = dict(replace or {})
+    for layer in (*capture_inputs, *bypass):
+        if _split_path(layer)[1] is not None:
+            raise ValueError(f"{layer!r}: capture_inputs and bypass take module paths without '+ACTIVATION'")
+    tagged = tuple(dict.fromkeys(p for p in (*capture, *replace) if _split_path(p)[1] is not None))
+    plain_capture = frozenset(p for p in capture if p not in tagged)
+    plain_replace = {k: v for k, v in replace.items() if k not in tagged}
+    tag_paths: dict[str, list[int]] = {}
+    for index, layer in enumerate(tagged):
+        tag_paths.setdefault(_split_path(layer)[0], []).append(index)
+    wanted = tuple(dict.fromkeys((*plain_capture, *plain_replace, *tag_paths)))
+    static = {k: v for k, v in apply_kwargs.items() if k != "rngs"}
+    rngs = apply_kwargs.get("rngs")
+
+    def run(variables, args, rngs):
+        found_out: dict[str, list] = {}
+        found_in: dict[str, list] = {}
+        kwargs = dict(static, **({"rngs": rngs} if rngs is not None else {}))
+        with nn.intercept_methods(_intercept(plain_capture, frozenset(capture_inputs), plain_replace, bypass,
+                                             tag_paths, found_out, found_in)):
+            output = module.apply(variables, *args, **kwargs)
+        _check_found(module, variables, args, apply_kwargs, wanted, found_out, "output")
+        _check_found(module, variables, args, apply_kwargs, capture_inputs, found_in, "input")
+        return (output, {k: found_out[k][0] for k in plain_capture}, {k: found_in[k][0] for k in capture_inputs})
+
+    if not tagged:  # every layer is a submodule's output: the intercepted calls are all it takes
+        output, activations, inputs = run(variables, args, rngs)
+        return LayerOutputs(output, {k: activations[k] for k in capture}, inputs)
+
+    # Some layer follows an activation applied as a function: trace to a jaxpr with those submodules' outputs
+    # tagged, find the activation that consumes each, and evaluate the jaxpr again exposing (and replacing) its
+    # value. The evaluation binds the same primitives, so values, gradients and the compiled program are unchanged.
+    closed, out_shape = jax.make_jaxpr(run, return_shape=True)(variables, args, rngs)
+    taps = _tap_vars(closed.jaxpr, dict(enumerate(tagged)))
+    exposed: dict[str, Array] = {}
+
+    def eval_equation(eqn, values, _):
+        outs = [values[0]] if eqn.primitive is _layer_tag_p else _bind(eqn, values)
+        for i, v in enumerate(eqn.outvars):
+            layer = taps.get(v)
+            if layer is not None:
+                exposed[layer] = outs[i]
+                if layer in replace:
+                    outs[i] = replace[layer](outs[i])
+        return outs, [None] * len(outs)
+
+    flat = jax.tree.leaves((variables, args, rngs))
+    outs, _ = evaluate_jaxpr(closed.jaxpr, closed.consts, None, flat, [None] * len(flat), eval_equation,
+                             literal_tag=lambda _: None)
+    output, activations, inputs = jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+    activations = {**activations, **exposed}
+    return LayerOutputs(output, {k: activations[k] for k in capture}, inputs)
+
+
 def linen_layer(module: nn.Module, variables: Any, layer: str, **apply_kwargs) -> LayerModel:
-    """Splits an unmodified Flax linen module at the submodule named ``layer``.
+    """Splits an unmodified Flax linen module at the layer ``layer``.
 
     Args:
       module: a ``flax.linen.Module`` whose ``apply(variables, images, **apply_kwargs)`` returns logits
         ``[batch, num_classes]``.
-      variables: the module's variables.
-      layer: module path of the layer, ``"/"``-joined (``"layer4"``, ``"Conv_2"``, ``"block3/conv"``); its
-        ``__call__`` output is the activation the saliency method uses. :func:`module_paths` lists the candidates.
+      variables: the module's variables (inside ``jax.grad`` of a loss, traced parameters: the maps then carry
+        gradients to them, e.g. a saliency loss term).
+      layer: the layer's path (module docstring): a module path ``"/"``-joined (``"layer4"``, ``"Conv_2"``,
+        ``"block3/conv"``) for its ``__call__`` output, or ``"Conv_2+relu"`` for the output of an activation applied
+        to it as a function call. :func:`module_paths` lists the module paths.
       **apply_kwargs: forwarded to ``module.apply``; saliency maps are normally taken in inference mode
-        (``train=False`` for our models).
+        (``train=False`` for our models). With ``mutable=[...]`` (train mode with BatchNorm: batch statistics) the
+        updated collections are discarded.
 
     Returns:
       A :class:`LayerModel`.
 
     Raises:
-      ValueError: (when the returned model is first called) if no submodule has path ``layer``, naming the
-        available paths, or if the layer ran more than once (shared modules are ambiguous).
+      ValueError: (when the returned model is first called) as :func:`apply_with_layers`: a path that is not found
+        (naming the available paths), runs more than once, or is not followed by the named activation.
     """
+    _split_path(layer)
+    mutable = bool(apply_kwargs.get("mutable"))
 
     def fn(images, perturbation):
-        captured = []
-
-        def interceptor(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            if context.method_name == "__call__" and _path_str(context.module) == layer:
-                if not isinstance(out, jax.Array):
-                    raise ValueError(
-                        f"layer {layer!r} returns {type(out).__name__}, not a single array; name a submodule "
-                        "whose __call__ returns one activation tensor")
-                captured.append(out)
-                out = out + perturbation
-            return out
-
-        with nn.intercept_methods(interceptor):
-            logits = module.apply(variables, images, **apply_kwargs)
-        if not captured:
-            paths = module_paths(module, variables, images, **apply_kwargs)
-            raise ValueError(f"layer {layer!r} not found in {type(module).__name__}; module paths: {paths}")
-        if len(captured) > 1:
-            raise ValueError(f"layer {layer!r} was called {len(captured)} times; name a layer that runs once")
-        return logits, captured[0]
+        out = apply_with_layers(module, variables, images, capture=(layer,),
+                                replace={layer: lambda a: a + perturbation}, **apply_kwargs)
+        logits = out.output[0] if mutable else out.output
+        return logits, out.activations[layer]
 
     return LayerModel(fn=fn, layer=layer)
+
+
+def linen_head(module: nn.Module, variables: Any, layer: str, images: Array, *, bypass: Sequence[str] = (),
+               **apply_kwargs) -> Callable[[Array], Array]:
+    """The part of a linen module above ``layer`` as a function of that layer's output.
+
+    ``head(v)`` runs ``module.apply(variables, images, **apply_kwargs)`` with the output of ``layer`` replaced by
+    ``v``; the computation below the layer does not reach the result, so under ``jax.jit`` it is removed as dead
+    code.
+
+    Args:
+      module: a linen module returning logits.
+      variables: its variables.
+      layer: the layer's path (as :func:`linen_layer`).
+      images: [batch, height, width, channels], the batch the activations belong to (only needed to trace the
+        module; it does not influence the result).
+      bypass: module paths run as the identity (as :func:`apply_with_layers`).
+      **apply_kwargs: e.g. ``train=False``.
+
+    Returns:
+      ``head(v [batch, *units]) -> logits [batch, num_classes]``.
+
+    Raises:
+      ValueError: (when called) as :func:`apply_with_layers`.
+    """
+
+    def head(v):
+        return apply_with_layers(module, variables, images, replace={layer: lambda _: v}, bypass=bypass,
+                                 **apply_kwargs).output
+
+    return head
 
 
 def split_layer(features_fn: Callable[[Array], Array], head_fn: Callable[[Array], Array],
@@ -211,6 +482,12 @@ def resolve_targets(targets: Array | int | None, logits: Array) -> Array:
     return targets.astype(jnp.int32)
 
 
+def at_least_float32(x: Array) -> Array:
+    """``x`` in float32, or in its own dtype if that is wider (float64 stays float64: gradient checks in x64)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def normalize_maps(maps: Array) -> Array:
     """Per-example min-max normalisation to [0, 1].
 
@@ -218,10 +495,11 @@ def normalize_maps(maps: Array) -> Array:
       maps: [batch, ...] float.
 
     Returns:
-      float32 maps of the same shape, each example scaled to span [0, 1]; a constant map becomes all zeros
+      float32 (float64 for float64 input) maps of the same shape, each example scaled to span [0, 1]; a constant
+      map becomes all zeros
       (never NaN).
     """
-    maps = maps.astype(jnp.float32)
+    maps = at_least_float32(maps)
     axes = tuple(range(1, maps.ndim))
     lo = jnp.min(maps, axis=axes, keepdims=True)
     hi = jnp.max(maps, axis=axes, keepdims=True)
@@ -243,5 +521,5 @@ def resize_maps(maps: Array, size: tuple[int, int]) -> Array:
     if maps.ndim != 3:
         raise ValueError(f"maps must be [batch, h, w]; got shape {maps.shape}")
     if tuple(maps.shape[1:]) == tuple(size):
-        return maps.astype(jnp.float32)
-    return jax.image.resize(maps.astype(jnp.float32), (maps.shape[0], *size), method="bilinear", antialias=False)
+        return at_least_float32(maps)
+    return jax.image.resize(at_least_float32(maps), (maps.shape[0], *size), method="bilinear", antialias=False)

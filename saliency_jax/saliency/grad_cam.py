@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from saliency_jax.saliency.core import (
+    at_least_float32,
     LayerModel,
     check_images,
     normalize_maps,
@@ -56,10 +57,10 @@ def class_scores(logits: Array, targets: Array, score: Score) -> Array:
     if score == "logit":
         values = logits
     elif score == "softmax":
-        values = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        values = jax.nn.softmax(at_least_float32(logits), axis=-1)
     else:
         raise ValueError(f"score must be 'logit' or 'softmax'; got {score!r}")
-    return jnp.take_along_axis(values, targets[:, None], axis=-1)[:, 0].astype(jnp.float32)
+    return at_least_float32(jnp.take_along_axis(values, targets[:, None], axis=-1)[:, 0])
 
 
 def grad_cam_weights(activations: Array, gradients: Array, weighting: Weighting = "plain") -> Array:
@@ -81,7 +82,7 @@ def grad_cam_weights(activations: Array, gradients: Array, weighting: Weighting 
         gradients = jnp.where((activations > 0) & (gradients > 0), gradients, 0.0)
     elif weighting != "plain":
         raise ValueError(f"weighting must be 'plain' or 'guided'; got {weighting!r}")
-    return jnp.mean(gradients.astype(jnp.float32), axis=(1, 2))
+    return jnp.mean(at_least_float32(gradients), axis=(1, 2))
 
 
 def grad_cam(
@@ -145,7 +146,7 @@ def grad_cam(
     zeros = jnp.zeros(shape.shape, shape.dtype)
     gradients, activations = jax.grad(summed_score, has_aux=True)(zeros)
     alpha = grad_cam_weights(activations, gradients, weighting)
-    maps = jnp.einsum("bhwc,bc->bhw", activations.astype(jnp.float32), alpha)
+    maps = jnp.einsum("bhwc,bc->bhw", at_least_float32(activations), alpha)
     if relu:
         maps = jax.nn.relu(maps)
     if resize:
