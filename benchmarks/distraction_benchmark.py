@@ -27,7 +27,7 @@ from PIL import Image
 from saliency_jax import models
 from saliency_jax.saliency import grad_cam, linen_layer
 from saliency_jax.train import init_state, make_train_step
-from saliency_jax.training import DistractionConfig, distract
+from saliency_jax.training import DistractionConfig, ModelLayers, distract, distraction_scheme
 
 SETTINGS = {  # model -> (image size, channels)
     "small_cnn": (32, 3),
@@ -58,7 +58,8 @@ def bench_model(name: str, batch: int, repeats: int) -> dict[str, float]:
     cfg = DistractionConfig(probability=1.0)
 
     base_step = jax.jit(make_train_step(model, optimizer))
-    dist_step = jax.jit(make_train_step(model, optimizer, distraction=cfg, grad_cam_layer=layer))
+    dist_step = jax.jit(make_train_step(model, optimizer,
+                                        distraction_scheme(cfg, ModelLayers(layer, models.CLASSIFIER[name]))))
     batch_d = {"image": images, "label": labels}
     t_base = median_seconds(lambda: base_step(state, batch_d, key)[1]["loss"], repeats)
     t_dist = median_seconds(lambda: dist_step(state, batch_d, key)[1]["loss"], repeats)

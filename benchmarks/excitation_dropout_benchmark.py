@@ -1,6 +1,6 @@
 """Excitation Dropout train step vs Standard Dropout train step on CNN-2 (Bargal 2019, Table 5.4), same run.
 
-Both steps are ``saliency_jax.train.make_train_step`` with the dropout forward of their scheme at ``relu_fc1``
+Both steps are ``saliency_jax.train.make_train_step`` with the ``dropout`` training scheme at ``relu_fc1``
 (SGD momentum 0.9, batch 100 of 32x32x3 images, 10 classes), jitted once and timed alternately so that load on the
 machine hits both alike. Prints the median seconds per step and the ratio ED / SD (target <= 1.10; the thesis's
 Caffe layer: 1.23).
@@ -25,7 +25,7 @@ import optax
 
 from saliency_jax.models import CNN2
 from saliency_jax.train import init_state, make_train_step
-from saliency_jax.training import DropoutConfig, make_dropout_forward
+from saliency_jax.training import DropoutConfig, dropout_scheme
 
 
 def main():
@@ -43,8 +43,8 @@ def main():
     key = jax.random.key(0)
     steps, states = {}, {}
     for scheme in ("standard", "excitation"):
-        fwd = make_dropout_forward(model, DropoutConfig(scheme=scheme, layer="relu_fc1"))
-        steps[scheme] = jax.jit(make_train_step(model, tx, forward=fwd))
+        steps[scheme] = jax.jit(make_train_step(model, tx, dropout_scheme(DropoutConfig(scheme=scheme,
+                                                                                          layer="relu_fc1"))))
         states[scheme] = init_state(model, tx, (32, 32, 3), seed=0)
         t0 = time.perf_counter()
         states[scheme], m = steps[scheme](states[scheme], batch, key)

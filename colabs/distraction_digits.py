@@ -78,6 +78,7 @@ if IN_COLAB:
 
 # %%
 import importlib.util
+import re
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,7 @@ import numpy as np
 from IPython.display import Image, Markdown, display
 
 from saliency_jax import data, experiment, train, training
+from saliency_jax.evaluators.figures import grad_cam_maps
 
 if REPO_DIR is None:  # Run from a checkout: the config files sit beside the package.
     REPO_DIR = pathlib.Path(experiment.__file__).resolve().parents[1]
@@ -113,7 +115,8 @@ print("arms:", [name for name, _ in config.experiment.arms], "| steps per arm:",
 # ## Run the comparison
 #
 # `run_experiment` trains every arm (resuming from the checkpoints in `WORKDIR`, so a rerun skips finished arms),
-# evaluates them and writes `report.md`, `metrics.json`, `saliency_maps.png` and `training_curves.png`.
+# runs the config's evaluators on each (clean and randomly erased test metrics, Grad-CAM maps, training curves) and
+# writes `report.md`, `metrics.json`, `saliency_maps.png` and `training_curves.png`.
 
 # %%
 metrics = experiment.run_experiment(config, WORKDIR)
@@ -124,7 +127,7 @@ print(f"{len(metrics['arms'])} arms, {metrics['repeats']} repeat(s), {metrics['w
 
 # %%
 report = (WORKDIR / "report.md").read_text()
-display(Markdown(report.split("## Figures")[0]))  # The tables; the figures follow as images.
+display(Markdown(re.sub(r"!\[[^]]*\]\([^)]*\)\n?", "", report)))  # The tables; the figures follow as images.
 
 # %% [markdown]
 # ## Grad-CAM maps of every arm (Figs. 2-3) and training curves
@@ -139,7 +142,7 @@ display(Image(filename=str(WORKDIR / "training_curves.png")))
 # `run_experiment` returns metrics, not the trained models. `train.train` on the arm's config and run folder gets
 # one back: it resumes from the checkpoint the experiment wrote at the last step, so it trains nothing. Below, for
 # a few test images: the Grad-CAM map of the ground-truth class with the trained 0-occlusion model (the map the
-# train step computes, `experiment.grad_cam_maps` with the config's score and weighting), and the image after
+# train step computes: `grad_cam_maps` with the scheme's score and weighting), and the image after
 # `training.occlude` with the paper's threshold and each fill — what the network is trained on when the step's
 # coin flip (probability `p`) says occlude. (During training the maps come from the weights of that step, not the
 # final ones.)
@@ -154,8 +157,9 @@ test_source = data.get_source(config.dataset.name, "test", data_dir=config.datas
 batch = next(iter(data.make_eval_batches(test_source, np.arange(NUM_EXAMPLES), batch_size=NUM_EXAMPLES,
                                          image_size=config.dataset.get("image_size"))))
 images, labels = batch["image"], batch["label"]
-maps = experiment.grad_cam_maps(arm_config, result, images, labels)  # [n, height, width] in [0, 1]
 d = arm_config.distraction
+maps = grad_cam_maps(result, images, labels, layer=train.model_layers(arm_config).grad_cam_layer, score=d.score,
+                     weighting=d.weighting)  # [n, height, width] in [0, 1]
 occluded = {fill: np.asarray(training.occlude(jnp.asarray(images), jnp.asarray(maps), d.threshold, fill,
                                               key=jax.random.key(0), data_range=tuple(d.data_range)))
             for fill in training.FILL_MODES}

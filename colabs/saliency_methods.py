@@ -100,7 +100,7 @@ ARM = "baseline"
 arm_config = experiment.arm_config(config, ARM, 0)
 WORKDIR = pathlib.Path("runs/digits_runlocal" if QUICK else "runs/digits") / ARM / f"seed{arm_config.seed}"
 print(f"config {CONFIG_PATH}{':runlocal' if QUICK else ''}, arm {ARM!r} "
-      f"(distraction enabled: {arm_config.distraction.enabled}), {arm_config.num_steps} steps -> {WORKDIR.resolve()}")
+      f"(training schemes: {tuple(arm_config.schemes) or 'none'}), {arm_config.num_steps} steps -> {WORKDIR.resolve()}")
 
 result = train.train(arm_config, WORKDIR, progress=False)
 model, variables = result.model, result.state.variables()

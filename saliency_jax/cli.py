@@ -1,9 +1,9 @@
 """Command line: ``saliency-jax {train,experiment} --config=CONFIG.py[:ARG] --workdir=DIR [--config.FIELD=VALUE]``.
 
-* ``train`` trains one model from the config (resuming from ``workdir`` if it holds checkpoints) and prints its
-  clean and Random-Erasing test metrics.
-* ``experiment`` trains every arm of ``config.experiment.arms`` with the same seeds and writes ``report.md``,
-  ``metrics.json`` and the figures into ``workdir``.
+* ``train`` trains one model from the config (resuming from ``workdir`` if it holds checkpoints), runs the
+  evaluators of ``config.evaluators`` on it and prints their scalar metrics.
+* ``experiment`` trains every arm x repeat of ``config.experiment`` with the same seeds, runs the evaluators on each
+  run and writes ``report.md``, ``metrics.json`` and the figures into ``workdir``.
 
 Configs are ``ml_collections`` files (``get_config(arg)``), so any field can be overridden on the command line,
 e.g. ``--config.num_steps=100 --config.distraction.fill=one``; ``:runlocal`` after the path selects a config's tiny
@@ -44,28 +44,28 @@ def _run(command: str, argv) -> None:
         jax.distributed.initialize()
     logging.info("devices: %s", jax.devices())
     if command == "train":
-        from saliency_jax import experiment, train
+        from saliency_jax import evaluators, experiment, train
 
-        test = experiment.data_lib.get_source(FLAGS.config.dataset.name, "test",
-                                              data_dir=FLAGS.config.dataset.get("data_dir"),
-                                              image_size=FLAGS.config.dataset.get("image_size"))
-        result = train.train(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
-        metrics = experiment.evaluate_arm(FLAGS.config, result, test)
+        config = FLAGS.config
+        experiment.check_config(config)
+        result = train.train(config, FLAGS.workdir, progress=FLAGS.progress)
+        record = experiment.evaluate_run(result, evaluators.build_evaluators(config),
+                                         evaluators.ExperimentData(config))
         if jax.process_index() == 0:
-            print(json.dumps({k: {m: metrics[k][m] for m in ("accuracy", "f1_macro", "f1_weighted")}
-                              for k in ("clean", "erased")}, indent=2))
-    elif FLAGS.config.experiment.get("runner", "") == "excitation_dropout":
-        from saliency_jax import experiment_dropout
-
-        experiment_dropout.run_dropout_experiment(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
-        if jax.process_index() == 0:
-            print(f"report: {FLAGS.workdir}/report.md")
+            print(json.dumps({name: _scalars(m) for name, m in record.metrics.items()}, indent=2))
     else:
         from saliency_jax import experiment
 
         experiment.run_experiment(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
         if jax.process_index() == 0:
             print(f"report: {FLAGS.workdir}/report.md")
+
+
+def _scalars(metrics):
+    """The top-level numbers of an evaluator's metrics (what ``train`` prints)."""
+    if not isinstance(metrics, dict):
+        return metrics
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def main(argv=None) -> None:

@@ -5,19 +5,22 @@ checkpoint restore; loop; eval. Data parallel: the batch is split over the mesh 
 replicated (``NamedSharding``), so the same code runs on 1 CPU, N GPUs or a TPU slice; with
 ``config.multihost`` the CLI calls ``jax.distributed.initialize()`` and each process reads its own shard of the data.
 
-The saliency-guided scheme of the config (e.g. distraction occlusion, :mod:`saliency_jax.training`) runs inside the
-jitted step; its randomness comes from ``fold_in(key, step)``, so a run is a deterministic function of its seed, and a
-run restarted from its workdir resumes from the latest checkpoint (state, optimizer, step and data-iterator position)
-and continues the same trajectory.
+The saliency-guided training scheme of the config (``config.schemes``: distraction occlusion, Excitation Dropout, the
+HNC loss, ... chained by :func:`saliency_jax.training.build_scheme`) runs inside the jitted step through the protocol
+of :mod:`saliency_jax.training.scheme`; this module knows no scheme by name. Its randomness comes from
+``fold_in(key, step)``, so a run is a deterministic function of its seed, and a run restarted from its workdir resumes
+from the latest checkpoint (state, optimizer, step and data-iterator position) and continues the same trajectory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import pathlib
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 import flax
@@ -35,8 +38,8 @@ from tqdm.auto import tqdm
 
 from saliency_jax import data as data_lib
 from saliency_jax import models
-from saliency_jax.saliency import linen_layer
-from saliency_jax.training import DistractionConfig, DropoutConfig, distract, make_dropout_forward
+from saliency_jax import training
+from saliency_jax.training import ModelLayers, Scheme, StepContext
 
 Array = jax.Array
 
@@ -47,6 +50,7 @@ __all__ = [
     "make_optimizer",
     "init_state",
     "make_train_step",
+    "model_layers",
     "check_batch",
     "predict",
     "train",
@@ -78,19 +82,59 @@ class TrainState:
 
 @dataclasses.dataclass
 class TrainResult:
-    """What :func:`train` returns.
+    """What :func:`train` returns: everything an evaluator needs, so none has to rebuild it.
 
     Attributes:
       state: the final :class:`TrainState` (on device, replicated).
       model: the linen module.
-      history: the logged metrics, one dict per log step.
-      workdir: where checkpoints and ``metrics.jsonl`` are.
+      history: the logged metrics, one dict per log step (of this launch; the whole run is in ``metrics.jsonl``).
+      workdir: where checkpoints, ``metrics.jsonl`` and ``config.json`` are.
+      config: the run's config.
+      initial_variables: ``{"params", "batch_stats"}`` the run started from (random initialisation or imported
+        weights), NumPy arrays on the host.
+      image_shape: (height, width, channels) of the model's input.
+      num_classes: the classifier's outputs.
+      train_seconds: wall time of this launch's training loop (0 when it only restored a finished run).
     """
 
     state: TrainState
     model: nn.Module
     history: list[dict[str, float]]
     workdir: pathlib.Path
+    config: ml_collections.ConfigDict | None = None
+    initial_variables: Any = None
+    image_shape: tuple[int, ...] = ()
+    num_classes: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """The final ``{"params", "batch_stats"}``."""
+        return self.state.variables()
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the checkpoints kept in ``workdir/checkpoints`` (ascending)."""
+        path = self.workdir / "checkpoints"
+        if not path.exists():
+            return []
+        return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def restore(self, step: int) -> TrainState:
+        """The :class:`TrainState` saved at ``step`` (one of :meth:`checkpoint_steps`).
+
+        Raises:
+          RuntimeError: if that checkpoint cannot be restored (the path is named).
+        """
+        mngr = ocp.CheckpointManager((self.workdir / "checkpoints").absolute(),
+                                     item_handlers={"state": ocp.StandardCheckpointHandler()})
+        try:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+            return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        except Exception as e:  # orbax raises many types; name the checkpoint either way.
+            raise RuntimeError(f"could not restore checkpoint step {step} from {self.workdir / 'checkpoints'} "
+                               f"({type(e).__name__}: {e})") from e
+        finally:
+            mngr.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,7 +159,9 @@ def load_sources(config: ml_collections.ConfigDict):
 
     Returns:
       ``(train_source, train_indices, val_indices, test_source)``: the 75/25 train/validation split of the train
-      split (Morales et al. 2021, Sec. 4.3) with ``config.seed``, optional oversampling applied to the train indices.
+      split (Morales et al. 2021, Sec. 4.3) with ``config.seed``, optional oversampling applied to the train indices;
+      with ``dataset.label_noise = r`` the train split's labels carry symmetric noise of rate ``r``
+      (:func:`saliency_jax.data.symmetric_label_noise`, seed ``config.seed``; the test split stays clean).
     """
     ds = config.dataset
     train_source = data_lib.get_source(ds.name, "train", data_dir=ds.get("data_dir"), image_size=ds.get("image_size"))
@@ -125,19 +171,26 @@ def load_sources(config: ml_collections.ConfigDict):
     if limit:  # a seeded random subset (sources may be sorted by class)
         train_idx = np.sort(np.random.default_rng(config.seed).choice(train_idx, min(limit, len(train_idx)),
                                                                         replace=False))
+    noise = ds.get("label_noise", 0.0)
+    if noise:  # fixed symmetric noise on the training split (train and validation indices), clean test split
+        train_source = data_lib.Relabeled(train_source, data_lib.symmetric_label_noise(
+            train_source.labels, noise, train_source.num_classes, seed=config.seed))
     oversample = dict(ds.get("oversample") or {})
     if oversample:
         train_idx = data_lib.oversample(train_idx, train_source.labels, {int(k): int(v) for k, v in oversample.items()})
     return train_source, train_idx, val_idx, test_source
 
 
-def check_batch(batch: dict[str, np.ndarray], num_classes: int, where: str = "batch") -> None:
+def check_batch(batch: dict[str, np.ndarray], num_classes: int, where: str = "batch", *,
+                multi_label: bool = False) -> None:
     """Host-side validation of an input batch before it reaches the device.
 
     Args:
-      batch: ``{"image": [batch, height, width, channels] float, "label": [batch] int}``.
+      batch: ``{"image": [batch, height, width, channels] float, "label": [batch] int}`` (multi-label:
+        ``"label": [batch, num_classes]`` in {0, 1}); other fields pass unchecked.
       num_classes: labels must lie in ``[0, num_classes)``.
       where: context for the error message (e.g. ``"train step 12"``).
+      multi_label: labels are multi-hot attribute vectors.
 
     Raises:
       ValueError: wrong rank, non-finite pixels (NaN/inf), labels out of range or of the wrong shape.
@@ -151,6 +204,13 @@ def check_batch(batch: dict[str, np.ndarray], num_classes: int, where: str = "ba
     if not np.all(np.isfinite(images)):
         bad = np.unique(np.nonzero(~np.isfinite(images))[0])
         raise ValueError(f"{where}: images contain NaN or inf (batch rows {bad.tolist()[:10]})")
+    if multi_label:
+        if labels.shape != (images.shape[0], num_classes):
+            raise ValueError(f"{where}: multi-hot labels must be [{images.shape[0]}, {num_classes}]; got shape "
+                             f"{labels.shape}")
+        if labels.size and not np.all((labels == 0) | (labels == 1)):
+            raise ValueError(f"{where}: multi-hot labels must be 0 or 1")
+        return
     if labels.shape != images.shape[:1]:
         raise ValueError(f"{where}: labels must be [{images.shape[0]}]; got shape {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
@@ -217,79 +277,94 @@ def init_state(model: nn.Module, optimizer: optax.GradientTransformation, image_
 # Update step.
 
 
-def distraction_config(config: ml_collections.ConfigDict) -> DistractionConfig | None:
-    """The :class:`DistractionConfig` of ``config.distraction`` (``None`` when disabled)."""
-    d = config.get("distraction")
-    if d is None or not d.get("enabled", False):
-        return None
-    return DistractionConfig(probability=d.probability, threshold=d.threshold, fill=d.fill,
-                             per_example=d.get("per_example", False), score=d.get("score", "softmax"),
-                             weighting=d.get("weighting", "guided"),
-                             data_range=tuple(d.get("data_range", (0.0, 1.0))))
+def model_layers(config: ml_collections.ConfigDict) -> ModelLayers:
+    """The layers schemes and evaluators read, from ``config.model`` (defaults: :data:`saliency_jax.models.GRAD_CAM_LAYER`
+    and :data:`saliency_jax.models.CLASSIFIER` for the architecture).
+
+    Raises:
+      ValueError: if the architecture has no default and the config names no layer.
+    """
+    m = config.model
+    name = m.name
+    grad_cam = m.get("grad_cam_layer") or models.GRAD_CAM_LAYER.get(name)
+    classifier = m.get("classifier") or models.CLASSIFIER.get(name)
+    if not grad_cam or not classifier:
+        raise ValueError(f"model {name!r} has no default layers: set config.model.grad_cam_layer (last conv block) "
+                         "and config.model.classifier (the dense layer on the pooled features)")
+    return ModelLayers(grad_cam_layer=grad_cam, classifier=classifier)
 
 
-def training_forward(config: ml_collections.ConfigDict, model: nn.Module) -> Callable | None:
-    """The training forward of ``config.dropout`` (Bargal 2019, Ch. 5; ``None``: the model's own, no scheme)."""
-    d = config.get("dropout")
-    if d is None or (d.get("scheme", "none") == "none" and not d.get("bypass")):
-        return None
-    return make_dropout_forward(model, DropoutConfig.from_mapping(d))
-
-
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, *,
-                    distraction: DistractionConfig | None = None, grad_cam_layer: str | None = None,
-                    forward: Callable | None = None,
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, scheme: Scheme = Scheme(), *,
+                    loss: str = "softmax_cross_entropy",
                     ) -> Callable[[TrainState, dict[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
     """Builds the (un-jitted) update step ``(state, batch, key) -> (state, metrics)``.
 
-    The step: derive this step's key as ``fold_in(key, state.step)``; if ``distraction`` is given, replace the
-    mini-batch by its occluded version (Morales et al. 2021, Algorithm 1; Grad-CAM at ``grad_cam_layer`` with the
-    current weights, inference mode); softmax cross-entropy on the (possibly occluded) batch with BatchNorm in train
-    mode; one optimizer update. Metrics: ``loss``, ``accuracy`` (on the batch trained on) and ``occluded``
-    (fraction of the batch occluded).
+    The step: this step's key is ``fold_in(key, state.step)``, split into the batch transform's and the forward's
+    keys (``k_batch, k_forward = split(key)``; the loss term's is ``fold_in(key, 1)``); the scheme's batch transform
+    (if any) replaces the batch, with the current weights; inside ``loss_fn`` the scheme's training forward (or the
+    model's own, train mode, BatchNorm statistics updated) gives the logits, the per-example classification loss
+    ``loss`` plus the scheme's loss term (if any) is averaged over the batch; one optimizer update.
+
+    Metrics: ``loss`` (the total), ``accuracy`` (on the batch trained on; multi-label: the fraction of correct
+    attribute decisions at logit 0), ``classification_loss`` (when the scheme adds a loss term) and every metric of
+    the scheme's pieces.
 
     Args:
       model: linen module ``apply(variables, images, train=...)``; dropout layers draw from rng ``"dropout"``.
       optimizer: optax optimizer.
-      distraction: the scheme's hyper-parameters, or ``None`` for plain training.
-      grad_cam_layer: module path of the last convolutional layer (needed with ``distraction``).
-      forward: optional training forward pass replacing ``model.apply(..., train=True)``:
-        ``(variables, images, labels, key, step) -> (logits, updates)`` with ``updates`` holding the new
-        ``batch_stats`` (e.g. a dropout scheme, :func:`saliency_jax.training.make_dropout_forward`); it gets the
-        step's dropout key.
+      scheme: the training scheme (:func:`saliency_jax.training.build_scheme`, :func:`saliency_jax.training.chain`);
+        ``Scheme()`` is plain training.
+      loss: the classification loss (:data:`saliency_jax.training.CLASSIFICATION_LOSSES`):
+        ``"softmax_cross_entropy"`` (labels int [batch]) or ``"sigmoid_binary_cross_entropy"`` (multi-hot labels
+        [batch, num_classes]).
 
     Raises:
-      ValueError: if ``distraction`` is given without ``grad_cam_layer``.
+      ValueError: on an unknown loss; (when traced) if two pieces report the same metric.
     """
-    if distraction is not None and not grad_cam_layer:
-        raise ValueError("distraction training needs grad_cam_layer (the module path of the last conv layer)")
+    base_loss = training.classification_loss(loss)
+    multi_label = loss == "sigmoid_binary_cross_entropy"
+    forward = scheme.forward or training.model_forward
+
+    def merge(into, metrics, where):
+        for k, v in metrics.items():
+            if k in into:
+                raise ValueError(f"metric {k!r} of the {where} clashes with another metric of the step")
+            into[k] = v
 
     def step(state: TrainState, batch: dict[str, Array], key: Array):
         key = jax.random.fold_in(key, state.step)
-        k_scheme, k_dropout = jax.random.split(key)
-        images, labels = batch["image"], batch["label"]
-        occluded = jnp.zeros(labels.shape, bool)
-        if distraction is not None:
-            layer_model = linen_layer(model, state.variables(), grad_cam_layer, train=False)
-            images, occluded = distract(k_scheme, layer_model, images, labels, distraction)
+        k_batch, k_forward = jax.random.split(key)
+        metrics: dict[str, Array] = {}
+        if scheme.batch_transform is not None:
+            batch, m = scheme.batch_transform(StepContext(model, state.variables(), state.step, k_batch), batch)
+            merge(metrics, m, "batch transform")
+        labels = batch["label"]
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
-            if forward is not None:
-                logits, updates = forward(variables, images, labels, k_dropout, state.step)
-            else:
-                logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
-                                              rngs={"dropout": k_dropout})
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, (logits, updates)
+            fwd = forward(StepContext(model, variables, state.step, k_forward), batch, scheme.layers)
+            per_example = base_loss(fwd.logits, labels)
+            aux = dict(fwd.metrics)
+            if scheme.loss is not None:
+                aux["classification_loss"] = jnp.mean(per_example)
+                term, m = scheme.loss(StepContext(model, variables, state.step, jax.random.fold_in(key, 1)),
+                                      batch, fwd)
+                merge(aux, m, "loss term")
+                per_example = per_example + term
+            return jnp.mean(per_example), (fwd.logits, fwd.updates, aux)
 
-        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (total, (logits, updates, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
                                   batch_stats=updates.get("batch_stats", state.batch_stats), opt_state=opt_state)
-        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-                   "occluded": jnp.mean(occluded.astype(jnp.float32))}
-        return new_state, metrics
+        if multi_label:
+            accuracy = jnp.mean((logits > 0) == (labels > 0.5))
+        else:
+            accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        out = {"loss": total, "accuracy": accuracy}
+        merge(out, aux, "forward")
+        merge(out, metrics, "batch transform")
+        return new_state, out
 
     return step
 
@@ -416,10 +491,15 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True) -> TrainResult:
     """Trains one model from a config, resuming from ``workdir`` if it holds checkpoints.
 
+    With ``num_steps = 0`` and ``num_epochs = 0`` nothing is trained: the model is built around the imported
+    weights of ``config.model.pretrained`` (or, only with ``config.model.allow_random_init``, a random
+    initialisation) for the evaluators to use; ``config.model.num_classes`` and ``config.dataset.image_size`` /
+    ``channels`` then give the model's shape, since no training data is read.
+
     Args:
-      config: an experiment config (see ``experiments/configs/``): ``seed``, ``dataset``, ``model``,
-        ``optimizer``, ``batch_size``, ``num_steps`` / ``num_epochs``, ``distraction``, ``log_every``,
-        ``checkpoint_every``, ``eval_every``.
+      config: a run config (see ``experiments/configs/`` and :func:`saliency_jax.config.default_config`): ``seed``,
+        ``dataset``, ``model``, ``optimizer``, ``loss``, ``schemes`` (and a section per listed scheme),
+        ``batch_size``, ``num_steps`` / ``num_epochs``, ``log_every``, ``checkpoint_every``, ``eval_every``.
       workdir: output folder: ``checkpoints/`` (orbax), ``metrics.jsonl``, ``config.json``.
       progress: show a tqdm progress bar (process 0 only).
 
@@ -427,7 +507,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
       A :class:`TrainResult`.
 
     Raises:
-      ValueError: if the global batch size does not divide over the devices, or an input batch is malformed.
+      ValueError: if the global batch size does not divide over the devices, an input batch is malformed, the
+        scheme settings are wrong, or there is nothing to train and no weights to evaluate.
       RuntimeError: if the latest checkpoint cannot be restored (the path is named).
     """
     workdir = pathlib.Path(workdir)
@@ -435,6 +516,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
     is_main = jax.process_index() == 0
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    layers = model_layers(config)
+    scheme = training.build_scheme(config, layers)  # settings errors before anything is read or compiled
+    loss = config.get("loss", "softmax_cross_entropy")
+    training.classification_loss(loss)
+    multi_label = loss == "sigmoid_binary_cross_entropy"
 
     # Mesh.
     mesh = make_mesh()
@@ -444,38 +530,61 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
     data_sharding = NamedSharding(mesh, P("data"))
 
     # Input.
-    train_source, train_idx, val_idx, _ = load_sources(config)
-    dataset = data_lib.make_train_dataset(
-        train_source, train_idx, batch_size=config.batch_size, seed=config.seed,
-        image_size=config.dataset.get("image_size"), augment_kwargs=dict(config.dataset.get("augment") or {}),
-        shard_index=jax.process_index(), shard_count=jax.process_count(),
-        read_options=grain.ReadOptions(num_threads=config.dataset.get("read_threads", 2),
-                                       prefetch_buffer_size=config.dataset.get("prefetch", 256)))
-    iterator = iter(dataset)
-    total_steps = num_train_steps(config, len(train_idx))
+    train_only_weights = not config.get("num_steps", 0) and not config.get("num_epochs", 0)
+    if train_only_weights:
+        num_classes = config.model.get("num_classes")
+        size = config.dataset.get("image_size")
+        if not num_classes or not size:
+            raise ValueError("num_steps = num_epochs = 0 (no training): set config.model.num_classes and "
+                             "config.dataset.image_size for the model to build")
+        image_shape = (size, size, config.dataset.get("channels", 3))
+        train_source = iterator = val_idx = None
+        total_steps = 0
+    else:
+        train_source, train_idx, val_idx, _ = load_sources(config)
+        dataset = data_lib.make_train_dataset(
+            train_source, train_idx, batch_size=config.batch_size, seed=config.seed,
+            image_size=config.dataset.get("image_size"), augment_kwargs=dict(config.dataset.get("augment") or {}),
+            shard_index=jax.process_index(), shard_count=jax.process_count(),
+            read_options=grain.ReadOptions(num_threads=config.dataset.get("read_threads", 2),
+                                           prefetch_buffer_size=config.dataset.get("prefetch", 256)))
+        iterator = iter(dataset)
+        total_steps = num_train_steps(config, len(train_idx))
+        num_classes = train_source.num_classes
+        image_shape = data_lib.image_shape(train_source, config.dataset.get("image_size"))
 
     # Model and optimizer.
-    model = build_model(config, train_source.num_classes)
+    model = build_model(config, num_classes)
     optimizer = make_optimizer(config)
-    image_shape = train_source[0]["image"].shape if not config.dataset.get("image_size") else (
-        config.dataset.image_size, config.dataset.image_size, train_source[0]["image"].shape[-1])
-    variables = None
-    if not config.model.get("pretrained") and config.model.name in ("resnet50", "vgg16", "alexnet"):
+    pretrained = config.model.get("pretrained")
+    if not pretrained and config.model.name in ("resnet50", "vgg16", "alexnet"):
         logging.warning("%s starts from random weights: set --config.model.pretrained=PATH (torchvision-named "
                         ".safetensors/.npz) to fine-tune from ImageNet as the papers do", config.model.name)
-    if config.model.get("pretrained"):
+    if train_only_weights and not pretrained and not config.model.get("allow_random_init"):
+        raise ValueError("nothing to train (num_steps = num_epochs = 0) and no weights to evaluate: set "
+                         "config.model.pretrained=PATH")
+    if pretrained and not os.path.isfile(pretrained):  # before the (slow) initialisation
+        raise FileNotFoundError(f"config.model.pretrained: weights file not found: {pretrained!r}")
+    variables = jax.jit(lambda: model.init(jax.random.key(config.seed), jnp.zeros((1, *image_shape), jnp.float32),
+                                           train=False))()
+    if pretrained:
         from saliency_jax.models import weights
-        variables = model.init(jax.random.key(config.seed), jnp.zeros((1, *image_shape)), train=False)
-        variables = weights.load_pretrained(config.model.name, config.model.pretrained, variables, skip_head=True)
+        variables = weights.load_pretrained(config.model.name, pretrained, variables,
+                                            skip_head=not train_only_weights)
+    initial_variables = jax.device_get({"params": variables["params"],
+                                        "batch_stats": variables.get("batch_stats", {})})
 
     # Sharding.
-    state = jax.jit(lambda: init_state(model, optimizer, image_shape, config.seed, variables),
-                    out_shardings=replicated)()
-    step_fn = jax.jit(
-        make_train_step(model, optimizer, distraction=distraction_config(config),
-                        grad_cam_layer=config.model.get("grad_cam_layer"), forward=training_forward(config, model)),
-        in_shardings=(replicated, data_sharding, replicated), out_shardings=(replicated, replicated),
-        donate_argnums=(0,))
+    state = jax.jit(lambda v: init_state(model, optimizer, image_shape, config.seed, v),
+                    out_shardings=replicated)(variables)
+    step_fn = jax.jit(make_train_step(model, optimizer, scheme, loss=loss),
+                      in_shardings=(replicated, data_sharding, replicated), out_shardings=(replicated, replicated),
+                      donate_argnums=(0,))
+    result = functools.partial(TrainResult, model=model, workdir=workdir, config=config,
+                               initial_variables=initial_variables, image_shape=tuple(image_shape),
+                               num_classes=num_classes)
+    if train_only_weights:
+        return result(state=state, history=[])
 
     # Checkpoint restore.
     mngr = _checkpoint_manager(workdir, config)
@@ -489,9 +598,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
     pbar = tqdm(total=total_steps, initial=start, disable=not (progress and is_main), desc=workdir.name,
                 dynamic_ncols=True, leave=False)
     pending = []
+    t0 = time.time()
     for step in range(start + 1, total_steps + 1):
         batch = next(iterator)
-        check_batch(batch, train_source.num_classes, where=f"train step {step} ({workdir})")
+        check_batch(batch, num_classes, where=f"train step {step} ({workdir})", multi_label=multi_label)
         batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch)
         state, metrics = step_fn(state, batch, key)
         pending.append(metrics)
@@ -514,7 +624,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
-    return TrainResult(state=state, model=model, history=history, workdir=workdir)
+    return result(state=state, history=history, train_seconds=time.time() - t0 if total_steps > start else 0.0)
 
 
 def evaluate_accuracy(model, state: TrainState, source, indices, config, mesh) -> float:

@@ -15,7 +15,8 @@ from saliency_jax.models import CNN2
 from saliency_jax.saliency import linen_layer, marginal_winning_probability
 from saliency_jax.train import init_state, make_train_step
 from saliency_jax.training import (SCHEMES, DropoutConfig, apply_dropout_mask, curriculum_retain_probability,
-                                   dropout_at_layer, layer_excitation, make_dropout_forward, retain_probability)
+                                   dropout_at_layer, dropout_scheme, layer_excitation, make_dropout_forward,
+                                   retain_probability)
 from saliency_jax.training.excitation_dropout import adaptive_retain_probability
 
 
@@ -143,11 +144,10 @@ def test_ed_train_step_equals_slow_per_image_reference():
     tx = optax.sgd(1.0)
     state = init_state(model, tx, (8, 8, 3), seed=0, variables=variables)
     key = jax.random.key(7)
-    fwd = make_dropout_forward(model, DropoutConfig(scheme="excitation", layer="relu_fc1"))
-    step = jax.jit(make_train_step(model, tx, forward=fwd))
+    step = jax.jit(make_train_step(model, tx, dropout_scheme(DropoutConfig(scheme="excitation", layer="relu_fc1"))))
     new_state, metrics = step(state, {"image": x, "label": y}, key)
 
-    # The documented key derivation: fold_in(key, step) -> (scheme, dropout); dropout -> (model, mask).
+    # The documented key derivation: fold_in(key, step) -> (batch, forward); forward -> (model, mask).
     _, k_dropout = jax.random.split(jax.random.fold_in(key, 0))
     _, k_mask = jax.random.split(k_dropout)
     u = np.asarray(jax.random.uniform(k_mask, (4, 6)))
@@ -192,14 +192,18 @@ def test_every_scheme_trains_in_the_jitted_step(scheme):
     model, variables, x, y = _tiny()
     tx = optax.sgd(0.1)
     state = init_state(model, tx, (8, 8, 3), seed=0, variables=variables)
-    fwd = make_dropout_forward(model, DropoutConfig(scheme=scheme, layer="relu_fc1", rescale="inverted"))
-    step = jax.jit(make_train_step(model, tx, forward=fwd))
+    config = DropoutConfig(scheme=scheme, layer="relu_fc1", rescale="inverted")
+    step = jax.jit(make_train_step(model, tx, dropout_scheme(config)))
     for i in range(2):
         state, metrics = step(state, {"image": x, "label": y}, jax.random.key(i))
         assert np.isfinite(float(metrics["loss"]))
+        if scheme != "none":  # the forward's diagnostics reach the step's metrics
+            assert 0.0 <= float(metrics["kept_fraction"]) <= 1.0
+            assert ("peak_p_eb" in metrics) == (scheme in ("excitation", "adaptive"))
     assert int(state.step) == 2
     assert step._cache_size() == 1  # traced once
-    logits, updates = fwd(variables, x, y, jax.random.key(0), jnp.int32(0))
+    fwd = make_dropout_forward(model, config)
+    logits, updates, _ = fwd(variables, x, y, jax.random.key(0), jnp.int32(0))
     assert logits.shape == (4, 3)
     if scheme == "none":
         np.testing.assert_allclose(np.asarray(logits), np.asarray(model.apply(variables, x)), rtol=1e-6)
@@ -221,7 +225,7 @@ def test_bypass_and_missing_layer():
     y = jnp.asarray([0, 1])
     v = model.init(jax.random.key(1), x)
     fwd = make_dropout_forward(model, DropoutConfig(scheme="none", layer="fc6", bypass=("drop6",)))
-    logits, _ = fwd(v, x, y, jax.random.key(2), 0)
+    logits, _, _ = fwd(v, x, y, jax.random.key(2), 0)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(model.apply(v, x, train=False)), rtol=1e-6)
     bad = make_dropout_forward(model, DropoutConfig(scheme="standard", layer="nope"))
     with pytest.raises(ValueError, match="not found"):
@@ -237,7 +241,7 @@ def test_p_eb_at_relu_fc1_is_a_distribution_over_live_units():
     y = jnp.asarray([0, 1, 2, 0, 1, 2])
     variables = model.init(jax.random.key(1), x)
     fwd = make_dropout_forward(model, DropoutConfig(scheme="excitation", layer="relu_fc1"))
-    _, updates = jax.jit(fwd)(variables, x, y, jax.random.key(2), jnp.int32(0))
+    _, updates, _ = jax.jit(fwd)(variables, x, y, jax.random.key(2), jnp.int32(0))
     p_eb, retain, mask = (np.asarray(updates["dropout"][k]) for k in ("p_eb", "retain", "mask"))
     _, a = linen_layer(model, variables, "relu_fc1", train=False)(x)
     a = np.asarray(a)
@@ -261,11 +265,12 @@ def test_p_eb_at_relu_fc1_is_a_distribution_over_live_units():
 
 
 def test_dropout_experiment_runner_writes_report(tmp_path):
-    """The Excitation Dropout runner end to end (the CIFAR-10 config's :runlocal variant on the embedded digits)."""
+    """The Excitation Dropout comparison through the one runner (the CIFAR-10 config's :runlocal variant on the
+    embedded digits): the utilization and compression evaluators write their sections and figures."""
     import importlib.util
     import json
 
-    from saliency_jax import experiment_dropout
+    from saliency_jax import experiment
 
     path = pathlib.Path(__file__).resolve().parents[1] / "experiments/configs/excitation_dropout_cifar10.py"
     spec = importlib.util.spec_from_file_location("ed_cifar10", path)
@@ -277,12 +282,18 @@ def test_dropout_experiment_runner_writes_report(tmp_path):
     config.dataset.image_size = 16
     config.dataset.augment = {}
     config.experiment.arms = (config.experiment.arms[1], config.experiment.arms[4])  # standard, excitation
-    out = experiment_dropout.run_dropout_experiment(config, tmp_path, progress=False)
+    out = experiment.run_experiment(config, tmp_path, progress=False)
     report = (tmp_path / "report.md").read_text()
     assert "Test accuracy" in report and "utilization" in report.lower() and "compression" in report.lower()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for arm in ("standard", "excitation"):
-        acc = metrics["summary"][arm]["test_accuracy"]["mean"]
+        acc = metrics["summary"][arm]["utilization"]["test_accuracy"]
         assert 0.0 <= acc <= 1.0
+        # Step 0 (the run's initial weights), then every kept checkpoint up to the last step.
+        steps = [h["step"] for h in metrics["summary"][arm]["utilization"]["history"]]
+        assert steps[0] == 0 and steps[-1] == 6 and steps == sorted(set(steps)) and 3 in steps
+    log = [json.loads(line) for line in (tmp_path / "excitation" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert "peak_p_eb" in log[-1] and "kept_fraction" in log[-1]  # scheme metrics reach metrics.jsonl
     assert (tmp_path / "compression.png").stat().st_size > 1000
+    assert (tmp_path / "utilization_curves.png").stat().st_size > 1000
     assert out["arms"] == ["standard", "excitation"]

@@ -641,7 +641,11 @@ def test_ucf101_alexnet_config_names_existing_layers():
     c = module.get_config("ucf101_alexnet")
     assert c.model.name == "alexnet" and c.dataset.image_size == 224
     shapes, kinds, _ = trace_layers(models.get_model(c.model.name, 5), (1, 224, 224, 3))
-    assert c.model.grad_cam_layer == models.GRAD_CAM_LAYER["alexnet"] == "relu5"
+    from saliency_jax.train import model_layers
+
+    assert model_layers(c).grad_cam_layer == models.GRAD_CAM_LAYER["alexnet"] == "relu5"
+    assert kinds[model_layers(c).grad_cam_layer] == "ReLU" and kinds[model_layers(c).classifier] == "Dense"
     assert c.dropout.layer == "relu6" and kinds[c.dropout.layer] == "ReLU"
-    assert c.dropout.weights == "fc6" and kinds["fc6"] == "Dense"
+    assert c.utilization.layer == c.compression.layer == c.dropout.layer
+    assert c.utilization.weights == "fc6" and kinds["fc6"] == "Dense"
     assert tuple(c.dropout.bypass) == ("drop6",) and kinds["drop6"] == "Dropout"

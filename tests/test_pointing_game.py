@@ -4,6 +4,7 @@ References are hand-computed (distances, class-mean arithmetic, box pixel counts
 COCO's encoding rules) or independent (scipy's Euclidean distance transform, NumPy argmax).
 """
 
+import copy
 import importlib.util
 import json
 import pathlib
@@ -439,14 +440,7 @@ def test_coco_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The runner on the tiny VOC tree with tiny random models.
-
-
-def _runner():
-    spec = importlib.util.spec_from_file_location("pointing_game_runner", REPO / "experiments" / "pointing_game.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# The pointing-game evaluator through the experiment runner, on the tiny VOC tree with tiny random models.
 
 
 def _config(tmp_path, methods, models=("vgg16",), images=_VOC_IMAGES):
@@ -454,39 +448,58 @@ def _config(tmp_path, methods, models=("vgg16",), images=_VOC_IMAGES):
     cfg_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cfg_module)
     config = cfg_module.get_config("runlocal")
-    config.data_dir = str(_write_voc(tmp_path / "VOC2007", images))
-    config.difficult_flags = str(_write_flags(tmp_path / "flags.txt"))
-    config.methods = methods
-    config.model_names = models
+    config.pointing_game.data_dir = str(_write_voc(tmp_path / "VOC2007", images))
+    config.pointing_game.difficult_flags = str(_write_flags(tmp_path / "flags.txt"))
+    config.pointing_game.methods = methods
+    config.experiment.arms = tuple(a for a in config.experiment.arms if a[0] in models)
     return config
 
 
 def test_reference_config():
+    from saliency_jax.evaluators import pointing_game as pge
+    from saliency_jax.experiment import arm_config, check_config
+
     spec = importlib.util.spec_from_file_location("pg_config", REPO / "experiments/configs/pointing_game_voc07.py")
     cfg_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cfg_module)
     config = cfg_module.get_config()
-    assert dict(config.models.vgg16.layers) == {"grad_cam": "relu5_3", "excitation_backprop": "pool4",
-                                                 "contrastive_excitation_backprop": "pool4", "contrast": "relu7"}
-    assert dict(config.models.resnet50.layers) == {"grad_cam": "layer4", "excitation_backprop": "layer3",
-                                                    "contrastive_excitation_backprop": "layer3",
-                                                    "contrast": "avgpool"}
-    assert config.tolerance == 15 and config.input_size == 224 and not config.allow_random_init
-    runner = _runner()
-    assert runner.input_shape(375, 500, 224) == (224, 298)  # int(224 * 500 / 375) = 298
-    assert runner.input_shape(500, 333, 224) == (336, 224)
-    config.models.vgg16.weights = "/nonexistent/vgg16.safetensors"
+    assert check_config(config) == ["vgg16", "resnet50"]
+    vgg, resnet = arm_config(config, "vgg16", 0), arm_config(config, "resnet50", 0)
+    assert dict(vgg.pointing_game.layers) == {"grad_cam": "relu5_3", "excitation_backprop": "pool4",
+                                              "contrastive_excitation_backprop": "pool4", "contrast": "relu7"}
+    assert dict(resnet.pointing_game.layers) == {"grad_cam": "layer4", "excitation_backprop": "layer3",
+                                                 "contrastive_excitation_backprop": "layer3", "contrast": "avgpool"}
+    assert vgg.model.name == "vgg16" and vgg.model.pretrained == "weights/vgg16_voc.safetensors"
+    assert config.pointing_game.tolerance == 15 and config.pointing_game.input_size == 224
+    assert not config.model.allow_random_init and config.num_steps == 0 and config.num_epochs == 0
+    # A weights path given on the command line reaches its arm (the arms refer to config.weights).
+    config.weights.vgg16 = "/elsewhere/vgg16.safetensors"
+    assert arm_config(config, "vgg16", 0).model.pretrained == "/elsewhere/vgg16.safetensors"
+    assert pge.input_shape(375, 500, 224) == (224, 298)  # int(224 * 500 / 375) = 298
+    assert pge.input_shape(500, 333, 224) == (336, 224)
+
+
+def test_missing_weights_fail_before_evaluation(tmp_path):
+    from saliency_jax import train
+    from saliency_jax.experiment import arm_config
+
+    config = _config(tmp_path, ("center",))
+    cfg = arm_config(config, "vgg16", 0)
+    cfg.model.allow_random_init = False
+    cfg.model.pretrained = ""
+    with pytest.raises(ValueError, match="no weights to evaluate"):
+        train.train(cfg, tmp_path / "run", progress=False)
+    cfg.model.pretrained = str(tmp_path / "nonexistent" / "vgg16.safetensors")
     with pytest.raises(FileNotFoundError, match="vgg16.safetensors"):
-        runner.build_model(config.models.vgg16, 20)
-    config.models.vgg16.weights = ""
-    with pytest.raises(ValueError, match="no weights"):
-        runner.build_model(config.models.vgg16, 20)
+        train.train(cfg, tmp_path / "run", progress=False)
 
 
 def test_runner_center_baseline_hand_computed(tmp_path):
+    from saliency_jax.experiment import run_experiment
+
     config = _config(tmp_path, ("center",))
-    out = _runner().run_pointing_game(config, tmp_path / "out", progress=False)
-    res = out["results"]["vgg16"]["center"]
+    out = run_experiment(config, tmp_path / "out", progress=False)
+    res = out["summary"]["vgg16"]["pointing_game"]["center"]
     # dog: 2/2, person: 1/2, cat: 0/1, car: 0/1 -> (1 + 0.5 + 0 + 0) / 4.
     assert res["per_class"]["all"] == {"car": 0.0, "cat": 0.0, "dog": 1.0, "person": 0.5}
     assert res["all"] == pytest.approx(0.375)
@@ -494,8 +507,9 @@ def test_runner_center_baseline_hand_computed(tmp_path):
     assert res["per_class"]["difficult"] == {"car": 0.0, "cat": 0.0, "dog": 1.0, "person": 0.0}
     assert res["difficult"] == pytest.approx(0.25)
     assert "| center | 37.5 | 25.0 |" in (tmp_path / "out" / "pointing_game.md").read_text()
-    saved = json.loads((tmp_path / "out" / "pointing_game.json").read_text())
-    assert saved["results"]["vgg16"]["center"]["all"] == pytest.approx(0.375)
+    assert "| center | 37.5 | 25.0 |" in (tmp_path / "out" / "report.md").read_text()
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["summary"]["vgg16"]["pointing_game"]["center"]["all"] == pytest.approx(0.375)
 
 
 # Two images of one size (one compilation per method), two classes each.
@@ -506,26 +520,30 @@ _SAME_SIZE_IMAGES = [
 
 
 def test_runner_maps_match_per_example_reference(tmp_path):
-    runner = _runner()
+    from saliency_jax import train
+    from saliency_jax.experiment import arm_config, run_experiment
+
     methods = ("grad_cam", "excitation_backprop", "contrastive_excitation_backprop")
     config = _config(tmp_path, methods, images=_SAME_SIZE_IMAGES)
-    config.class_batch = 3  # two classes per image: every batch is padded by one
-    out = runner.run_pointing_game(config, None, progress=False)
-    results = out["results"]["vgg16"]
+    config.pointing_game.class_batch = 3  # two classes per image: every batch is padded by one
+    out = run_experiment(config, tmp_path / "out", progress=False)
+    results = out["summary"]["vgg16"]["pointing_game"]
     # Independent recomputation: one (image, class) at a time, no batching or padding, NumPy argmax and scipy's
-    # distance transform for the hit test.
+    # distance transform for the hit test; the model as train() builds it for the arm (random init, seed 0).
     from saliency_jax.saliency import grad_cam, linen_layer, resize_maps
     from saliency_jax.saliency.excitation_backprop import contrastive_excitation_backprop, excitation_backprop
 
-    module, variables = runner.build_model(config.models.vgg16, 20, seed=config.seed, allow_random_init=True)
+    cfg = arm_config(config, "vgg16", 0)
+    run = train.train(cfg, tmp_path / "again", progress=False)
+    module, variables = run.model, run.variables
     saliency_fns = {
         "grad_cam": lambda m, x, c: grad_cam(m, x, c, resize=False, normalize=False),
         "excitation_backprop": lambda m, x, c: excitation_backprop(m, x, c).saliency,
         "contrastive_excitation_backprop": lambda m, x, c: contrastive_excitation_backprop(m, x, c).saliency,
     }
-    data = voc.load_voc(config.data_dir)
+    data = voc.load_voc(config.pointing_game.data_dir)
     for method in methods:
-        model = linen_layer(module, variables, config.models.vgg16.layers[method], train=False)
+        model = linen_layer(module, variables, cfg.pointing_game.layers[method], train=False)
         one_map = jax.jit(lambda x, c, fn=saliency_fns[method], model=model: resize_maps(fn(model, x, c), (64, 64)))
         hits, misses = np.zeros(20, int), np.zeros(20, int)
         for index in range(len(data)):
@@ -542,7 +560,11 @@ def test_runner_maps_match_per_example_reference(tmp_path):
 
 
 def test_runner_checks_contrast_layer(tmp_path):
+    from saliency_jax.experiment import run_experiment
+
     config = _config(tmp_path, ("contrastive_excitation_backprop",))
-    config.models.vgg16.layers.contrast = "relu6"
+    override = copy.deepcopy(dict(config.experiment.arms)["vgg16"])
+    override["pointing_game"]["layers"]["contrast"] = "relu6"
+    config.experiment.arms = (("vgg16", override),)
     with pytest.raises(ValueError, match="relu7"):
-        _runner().run_pointing_game(config, None, progress=False)
+        run_experiment(config, tmp_path / "out", progress=False)

@@ -13,13 +13,16 @@ import numpy as np
 import pytest
 
 from saliency_jax import train as train_lib
+from saliency_jax import training
 from saliency_jax.config import default_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def tiny_config(**distraction):
+def tiny_config(enabled=True, **distraction):
     c = default_config()
+    c.distraction = training.settings_section("distraction")
+    c.schemes = ("distraction",) if enabled else ()
     c.dataset.augment = dict(hflip=False, rotation=10.0, channel_shift=30.0, brightness=(0.5, 1.5))
     c.dataset.image_size = 16
     c.model.kwargs = {"widths": (4, 8, 8)}
@@ -29,7 +32,7 @@ def tiny_config(**distraction):
     c.num_steps = 8
     c.log_every = 2
     c.checkpoint_every = 4
-    c.distraction.update(dict(enabled=True, probability=0.5, fill="random"), **distraction)
+    c.distraction.update(dict(probability=0.5, fill="random"), **distraction)
     return c
 
 
@@ -40,17 +43,18 @@ SHARDED_STEP_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from saliency_jax import data, train as T
+    from saliency_jax.training import DistractionConfig, ModelLayers, distraction_scheme
     from saliency_jax.config import default_config
     assert jax.device_count() == 8, jax.devices()
     c = default_config()
     c.model.kwargs = {"widths": (4, 8, 8)}
-    c.distraction.update(dict(enabled=True, probability=1.0, fill="random"))
     src = data.get_source("digits", "train", image_size=16)
     ds = data.make_train_dataset(src, np.arange(len(src)), batch_size=16, seed=0, image_size=16)
     batches = [b for _, b in zip(range(3), iter(ds))]
     model = T.build_model(c, src.num_classes)
     opt = T.make_optimizer(c)
-    step = T.make_train_step(model, opt, distraction=T.distraction_config(c), grad_cam_layer="conv3")
+    scheme = distraction_scheme(DistractionConfig(probability=1.0, fill="random"), ModelLayers("conv3", "fc"))
+    step = T.make_train_step(model, opt, scheme)
     finals = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = Mesh(np.array(devices), ("data",))
@@ -87,8 +91,7 @@ def test_kill_and_resume_continues_the_same_trajectory(tmp_path):
     config = tiny_config()
     straight = train_lib.train(config, tmp_path / "straight", progress=False)
 
-    first = default_config()
-    first.update(config)
+    first = config.copy_and_resolve_references()
     first.num_steps = 5  # "killed" after step 5; checkpoints at 4 and 5 (the last step is always saved)
     train_lib.train(first, tmp_path / "resumed", progress=False)
     resumed = train_lib.train(config, tmp_path / "resumed", progress=False)
@@ -118,8 +121,8 @@ def test_step_is_traced_once():
     config = tiny_config(probability=1.0)
     model = train_lib.build_model(config, 10)
     opt = train_lib.make_optimizer(config)
-    step = chex.assert_max_traces(train_lib.make_train_step(
-        model, opt, distraction=train_lib.distraction_config(config), grad_cam_layer="conv3"), n=1)
+    scheme = training.build_scheme(config, train_lib.model_layers(config))
+    step = chex.assert_max_traces(train_lib.make_train_step(model, opt, scheme), n=1)
     fn = jax.jit(step)
     state = train_lib.init_state(model, opt, (16, 16, 1), 0)
     rng = np.random.default_rng(0)
@@ -161,10 +164,10 @@ def test_experiment_runlocal_writes_report_and_figure(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = (tmp_path / "exp" / "report.md").read_text()
     assert "| Metric | baseline | 0-occlusion |" in report
-    assert "Random Erasing" in report
+    assert "Random Erasing" in report and "| 0-occlusion | distraction (" in report
     metrics = json.loads((tmp_path / "exp" / "metrics.json").read_text())
     for arm in ("baseline", "0-occlusion"):
-        acc = metrics["summary"][arm]["clean"]["accuracy"]
+        acc = metrics["summary"][arm]["classification"]["accuracy"]
         assert 0.0 <= acc <= 1.0
     from PIL import Image
 

@@ -12,30 +12,29 @@ Command (from the repository root):
 Runtime: about 12.5 minutes per arm on 2 CPU cores (measured: 727 s baseline, 742 s 0-occlusion of training, 25
 min for those two arms with evaluation; train steps 103 ms baseline / 111 ms with occlusion at p = 1, input
 18 ms per batch in 2 grain threads); ~50 minutes for the 4 arms. One arm alone: ``saliency-jax train`` with the same
-config and ``--config.distraction.enabled=true --config.distraction.fill=zero`` (``=false`` for the baseline).
+config and ``--config.schemes=distraction --config.distraction.fill=zero`` (``--config.schemes=`` for the baseline).
 Expected (measured, seed 0, baseline and 0-occlusion only): clean test accuracy 0.662 / 0.654, macro F1 0.652 /
 0.644; with every test image randomly erased 0.344 / 0.397 (R- and 1-occlusion not run yet).
 """
 
-from saliency_jax.config import DISTRACTION_ARMS, default_config
+import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
+import common
 
 
 def get_config(arg: str | None = None):
-    c = default_config()
+    c = common.distraction_config()
     c.dataset.name = "cifar10"
     c.dataset.data_dir = "../shared/data/cifar10/cifar10.npz"
     c.dataset.image_size = None  # native 32 x 32
     c.dataset.augment = dict(hflip=True, rotation=0.0, channel_shift=30.0, brightness=(0.5, 1.5))
     c.model.name = "small_cnn"
     c.model.kwargs = {"widths": (32, 64, 128)}
-    c.model.grad_cam_layer = "conv3"
     c.optimizer.learning_rate = 1e-3  # from scratch
     c.batch_size = 64
     c.eval_batch_size = 500
     c.num_steps = 6000
     c.log_every = 200
     c.checkpoint_every = 1000
-    c.experiment.arms = DISTRACTION_ARMS
     if arg == "runlocal":
         c.num_steps = 20
         c.log_every = 10

@@ -14,11 +14,12 @@ Expected (measured, seed 0): clean / randomly erased test accuracy - baseline 0.
 the occlusion arms far more robust to erasing (one seed; rerun with ``--config.experiment.repeats=3`` for spreads).
 """
 
-from saliency_jax.config import DISTRACTION_ARMS, default_config
+import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
+import common
 
 
 def get_config(arg: str | None = None):
-    c = default_config()
+    c = common.distraction_config()
     c.dataset.name = "digits"
     c.dataset.image_size = 32
     # Digits are not flip-invariant: no flip; no rotation (its host cost would dominate); the photometric part of the
@@ -26,13 +27,11 @@ def get_config(arg: str | None = None):
     c.dataset.augment = dict(hflip=False, rotation=0.0, channel_shift=30.0, brightness=(0.5, 1.5))
     c.model.name = "small_cnn"
     c.model.kwargs = {"widths": (16, 32, 64)}
-    c.model.grad_cam_layer = "conv3"
     c.optimizer.learning_rate = 1e-3  # from scratch, not fine-tuning: the paper's 5e-5 is for a pretrained ResNet50
     c.batch_size = 32
     c.num_steps = 1200
     c.log_every = 100
     c.checkpoint_every = 600
-    c.experiment.arms = DISTRACTION_ARMS
     c.experiment.repeats = 1
     if arg == "runlocal":
         c.model.kwargs = {"widths": (4, 8, 8)}
@@ -41,7 +40,8 @@ def get_config(arg: str | None = None):
         c.checkpoint_every = 6
         c.batch_size = 8
         c.eval_batch_size = 64
-        c.experiment.figure_examples = 3
-        c.experiment.arms = (DISTRACTION_ARMS[0],
-                             ("0-occlusion", {"distraction": {"enabled": True, "fill": "zero", "probability": 0.5}}))
+        c.saliency_maps.examples = 3
+        c.experiment.arms = (common.DISTRACTION_ARMS[0],
+                             ("0-occlusion", {"schemes": ("distraction",),
+                                              "distraction": {"fill": "zero", "probability": 0.5}}))
     return c

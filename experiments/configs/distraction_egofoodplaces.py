@@ -16,24 +16,24 @@ Expected (paper): Table 3 accuracy 0.67 (FT-ResNet50) vs 0.68 (0-occlusion), wei
 Table 4 (randomly erased test images) accuracy 0.59 vs 0.60.
 """
 
-from saliency_jax.config import DISTRACTION_ARMS, default_config
+import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
+import common
 
 
 def get_config(arg: str | None = None):
-    c = default_config()
+    c = common.distraction_config()
     c.dataset.name = "folder"
-    c.dataset.data_dir = None  # the user's prepared image folder (required)
+    c.dataset.data_dir = ""  # the user's prepared image folder (required)
     c.dataset.image_size = 250
     c.dataset.read_threads = 16
     c.dataset.augment = dict(hflip=True, rotation=40.0, channel_shift=30.0, brightness=(0.5, 1.5))
     c.model.name = "resnet50"
-    c.model.grad_cam_layer = "layer4"
     c.model.pretrained = ""  # path to torchvision-named ImageNet weights (required for FT-ResNet50)
     c.batch_size = 16
     c.eval_batch_size = 64
     c.num_epochs = 30.0
     c.log_every = 100
     c.checkpoint_every = 1000
-    c.experiment.arms = (("FT-ResNet50", DISTRACTION_ARMS[0][1]), DISTRACTION_ARMS[1])
+    c.experiment.arms = (("FT-ResNet50", common.DISTRACTION_ARMS[0][1]), common.DISTRACTION_ARMS[1])
     c.experiment.repeats = 3
     return c

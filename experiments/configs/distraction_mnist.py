@@ -17,25 +17,24 @@ Expected (measured, seeds 0-1, mean ± sample std): clean accuracy 0.951 ± 0.01
 under-trained (train accuracy ~0.97 at the end), so clean accuracy stays below the usual 0.99.
 """
 
-from saliency_jax.config import DISTRACTION_ARMS, default_config
+import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
+import common
 
 
 def get_config(arg: str | None = None):
-    c = default_config()
+    c = common.distraction_config()
     c.dataset.name = "mnist"
     c.dataset.data_dir = "../shared/data/mnist"
     c.dataset.image_size = None  # native 28 x 28
     c.dataset.augment = dict(hflip=False, rotation=0.0, channel_shift=30.0, brightness=(0.5, 1.5))
     c.model.name = "small_cnn"
     c.model.kwargs = {"widths": (16, 32, 64)}
-    c.model.grad_cam_layer = "conv3"
     c.optimizer.learning_rate = 1e-3  # from scratch
     c.batch_size = 64
     c.eval_batch_size = 500
     c.num_steps = 2000
     c.log_every = 100
     c.checkpoint_every = 1000
-    c.experiment.arms = DISTRACTION_ARMS
     c.experiment.repeats = 2
     if arg == "runlocal":
         c.num_steps = 20

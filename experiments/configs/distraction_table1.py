@@ -19,7 +19,8 @@ Expected (paper, Table 1), accuracy: Cars 0.846 (FT-ResNet50), 0.875 (0-occ.), 0
 Aircraft 0.733, 0.751, 0.740, 0.746.
 """
 
-from saliency_jax.config import DISTRACTION_ARMS, default_config
+import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
+import common
 
 DATASETS = ("stanford_cars", "fgvc_aircraft")
 
@@ -27,20 +28,19 @@ DATASETS = ("stanford_cars", "fgvc_aircraft")
 def get_config(arg: str | None = "stanford_cars"):
     if arg not in DATASETS:
         raise ValueError(f"choose the dataset after the config path: one of {DATASETS}; got {arg!r}")
-    c = default_config()
+    c = common.distraction_config()
     c.dataset.name = "folder"
-    c.dataset.data_dir = None  # the user's prepared image folder (required)
+    c.dataset.data_dir = ""  # the user's prepared image folder (required)
     c.dataset.image_size = 224
     c.dataset.read_threads = 16
     c.dataset.augment = dict(hflip=True, rotation=40.0, channel_shift=30.0, brightness=(0.5, 1.5))
     c.model.name = "resnet50"
-    c.model.grad_cam_layer = "layer4"
     c.model.pretrained = ""  # path to torchvision-named ImageNet weights (required for FT-ResNet50)
     c.batch_size = 16
     c.eval_batch_size = 64
     c.num_epochs = 30.0
     c.log_every = 100
     c.checkpoint_every = 1000
-    c.experiment.arms = (("FT-ResNet50", DISTRACTION_ARMS[0][1]), *DISTRACTION_ARMS[1:])
+    c.experiment.arms = (("FT-ResNet50", common.DISTRACTION_ARMS[0][1]), *common.DISTRACTION_ARMS[1:])
     c.experiment.repeats = 3
     return c

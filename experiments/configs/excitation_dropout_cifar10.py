@@ -49,13 +49,14 @@ the compression behaviour, not the thesis's accuracy ranking (ED 81.9% vs SD 80.
 off the least relevant units at test time gives it ground-truth probability 1.0, and its test accuracy is low.
 """
 
-from saliency_jax.config import excitation_dropout_config, reduced_dropout_config
+import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
+import common
 
 
 def get_config(arg: str | None = None):
-    c = excitation_dropout_config()
+    c = common.excitation_dropout_config()
     c.dataset.name = "cifar10"
     c.dataset.data_dir = "../shared/data/cifar10/cifar10.npz"
     c.dataset.image_size = None
     c.dataset.augment = dict(hflip=True, rotation=0.0, channel_shift=0.0, brightness=(1.0, 1.0))
-    return reduced_dropout_config(c, arg, num_steps=800, log_every=100, checkpoint_every=200)
+    return common.reduced_dropout_config(c, arg, num_steps=800, log_every=100, checkpoint_every=200)

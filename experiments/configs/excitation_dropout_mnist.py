@@ -18,12 +18,13 @@ switched off, the ground-truth probability stays 0.94 (0.90) for excitation vs 0
 standard, 0.87 (0.44) per-image; with 192 random units off 0.87 vs 0.43 / 0.69 / 0.74 (Fig. 5.5's ranking).
 """
 
-from saliency_jax.config import excitation_dropout_config, reduced_dropout_config
+import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
+import common
 
 
 def get_config(arg: str | None = None):
-    c = excitation_dropout_config()
+    c = common.excitation_dropout_config()
     c.dataset.name = "mnist"
     c.dataset.data_dir = "../shared/data/mnist"
     c.dataset.image_size = None
-    return reduced_dropout_config(c, arg, num_steps=300, log_every=50, checkpoint_every=75)
+    return common.reduced_dropout_config(c, arg, num_steps=300, log_every=50, checkpoint_every=75)

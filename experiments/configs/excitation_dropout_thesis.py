@@ -24,11 +24,12 @@ Expected (thesis, mean of 5): CIFAR-10 ED 81.94% / SD 80.13%; CIFAR-100 52.04% /
 28.73%; UCF101 VGG16 73.23% / 71.93%.
 """
 
-from saliency_jax.config import excitation_dropout_config
+import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
+import common
 
 
 def get_config(arg: str | None = "cifar10"):
-    c = excitation_dropout_config()  # CNN-2 and the thesis optimizer, 100k steps, 5 repeats
+    c = common.excitation_dropout_config()  # CNN-2 and the thesis optimizer, 100k steps, 5 repeats
     arg = arg or "cifar10"
     if arg == "cifar10":
         c.dataset.name = "cifar10"
@@ -45,23 +46,22 @@ def get_config(arg: str | None = "cifar10"):
         c.dataset.data_dir = ""
         c.dataset.image_size = 224
         c.model.name = "vgg16" if arg == "ucf101_vgg16" else "alexnet"
-        c.model.grad_cam_layer = "relu5_3" if arg == "ucf101_vgg16" else "relu5"
         c.dropout.layer = "relu6"
-        c.dropout.weights = "fc6"
         c.dropout.bypass = ("drop6",)
+        c.utilization.update(layer="relu6", weights="fc6", test_examples=0, curve_examples=1000,
+                             conservative_deltas=(0.15,))
+        c.compression.update(layer="relu6", examples=1000)
         c.optimizer.weight_decay = 0.0
         c.optimizer.lr_boundaries = []
         c.optimizer.lr_scales = []
         c.batch_size = 50
         c.num_steps = 30_000
         c.checkpoint_every = 3_000
-        c.analysis = dict(test_examples=0, curve_examples=1000, compression_examples=1000,
-                          conservative_deltas=(0.15,), seed=0)
     else:
         raise ValueError(f"unknown argument {arg!r}; choose cifar10, cifar100, caltech256, ucf101_vgg16 or "
                          "ucf101_alexnet")
     if arg not in ("ucf101_vgg16", "ucf101_alexnet"):
-        c.analysis = dict(test_examples=0, curve_examples=1000, compression_examples=2000,
-                          conservative_deltas={"cifar10": (0.25,), "cifar100": (0.30,), "caltech256": (1.25,)}[arg],
-                          seed=0)
+        c.utilization.update(test_examples=0, curve_examples=1000, conservative_deltas=(
+            {"cifar10": 0.25, "cifar100": 0.30, "caltech256": 1.25}[arg],))
+        c.compression.examples = 2000
     return c

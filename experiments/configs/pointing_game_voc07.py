@@ -21,19 +21,22 @@ present).
 
 Command (needs the VOC 2007 test tree, the flag table and VOC-fine-tuned weights; nothing is downloaded)::
 
-  python experiments/pointing_game.py --config experiments/configs/pointing_game_voc07.py \
-      --config.data_dir=/data/VOCdevkit/VOC2007 \
-      --config.difficult_flags=/data/pointing_game_ebp_voc07_difficult.txt \
-      --config.models.vgg16.weights=/weights/vgg16_voc.safetensors \
-      --config.models.resnet50.weights=/weights/resnet50_voc.safetensors --workdir runs/pointing_voc07
+  saliency-jax experiment --config experiments/configs/pointing_game_voc07.py \
+      --config.pointing_game.data_dir=/data/VOCdevkit/VOC2007 \
+      --config.pointing_game.difficult_flags=/data/pointing_game_ebp_voc07_difficult.txt \
+      --config.weights.vgg16=/weights/vgg16_voc.safetensors \
+      --config.weights.resnet50=/weights/resnet50_voc.safetensors --workdir runs/pointing_voc07
+
+The arms are the two networks (nothing is trained: ``num_steps = num_epochs = 0``, the imported weights are
+evaluated); the report's table has one all / difficult column pair per network.
 
 Weights: a local ``.safetensors`` / ``.npz`` with torchvision ``state_dict`` keys and a 20-class head (a VGG16 /
 ResNet-50 fine-tuned on VOC 2007 trainval), loaded with :func:`saliency_jax.models.weights.load_pretrained`.
 
 Runtime: 4952 images, about 7,000 (image, class) maps per method and model. Each network compiles once per
 distinct input shape (the aspect ratios of VOC give on the order of a hundred), which dominates on a GPU; on CPU
-expect hours. ``--config.limit=100`` gives a quick partial run; ``--config.model_names=vgg16`` one model;
-``--config.methods=center,grad_cam`` fewer methods. (Not yet run on the real data and weights here: the numbers
+expect hours. ``--config.pointing_game.limit=100`` gives a quick partial run; ``--config.pointing_game.methods=center,grad_cam``
+fewer methods. (Not yet run on the real data and weights here: the numbers
 below are the targets, not our measurements.)
 
 Expected (TorchRay's benchmark table, its Caffe-converted VOC models; all / difficult, %): VGG16: center 69.6 / 42.4,
@@ -46,11 +49,14 @@ strides the 3x3), which our ResNet cannot express. The centre baseline does not 
 
 cEB: :func:`saliency_jax.saliency.contrastive_excitation_backprop` subtracts the dual (negated-classifier) pass at
 the classifier's input, which *is* ``relu7`` for VGG16 (``fc8``'s input) and ``avgpool`` for ResNet-50 (``fc``'s
-input); the ``contrast`` entries below document this and the runner checks them.
+input); the ``contrast`` entries below document this and the evaluator checks them (``classifier_input``).
 
 Tiny variant (tests; random tiny models, no weights): ``--config experiments/configs/pointing_game_voc07.py:runlocal``
-with ``--config.data_dir`` pointing at a small generated VOC tree.
+with ``--config.pointing_game.data_dir`` pointing at a small generated VOC tree.
 """
+
+import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
+import common
 
 import ml_collections
 
@@ -64,36 +70,34 @@ REFERENCE_LAYERS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.dataset = "voc07"
-    c.data_dir = "data/VOCdevkit/VOC2007"
-    c.split = "test"
-    # TorchRay's torchray/benchmark/pointing_game_ebp_voc07_difficult.txt; "" to report "all" only.
-    c.difficult_flags = "data/pointing_game_ebp_voc07_difficult.txt"
-    c.limit = 0  # first N images only (0: all)
-    c.tolerance = 15
-    c.input_size = 224  # shorter side of the network input, in pixels (0: the original image)
-    c.methods = ("center", "grad_cam", "excitation_backprop", "contrastive_excitation_backprop")
-    c.model_names = ("vgg16", "resnet50")  # entries of c.models to run, in table order
-    c.class_batch = 1  # (image, class) maps per network call; 1 compiles least (VOC has ~1.4 classes per image)
-    c.allow_random_init = False  # True only for the tiny test variant: run without weights
-    c.seed = 0
-    c.models = ml_collections.ConfigDict()
-    c.models.vgg16 = ml_collections.ConfigDict(dict(
-        arch="vgg16", weights="weights/vgg16_voc.safetensors", kwargs={},
-        layers=dict(REFERENCE_LAYERS["vgg16"])))
-    c.models.resnet50 = ml_collections.ConfigDict(dict(
-        arch="resnet50", weights="weights/resnet50_voc.safetensors", kwargs={},
-        layers=dict(REFERENCE_LAYERS["resnet50"])))
+    c = common.default_config()
+    c.num_steps = 0  # nothing is trained: the arms evaluate imported weights
+    c.num_epochs = 0.0
+    c.model.num_classes = 20
+    c.dataset.image_size = 224  # the shape the models are built with (the pointing game resizes each image itself)
+    c.evaluators = ("pointing_game",)
+    c.pointing_game = common.evaluator_section(
+        "pointing_game", dataset="voc07", data_dir="data/VOCdevkit/VOC2007", split="test",
+        # TorchRay's torchray/benchmark/pointing_game_ebp_voc07_difficult.txt; "" to report "all" only.
+        difficult_flags="data/pointing_game_ebp_voc07_difficult.txt", tolerance=15.0, input_size=224,
+        class_batch=1,  # (image, class) maps per network call; 1 compiles least (VOC has ~1.4 classes per image)
+        layers=dict(grad_cam="", excitation_backprop="", contrastive_excitation_backprop="", contrast=""))
+    c.weights = ml_collections.ConfigDict(dict(vgg16="weights/vgg16_voc.safetensors",
+                                               resnet50="weights/resnet50_voc.safetensors"))
+    kwargs = {"vgg16": {}, "resnet50": {}}
     if arg == "runlocal":
-        c.data_dir = ""
-        c.difficult_flags = ""
-        c.input_size = 64
-        c.allow_random_init = True
-        c.models.vgg16.weights = ""
-        c.models.vgg16.kwargs = dict(stage_features=(4, 4, 4, 4, 4), fc_features=8)
-        c.models.resnet50.weights = ""
-        c.models.resnet50.kwargs = dict(num_filters=2)
+        c.pointing_game.data_dir = ""
+        c.pointing_game.difficult_flags = ""
+        c.pointing_game.input_size = 64
+        c.dataset.image_size = 64
+        c.model.allow_random_init = True
+        c.weights.vgg16 = c.weights.resnet50 = ""
+        kwargs = {"vgg16": dict(stage_features=(4, 4, 4, 4, 4), fc_features=8), "resnet50": dict(num_filters=2)}
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; use 'runlocal' or nothing")
+    c.experiment.arms = tuple(
+        (arch, {"model": {"name": arch, "kwargs": kwargs[arch], "pretrained": c.weights.get_ref(arch)},
+                "pointing_game": {"layers": dict(REFERENCE_LAYERS[arch]),
+                                  "classifier_input": REFERENCE_LAYERS[arch]["contrast"]}})
+        for arch in ("vgg16", "resnet50"))
     return c

@@ -19,6 +19,8 @@ from saliency_jax.data.pipeline import make_eval_batches
 from saliency_jax.data.pipeline import make_train_dataset
 from saliency_jax.data.pipeline import num_classes
 from saliency_jax.data.pipeline import oversample
+from saliency_jax.data.pipeline import Relabeled
+from saliency_jax.data.pipeline import symmetric_label_noise
 from saliency_jax.data.pipeline import train_val_split
 from saliency_jax.data.sources import CIFAR10_CLASSES
 from saliency_jax.data.sources import DIGITS_SPLIT_SEED
@@ -66,5 +68,7 @@ __all__ = [
     "make_train_dataset",
     "num_classes",
     "oversample",
+    "Relabeled",
+    "symmetric_label_noise",
     "train_val_split",
 ]

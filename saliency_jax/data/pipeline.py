@@ -32,6 +32,8 @@ from saliency_jax.data import augment as augment_lib
 __all__ = [
     "train_val_split",
     "oversample",
+    "symmetric_label_noise",
+    "Relabeled",
     "make_train_dataset",
     "make_eval_batches",
     "EvalBatches",
@@ -115,6 +117,72 @@ def oversample(
             )
         counts[index_labels == class_id] = int(factor)
     return np.repeat(indices, counts)
+
+
+def symmetric_label_noise(
+    labels: np.ndarray, rate: float, num_classes: int, seed: int = 0
+) -> np.ndarray:
+    """Symmetric label noise: each label is replaced, with probability ``rate``, by another class drawn uniformly.
+
+    The usual protocol for training with noisy labels (e.g. the label-noise experiments of Sun et al., ECCV 2020):
+    a fixed corruption of the training labels, drawn once (not per epoch). The new class is drawn uniformly from the
+    ``num_classes - 1`` *other* classes, so the expected fraction of wrong labels is exactly ``rate``.
+
+    Args:
+        labels: [n] int class ids in [0, num_classes).
+        rate: fraction of labels to corrupt, in [0, 1].
+        num_classes: number of classes, >= 2.
+        seed: seed of ``np.random.default_rng`` (which labels, and their new classes).
+
+    Returns:
+        [n] int32 labels; ``labels`` unchanged where not corrupted.
+
+    Raises:
+        ValueError: ``rate`` outside [0, 1], fewer than 2 classes, or labels out of range.
+    """
+    labels = np.asarray(labels)
+    if not 0.0 <= float(rate) <= 1.0:
+        raise ValueError(f"label noise rate must lie in [0, 1]; got {rate}")
+    if num_classes < 2:
+        raise ValueError(f"label noise needs at least 2 classes; got {num_classes}")
+    if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
+        raise ValueError(f"labels must be [n] ints in [0, {num_classes}); got shape {labels.shape}")
+    rng = np.random.default_rng(seed)
+    flip = rng.uniform(size=labels.shape) < rate
+    offset = rng.integers(1, num_classes, size=labels.shape)  # 1..num_classes-1: never the same class
+    return np.where(flip, (labels + offset) % num_classes, labels).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Relabeled:
+    """A source with its labels replaced (grain random-access source), e.g. by :func:`symmetric_label_noise`.
+
+    Attributes:
+        source: the wrapped source (items ``{"image", "label", ...}``; ``num_classes`` and ``class_names`` are
+            passed through).
+        labels: [len(source)] int32, the new labels.
+    """
+
+    source: Any
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if np.shape(self.labels) != (len(self.source),):
+            raise ValueError(f"Relabeled: {len(self.source)} examples but labels of shape {np.shape(self.labels)}")
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {**self.source[index], "label": np.int32(self.labels[int(index)])}
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    @property
+    def class_names(self):
+        return getattr(self.source, "class_names", None)
 
 
 @dataclasses.dataclass(frozen=True)

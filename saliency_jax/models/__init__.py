@@ -1,7 +1,9 @@
 """Flax linen models used by the experiments; every layer a saliency method needs is a named submodule.
 
 ``get_model(name, num_classes)`` builds one; ``GRAD_CAM_LAYER[name]`` is the module path of its last convolutional
-layer, the layer Grad-CAM explains by default.
+layer (post-ReLU), the layer Grad-CAM explains by default, and ``CLASSIFIER[name]`` the module path of its output
+dense layer (for the GAP networks: the classifier on the pooled features, which CAM and the HNC loss read). A run's
+config takes both from here unless ``config.model.grad_cam_layer`` / ``config.model.classifier`` say otherwise.
 """
 
 from __future__ import annotations
@@ -10,20 +12,35 @@ import flax.linen as nn
 
 from saliency_jax.models.alexnet import AlexNet
 from saliency_jax.models.cnn2 import CNN2
-from saliency_jax.models.resnet import ResNet18, ResNet50
+from saliency_jax.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
 from saliency_jax.models.small_cnn import SmallCNN
 from saliency_jax.models.vgg import VGG16
 
-__all__ = ["AlexNet", "CNN2", "SmallCNN", "ResNet18", "ResNet50", "VGG16", "get_model", "GRAD_CAM_LAYER",
-           "MODEL_NAMES"]
+__all__ = ["AlexNet", "CNN2", "SmallCNN", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152", "VGG16", "get_model", "GRAD_CAM_LAYER",
+           "CLASSIFIER", "MODEL_NAMES"]
 
 GRAD_CAM_LAYER = {
     "small_cnn": "conv3",
     "resnet18": "layer4",
+    "resnet34": "layer4",
     "resnet50": "layer4",
+    "resnet101": "layer4",
+    "resnet152": "layer4",
     "vgg16": "relu5_3",
     "cnn2": "relu_conv3",
     "alexnet": "relu5",
+}
+
+CLASSIFIER = {
+    "small_cnn": "fc",
+    "resnet18": "fc",
+    "resnet34": "fc",
+    "resnet50": "fc",
+    "resnet101": "fc",
+    "resnet152": "fc",
+    "vgg16": "fc8",
+    "cnn2": "fc3",
+    "alexnet": "fc8",
 }
 
 MODEL_NAMES = tuple(GRAD_CAM_LAYER)
@@ -46,10 +63,10 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """
     if name == "small_cnn":
         return SmallCNN(num_classes=num_classes, **kwargs)
-    if name == "resnet18":
-        return ResNet18(num_classes=num_classes, **kwargs)
-    if name == "resnet50":
-        return ResNet50(num_classes=num_classes, **kwargs)
+    resnets = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50, "resnet101": ResNet101,
+               "resnet152": ResNet152}
+    if name in resnets:
+        return resnets[name](num_classes=num_classes, **kwargs)
     if name == "cnn2":
         return CNN2(num_classes=num_classes, **kwargs)
     if name == "vgg16":

@@ -1,9 +1,17 @@
 """Saliency-guided training schemes built on :mod:`saliency_jax.saliency` (no train loop here: see
-:mod:`saliency_jax.train`)."""
+:mod:`saliency_jax.train`).
 
-from saliency_jax.training.distraction import FILL_MODES, DistractionConfig, distract, occlude
+:mod:`saliency_jax.training.scheme` defines the protocol (:class:`Scheme`, :func:`chain`, the registry); each other
+module here is one scheme, registered under its config name when imported below.
+"""
+
+from saliency_jax.training.scheme import (CLASSIFICATION_LOSSES, Forward, ModelLayers, Scheme, SchemeSettings,
+                                          StepContext, build_scheme, chain, classification_loss, model_forward,
+                                          register_scheme, scheme_names, settings_section)
+from saliency_jax.training.distraction import FILL_MODES, DistractionConfig, distract, distraction_scheme, occlude
 from saliency_jax.training.excitation_dropout import (RESCALE_MODES, SCHEMES, DropoutConfig, DropoutOutput,
                                                       adaptive_retain_probability, apply_dropout_mask,
                                                       curriculum_retain_probability, dropout_at_layer,
-                                                      layer_excitation, linen_head, make_dropout_forward,
+                                                      dropout_scheme, layer_excitation, make_dropout_forward,
                                                       retain_probability, scheme_retain_probability)
+from saliency_jax.training.hnc import HNCConfig, hard_negative_classes, hnc_loss, hnc_scheme

@@ -20,20 +20,23 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from saliency_jax.saliency import LayerModel, grad_cam
+from saliency_jax.saliency import LayerModel, grad_cam, linen_layer
 from saliency_jax.saliency.core import check_images
+from saliency_jax.training.scheme import ModelLayers, Scheme, SchemeSettings, register_scheme
 
 Array = jax.Array
 Fill = Literal["zero", "one", "random"]
 
-__all__ = ["DistractionConfig", "occlude", "distract", "FILL_MODES"]
+__all__ = ["DistractionConfig", "occlude", "distract", "distraction_scheme", "FILL_MODES"]
 
 FILL_MODES = ("zero", "one", "random")
 
 
 @dataclasses.dataclass(frozen=True)
-class DistractionConfig:
+class DistractionConfig(SchemeSettings):
     """Hyper-parameters of distraction training (defaults: the paper's and its released code's).
+
+    The settings of the ``"distraction"`` training scheme (:func:`distraction_scheme`; ``config.distraction``).
 
     Attributes:
       probability: ``p``, probability that a mini-batch (or, with ``per_example``, an image) is occluded; paper 0.25.
@@ -143,3 +146,28 @@ def distract(key: Array, model: LayerModel, images: Array, labels: Array,
     apply = jax.random.bernoulli(k_apply, config.probability)
     out = jax.lax.cond(apply, occluded_batch, lambda: images)
     return out, jnp.broadcast_to(apply, images.shape[:1])
+
+
+@register_scheme("distraction", DistractionConfig)
+def distraction_scheme(config: DistractionConfig, layers: ModelLayers) -> Scheme:
+    """Distraction training as a training scheme: a batch transform (Algorithm 1 of Morales et al. 2021).
+
+    With the step's current weights (inference mode, no gradient through the masks), the mini-batch is replaced by
+    its occluded version with probability ``config.probability`` (:func:`distract`; Grad-CAM of the ground-truth
+    class at ``layers.grad_cam_layer``); the usual gradient step follows on it.
+
+    Args:
+      config: the hyper-parameters.
+      layers: the model's layers (``grad_cam_layer``: the last convolutional block).
+
+    Returns:
+      A :class:`~saliency_jax.training.Scheme` whose batch transform reports the metric ``occluded`` (fraction of
+      the batch occluded).
+    """
+
+    def batch_transform(ctx, batch):
+        model = linen_layer(ctx.model, ctx.variables, layers.grad_cam_layer, train=False)
+        images, occluded = distract(ctx.key, model, batch["image"], batch["label"], config)
+        return {**batch, "image": images}, {"occluded": jnp.mean(occluded.astype(jnp.float32))}
+
+    return Scheme(batch_transform=batch_transform)

@@ -55,7 +55,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saliency_jax.saliency.core import apply_with_layers, linen_head
 from saliency_jax.saliency.excitation_backprop import with_excitation_rules
+from saliency_jax.training.scheme import Forward, ModelLayers, Scheme, SchemeSettings, register_scheme
 
 Array = jax.Array
 
@@ -71,8 +73,8 @@ __all__ = [
     "scheme_retain_probability",
     "apply_dropout_mask",
     "dropout_at_layer",
-    "linen_head",
     "make_dropout_forward",
+    "dropout_scheme",
 ]
 
 SCHEMES = ("none", "standard", "standard_per_image", "curriculum", "excitation", "adaptive")
@@ -86,8 +88,10 @@ _PER_BATCH_SCHEMES = ("standard", "curriculum")
 
 
 @dataclasses.dataclass(frozen=True)
-class DropoutConfig:
+class DropoutConfig(SchemeSettings):
     """Hyper-parameters of a dropout scheme (defaults: the thesis's, Bargal 2019 Sec. 5.2.2).
+
+    The settings of the ``"dropout"`` training scheme (:func:`dropout_scheme`; ``config.dropout``).
 
     Attributes:
       scheme: one of :data:`SCHEMES`.
@@ -119,16 +123,6 @@ class DropoutConfig:
         if not self.layer:
             raise ValueError("DropoutConfig.layer must name the module path of the dropout layer")
         object.__setattr__(self, "bypass", tuple(self.bypass or ()))
-
-    @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> "DropoutConfig":
-        """Builds a config from a mapping (e.g. ``config.dropout``), ignoring keys that are not fields.
-
-        Raises:
-          ValueError: as the constructor.
-        """
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if k == "bypass" else v) for k, v in dict(d).items() if k in names})
 
 
 class DropoutOutput(NamedTuple):
@@ -175,7 +169,7 @@ def retain_probability(p_eb: Array, base_retain: float, num_units: int) -> Array
       TypeError: if ``p_eb`` is not floating point.
 
     Example:
-      >>> float(retain_probability(jnp.float32(0.1), 0.5, 10))
+      >>> round(float(retain_probability(jnp.float32(0.1), 0.5, 10)), 6)  # p_EB = 1/N gives P
       0.5
     """
     P = _check_p(base_retain)
@@ -361,82 +355,15 @@ def dropout_at_layer(key: Array, activations: Array, config: DropoutConfig, *,
 # Flax linen models.
 
 
-def _path_str(module: nn.Module) -> str:
-    return "/".join(str(p) for p in module.path)
-
-
-def _interceptor(layer: str, replace: Callable[[Array], Array] | None, bypass: Sequence[str], captured: list):
-    bypass = frozenset(bypass)
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        path = _path_str(context.module)
-        if path in bypass:
-            return args[0]
-        out = next_fun(*args, **kwargs)
-        if path == layer:
-            if not isinstance(out, jax.Array):
-                raise ValueError(f"layer {layer!r} returns {type(out).__name__}, not one activation array")
-            captured.append(out)
-            if replace is not None:
-                out = replace(out)
-        return out
-
-    return interceptor
-
-
-def _checked(captured: list, layer: str, module: nn.Module) -> Array:
-    if not captured:
-        raise ValueError(f"dropout layer {layer!r} not found in {type(module).__name__}; list the module paths with "
-                         "saliency_jax.saliency.module_paths")
-    if len(captured) > 1:
-        raise ValueError(f"dropout layer {layer!r} ran {len(captured)} times; name a layer that runs once")
-    return captured[0]
-
-
-def linen_head(module: nn.Module, variables: Any, layer: str, images: Array,
-               **apply_kwargs) -> Callable[[Array], Array]:
-    """The part of a linen module above ``layer`` as a function of that layer's output.
-
-    ``head(v)`` runs ``module.apply(variables, images, **apply_kwargs)`` with the output of the submodule at path
-    ``layer`` replaced by ``v``; the computation below the layer does not reach the result, so under ``jax.jit`` it is
-    removed as dead code.
-
-    Args:
-      module: a linen module returning logits.
-      variables: its variables.
-      layer: module path of the layer (``"relu_fc1"``).
-      images: [batch, height, width, channels], the batch the activations belong to (only needed to trace the
-        module; it does not influence the result).
-      **apply_kwargs: e.g. ``train=False``.
-
-    Returns:
-      ``head(v [batch, *units]) -> logits [batch, num_classes]``.
-
-    Raises:
-      ValueError: (when called) if ``layer`` is not a submodule that runs once.
-    """
-
-    def head(v):
-        captured: list = []
-        with nn.intercept_methods(_interceptor(layer, lambda _: v, (), captured)):
-            logits = module.apply(variables, images, **apply_kwargs)
-        _checked(captured, layer, module)
-        return logits
-
-    return head
-
-
 def make_dropout_forward(module: nn.Module, config: DropoutConfig, *,
                          train_kwargs: Mapping[str, Any] | None = None,
                          eval_kwargs: Mapping[str, Any] | None = None,
                          mutable: Sequence[str] = ("batch_stats",)):
     """The training forward pass of a linen module with a dropout scheme at the layer ``config.layer``.
 
-    Drop-in for ``module.apply(variables, images, train=True, mutable=..., rngs=...)`` in a train step (see
-    ``saliency_jax.train.make_train_step(forward=...)``); works for any linen module whose dropout point is a
-    submodule returning the activations (name it by module path).
+    Drop-in for ``module.apply(variables, images, train=True, mutable=..., rngs=...)`` in a train step (the
+    ``"dropout"`` training scheme wraps it, :func:`dropout_scheme`); works for any linen module whose dropout point
+    is reachable by :func:`~saliency_jax.saliency.apply_with_layers` (a module path, or ``"Dense_0+relu"``).
 
     Args:
       module: the linen module (returns logits [batch, num_classes]).
@@ -447,33 +374,33 @@ def make_dropout_forward(module: nn.Module, config: DropoutConfig, *,
       mutable: collections the training forward may update.
 
     Returns:
-      ``forward(variables, images, labels, key, step) -> (logits, updates)``: ``images`` [batch, height, width,
-      channels] float32; ``labels`` int [batch] (ground truth, the EB prior); ``key`` this step's PRNG key
-      (``k_model, k_mask = split(key)``: ``k_model`` is the model's ``"dropout"`` rng); ``step`` int32 scalar;
-      ``logits`` [batch, num_classes]; ``updates`` the mutable collections plus ``"dropout"``: ``{"mask", "retain",
-      "p_eb"}`` (see :class:`DropoutOutput`) for inspection. Jittable; no loop over examples.
+      ``forward(variables, images, labels, key, step, capture=()) -> (logits, updates, activations)``:
+      ``images`` [batch, height, width, channels] float32; ``labels`` int [batch] (ground truth, the EB prior);
+      ``key`` this step's PRNG key (``k_model, k_mask = split(key)``: ``k_model`` is the model's ``"dropout"`` rng);
+      ``step`` int32 scalar; ``capture`` other layer paths to read from the training pass; ``logits`` [batch,
+      num_classes]; ``updates`` the mutable collections plus ``"dropout"``: ``{"mask", "retain", "p_eb"}`` (see
+      :class:`DropoutOutput`) for inspection; ``activations`` ``{path: array}`` for ``capture``. Jittable; no loop
+      over examples.
     """
     train_kwargs = dict({"train": True} if train_kwargs is None else train_kwargs)
     eval_kwargs = dict({"train": False} if eval_kwargs is None else eval_kwargs)
     mutable = list(mutable)
     layer, bypass = config.layer, config.bypass
 
-    def apply(variables, images, rng, replace, captured):
-        with nn.intercept_methods(_interceptor(layer, replace, bypass, captured)):
-            return module.apply(variables, images, mutable=mutable, rngs={"dropout": rng}, **train_kwargs)
+    def apply(variables, images, rng, capture, replace):
+        return apply_with_layers(module, variables, images, capture=capture, replace=replace, bypass=bypass,
+                                 mutable=mutable, rngs={"dropout": rng}, **train_kwargs)
 
-    def forward(variables, images, labels, key, step):
+    def forward(variables, images, labels, key, step, capture=()):
         k_model, k_mask = jax.random.split(key)
+        capture = tuple(c for c in capture if c != layer)
         if config.scheme in _EB_SCHEMES:
             # One forward captures the activations (its head is dead code); EB over the inference-mode head as a
             # function of them; the head runs again in train mode on the masked activations.
-            captured: list = []
-            apply(variables, images, k_model, None, captured)
-            activations = _checked(captured, layer, module)
+            activations = apply(variables, images, k_model, (layer,), None).activations[layer]
             head = linen_head(module, jax.lax.stop_gradient(variables), layer, images, **eval_kwargs)
             out = dropout_at_layer(k_mask, activations, config, head_fn=head, labels=labels, step=step)
-            captured = []
-            logits, updates = apply(variables, images, k_model, lambda _: out.activations, captured)
+            run = apply(variables, images, k_model, capture, {layer: lambda _: out.activations})
         else:
             holder: dict = {}
 
@@ -481,12 +408,46 @@ def make_dropout_forward(module: nn.Module, config: DropoutConfig, *,
                 holder["out"] = dropout_at_layer(k_mask, a, config, step=step)
                 return holder["out"].activations
 
-            captured = []
-            logits, updates = apply(variables, images, k_model, replace, captured)
-            _checked(captured, layer, module)
+            run = apply(variables, images, k_model, capture, {layer: replace})
             out = holder["out"]
+        logits, updates = run.output
         updates = dict(updates)
         updates["dropout"] = {"mask": out.mask, "retain": out.retain, "p_eb": out.p_eb}
-        return logits, updates
+        return logits, updates, run.activations
 
     return forward
+
+
+@register_scheme("dropout", DropoutConfig)
+def dropout_scheme(config: DropoutConfig, layers: ModelLayers | None = None) -> Scheme:
+    """A dropout scheme (Excitation Dropout or a baseline) as a training scheme: a training forward pass.
+
+    The forward of :func:`make_dropout_forward` at ``config.layer``. ``scheme="none"`` without ``bypass`` is plain
+    training (``Scheme()``: the model's own forward).
+
+    Args:
+      config: the scheme and the layer.
+      layers: unused (the dropout layer is ``config.layer``); accepted for the scheme registry.
+
+    Returns:
+      A :class:`~saliency_jax.training.Scheme` whose forward reports the metrics ``kept_fraction`` (mean of the
+      masks), ``retain_probability`` (mean retaining probability) and, for the EB schemes, ``peak_p_eb`` (batch mean
+      of each image's largest ``p_EB``).
+    """
+    del layers
+    if config.scheme == "none" and not config.bypass:
+        return Scheme()
+
+    def forward(ctx, batch, capture):
+        fwd = make_dropout_forward(ctx.model, config)
+        logits, updates, activations = fwd(ctx.variables, batch["image"], batch["label"], ctx.key, ctx.step,
+                                           capture)
+        diagnostics = updates.pop("dropout")
+        metrics = {"kept_fraction": jnp.mean(diagnostics["mask"]),
+                   "retain_probability": jnp.mean(diagnostics["retain"])}
+        if config.scheme in _EB_SCHEMES:
+            p_eb = diagnostics["p_eb"].reshape(diagnostics["p_eb"].shape[0], -1)
+            metrics["peak_p_eb"] = jnp.mean(jnp.max(p_eb, axis=-1))
+        return Forward(logits, updates, activations, metrics)
+
+    return Scheme(forward=forward)

@@ -1,0 +1,137 @@
+"""Arms and builders shared by the experiment configs beside this file.
+
+A config imports them with (the two lines at the top of every config here)::
+
+  import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))
+  import common
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from saliency_jax.config import default_config
+from saliency_jax.evaluators import settings_section as evaluator_section
+from saliency_jax.training import settings_section as scheme_section
+
+#: The four arms of Morales et al. 2021, Table 1: (arm name, overrides) pairs in the table's column order.
+DISTRACTION_ARMS = (
+    ("baseline", {"schemes": ()}),
+    ("0-occlusion", {"schemes": ("distraction",), "distraction": {"fill": "zero"}}),
+    ("R-occlusion", {"schemes": ("distraction",), "distraction": {"fill": "random"}}),
+    ("1-occlusion", {"schemes": ("distraction",), "distraction": {"fill": "one"}}),
+)
+
+#: The six arms of the Excitation Dropout comparison (Bargal 2019, Tables 5.1-5.2), in report order.
+DROPOUT_ARMS = (
+    ("none", {"dropout": {"scheme": "none"}}),
+    ("standard", {"dropout": {"scheme": "standard"}}),
+    ("standard_per_image", {"dropout": {"scheme": "standard_per_image"}}),
+    ("curriculum", {"dropout": {"scheme": "curriculum"}}),
+    ("excitation", {"dropout": {"scheme": "excitation"}}),
+    ("adaptive", {"dropout": {"scheme": "adaptive"}}),
+)
+
+
+def distraction_config() -> ml_collections.ConfigDict:
+    """Distraction training (Morales et al. 2021): the scheme's section at the paper's settings (p 0.25, th 0.85,
+    the authors' Grad-CAM: softmax score, guided weights), the four arms, and the paper's evaluation (Tables 1, 3, 4:
+    clean and randomly erased test metrics; Figs. 2-3: Grad-CAM maps; training curves)."""
+    c = default_config()
+    c.distraction = scheme_section("distraction")
+    c.evaluators = ("classification", "random_erasing", "saliency_maps", "training_curves")
+    c.random_erasing = evaluator_section("random_erasing")
+    c.saliency_maps = evaluator_section("saliency_maps")
+    c.experiment.arms = DISTRACTION_ARMS
+    return c
+
+
+def excitation_dropout_config() -> ml_collections.ConfigDict:
+    """The thesis settings of Excitation Dropout (Bargal 2019, Sec. 5.2.1): CNN-2, dropout at ``relu_fc1``, the six
+    arms, SGD momentum 0.9, weight decay 0.005, lr 1e-3 -> 1e-4 after 25k of 100k steps, batch 100, 5 repeats; the
+    analyses of Ch. 5 (utilization, conservative filters and their evolution; compression)."""
+    c = default_config()
+    c.model.name = "cnn2"
+    c.model.kwargs = {}
+    c.schemes = ("dropout",)
+    c.dropout = scheme_section("dropout", scheme="excitation", base_retain=0.5, layer="relu_fc1", rescale="none")
+    c.evaluators = ("utilization", "compression")
+    c.utilization = evaluator_section("utilization", layer="relu_fc1", weights="fc1", test_examples=0,
+                                      curve_examples=1000, conservative_deltas=(0.05, 0.1, 0.25))
+    c.compression = evaluator_section("compression", layer="relu_fc1", examples=1000)
+    c.experiment.arms = DROPOUT_ARMS
+    c.experiment.repeats = 5
+    # The thesis's optimizer (Sec. 5.2.1).
+    c.optimizer.name = "sgd"
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 0.005
+    c.optimizer.lr_boundaries = [25_000]
+    c.optimizer.lr_scales = [0.1]
+    c.batch_size = 100
+    c.eval_batch_size = 500
+    c.num_steps = 100_000
+    c.log_every = 500
+    c.checkpoint_every = 10_000
+    c.keep_checkpoints = 20
+    c.dataset.val_fraction = 0.02
+    c.dataset.augment = dict(hflip=False, rotation=0.0, channel_shift=0.0, brightness=(1.0, 1.0))
+    return c
+
+
+def reduced_dropout_config(config: ml_collections.ConfigDict, arg: str | None, *, num_steps: int, log_every: int,
+                           checkpoint_every: int) -> ml_collections.ConfigDict:
+    """The reduced CPU budget shared by the runnable Excitation Dropout configs (their docstrings say why).
+
+    Narrow CNN-2 (16/16/32 filters, 256-unit fc, init std 0.05), Adam 1e-3 without decay or schedule, 2 repeats,
+    analyses on 2,000 test images; ``arg == "runlocal"`` gives the tiny variant the tests use. Modifies and returns
+    ``config``.
+    """
+    c = config
+    c.model.kwargs = {"conv_features": (16, 16, 32), "fc_features": (256, 256), "init_std": 0.05}
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.lr_boundaries = []
+    c.optimizer.lr_scales = []
+    c.num_steps = num_steps
+    c.log_every = log_every
+    c.checkpoint_every = checkpoint_every
+    c.experiment.repeats = 2
+    c.utilization.update(test_examples=2000, curve_examples=500, conservative_deltas=(0.05, 0.1, 0.25))
+    c.compression.examples = 500
+    if arg == "runlocal":
+        c.model.kwargs = {"conv_features": (4, 4, 8), "fc_features": (16, 16)}
+        c.num_steps = 6
+        c.log_every = 3
+        c.checkpoint_every = 3
+        c.batch_size = 10
+        c.eval_batch_size = 50
+        c.experiment.repeats = 1
+        c.utilization.update(test_examples=50, curve_examples=20, conservative_deltas=(0.01, 0.1))
+        c.compression.examples = 20
+    return c
+
+
+#: The arms of the HNC comparison (Sun et al. 2020): cross-entropy alone and with each HNC variant, at the authors'
+#: weights (mse 0.07, kd 0.0065), then the same three with 20% symmetric label noise in the training split.
+HNC_ARMS = (
+    ("CE", {"schemes": ()}),
+    ("CE+HNC-mse", {"schemes": ("hnc",), "hnc": {"variant": "mse"}}),
+    ("CE+HNC-kd", {"schemes": ("hnc",), "hnc": {"variant": "kd"}}),
+)
+HNC_NOISE_ARMS = tuple((f"{name}, 20% noise", {**overrides, "dataset": {"label_noise": 0.2}})
+                       for name, overrides in HNC_ARMS)
+
+
+def hnc_config() -> ml_collections.ConfigDict:
+    """The HNC comparison (Sun et al. 2020): the scheme's section (weight 0 = the variant's default), the six arms,
+    and the evaluation of its claims: test metrics, the negative CAMs' peaks, FGSM robustness, training curves."""
+    c = default_config()
+    c.hnc = scheme_section("hnc")
+    c.evaluators = ("classification", "negative_cams", "fgsm", "training_curves")
+    c.negative_cams = evaluator_section("negative_cams")
+    c.fgsm = evaluator_section("fgsm")
+    c.experiment.arms = HNC_ARMS + HNC_NOISE_ARMS
+    c.experiment.title = "HNC loss (Sun et al. 2020)"
+    return c

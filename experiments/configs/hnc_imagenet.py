@@ -1,0 +1,57 @@
+r"""The HNC loss at the paper's scale (Sun et al., ECCV 2020; the authors' ``running-script.sh``): ImageNet,
+ResNet-101 or ResNet-152 from scratch. Needs ImageNet and accelerators; documented, not run here.
+
+Setting (the authors' code): SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 every 30 epochs, 120 epochs,
+batch 256; CAMs of the k = 100 highest-scoring wrong classes at ``layer4`` (7x7), bias included; weights: mse 0.07,
+kd 0.0065 (ResNet-101) / 0.0048 (ResNet-152), temperature 1. Arms: CE, CE + HNC-mse, CE + HNC-kd.
+
+Data: ImageNet prepared for TFDS (``tfds build imagenet2012 --file_format=array_record`` with the archives in the
+manual folder), read with ``--config.dataset.data_dir=TFDS_DIR``; the validation split is the test set. Deviation
+from the authors: our pipeline resizes to 224 x 224 and flips (their loader: RandomResizedCrop(224) and flip for
+training, resize 256 + centre crop 224 for evaluation).
+
+Command (a TPU VM or GPU host; ``:resnet152`` for the other network):
+  saliency-jax experiment --config experiments/configs/hnc_imagenet.py:resnet101 \
+      --config.dataset.data_dir=/data/tfds --workdir gs://BUCKET/hnc_resnet101 --multihost
+
+Expected: lower top-1 error for both HNC arms than for CE (the paper's claim; its table is not in the seed text this
+project has, so no number is quoted here); not run here.
+"""
+
+import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
+import common
+
+TRAIN_IMAGES = 1_281_167
+KD_WEIGHT = {"resnet101": 0.0065, "resnet152": 0.0048}
+
+
+def get_config(arg: str | None = "resnet101"):
+    arg = arg or "resnet101"
+    if arg not in KD_WEIGHT:
+        raise ValueError(f"choose the network after the config path: one of {sorted(KD_WEIGHT)}; got {arg!r}")
+    c = common.hnc_config()
+    c.dataset.name = "tfds:imagenet2012"
+    c.dataset.data_dir = ""
+    c.dataset.image_size = 224
+    c.dataset.val_fraction = 0.0
+    c.dataset.read_threads = 32
+    c.dataset.augment = dict(hflip=True, rotation=0.0, channel_shift=0.0, brightness=(1.0, 1.0))
+    c.model.name = arg
+    c.hnc.num_negatives = 100
+    c.optimizer.name = "sgd"
+    c.optimizer.learning_rate = 0.1
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 1e-4
+    c.batch_size = 256
+    c.num_epochs = 120.0
+    steps_per_epoch = TRAIN_IMAGES // c.batch_size
+    c.optimizer.lr_boundaries = [30 * steps_per_epoch, 60 * steps_per_epoch, 90 * steps_per_epoch]
+    c.optimizer.lr_scales = [0.1, 0.1, 0.1]
+    c.eval_batch_size = 500
+    c.log_every = 500
+    c.checkpoint_every = 5000
+    c.negative_cams.examples = 5000
+    c.fgsm.examples = 5000
+    c.experiment.arms = (common.HNC_ARMS[0], common.HNC_ARMS[1],
+                         ("CE+HNC-kd", {"schemes": ("hnc",), "hnc": {"variant": "kd", "weight": KD_WEIGHT[arg]}}))
+    return c

@@ -1,0 +1,205 @@
+"""The evaluator protocol of the experiment runner, and its registry.
+
+An evaluator (big_vision's ``evaluators/``) takes one trained run and returns its metrics; after every arm and
+repeat has run, it writes its section of ``report.md`` (and its figures) from the metrics of all runs:
+
+* ``evaluate(run, data) -> metrics``: ``run`` is the :class:`saliency_jax.train.TrainResult` that
+  :func:`saliency_jax.train.train` returned (model, final state, initial variables, image shape, config, workdir,
+  checkpoints) - nothing is rebuilt; ``data`` is the experiment's :class:`ExperimentData`, which loads each test
+  split once per experiment; ``metrics`` is a JSON-able dict (stored in the run's ``run.json`` and reused by a rerun).
+  Files an evaluator wants to keep for its figures go into ``run.workdir``.
+* ``report(report) -> Section | None``: ``report`` is a :class:`ReportContext` with every run's metrics.
+
+Evaluators are listed by name in ``config.evaluators`` (in report order); the settings of evaluator ``name`` are the
+section ``config.<name>`` when the config has one (made with :func:`settings_section`), else its defaults. The
+modules of :mod:`saliency_jax.evaluators` register themselves with :func:`register_evaluator`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+from typing import Any, Callable, Mapping, NamedTuple
+
+import ml_collections
+
+from saliency_jax import data as data_lib
+from saliency_jax.config import Settings
+
+__all__ = ["Evaluator", "Section", "RunRecord", "ReportContext", "ExperimentData", "EvaluatorSettings",
+           "register_evaluator", "build_evaluators", "evaluator_names", "settings_section", "evaluator_settings"]
+
+
+class Section(NamedTuple):
+    """A section of ``report.md``: ``## title`` followed by ``markdown`` (which may link figures in the workdir)."""
+
+    title: str
+    markdown: str
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """One finished run (arm x repeat), as the report sees it.
+
+    Attributes:
+      arm: the arm's name.
+      seed: the run's seed.
+      workdir: the run's folder (checkpoints, ``metrics.jsonl``, ``run.json``, evaluators' files).
+      config: the run's config (the arm's overrides applied).
+      metrics: ``{evaluator name: metrics}``.
+      train_seconds: wall time of the training loop (of the launch that trained it).
+      eval_seconds: ``{evaluator name: seconds}`` of the evaluation that produced the metrics.
+    """
+
+    arm: str
+    seed: int
+    workdir: pathlib.Path
+    config: ml_collections.ConfigDict
+    metrics: dict[str, Any]
+    train_seconds: float = 0.0
+    eval_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ReportContext:
+    """What an evaluator's ``report`` sees.
+
+    Attributes:
+      config: the experiment's config (before arm overrides).
+      arms: arm names in report order.
+      runs: ``{arm: [RunRecord, ...]}``, repeats in order.
+      workdir: the experiment's folder (figures go here).
+    """
+
+    config: ml_collections.ConfigDict
+    arms: list[str]
+    runs: dict[str, list[RunRecord]]
+    workdir: pathlib.Path
+
+    def metrics(self, evaluator: str) -> dict[str, list[Any]]:
+        """``{arm: [metrics of evaluator in each repeat]}`` (arms without them are left out)."""
+        return {a: [r.metrics[evaluator] for r in self.runs[a] if evaluator in r.metrics] for a in self.arms
+                if any(evaluator in r.metrics for r in self.runs[a])}
+
+
+class Evaluator(NamedTuple):
+    """An evaluator: ``evaluate(run, data) -> metrics`` and an optional ``report(context) -> Section | None``."""
+
+    evaluate: Callable[[Any, "ExperimentData"], dict[str, Any]]
+    report: Callable[[ReportContext], Section | None] | None = None
+
+
+class ExperimentData:
+    """Data shared by the runs of one experiment: each test split is read once, not once per arm.
+
+    Attributes:
+      config: the experiment's config.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self._cache: dict[Any, Any] = {}
+
+    def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` the first time ``key`` is asked for, the same object afterwards."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def test_source(self, config: ml_collections.ConfigDict):
+        """The test split of a run's dataset (``config.dataset``), read once per distinct dataset."""
+        ds = config.dataset
+        key = ("test_source", ds.name, ds.get("data_dir"), ds.get("image_size"))
+        return self.cached(key, lambda: data_lib.get_source(ds.name, "test", data_dir=ds.get("data_dir"),
+                                                            image_size=ds.get("image_size")))
+
+
+class EvaluatorSettings(Settings):
+    """Base of an evaluator's frozen settings dataclass (built from ``config.<name>`` by
+    :meth:`~saliency_jax.config.Settings.from_mapping`, which rejects unknown fields)."""
+
+
+_REGISTRY: dict[str, tuple[type, Callable[[Any], Evaluator]]] = {}
+
+
+def register_evaluator(name: str, settings: type):
+    """Decorator registering ``builder(settings) -> Evaluator`` under ``name`` (settings: an
+    :class:`EvaluatorSettings` dataclass; ``config.<name>`` holds its fields)."""
+    if not (dataclasses.is_dataclass(settings) and issubclass(settings, EvaluatorSettings)):
+        raise TypeError(f"settings of evaluator {name!r} must be an EvaluatorSettings dataclass; got {settings}")
+
+    def register(builder):
+        if name in _REGISTRY and _REGISTRY[name][1] is not builder:
+            raise ValueError(f"evaluator {name!r} is registered twice")
+        _REGISTRY[name] = (settings, builder)
+        return builder
+
+    return register
+
+
+def evaluator_names() -> tuple[str, ...]:
+    """The registered evaluator names."""
+    return tuple(_REGISTRY)
+
+
+def _lookup(name: str):
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        raise ValueError(f"unknown evaluator {name!r}" + (f"; did you mean {close}?" if close else "")
+                         + f" (registered: {sorted(_REGISTRY)})")
+    return _REGISTRY[name]
+
+
+def settings_section(name: str, **overrides) -> ml_collections.ConfigDict:
+    """A config section holding every setting of evaluator ``name`` at its default, with ``overrides`` applied.
+
+    Raises:
+      ValueError: unknown evaluator or field.
+    """
+    return _lookup(name)[0].section(**overrides)
+
+
+def evaluator_list(value: Any) -> tuple[str, ...]:
+    """``config.evaluators`` as a tuple of names (tuple/list, or a comma-separated string from the command line)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(n.strip() for item in items for n in str(item).split(",") if n.strip())
+
+
+def evaluator_settings(config: ml_collections.ConfigDict, name: str):
+    """The settings of evaluator ``name`` in ``config`` (its section, or the defaults without one).
+
+    Raises:
+      ValueError: unknown evaluator or field.
+    """
+    cls, _ = _lookup(name)
+    try:
+        return cls.from_mapping(config[name] if name in config else None)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.{name}: {e}") from e
+
+
+def build_evaluators(config: ml_collections.ConfigDict) -> dict[str, Evaluator]:
+    """``{name: Evaluator}`` for ``config.evaluators``, in order.
+
+    Raises:
+      ValueError: an unknown evaluator name, a name listed twice, or bad settings.
+    """
+    names = evaluator_list(config.get("evaluators"))
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.evaluators lists an evaluator twice: {names}")
+    return {name: _lookup(name)[1](evaluator_settings(config, name)) for name in names}
+
+
+def settings_dict(settings: Any) -> dict[str, Any]:
+    """A settings dataclass as a JSON-able dict (tuples as lists), to store beside its metrics."""
+    def plain(v):
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, Mapping):
+            return {str(k): plain(x) for k, x in v.items()}
+        return v
+
+    return {f.name: plain(getattr(settings, f.name)) for f in dataclasses.fields(settings)}

@@ -1,0 +1,353 @@
+"""The training-scheme protocol: what a saliency-guided scheme may contribute to a train step, and how schemes chain.
+
+A scheme is a small NamedTuple of pure functions (the optax way: :class:`optax.GradientTransformation` is two), each
+optional:
+
+* ``batch_transform(ctx, batch) -> (batch, metrics)``: a new mini-batch made with the current weights and no
+  gradient through it (distraction occlusion, Morales et al. 2021);
+* ``forward(ctx, batch, capture) -> Forward``: a training forward pass that replaces the model's own (Excitation
+  Dropout, Bargal 2019 Ch. 5); ``capture`` names layers the loss terms read;
+* ``loss(ctx, batch, forward) -> (per_example, metrics)``: an extra loss term computed inside ``loss_fn``, one value
+  per example, differentiable with respect to the parameters in ``ctx.variables`` (the HNC loss, Sun et al. 2020;
+  attention guidance), reading the training forward's logits and the activations of ``Scheme.layers``.
+
+Every piece also returns scalar metrics that reach ``metrics.jsonl``. :func:`chain` composes schemes into one
+(distraction + HNC in one run); the train step (:func:`saliency_jax.train.make_train_step`) takes one scheme and
+knows none by name. Schemes are built from a config through :func:`build_scheme` and the registry that the scheme
+modules fill with :func:`register_scheme`; each scheme's settings are a frozen dataclass deriving from
+:class:`SchemeSettings`, whose :meth:`SchemeSettings.from_mapping` rejects unknown fields.
+
+Config idiom (``experiments/configs/``): ``config.schemes`` lists the schemes of a run in chain order (``()`` = plain
+training); the settings of scheme ``name`` are the section ``config.<name>`` (made with :func:`settings_section`,
+which holds every field at its default so that each can be overridden from the command line). The layers a scheme
+reads come from ``config.model`` (``grad_cam_layer``, ``classifier``; defaults per architecture in
+:data:`saliency_jax.models.MODEL_LAYERS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from saliency_jax.config import Settings
+from saliency_jax.saliency.core import apply_with_layers
+
+Array = jax.Array
+Batch = dict[str, Array]
+Metrics = dict[str, Array]
+
+__all__ = [
+    "StepContext",
+    "Forward",
+    "Scheme",
+    "SchemeSettings",
+    "ModelLayers",
+    "chain",
+    "model_forward",
+    "register_scheme",
+    "build_scheme",
+    "scheme_settings",
+    "scheme_names",
+    "settings_section",
+    "CLASSIFICATION_LOSSES",
+    "classification_loss",
+]
+
+
+class StepContext(NamedTuple):
+    """What every piece of a scheme sees.
+
+    Attributes:
+      model: the linen module (``apply(variables, images, train=...) -> logits [batch, num_classes]``).
+      variables: ``{"params", "batch_stats"}``, the step's current weights. In ``forward`` and ``loss`` the params
+        are the ones ``jax.grad`` differentiates (use them to make a loss term differentiable); in
+        ``batch_transform`` they are constants.
+      step: int32 scalar, the number of updates done before this step.
+      key: this piece's PRNG key (derived from the run's seed and the step; see :func:`saliency_jax.train.make_train_step`).
+    """
+
+    model: nn.Module
+    variables: Any
+    step: Array
+    key: Array
+
+
+class Forward(NamedTuple):
+    """The training forward pass's outputs.
+
+    Attributes:
+      logits: [batch, num_classes] float32.
+      updates: the updated mutable collections (``{"batch_stats": ...}``; ``{}`` without BatchNorm).
+      activations: ``{path: array}``, the activations of the layers the loss terms asked for (``Scheme.layers``),
+        from this same pass (train mode), differentiable with respect to the parameters.
+      metrics: scalar diagnostics of the forward (e.g. the fraction of units a dropout scheme kept).
+    """
+
+    logits: Array
+    updates: Any
+    activations: dict[str, Array]
+    metrics: Metrics
+
+
+BatchTransform = Callable[[StepContext, Batch], tuple[Batch, Metrics]]
+ForwardFn = Callable[[StepContext, Batch, Sequence[str]], Forward]
+LossTerm = Callable[[StepContext, Batch, Forward], tuple[Array, Metrics]]
+
+
+class Scheme(NamedTuple):
+    """A saliency-guided training scheme: up to three pure pieces (module docstring) and the layers its loss reads.
+
+    ``Scheme()`` is plain training. Build composite schemes with :func:`chain`.
+
+    Attributes:
+      batch_transform: ``(ctx, batch) -> (batch, metrics)`` or None.
+      forward: ``(ctx, batch, capture) -> Forward`` or None (the model's own train-mode forward,
+        :func:`model_forward`).
+      loss: ``(ctx, batch, forward) -> (per_example [batch] float32, metrics)`` or None; the train step adds its
+        batch mean to the classification loss.
+      layers: paths of the layers whose training-forward activations ``loss`` reads (``Forward.activations``).
+    """
+
+    batch_transform: BatchTransform | None = None
+    forward: ForwardFn | None = None
+    loss: LossTerm | None = None
+    layers: tuple[str, ...] = ()
+
+
+def _merge_metrics(into: dict, metrics: Mapping[str, Array], where: str) -> None:
+    for name, value in metrics.items():
+        if name in into:
+            raise ValueError(f"two pieces of a chained scheme report the metric {name!r} ({where}); rename one")
+        into[name] = value
+
+
+def _keys(key: Array, n: int) -> list[Array]:
+    """One key for each of ``n`` pieces: the key itself for one piece (so a lone scheme sees the step's key)."""
+    return [key] if n == 1 else list(jax.random.split(key, n))
+
+
+def chain(*schemes: Scheme) -> Scheme:
+    """Composes schemes into one (optax's ``chain`` for training schemes).
+
+    Batch transforms run in order, each on the previous one's output; at most one scheme may replace the forward;
+    loss terms are summed per example; metrics are merged (a name reported twice raises when the step is traced);
+    layers are united. With several batch transforms (or loss terms) each gets its own key, split from the step's;
+    a single one gets the step's key unchanged.
+
+    Args:
+      *schemes: :class:`Scheme` instances (``Scheme()`` entries are skipped).
+
+    Returns:
+      A :class:`Scheme`.
+
+    Raises:
+      ValueError: if more than one scheme contributes a forward pass.
+    """
+    transforms = [s.batch_transform for s in schemes if s.batch_transform is not None]
+    forwards = [s.forward for s in schemes if s.forward is not None]
+    losses = [s.loss for s in schemes if s.loss is not None]
+    if len(forwards) > 1:
+        raise ValueError(f"{len(forwards)} chained schemes replace the training forward pass; at most one may")
+    layers = tuple(dict.fromkeys(layer for s in schemes for layer in s.layers))
+
+    batch_transform = None
+    if len(transforms) == 1:
+        batch_transform = transforms[0]
+    elif transforms:
+        def batch_transform(ctx, batch):
+            metrics: dict = {}
+            for fn, key in zip(transforms, _keys(ctx.key, len(transforms))):
+                batch, m = fn(ctx._replace(key=key), batch)
+                _merge_metrics(metrics, m, "batch transforms")
+            return batch, metrics
+
+    loss = None
+    if len(losses) == 1:
+        loss = losses[0]
+    elif losses:
+        def loss(ctx, batch, forward):
+            total, metrics = 0.0, {}
+            for fn, key in zip(losses, _keys(ctx.key, len(losses))):
+                term, m = fn(ctx._replace(key=key), batch, forward)
+                total = total + term
+                _merge_metrics(metrics, m, "loss terms")
+            return total, metrics
+
+    return Scheme(batch_transform, forwards[0] if forwards else None, loss, layers)
+
+
+def model_forward(ctx: StepContext, batch: Batch, capture: Sequence[str] = ()) -> Forward:
+    """The model's own training forward: ``model.apply(variables, images, train=True, mutable=["batch_stats"],
+    rngs={"dropout": ctx.key})``, reading the layers in ``capture`` from the same pass.
+
+    Args:
+      ctx: the step context (``ctx.key`` feeds the model's ``"dropout"`` rng).
+      batch: ``{"image": [batch, height, width, channels] float32, "label": ...}``.
+      capture: layer paths (:func:`~saliency_jax.saliency.apply_with_layers`).
+
+    Returns:
+      :class:`Forward` (no metrics).
+    """
+    out = apply_with_layers(ctx.model, ctx.variables, batch["image"], capture=capture, train=True,
+                            mutable=["batch_stats"], rngs={"dropout": ctx.key})
+    logits, updates = out.output
+    return Forward(logits, updates, out.activations, {})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Classification losses.
+
+
+def _softmax_cross_entropy(logits: Array, labels: Array) -> Array:
+    if labels.ndim != 1:
+        raise ValueError(f"softmax cross-entropy needs integer labels [batch]; got shape {labels.shape} (use "
+                         "loss='sigmoid_binary_cross_entropy' for multi-label targets)")
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _sigmoid_binary_cross_entropy(logits: Array, labels: Array) -> Array:
+    if labels.shape != logits.shape:
+        raise ValueError(f"sigmoid binary cross-entropy needs multi-hot labels [batch, {logits.shape[-1]}] in "
+                         f"{{0, 1}}; got shape {labels.shape}")
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)), axis=-1)
+
+
+#: Per-example classification losses by name: ``fn(logits [batch, classes], labels) -> [batch]``.
+CLASSIFICATION_LOSSES: dict[str, Callable[[Array, Array], Array]] = {
+    "softmax_cross_entropy": _softmax_cross_entropy,          # labels int [batch]
+    "sigmoid_binary_cross_entropy": _sigmoid_binary_cross_entropy,  # labels multi-hot [batch, classes]; mean over classes
+}
+
+
+def classification_loss(name: str) -> Callable[[Array, Array], Array]:
+    """The per-example classification loss called ``name`` (:data:`CLASSIFICATION_LOSSES`).
+
+    ``"softmax_cross_entropy"``: single-label, integer labels [batch]. ``"sigmoid_binary_cross_entropy"``:
+    multi-label attributes, multi-hot labels [batch, num_classes] in {0, 1}; the mean over the classes of each
+    example's binary cross-entropies.
+
+    Raises:
+      ValueError: on an unknown name.
+    """
+    if name not in CLASSIFICATION_LOSSES:
+        raise ValueError(f"unknown classification loss {name!r}; choose from {sorted(CLASSIFICATION_LOSSES)}")
+    return CLASSIFICATION_LOSSES[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings and the registry.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLayers:
+    """The layers of a model that schemes read (one source of truth: ``config.model``).
+
+    Attributes:
+      grad_cam_layer: path of the last convolutional block's (post-activation) output, [batch, h, w, channels]:
+        the Grad-CAM layer and the features that a GAP head pools (CAM, HNC).
+      classifier: module path of the dense layer on the pooled features (CAM's and HNC's kernel and bias).
+    """
+
+    grad_cam_layer: str
+    classifier: str
+
+
+class SchemeSettings(Settings):
+    """Base of a scheme's frozen settings dataclass: :meth:`~saliency_jax.config.Settings.from_mapping` builds it
+    from the config section, rejecting unknown fields."""
+
+
+_REGISTRY: dict[str, tuple[type, Callable[[Any, ModelLayers], Scheme]]] = {}
+
+
+def register_scheme(name: str, settings: type):
+    """Decorator registering ``builder(settings, layers) -> Scheme`` under ``name``.
+
+    ``settings`` is the scheme's settings dataclass (a :class:`SchemeSettings`); ``config.<name>`` holds its fields.
+
+    Raises:
+      ValueError: if ``name`` is registered twice.
+    """
+    if not (dataclasses.is_dataclass(settings) and issubclass(settings, SchemeSettings)):
+        raise TypeError(f"settings of scheme {name!r} must be a SchemeSettings dataclass; got {settings}")
+
+    def register(builder):
+        if name in _REGISTRY and _REGISTRY[name][1] is not builder:
+            raise ValueError(f"training scheme {name!r} is registered twice")
+        _REGISTRY[name] = (settings, builder)
+        return builder
+
+    return register
+
+
+def scheme_names() -> tuple[str, ...]:
+    """The registered scheme names."""
+    return tuple(_REGISTRY)
+
+
+def _lookup(name: str):
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        raise ValueError(f"unknown training scheme {name!r}" + (f"; did you mean {close}?" if close else "")
+                         + f" (registered: {sorted(_REGISTRY)})")
+    return _REGISTRY[name]
+
+
+def settings_section(name: str, **overrides) -> ml_collections.ConfigDict:
+    """A config section holding every setting of scheme ``name`` at its default, with ``overrides`` applied.
+
+    Raises:
+      ValueError: unknown scheme or field.
+    """
+    return _lookup(name)[0].section(**overrides)
+
+
+def scheme_list(value: Any) -> tuple[str, ...]:
+    """``config.schemes`` as a tuple of names (a tuple/list, or a comma-separated string from the command line)."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(n.strip() for item in items for n in str(item).split(",") if n.strip())
+
+
+def scheme_settings(config: ml_collections.ConfigDict, name: str):
+    """The settings dataclass of scheme ``name`` from ``config.<name>``.
+
+    Raises:
+      ValueError: unknown scheme, missing section, unknown field or bad settings (naming the section).
+    """
+    cls, _ = _lookup(name)
+    if name not in config:
+        raise ValueError(f"config.schemes lists {name!r} but the config has no section config.{name} (add "
+                         f"saliency_jax.training.settings_section({name!r}))")
+    try:
+        return cls.from_mapping(config[name])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.{name}: {e}") from e
+
+
+def build_scheme(config: ml_collections.ConfigDict, layers: ModelLayers) -> Scheme:
+    """The chained scheme of a config: ``chain`` of each scheme in ``config.schemes``, settings from its section.
+
+    Args:
+      config: a run config with ``schemes`` and a section per listed scheme.
+      layers: the model's layers (from ``config.model``, see :func:`saliency_jax.train.model_layers`).
+
+    Returns:
+      A :class:`Scheme` (``Scheme()`` when no scheme is listed).
+
+    Raises:
+      ValueError: an unknown scheme name, a missing section, an unknown field in a section, bad settings, or two
+        schemes replacing the forward pass.
+    """
+    names = scheme_list(config.get("schemes"))
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.schemes lists a scheme twice: {names}")
+    return chain(*[_lookup(name)[1](scheme_settings(config, name), layers) for name in names])
