@@ -305,24 +305,32 @@ def test_voc_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# COCO RLE and polygons
+# COCO RLE and polygons (pycocotools behind rle_decode / rle_encode / polygons_to_mask)
+
+
+def _mask_from_counts(counts, height, width):
+    """Column-major runs 0, 1, 0, ... -> bool [height, width] (the COCO RLE definition, written out)."""
+    flat = np.repeat(np.arange(len(counts)) % 2, counts).astype(bool)
+    return flat.reshape(width, height).T
 
 
 def test_rle_strings_hand_encoded():
     # COCO's string code: 5-bit groups, low first, char = 48 + group (+ 0x20 if more follow); bit 0x10 of the last
     # group is the sign; from index 3 on the value stored is counts[i] - counts[i - 2].
     # [3, 40, 10, 30]: 3 -> '3'; 40 = 8 + 1 * 32 -> chr(48 + 8 + 32) 'X', chr(48 + 1) '1'; 10 -> ':';
-    # 30 - 40 = -10 -> low 5 bits 22 (sign bit set, rest -1) -> chr(48 + 22) 'F'.
-    np.testing.assert_array_equal(coco.rle_string_to_counts("3X1:F"), [3, 40, 10, 30])
+    # 30 - 40 = -10 -> low 5 bits 22 (sign bit set, rest -1) -> chr(48 + 22) 'F'. 83 pixels: a 1 x 83 mask.
+    expected = _mask_from_counts([3, 40, 10, 30], 1, 83)
+    np.testing.assert_array_equal(coco.rle_decode({"size": [1, 83], "counts": "3X1:F"}), expected)
+    assert coco.rle_encode(expected) == {"size": [1, 83], "counts": "3X1:F"}
     # 1000 = 8 + 31 * 32: 'X' (8 | 0x20), 'o' (31 | 0x20: more, since bit 0x10 is set and the rest is 0), '0'.
-    np.testing.assert_array_equal(coco.rle_string_to_counts("Xo0"), [1000])
-    np.testing.assert_array_equal(coco.rle_string_to_counts(b"1234"), [1, 2, 3, 6])  # 6 stored as 6 - 2 = 4
-    assert coco.counts_to_rle_string([3, 40, 10, 30]) == "3X1:F"
-    assert coco.counts_to_rle_string([1000]) == "Xo0"
-    with pytest.raises(ValueError, match="truncated"):
-        coco.rle_string_to_counts("X")
-    with pytest.raises(ValueError, match="invalid character"):
-        coco.rle_string_to_counts("3 ")
+    assert coco.rle_encode(np.zeros((10, 100), bool)) == {"size": [10, 100], "counts": "Xo0"}
+    assert not coco.rle_decode({"size": [10, 100], "counts": b"Xo0"}).any()
+    with pytest.raises(ValueError, match="invalid compressed RLE"):
+        coco.rle_decode({"size": [3, 4], "counts": "X"})  # truncated inside a value
+    with pytest.raises(ValueError, match="invalid compressed RLE"):
+        coco.rle_decode({"size": [3, 4], "counts": "3 "})  # character outside the code
+    with pytest.raises(ValueError, match="does not cover"):
+        coco.rle_decode({"size": [3, 4], "counts": "12"})  # runs 1, 2 cover 3 of 12 pixels
 
 
 def test_rle_decode_column_major_hand_built():
@@ -331,7 +339,7 @@ def test_rle_decode_column_major_hand_built():
                          [1, 0, 1, 1],
                          [1, 0, 1, 1]], bool)
     np.testing.assert_array_equal(coco.rle_decode({"size": [3, 4], "counts": [1, 2, 3, 6]}), expected)
-    np.testing.assert_array_equal(coco.rle_decode({"size": [3, 4], "counts": "1234"}), expected)
+    np.testing.assert_array_equal(coco.rle_decode({"size": [3, 4], "counts": "1234"}), expected)  # 6 stored as 4
     assert coco.rle_encode(expected) == {"size": [3, 4], "counts": "1234"}
     starts_with_one = expected.copy()
     starts_with_one[0, 0] = True  # column 0 all ones: counts [0, 3, 3, 6]; 6 is stored as 6 - 3 = 3
@@ -339,6 +347,10 @@ def test_rle_decode_column_major_hand_built():
     np.testing.assert_array_equal(coco.rle_decode(coco.rle_encode(starts_with_one)), starts_with_one)
     with pytest.raises(ValueError, match="sum to 11"):
         coco.rle_decode({"size": [3, 4], "counts": [1, 2, 3, 5]})
+    with pytest.raises(ValueError, match="non-negative"):
+        coco.rle_decode({"size": [3, 4], "counts": [1, -2, 3, 10]})
+    with pytest.raises(TypeError, match="str or a list"):
+        coco.rle_decode({"size": [3, 4], "counts": 12})
 
 
 def test_rle_round_trip_random_masks():
@@ -348,20 +360,34 @@ def test_rle_round_trip_random_masks():
             mask = rng.random(shape) < p
             rle = coco.rle_encode(mask)
             np.testing.assert_array_equal(coco.rle_decode(rle), mask)
-            counts = coco.rle_string_to_counts(rle["counts"])
-            assert counts.sum() == mask.size
+            # Uncompressed counts written out by hand decode to the same mask.
+            flat = mask.T.reshape(-1)
+            change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+            counts = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+            counts = [0] + counts if flat[0] else counts
+            np.testing.assert_array_equal(coco.rle_decode({"size": list(shape), "counts": counts}), mask)
 
 
 def test_polygons_to_mask():
-    # Axis-aligned rectangle with corners (x, y) = (2, 2) and (7, 5): rows 2..5, cols 2..7 (outline included).
+    # pycocotools' scan conversion: pixels whose centre (x + 0.5, y + 0.5) is inside. The rectangle with corners
+    # (x, y) = (2, 2) and (7, 5) covers rows 2..4, cols 2..6 (area 5 x 3 = 15).
     mask = coco.polygons_to_mask([[2, 2, 7, 2, 7, 5, 2, 5]], 10, 10)
     expected = np.zeros((10, 10), bool)
-    expected[2:6, 2:8] = True
+    expected[2:5, 2:7] = True
     np.testing.assert_array_equal(mask, expected)
-    two = coco.polygons_to_mask([[0, 0, 1, 0, 1, 1, 0, 1], [8, 8, 9, 8, 9, 9]], 10, 10)
-    assert two[0, 0] and two[1, 1] and two[8, 8] and two[8, 9] and two.sum() == 4 + 3
+    # Union of two polygons: the unit square at the origin (pixel (0, 0)) and a half-pixel triangle (no centre
+    # inside: nothing); a 3 x 2 rectangle at (5, 6).
+    two = coco.polygons_to_mask([[0, 0, 1, 0, 1, 1, 0, 1], [8, 8, 9, 8, 9, 9], [5, 6, 8, 6, 8, 8, 5, 8]], 10, 10)
+    expected = np.zeros((10, 10), bool)
+    expected[0, 0] = True
+    expected[6:8, 5:8] = True
+    np.testing.assert_array_equal(two, expected)
+    # A segment (4 coordinates, which pycocotools alone would read as a box) and a point have no area.
+    assert not coco.polygons_to_mask([[1, 1, 4, 4], [2, 2]], 6, 6).any()
     with pytest.raises(ValueError, match="even number"):
         coco.polygons_to_mask([[1, 2, 3]], 5, 5)
+    with pytest.raises(ValueError, match="non-finite"):
+        coco.polygons_to_mask([[1, 2, 3, np.nan, 4, 4]], 5, 5)
 
 
 def _write_coco(root):
@@ -383,7 +409,7 @@ def _write_coco(root):
         "categories": [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"}],
         "annotations": [
             {"id": 1, "image_id": 42, "category_id": 1, "iscrowd": 0,
-             "segmentation": [[1, 1, 4, 1, 4, 3, 1, 3]]},  # rows 1-3, cols 1-4
+             "segmentation": [[1, 1, 5, 1, 5, 4, 1, 4]]},  # rows 1-3, cols 1-4 (pycocotools)
             {"id": 2, "image_id": 42, "category_id": 1, "iscrowd": 0,
              "segmentation": {"size": [h, w], "counts": coco.rle_encode(square)["counts"]}},
             {"id": 3, "image_id": 42, "category_id": 18, "iscrowd": 1,

@@ -1,7 +1,9 @@
 """COCO 2014 instance annotations as pointing-game data: image, categories present, per-category instance masks.
 
 Lin et al., "Microsoft COCO: Common Objects in Context", ECCV 2014. Reads ``annotations/instances_val2014.json``
-with the standard library's :mod:`json` - pycocotools is not needed. The layout::
+with the standard library's :mod:`json` (no index is built: only the images, annotations and categories are used);
+masks are rasterised and decoded by pycocotools' ``mask`` API, the reference implementation of COCO's formats.
+The layout::
 
     <data_dir>/
       annotations/instances_<split>.json   {"images": [...], "annotations": [...], "categories": [...]}
@@ -9,13 +11,12 @@ with the standard library's :mod:`json` - pycocotools is not needed. The layout:
 
 An annotation's ``segmentation`` is one of
 
-* **polygons**: a list of ``[x1, y1, x2, y2, ...]`` in pixel coordinates (non-crowd objects); rasterised with
-  Pillow's ``ImageDraw.polygon`` (outline included). pycocotools rasterises polygons with its own scan converter;
-  the two can differ on boundary pixels (at most about one pixel), which does not matter at the pointing game's
-  15-pixel tolerance;
+* **polygons**: a list of ``[x1, y1, x2, y2, ...]`` in pixel coordinates (non-crowd objects), rasterised by
+  pycocotools' scan converter (``frPyObjects`` + ``merge``, as ``COCO.annToRLE``): about the pixels whose centre
+  ``(column + 0.5, row + 0.5)`` lies inside, so an axis-aligned rectangle with integer corners ``(x0, y0)``,
+  ``(x1, y1)`` covers rows ``y0..y1-1`` and columns ``x0..x1-1`` (its area in pixels);
 * **uncompressed RLE**: ``{"counts": [int, ...], "size": [height, width]}`` (crowd regions in the instances files);
-* **compressed RLE**: ``{"counts": "<string>", "size": [height, width]}`` (COCO's LEB128-like text encoding, decoded
-  here by :func:`rle_string_to_counts`).
+* **compressed RLE**: ``{"counts": "<string>", "size": [height, width]}`` (COCO's LEB128-like text encoding).
 
 RLE counts alternate runs of 0 and 1, starting with 0, over the mask flattened in **column-major** order.
 A category's mask is the union of the masks of all its annotations (crowd annotations included), as TorchRay's
@@ -27,105 +28,32 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from pycocotools import mask as coco_mask
 
 from saliency_jax.data.voc import load_image
 
 __all__ = [
     "COCOPointingData",
     "annotation_mask",
-    "counts_to_rle_string",
     "load_coco",
     "load_coco_instances",
     "polygons_to_mask",
     "rle_decode",
     "rle_encode",
-    "rle_string_to_counts",
 ]
 
 
-def rle_string_to_counts(text: str | bytes) -> np.ndarray:
-    """Decodes COCO's compressed RLE string into run lengths (pycocotools ``rleFrString``).
-
-    Each count is written in 5-bit groups, least significant first, one character per group:
-    ``char = 48 + group | 0x20 (more groups follow)``; the last group's bit ``0x10`` is the sign (the value is
-    sign-extended). From the fourth count on (index > 2) the stored value is the difference to the count two places
-    before, so ``counts[i] = stored[i] + counts[i - 2]``.
-
-    Args:
-      text: the ``counts`` string (``str`` or ASCII ``bytes``).
-
-    Returns:
-      int64 [num_runs] run lengths.
-
-    Raises:
-      ValueError: on a character outside the code range (``'0'`` .. ``'o'``), a truncated last value or a negative
-        run length.
-      TypeError: if ``text`` is not ``str``/``bytes``.
-    """
-    if isinstance(text, bytes):
-        text = text.decode("ascii")
-    if not isinstance(text, str):
-        raise TypeError(f"compressed RLE counts must be a str; got {type(text).__name__}")
-    counts: list[int] = []
-    p, n = 0, len(text)
-    while p < n:
-        value, shift, more = 0, 0, True
-        while more:
-            if p >= n:
-                raise ValueError(f"truncated compressed RLE string (ends inside a value): {text[:40]!r}")
-            c = ord(text[p]) - 48
-            if not 0 <= c < 64:
-                raise ValueError(f"invalid character {text[p]!r} at position {p} of a compressed RLE string")
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            p += 1
-            shift += 5
-            if not more and (c & 0x10):
-                value -= 1 << shift  # sign-extend (the C code ORs in -1 << shift)
-        if len(counts) > 2:
-            value += counts[-2]
-        if value < 0:
-            raise ValueError(f"compressed RLE string decodes to a negative run length ({value}) at run "
-                             f"{len(counts)}")
-        counts.append(value)
-    return np.asarray(counts, dtype=np.int64)
-
-
-def counts_to_rle_string(counts: Sequence[int] | np.ndarray) -> str:
-    """Encodes run lengths as COCO's compressed RLE string (pycocotools ``rleToString``); the inverse of
-    :func:`rle_string_to_counts`.
-
-    Args:
-      counts: [num_runs] non-negative run lengths.
-
-    Returns:
-      The ASCII string.
-
-    Raises:
-      ValueError: on negative counts or a non-1-D input.
-    """
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.ndim != 1:
-        raise ValueError(f"counts must be 1-D; got shape {counts.shape}")
-    if counts.size and counts.min() < 0:
-        raise ValueError("run lengths must be non-negative")
-    chars: list[str] = []
-    for i, count in enumerate(counts.tolist()):
-        x = count - counts[i - 2].item() if i > 2 else count
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5  # arithmetic shift (Python ints are signed)
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            chars.append(chr(c + 48))
-    return "".join(chars)
+def _decode(rle: Any) -> np.ndarray:
+    """pycocotools ``decode`` without its NumPy 2 ``__array__(copy=...)`` DeprecationWarning (pycocotools 2.0.11)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"__array__ implementation doesn't accept a copy keyword",
+                                category=DeprecationWarning)
+        return coco_mask.decode(rle)
 
 
 def _check_size(size: Any, where: str) -> tuple[int, int]:
@@ -138,6 +66,11 @@ def _check_size(size: Any, where: str) -> tuple[int, int]:
 def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
     """Decodes a COCO run-length encoding (compressed string or uncompressed list of counts) into a mask.
 
+    Uses pycocotools (``frPyObjects`` for uncompressed counts, then ``decode``). Counts are checked first, since
+    pycocotools fills runs that stop short of ``height * width`` pixels with unspecified values: uncompressed counts
+    must be non-negative and sum to ``height * width``; a compressed string must decode without error and re-encode
+    to itself (COCO's strings are canonical: pycocotools' ``encode`` wrote them), which rejects truncated strings.
+
     Args:
       rle: ``{"size": [height, width], "counts": str | bytes | list[int]}``; runs alternate 0 and 1 starting with
         0, over the column-major flattened mask.
@@ -146,7 +79,8 @@ def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
       bool [height, width].
 
     Raises:
-      ValueError: if the counts do not sum to ``height * width``, are negative, or the dict is malformed.
+      ValueError: if the counts do not sum to ``height * width``, are negative, the string is not a valid
+        (canonical) COCO string, or the dict is malformed.
       TypeError: on counts of another type.
     """
     if not isinstance(rle, Mapping) or "size" not in rle or "counts" not in rle:
@@ -155,23 +89,30 @@ def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
     height, width = _check_size(rle["size"], "rle_decode")
     raw = rle["counts"]
     if isinstance(raw, (str, bytes)):
-        counts = rle_string_to_counts(raw)
-    elif isinstance(raw, (list, tuple, np.ndarray)):
-        counts = np.asarray(raw)
-        if counts.ndim != 1 or (counts.size and not np.issubdtype(counts.dtype, np.integer)):
-            raise ValueError(f"uncompressed RLE counts must be a flat list of ints; got {counts.dtype} "
-                             f"{counts.shape}")
-        counts = counts.astype(np.int64)
-        if counts.size and counts.min() < 0:
-            raise ValueError("uncompressed RLE counts must be non-negative")
-    else:
+        text = raw.encode("ascii") if isinstance(raw, str) else raw
+        compressed = {"size": [height, width], "counts": text}
+        try:
+            mask = _decode(compressed)
+        except ValueError as e:
+            raise ValueError(f"invalid compressed RLE string {text[:40]!r} for size {height}x{width}: {e}") from None
+        if rle_encode(mask)["counts"].encode("ascii") != text:
+            raise ValueError(f"compressed RLE string {text[:40]!r} does not cover the {height}x{width} mask "
+                             "exactly (truncated or not canonical)")
+        return mask.astype(bool)
+    if not isinstance(raw, (list, tuple, np.ndarray)):
         raise TypeError(f"RLE counts must be a str or a list of ints; got {type(raw).__name__}")
+    counts = np.asarray(raw)
+    if counts.ndim != 1 or (counts.size and not np.issubdtype(counts.dtype, np.integer)):
+        raise ValueError(f"uncompressed RLE counts must be a flat list of ints; got {counts.dtype} {counts.shape}")
+    if counts.size and counts.min() < 0:
+        raise ValueError("uncompressed RLE counts must be non-negative")
     if int(counts.sum()) != height * width:
         raise ValueError(f"RLE counts sum to {int(counts.sum())} but size {height}x{width} has "
                          f"{height * width} pixels")
-    values = (np.arange(counts.size) % 2).astype(bool)
-    flat = np.repeat(values, counts)
-    return flat.reshape(width, height).T  # column-major
+    if height * width == 0:
+        return np.zeros((height, width), dtype=bool)
+    encoded = coco_mask.frPyObjects({"size": [height, width], "counts": [int(c) for c in counts]}, height, width)
+    return _decode(encoded).astype(bool)
 
 
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:
@@ -181,7 +122,7 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
       mask: bool [height, width].
 
     Returns:
-      ``{"size": [height, width], "counts": str}``.
+      ``{"size": [height, width], "counts": str}`` (the string as COCO's JSON files hold it).
 
     Raises:
       ValueError: if ``mask`` is not 2-D.
@@ -189,33 +130,31 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be [height, width]; got shape {mask.shape}")
-    height, width = mask.shape
-    flat = mask.astype(bool).T.reshape(-1)  # column-major
-    if flat.size == 0:
-        return {"size": [height, width], "counts": counts_to_rle_string([0])}
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds)
-    if flat[0]:
-        counts = np.concatenate([[0], counts])  # runs start with zeros
-    return {"size": [height, width], "counts": counts_to_rle_string(counts)}
+    encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
 
 
 def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
-    """Rasterises COCO polygons (their union) with Pillow's ``ImageDraw.polygon``.
+    """Rasterises COCO polygons (their union) with pycocotools (``frPyObjects`` + ``merge`` + ``decode``).
+
+    pycocotools' scan conversion sets about the pixels whose centre ``(column + 0.5, row + 0.5)`` lies inside, so
+    the mask's area is about the polygon's: the rectangle with corners ``(2, 2)`` and ``(7, 5)`` sets rows 2..4 and
+    columns 2..6.
+    Polygons with one or two points (zero area) set no pixel; they are padded to three points here because
+    pycocotools would read four coordinates as a bounding box.
 
     Args:
       polygons: list of flat coordinate lists ``[x1, y1, x2, y2, ...]`` in pixels (x: column, y: row).
       height, width: the image size.
 
     Returns:
-      bool [height, width], True inside (or on the outline of) any polygon.
+      bool [height, width], True inside any polygon.
 
     Raises:
-      ValueError: if a polygon has an odd number of coordinates, fewer than one point, or non-numeric entries.
+      ValueError: if a polygon has an odd number of coordinates, fewer than one point, or non-numeric or
+        non-finite entries.
     """
-    image = Image.new("1", (width, height), 0)
-    draw = ImageDraw.Draw(image)
+    checked = []
     for k, polygon in enumerate(polygons):
         try:
             coords = np.asarray(polygon, dtype=np.float64)
@@ -226,16 +165,16 @@ def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: in
                              f"coordinates; got shape {coords.shape}")
         if not np.all(np.isfinite(coords)):
             raise ValueError(f"polygon #{k} has non-finite coordinates")
-        points = [tuple(p) for p in coords.reshape(-1, 2).tolist()]
-        if len(points) == 1:
-            draw.point(points, fill=1)
-        else:
-            draw.polygon(points, fill=1, outline=1)
-    return np.asarray(image, dtype=bool)
+        if coords.size < 6:  # a point or a segment: repeat the last point (zero area either way)
+            coords = np.concatenate([coords] + [coords[-2:]] * ((6 - coords.size) // 2))
+        checked.append(coords.tolist())
+    if not checked or height * width == 0:
+        return np.zeros((height, width), dtype=bool)
+    return _decode(coco_mask.merge(coco_mask.frPyObjects(checked, height, width))).astype(bool)
 
 
 def annotation_mask(annotation: Mapping[str, Any], height: int, width: int) -> np.ndarray:
-    """The mask of one COCO annotation (pycocotools ``annToMask``), whatever its segmentation format.
+    """The mask of one COCO annotation (as pycocotools ``COCO.annToMask``), whatever its segmentation format.
 
     Args:
       annotation: a COCO annotation dict with ``segmentation`` (polygons, uncompressed or compressed RLE).

@@ -4,9 +4,14 @@ Follows the evaluation of Morales et al. 2021, "Playing to distraction: towards 
 training of CNN classifiers through visual explanation techniques": accuracy, macro / weighted
 precision, recall and F1 and per-class true positive rates (Sec. 4.4, Tables 1 and 3), the
 Random Erasing robustness test (Zhong et al. 2020; Table 4), heat-map grids (Figs. 2-3), and
-markdown tables shaped like the paper's.
+markdown tables shaped like the paper's; and faithfulness checks of saliency maps (deletion / insertion,
+Petsiuk et al. 2018; cascading model-parameter randomisation, Adebayo et al. 2018; relevance mass in a region).
 """
 
+from saliency_jax.evaluation.faithfulness import (CausalMetricResult, RandomizationResult, auc, causal_metric,
+                                                  deletion, gaussian_blur, insertion, model_randomization,
+                                                  relevance_mass_accuracy, spearman_correlation, ssim)
+from saliency_jax.evaluation.figures import overlay
 from saliency_jax.evaluation.figures import saliency_figure
 from saliency_jax.evaluation.figures import training_curves_figure
 from saliency_jax.evaluation.metrics import SCALAR_METRICS
@@ -30,6 +35,18 @@ from saliency_jax.evaluation.utilization import (UTILIZATION_METRICS, compressio
                                                  utilization_per_example, utilization_table, weight_change)
 
 __all__ = [
+    "CausalMetricResult",
+    "RandomizationResult",
+    "auc",
+    "causal_metric",
+    "deletion",
+    "gaussian_blur",
+    "insertion",
+    "model_randomization",
+    "relevance_mass_accuracy",
+    "spearman_correlation",
+    "ssim",
+    "overlay",
     "UTILIZATION_METRICS",
     "compression_curves",
     "compression_figure",

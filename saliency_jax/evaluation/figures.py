@@ -1,12 +1,15 @@
-"""Figures of Morales et al. 2021: saliency grids (Figs. 2-3) and training curves.
+"""Seeing saliency maps: RGB overlays, the saliency grids of Morales et al. 2021 (Figs. 2-3), training curves.
 
-Figures 2 and 3 of "Playing to distraction" show, for a few test images, the input (column a)
-and the Grad-CAM heat map of each trained model overlaid on it (columns b-e: FT-ResNet50,
-0-occlusion, R-occlusion, 1-occlusion). :func:`saliency_figure` draws that grid;
-:func:`training_curves_figure` draws loss / accuracy against the training step for each arm.
+:func:`overlay` blends heat maps over images into RGB arrays (pure JAX, batched, jittable: usable for TensorBoard
+images or any plotting library). Figures 2 and 3 of "Playing to distraction" show, for a few test images, the input
+(column a) and the Grad-CAM heat map of each trained model overlaid on it (columns b-e: FT-ResNet50, 0-occlusion,
+R-occlusion, 1-occlusion); :func:`saliency_figure` draws that grid, with a colour bar for the map scale and, when
+given the models' probabilities, the predicted class and its probability under each panel.
+:func:`training_curves_figure` draws loss / accuracy against the training step for each arm, with the validation
+curve where the history has one.
 
-Both write PNG files through matplotlib's Agg canvas (``matplotlib.figure.Figure``, no
-``pyplot``: no window, no global figure state) and return the path written.
+The figures are written as PNG files through matplotlib's Agg canvas (``matplotlib.figure.Figure``, no ``pyplot``:
+no window, no global figure state); each function returns the path written.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import matplotlib
+import matplotlib.cm
+import matplotlib.colors
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["saliency_figure", "training_curves_figure"]
+from saliency_jax.saliency.core import normalize_maps
+
+__all__ = ["TRAIN_CURVE_NOTE", "overlay", "saliency_figure", "training_curves_figure"]
 
 _RANGE_TOLERANCE = 1e-6  # Values this far outside [0, 1] are float rounding, clipped silently.
 
@@ -48,6 +57,89 @@ def _prepare_path(path: str | os.PathLike[str]) -> pathlib.Path:
     return out
 
 
+def _colormap(name: Any) -> matplotlib.colors.Colormap:
+    try:
+        return matplotlib.colormaps[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"colormap {name!r} is not a matplotlib colour map name.") from None
+
+
+def _check_alpha(alpha: Any) -> float:
+    if isinstance(alpha, bool) or not (isinstance(alpha, numbers.Real) and 0.0 <= float(alpha) <= 1.0):
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
+    return float(alpha)
+
+
+def overlay(
+    images: Any,
+    maps: Any,
+    *,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    normalize: bool = False,
+) -> jax.Array:
+    """Heat maps blended over images, as RGB: ``(1 - alpha) * image + alpha * colormap(map)``.
+
+    The colour of a map value ``v`` in [0, 1] is matplotlib's: entry ``min(floor(v * N), N - 1)`` of the colour
+    map's ``N``-entry table (``N = 256`` for ``"jet"``), so ``overlay`` equals ``(1 - alpha) * image + alpha *
+    matplotlib.colormaps[colormap](v)[..., :3]``. Grey images are repeated over the three channels. Pure JAX on a
+    colour table built once on the host: jittable (``colormap``, ``alpha`` and ``normalize`` static) and batched.
+
+    To save or display as 8-bit: ``np.asarray(overlay(...) * 255).round().astype(np.uint8)``.
+
+    Args:
+      images: [batch, height, width, channels] float in [0, 1], channels 1 (grey) or 3 (RGB).
+      maps: [batch, height, width] float saliency maps at the image resolution (resize lower-resolution maps with
+        :func:`saliency_jax.saliency.resize_maps`), in [0, 1] unless ``normalize``.
+      colormap: a matplotlib colour map name (``"jet"``, as the Grad-CAM papers; ``"viridis"``, ...).
+      alpha: weight of the heat map in [0, 1] (0: the image, 1: the heat map alone).
+      normalize: min-max normalise each map to [0, 1] first (:func:`saliency_jax.saliency.normalize_maps`; a
+        constant map becomes 0), for maps in any range.
+
+    Returns:
+      float32 [batch, height, width, 3] RGB in [0, 1].
+
+    Raises:
+      ValueError: if the shapes do not match (naming both), channels is not 1 or 3, ``colormap`` or ``alpha`` is
+        invalid, or (for concrete, not traced, arrays) values are non-finite or outside [0, 1] (images; maps unless
+        ``normalize``). Under ``jax.jit`` values cannot be checked: they are clipped to [0, 1].
+    """
+    table = _colormap(colormap)
+    alpha = _check_alpha(alpha)
+    images = jnp.asarray(images)
+    maps = jnp.asarray(maps)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be [batch, height, width, channels] with channels 1 or 3, got {images.shape}.")
+    if maps.shape != images.shape[:3]:
+        raise ValueError(f"maps must be [batch, height, width] = {images.shape[:3]} to match images, got "
+                         f"{maps.shape}; resize them with saliency_jax.saliency.resize_maps.")
+    if not isinstance(images, jax.core.Tracer):
+        _as_unit_interval(images, "images")
+    if normalize:
+        maps = normalize_maps(maps)
+    elif not isinstance(maps, jax.core.Tracer):
+        _as_unit_interval(maps, "maps")
+    lut = jnp.asarray(table(np.arange(table.N))[:, :3], jnp.float32)  # [N, 3]
+    index = jnp.clip(jnp.floor(jnp.clip(maps.astype(jnp.float32), 0.0, 1.0) * table.N), 0, table.N - 1)
+    heat = lut[index.astype(jnp.int32)]
+    rgb = jnp.broadcast_to(jnp.clip(images.astype(jnp.float32), 0.0, 1.0), (*images.shape[:3], 3))
+    return (1.0 - alpha) * rgb + alpha * heat
+
+
+def _check_probabilities(value: Any, num_rows: int, name: str) -> np.ndarray:
+    try:
+        probs = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a numeric array [n, num_classes]: {error}") from None
+    if probs.ndim != 2 or probs.shape[0] != num_rows or probs.shape[1] < 1:
+        raise ValueError(f"{name} must be probabilities [n={num_rows}, num_classes], got shape {probs.shape}.")
+    if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1 + 1e-6 \
+            or np.any(np.abs(probs.sum(axis=1) - 1.0) > 1e-3):
+        raise ValueError(f"{name} must hold softmax probabilities (each row in [0, 1], summing to 1); pass "
+                         "jax.nn.softmax(logits).")
+    return probs
+
+
 def saliency_figure(
     images: Any,
     maps: Mapping[str, Any],
@@ -59,16 +151,20 @@ def saliency_figure(
     cmap: str = "jet",
     cell_inches: float = 2.0,
     dpi: int = 100,
+    predictions: Any = None,
+    class_names: Sequence[str] | None = None,
+    colorbar: bool = True,
+    colorbar_label: str = "saliency",
 ) -> pathlib.Path:
     """Writes a PNG grid of input images and heat maps overlaid on them (Morales 2021, Figs. 2-3).
 
     Row ``i`` shows image ``i``: column 0 the input ("input"), then one column per entry of
-    ``maps`` (in the dict's order, headed by its key) with that map drawn with colour map ``cmap``
-    and opacity ``alpha`` over the image. Maps are shown on a fixed [0, 1] colour scale, so
-    columns are comparable. Each cell is ``cell_inches`` wide and keeps the image's aspect ratio;
-    the PNG is therefore about ``(1 + len(maps)) * cell_inches * dpi`` pixels wide and
-    ``n * cell_inches * height / width * dpi`` pixels high, plus margins for headers, labels and
-    title.
+    ``maps`` (in the dict's order, headed by its key) with that map drawn with :func:`overlay` (colour map ``cmap``,
+    weight ``alpha``). Maps are shown on a fixed [0, 1] colour scale, so columns are comparable; a colour bar at
+    the right shows it. Under a panel, ``predictions`` add the predicted class (``class_names`` or its index) and
+    its probability. Each cell is ``cell_inches`` wide and keeps the image's aspect ratio; the PNG is therefore
+    about ``(1 + len(maps)) * cell_inches * dpi`` pixels wide (plus the colour bar) and
+    ``n * cell_inches * height / width * dpi`` pixels high, plus margins for headers, labels and title.
 
     Args:
       images: [n, height, width, channels] float in [0, 1], channels 1 (grey) or 3 (RGB).
@@ -81,6 +177,12 @@ def saliency_figure(
       cmap: name of a matplotlib colour map for the heat maps.
       cell_inches: width of one cell in inches (> 0).
       dpi: resolution in pixels per inch (positive int).
+      predictions: optional class probabilities (softmax outputs) [n, num_classes]: one array, written under the
+        input column (one model explained by several methods), or a dict column name -> array (one model per
+        column, e.g. the arms of an experiment; ``"input"`` names the input column).
+      class_names: optional names of the ``num_classes`` classes for the predictions.
+      colorbar: draw a colour bar for the [0, 1] map scale at the right.
+      colorbar_label: its label.
 
     Returns:
       The path written, as a ``pathlib.Path``.
@@ -88,8 +190,9 @@ def saliency_figure(
     Raises:
       ValueError: if ``images`` is not [n, height, width, 1 or 3] with n >= 1, a map's shape is
         not [n, height, width] (the message names the column), values are non-finite or outside
-        [0, 1], ``row_labels`` does not have ``n`` entries, ``maps`` is not a dict, or ``alpha``,
-        ``cmap``, ``cell_inches`` or ``dpi`` is invalid.
+        [0, 1], ``row_labels`` does not have ``n`` entries, ``maps`` is not a dict, ``alpha``,
+        ``cmap``, ``cell_inches`` or ``dpi`` is invalid, ``predictions`` are not probabilities [n, num_classes]
+        or name an unknown column, or ``class_names`` does not have ``num_classes`` entries.
     """
     images = _as_unit_interval(images, "images")
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] < 1 or min(images.shape[1:3]) < 1:
@@ -111,8 +214,7 @@ def saliency_figure(
     if row_labels is not None:
         if isinstance(row_labels, str) or len(row_labels) != num_rows:
             raise ValueError(f"row_labels must be a sequence of n={num_rows} strings, got {row_labels!r}.")
-    if not (isinstance(alpha, numbers.Real) and 0.0 <= float(alpha) <= 1.0):
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}.")
+    alpha = _check_alpha(alpha)
     try:
         colormap = matplotlib.colormaps[cmap]
     except (KeyError, TypeError):
@@ -121,38 +223,70 @@ def saliency_figure(
         raise ValueError(f"cell_inches must be positive, got {cell_inches!r}.")
     if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
         raise ValueError(f"dpi must be a positive int, got {dpi!r}.")
+    column_names = ["input"] + list(checked_maps)
+    if predictions is None:
+        predictions = {}
+    elif not isinstance(predictions, Mapping):
+        predictions = {"input": predictions}
+    checked_predictions: dict[str, np.ndarray] = {}
+    for column, probs in predictions.items():
+        if str(column) not in column_names:
+            raise ValueError(f"predictions[{column!r}] names no column; columns are {column_names}.")
+        checked_predictions[str(column)] = _check_probabilities(probs, num_rows, f"predictions[{column!r}]")
+    if class_names is not None:
+        for column, probs in checked_predictions.items():
+            if isinstance(class_names, str) or len(class_names) != probs.shape[1]:
+                raise ValueError(f"class_names must have num_classes={probs.shape[1]} entries (predictions"
+                                 f"[{column!r}]), got {class_names!r}.")
 
     # Layout in inches; axes are placed explicitly so the pixel size is predictable.
-    num_cols = 1 + len(checked_maps)
+    num_cols = len(column_names)
     cell_w = float(cell_inches)
     cell_h = cell_w * height / width
     gap = 0.05 * cell_w
     header = 0.3
     title_h = 0.4 if title else 0.0
+    caption_h = 0.22 if checked_predictions else 0.0  # room under each row for the predicted class
+    row_h = cell_h + caption_h
     left = 0.3 if row_labels is not None else gap
-    fig_w = left + num_cols * cell_w + (num_cols - 1) * gap + gap
-    fig_h = title_h + header + num_rows * cell_h + (num_rows - 1) * gap + gap
+    bar_w = 0.75 if colorbar else 0.0  # colour bar (0.15) plus its ticks and label
+    fig_w = left + num_cols * cell_w + (num_cols - 1) * gap + gap + bar_w
+    fig_h = title_h + header + num_rows * row_h + (num_rows - 1) * gap + gap
 
     figure = Figure(figsize=(fig_w, fig_h), dpi=dpi)
     FigureCanvasAgg(figure)
-    columns = [("input", None)] + list(checked_maps.items())
+    blended = {name: np.asarray(overlay(images, saliency, colormap=cmap, alpha=alpha))
+               for name, saliency in checked_maps.items()}
     for row in range(num_rows):
         image = images[row, :, :, 0] if channels == 1 else images[row]
-        for col, (name, saliency) in enumerate(columns):
+        for col, name in enumerate(column_names):
             x0 = left + col * (cell_w + gap)
-            y0 = fig_h - title_h - header - (row + 1) * cell_h - row * gap
+            y0 = fig_h - title_h - header - row * (row_h + gap) - cell_h
             axes = figure.add_axes((x0 / fig_w, y0 / fig_h, cell_w / fig_w, cell_h / fig_h))
-            axes.imshow(image, cmap="gray" if channels == 1 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
-            if saliency is not None:
-                axes.imshow(
-                    saliency[row], cmap=colormap, alpha=float(alpha), vmin=0.0, vmax=1.0, interpolation="bilinear"
-                )
+            if name in blended:
+                axes.imshow(blended[name][row], vmin=0.0, vmax=1.0, interpolation="nearest")
+            else:
+                axes.imshow(image, cmap="gray" if channels == 1 else None, vmin=0.0, vmax=1.0,
+                            interpolation="nearest")
             axes.set_xticks([])
             axes.set_yticks([])
             if row == 0:
                 axes.set_title(name, fontsize=9)
             if col == 0 and row_labels is not None:
                 axes.set_ylabel(str(row_labels[row]), fontsize=8)
+            if name in checked_predictions:
+                probs = checked_predictions[name][row]
+                predicted = int(np.argmax(probs))
+                label = class_names[predicted] if class_names is not None else str(predicted)
+                axes.set_xlabel(f"pred {label} ({probs[predicted]:.2f})", fontsize=7, labelpad=2)
+    if colorbar:
+        bar_h = num_rows * row_h + (num_rows - 1) * gap
+        bar_x = left + num_cols * cell_w + (num_cols - 1) * gap + gap
+        bar_axes = figure.add_axes((bar_x / fig_w, gap / fig_h, 0.15 / fig_w, bar_h / fig_h))
+        mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0.0, 1.0), cmap=colormap)
+        bar = figure.colorbar(mappable, cax=bar_axes)
+        bar.set_label(colorbar_label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     if title:
         figure.text(0.5, 1.0 - 0.5 * title_h / fig_h, title, ha="center", va="center", fontsize=11)
     out = _prepare_path(path)
@@ -164,6 +298,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+#: What the training curves measure: the loss and accuracy the train step logs, on its own (possibly occluded)
+#: mini-batches, averaged over the log interval.
+TRAIN_CURVE_NOTE = "solid: training batches (possibly occluded)"
+
+
 def training_curves_figure(
     history: Mapping[str, Sequence[Mapping[str, Any]]],
     path: str | os.PathLike[str],
@@ -171,18 +310,30 @@ def training_curves_figure(
     metrics: Sequence[str] | None = None,
     title: str | None = None,
     dpi: int = 100,
+    validation_prefix: str | None = "val_",
+    train_note: str | None = TRAIN_CURVE_NOTE,
 ) -> pathlib.Path:
     """Writes a PNG with one panel per metric (loss, accuracy, ...) against step, a line per arm.
 
+    The train loop logs ``loss`` and ``accuracy`` on the mini-batches it trains on - after the training scheme
+    changed them (e.g. Grad-CAM occlusion) - and ``val_accuracy`` on held-out clean images. So the panel of metric
+    ``m`` draws ``m`` as a solid line per arm and, where the records have ``validation_prefix + m``, that as a
+    dashed line of the same colour; each panel with a training curve says so under its title (``train_note``).
+
     Args:
       history: dict arm name -> list of records ``{"step": int, "loss": float, "accuracy":
-        float, ...}`` in any order (sorted by step before plotting). A record may lack a metric;
-        non-numeric entries (e.g. ``"split": "eval"``) are ignored; NaN values leave gaps.
+        float, "val_accuracy": float, ...}`` in any order (sorted by step before plotting). A record may lack a
+        metric; non-numeric entries (e.g. ``"split": "eval"``) are ignored; NaN values leave gaps.
       path: output PNG file; missing parent directories are created.
       metrics: metric names to plot, one panel each, in this order; default: every numeric key
-        other than ``"step"``, in order of first appearance.
+        other than ``"step"``, in order of first appearance, except validation keys whose training metric has a
+        panel (they are drawn in it).
       title: optional figure title.
       dpi: resolution in pixels per inch (positive int).
+      validation_prefix: prefix of the validation counterpart of a metric (``"val_"``); None: no pairing, every
+        metric in its own panel.
+      train_note: the line under each panel title that says what the solid (training) curves are measured on;
+        None for none. The dashed validation line is named in the legend.
 
     Returns:
       The path written, as a ``pathlib.Path``.
@@ -205,8 +356,16 @@ def training_curves_figure(
             for name, value in record.items():
                 if name != "step" and _is_number(value):
                     found[name] = None
+
+    def validation_of(metric: str) -> str | None:
+        if not validation_prefix or metric.startswith(validation_prefix):
+            return None
+        name = validation_prefix + metric
+        return name if name in found else None
+
     if metrics is None:
-        metrics = list(found)
+        paired = {validation_of(m) for m in found} - {None}
+        metrics = [m for m in found if m not in paired]
     else:
         if isinstance(metrics, str):
             raise ValueError("metrics must be a sequence of metric names, got a single string.")
@@ -219,20 +378,27 @@ def training_curves_figure(
     if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
         raise ValueError(f"dpi must be a positive int, got {dpi!r}.")
 
-    figure = Figure(figsize=(4.0 * len(metrics), 3.2 + (0.3 if title else 0.0)), dpi=dpi)
+    def points(records, name):
+        return sorted((float(r["step"]), float(r[name])) for r in records if _is_number(r.get(name)))
+
+    figure = Figure(figsize=(4.0 * len(metrics), 3.4 + (0.3 if title else 0.0)), dpi=dpi)
     FigureCanvasAgg(figure)
     panels = figure.subplots(1, len(metrics), squeeze=False)[0]
     for axes, metric in zip(panels, metrics):
+        validation = validation_of(metric)
+        is_training = not (validation_prefix and metric.startswith(validation_prefix))
         for arm_index, (arm, records) in enumerate(history.items()):
-            points = sorted((float(r["step"]), float(r[metric])) for r in records if _is_number(r.get(metric)))
-            if points:
-                steps, values = zip(*points)
-                axes.plot(
-                    steps, values, label=str(arm), color=f"C{arm_index % 10}", marker="." if len(points) < 30 else None
-                )
+            colour = f"C{arm_index % 10}"
+            for name, style, label in ((metric, "-", str(arm)), (validation, "--", f"{arm} (validation)")):
+                line = points(records, name) if name else []
+                if line:
+                    steps, values = zip(*line)
+                    axes.plot(steps, values, style, label=label, color=colour,
+                              marker="." if len(line) < 30 else None)
         axes.set_xlabel("step")
         axes.set_ylabel(metric)
-        axes.set_title(metric)
+        note = f"\n{train_note}" if train_note and is_training else ""
+        axes.set_title(f"{metric}{note}", fontsize=9 if note else None)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     if title:
