@@ -167,6 +167,7 @@ def test_normalisation_gradient_is_zero_not_nan_where_max_equals_min():
     x = jnp.full((2, 4, 4, 2), 0.5)
     regions = jnp.ones((2, 4, 4)).at[:, :2].set(0.0)
 
+    @jax.jit
     def loss(w, sign):
         # Spatially constant activations -> constant Grad-CAM map (max == min), before and after the ReLU.
         model = split_layer(lambda im: jnp.tanh(im @ w), lambda a: sign * jnp.sum(jnp.mean(a, (1, 2)), -1,
@@ -208,25 +209,28 @@ def test_guidance_loss_bad_input():
 
 def test_multilabel_guidance_loss_averages_positive_attributes():
     params = jax.tree.map(jnp.float32, tiny_params())
-    model = tiny_model(params)
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.uniform(size=(3, 4, 4, 2)), jnp.float32)
     regions = jnp.asarray(rng.uniform(size=(3, 2, 4, 4)) > 0.5, jnp.float32)  # for attributes (2, 0)
     targets = jnp.array([[1, 1, 1], [0, 1, 1], [0, 1, 0]])  # ex0: both guided; ex1: only 2; ex2: none
-    got = ag.multilabel_guidance_loss(model, x, targets, regions, attributes=[2, 0], epsilon=1.0)
 
-    def single(attr, k):
-        return ag.guidance_loss(model, x, jnp.full((3,), attr), regions[:, k], epsilon=1.0)
+    @jax.jit
+    def losses(p):
+        model = tiny_model(p)
+        multi = ag.multilabel_guidance_loss(model, x, targets, regions, attributes=[2, 0], epsilon=1.0)
+        l2 = ag.guidance_loss(model, x, jnp.full((3,), 2), regions[:, 0], epsilon=1.0)
+        l0 = ag.guidance_loss(model, x, jnp.full((3,), 0), regions[:, 1], epsilon=1.0)
+        # All attributes by default (regions [batch, 3, h, w]); attribute 1 is never positive here.
+        full = ag.multilabel_guidance_loss(model, x, targets.at[:, 1].set(0), jnp.stack(
+            [regions[:, 1], regions[:, 1], regions[:, 0]], 1))
+        return multi, l2, l0, full
 
-    l2, l0 = np.asarray(single(2, 0)), np.asarray(single(0, 1))
+    got, l2, l0, full = (np.asarray(v) for v in losses(params))
     np.testing.assert_allclose(got, [(l2[0] + l0[0]) / 2, l2[1], 0.0], rtol=1e-5)
-    grad = jax.grad(lambda p: jnp.sum(ag.multilabel_guidance_loss(tiny_model(p), x, targets, regions,
-                                                                   attributes=[2, 0])))(params)
-    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grad))
-    # All attributes by default: regions [batch, 3, h, w].
-    full = ag.multilabel_guidance_loss(model, x, targets.at[:, 1].set(0), jnp.stack(
-        [regions[:, 1], regions[:, 1], regions[:, 0]], 1))
     np.testing.assert_allclose(full, got, rtol=1e-5)
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(losses(p)[0])))(params)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grad))
+    assert np.abs(grad["w2"]).max() > 0
 
 
 def test_multilabel_guidance_loss_bad_input():
@@ -262,7 +266,7 @@ def test_guidance_loss_on_linen_model_in_jit():
         return jnp.mean(ag.guidance_loss(layer_model, x, jnp.array([0, 2]), regions))
 
     value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
-    np.testing.assert_allclose(value, loss(variables["params"]), rtol=1e-5)
+    np.testing.assert_allclose(value, jax.jit(loss)(variables["params"]), rtol=1e-5)
     assert np.all(np.isfinite(value))
     assert np.abs(grads["conv1"]["conv"]["kernel"]).max() > 0
     assert np.abs(grads["fc"]["kernel"]).max() > 0  # only through Grad-CAM's weights (second order)
