@@ -102,6 +102,19 @@ def test_decoy_mnist_deterministic_per_seed(tmp_path):
     assert not np.array_equal(train.corners, a.corners)  # separate streams per split
 
 
+def test_clean_variant_has_the_same_fields(tmp_path):
+    images, _ = make_mnist(tmp_path, ink_in_corner=False)
+    decoy = decoy_mnist.load_decoy_mnist(tmp_path, "test", seed=2)
+    clean = decoy_mnist.load_decoy_mnist(tmp_path, "test", seed=2, decoy=False)
+    assert clean.name == "clean_mnist/test"
+    np.testing.assert_array_equal(clean.images[..., 0], images)
+    for i in range(5):
+        c, d = clean[i], decoy[i]
+        assert set(c) == set(d)
+        for key in ("region", "wrong_region", "decoy_label", "label"):
+            np.testing.assert_array_equal(c[key], d[key])
+
+
 def test_draw_decoys_distribution():
     labels = np.arange(20000) % 10
     digits, corners = decoy_mnist.draw_decoys(labels, "test", seed=0)

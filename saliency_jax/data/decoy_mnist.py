@@ -210,7 +210,7 @@ class DecoyMNISTSource:
 
 
 def load_decoy_mnist(data_dir: str | os.PathLike[str], split: str, *, seed: int = 0, region_threshold: int = 0,
-                     region_dilation: int = 0, image_size: int | None = None) -> DecoyMNISTSource:
+                     region_dilation: int = 0, image_size: int | None = None, decoy: bool = True) -> DecoyMNISTSource:
     """Decoy MNIST built from the MNIST IDX files in ``data_dir`` (see the module docstring).
 
     Args:
@@ -220,6 +220,9 @@ def load_decoy_mnist(data_dir: str | os.PathLike[str], split: str, *, seed: int 
       region_threshold: uint8 level above which a pixel is the digit's (``region``).
       region_dilation: pixels of dilation of the digit region (0 = exact).
       image_size: optional square resize (bilinear) of images and regions.
+      decoy: False gives clean MNIST with the same fields (the patches drawn but not written into the images:
+        ``wrong_region`` marks where the patch would be, ``decoy_label`` what it would encode), for the
+        clean-data ceiling arm with the same train step and evaluation.
 
     Returns:
       :class:`DecoyMNISTSource`.
@@ -230,7 +233,7 @@ def load_decoy_mnist(data_dir: str | os.PathLike[str], split: str, *, seed: int 
     """
     mnist = sources.load_mnist(data_dir, split)
     digits, corners = draw_decoys(mnist.labels, split, seed)
-    images = add_patches(mnist.images, digits, corners)
+    images = add_patches(mnist.images, digits, corners) if decoy else mnist.images
     return DecoyMNISTSource(images=images, labels=mnist.labels, patch_digits=digits, corners=corners,
-                            name=f"decoy_mnist/{split}", region_threshold=region_threshold,
+                            name=f"{'decoy' if decoy else 'clean'}_mnist/{split}", region_threshold=region_threshold,
                             region_dilation=region_dilation, image_size=image_size)
