@@ -69,7 +69,7 @@ def make_steps(model: SmallCNN, optimizer: optax.GradientTransformation, guidanc
                                                   activation=rrr.activation)
             else:
                 raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
-            return jnp.mean(per_example), updates["batch_stats"]
+            return jnp.mean(per_example), updates.get("batch_stats", batch_stats)
 
         @jax.jit
         def step(params, batch_stats, opt_state, batch):
