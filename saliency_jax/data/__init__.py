@@ -8,11 +8,20 @@ for grayscale); labels are int32.
 """
 
 from saliency_jax.data import augment
+from saliency_jax.data import celeba
 from saliency_jax.data import coco
+from saliency_jax.data import decoy_mnist
+from saliency_jax.data import regions
 from saliency_jax.data import voc
 from saliency_jax.data import pipeline
 from saliency_jax.data import sources
 from saliency_jax.data.augment import PAPER_AUGMENTATION
+from saliency_jax.data.celeba import CelebASource
+from saliency_jax.data.celeba import cooccurrence_subset
+from saliency_jax.data.celeba import load_celeba
+from saliency_jax.data.decoy_mnist import DecoyMNISTSource
+from saliency_jax.data.decoy_mnist import load_decoy_mnist
+from saliency_jax.data.pipeline import SPATIAL_FIELDS
 from saliency_jax.data.pipeline import EvalBatches
 from saliency_jax.data.pipeline import image_shape
 from saliency_jax.data.pipeline import make_eval_batches
@@ -35,11 +44,26 @@ from saliency_jax.data.sources import load_image_folder
 from saliency_jax.data.sources import load_mnist
 from saliency_jax.data.sources import load_npz
 from saliency_jax.data.sources import load_tfds
+from saliency_jax.data.regions import TemplateRegionSource
+from saliency_jax.data.regions import rasterize_polygons
+from saliency_jax.data.regions import rasterize_templates
 from saliency_jax.data.voc import VOC_CLASSES
 from saliency_jax.data.voc import load_voc
 from saliency_jax.data.coco import load_coco
 
 __all__ = [
+    "celeba",
+    "decoy_mnist",
+    "regions",
+    "CelebASource",
+    "DecoyMNISTSource",
+    "SPATIAL_FIELDS",
+    "TemplateRegionSource",
+    "cooccurrence_subset",
+    "load_celeba",
+    "load_decoy_mnist",
+    "rasterize_polygons",
+    "rasterize_templates",
     "VOC_CLASSES",
     "coco",
     "voc",

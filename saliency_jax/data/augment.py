@@ -10,10 +10,17 @@ All images are [height, width, channels] float32 in [0, 1]. Every function
 works on one image: the pipeline maps it over examples on the host, where
 per-example random parameters are drawn from the grain-provided
 ``np.random.Generator``.
+
+Spatial per-example fields (a user region ``S`` or an annotated wrong region
+``A``: [..., height, width] float32 in [0, 1], any leading axes) move with the
+image: :func:`augment_example` applies the same rotation and flip to them
+(bilinear, zero fill, like the image) and leaves them out of the photometric
+steps; :func:`resize_spatial` resizes them like :func:`resize`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -23,11 +30,14 @@ from scipy import ndimage
 __all__ = [
     "PAPER_AUGMENTATION",
     "augment",
+    "augment_example",
+    "check_spatial_fields",
     "horizontal_flip",
     "rotate",
     "apply_channel_shift",
     "adjust_brightness",
     "resize",
+    "resize_spatial",
 ]
 
 PAPER_AUGMENTATION: dict[str, Any] = {
@@ -143,6 +153,112 @@ def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
     return np.clip(image * np.float32(factor), 0.0, 1.0)
 
 
+def check_spatial_fields(
+    fields: Mapping[str, np.ndarray], shape: tuple[int, ...], fn: str
+) -> dict[str, np.ndarray]:
+    """Checks spatial fields against their image and converts them to float32.
+
+    Args:
+        fields: ``{name: [..., height, width]}`` array-likes.
+        shape: the image's shape [height, width, channels].
+        fn: caller's name for messages.
+
+    Returns:
+        ``{name: float32 array}`` with the input shapes.
+
+    Raises:
+        ValueError: a field of rank < 2 or whose trailing axes differ from the
+            image's height and width (names the field).
+    """
+    out = {}
+    for name, field in fields.items():
+        field = np.asarray(field, dtype=np.float32)
+        if field.ndim < 2 or field.shape[-2:] != tuple(shape[:2]):
+            raise ValueError(
+                f"{fn}: spatial field {name!r} must be [..., {shape[0]}, {shape[1]}]"
+                f" (the image's height and width), got shape {field.shape}."
+            )
+        out[name] = field
+    return out
+
+
+def _map_planes(field: np.ndarray, fn) -> np.ndarray:
+    """Applies an image function ([h, w, c] -> [h', w', c]) to the planes of a [..., h, w] field."""
+    lead, (h, w) = field.shape[:-2], field.shape[-2:]
+    planes = field.reshape(-1, h, w).transpose(1, 2, 0)  # [h, w, planes]
+    out = fn(planes)
+    return np.ascontiguousarray(
+        out.transpose(2, 0, 1).reshape(*lead, *out.shape[:2])
+    ).astype(np.float32, copy=False)
+
+
+def augment_example(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    spatial: Mapping[str, np.ndarray] | None = None,
+    *,
+    hflip: bool = False,
+    rotation: float = 0.0,
+    channel_shift: float = 0.0,
+    brightness: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """:func:`augment` of one image, moving its spatial fields with it.
+
+    The same random draws as :func:`augment` (so ``augment_example(image, rng,
+    {}, **kw)[0]`` equals ``augment(image, rng, **kw)`` for the same ``rng``
+    state); every field in ``spatial`` gets the image's rotation (bilinear,
+    zero fill, clipped to [0, 1]) and flip; channel shift and brightness do not
+    apply to them.
+
+    Args:
+        image: [height, width, channels] float32 in [0, 1].
+        rng: numpy generator.
+        spatial: ``{name: [..., height, width] float32 in [0, 1]}``, e.g.
+            ``{"region": S, "wrong_region": A}``; None = none.
+        hflip, rotation, channel_shift, brightness: as :func:`augment`.
+
+    Returns:
+        ``(image, fields)``: the augmented image [height, width, channels] and
+        a dict of the transformed fields, each with its input shape, float32 in
+        [0, 1].
+
+    Raises:
+        ValueError: as :func:`augment`, or a field whose trailing two axes are
+            not the image's height and width.
+    """
+    image = _check_image(image, "augment")
+    fields = check_spatial_fields(spatial or {}, image.shape, "augment")
+    if rotation < 0 or channel_shift < 0:
+        raise ValueError(
+            "augment: rotation and channel_shift must be >= 0, got"
+            f" {rotation} and {channel_shift}."
+        )
+    if brightness is not None:
+        low, high = (float(b) for b in brightness)
+        if not 0.0 <= low <= high:
+            raise ValueError(
+                f"augment: brightness must be (low, high) with 0 <= low <= high, got"
+                f" {brightness}."
+            )
+    if rotation > 0:
+        angle = rng.uniform(-rotation, rotation)
+        image = rotate(image, angle)
+        fields = {
+            k: _map_planes(v, lambda planes: rotate(planes, angle))
+            for k, v in fields.items()
+        }
+    if channel_shift > 0:
+        image = apply_channel_shift(
+            image, rng.uniform(-channel_shift, channel_shift)
+        )
+    if hflip and rng.uniform() < 0.5:
+        image = horizontal_flip(image)
+        fields = {k: np.ascontiguousarray(v[..., ::-1]) for k, v in fields.items()}
+    if brightness is not None:
+        image = adjust_brightness(image, rng.uniform(low, high))
+    return image, fields
+
+
 def augment(
     image: np.ndarray,
     rng: np.random.Generator,
@@ -160,7 +276,8 @@ def augment(
     probability 0.5, brightness factor uniform in ``brightness``. Each step is
     skipped when disabled (False / 0 / None); only enabled steps draw from
     ``rng``. ``augment(image, rng, **PAPER_AUGMENTATION)`` is the paper's
-    setting.
+    setting. :func:`augment_example` does the same and moves per-example
+    spatial fields (regions) with the image.
 
     Args:
         image: [height, width, channels] float32 in [0, 1].
@@ -177,30 +294,15 @@ def augment(
     Raises:
         ValueError: image not rank 3, negative ranges, or a bad brightness range.
     """
-    image = _check_image(image, "augment")
-    if rotation < 0 or channel_shift < 0:
-        raise ValueError(
-            "augment: rotation and channel_shift must be >= 0, got"
-            f" {rotation} and {channel_shift}."
-        )
-    if brightness is not None:
-        low, high = (float(b) for b in brightness)
-        if not 0.0 <= low <= high:
-            raise ValueError(
-                f"augment: brightness must be (low, high) with 0 <= low <= high, got"
-                f" {brightness}."
-            )
-    if rotation > 0:
-        image = rotate(image, rng.uniform(-rotation, rotation))
-    if channel_shift > 0:
-        image = apply_channel_shift(
-            image, rng.uniform(-channel_shift, channel_shift)
-        )
-    if hflip and rng.uniform() < 0.5:
-        image = horizontal_flip(image)
-    if brightness is not None:
-        image = adjust_brightness(image, rng.uniform(low, high))
-    return image
+    return augment_example(
+        image,
+        rng,
+        None,
+        hflip=hflip,
+        rotation=rotation,
+        channel_shift=channel_shift,
+        brightness=brightness,
+    )[0]
 
 
 def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -234,3 +336,25 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
         for c in range(image.shape[2])
     ]
     return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
+
+
+def resize_spatial(field: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a spatial field [..., height, width], plane by plane as :func:`resize`.
+
+    Args:
+        field: [..., height, width] float32 in [0, 1] (e.g. a region mask).
+        size: output side ``s`` (square) or ``(new_height, new_width)``.
+
+    Returns:
+        [..., new_height, new_width] float32 in [0, 1] (a binary mask becomes
+        soft at its edges); the input itself when the size already matches.
+
+    Raises:
+        ValueError: field of rank < 2 or non-positive size.
+    """
+    field = np.asarray(field, dtype=np.float32)
+    if field.ndim < 2:
+        raise ValueError(
+            f"resize_spatial: field must be [..., height, width], got shape {field.shape}."
+        )
+    return _map_planes(field, lambda planes: resize(planes, size))

@@ -14,6 +14,13 @@ hosts read the data.
 
 Evaluation (:func:`make_eval_batches`) reads examples in order and pads the
 last batch, with a ``mask`` marking the real rows.
+
+Fields: every field a source yields travels into the batches. ``"image"`` and
+``"label"`` are required; the spatial fields named in :data:`SPATIAL_FIELDS`
+(``"region"``, ``"wrong_region"``: [..., height, width] float32 in [0, 1]) are
+resized and geometrically augmented together with their image; any other field
+(e.g. an int ``"decoy_label"``) is passed through unchanged. ``"mask"`` is
+reserved for the evaluation padding.
 """
 
 from __future__ import annotations
@@ -39,7 +46,11 @@ __all__ = [
     "EvalBatches",
     "num_classes",
     "image_shape",
+    "SPATIAL_FIELDS",
 ]
+
+SPATIAL_FIELDS = ("region", "wrong_region")
+"""Per-example fields [..., height, width] that are resized and rotated/flipped with their image."""
 
 
 def train_val_split(
@@ -221,16 +232,30 @@ def _check_indices(source: Any, indices: Any, fn: str, allow_empty: bool = False
 
 
 def _prepare(example: Mapping[str, Any], image_size: int | None) -> dict[str, np.ndarray]:
-    """Checks an item and resizes its image to [image_size, image_size, c]."""
+    """Checks an item, resizes its image to [image_size, image_size, c] and its spatial fields alike."""
     image = np.asarray(example["image"], dtype=np.float32)
     if image.ndim != 3:
         raise ValueError(
             f"Source items must have image [height, width, channels], got shape"
             f" {image.shape}."
         )
+    if "mask" in example:
+        raise ValueError(
+            "Source items must not have a 'mask' field (reserved for the padding"
+            " mask of evaluation batches)."
+        )
+    spatial = augment_lib.check_spatial_fields(
+        {k: example[k] for k in SPATIAL_FIELDS if k in example}, image.shape,
+        "Source item"
+    )
     if image_size is not None:
         image = augment_lib.resize(image, image_size)
-    return {"image": image, "label": np.asarray(example["label"], dtype=np.int32)}
+        spatial = {k: augment_lib.resize_spatial(v, image_size) for k, v in spatial.items()}
+    out = {"image": image, "label": np.asarray(example["label"], dtype=np.int32)}
+    for key, value in example.items():
+        if key not in out:
+            out[key] = spatial[key] if key in spatial else np.asarray(value)
+    return out
 
 
 def _augment_example(
@@ -238,11 +263,12 @@ def _augment_example(
     rng: np.random.Generator,
     augment_kwargs: Mapping[str, Any],
 ) -> dict[str, np.ndarray]:
-    """random_map transform: augments the image of one example."""
-    return {
-        "image": augment_lib.augment(example["image"], rng, **augment_kwargs),
-        "label": example["label"],
-    }
+    """random_map transform: augments the image of one example and moves its spatial fields with it."""
+    spatial = {k: example[k] for k in SPATIAL_FIELDS if k in example}
+    image, spatial = augment_lib.augment_example(
+        example["image"], rng, spatial, **augment_kwargs
+    )
+    return {**example, "image": image, **spatial}
 
 
 def make_train_dataset(
@@ -273,7 +299,9 @@ def make_train_dataset(
 
     Args:
         source: random-access source (``__len__``, ``__getitem__`` -> dict with
-            "image" [h, w, c] float32 in [0, 1] and "label" int).
+            "image" [h, w, c] float32 in [0, 1], "label" int (or multi-hot
+            [num_attributes]) and optional further fields, see the module
+            docstring).
         indices: [n] int indices of ``source`` to train on (e.g. from
             :func:`train_val_split` / :func:`oversample`); None = all.
         batch_size: GLOBAL batch size over all processes; must be divisible by
@@ -290,7 +318,10 @@ def make_train_dataset(
     Returns:
         ``grain.IterDataset``; ``iter()`` gives a ``grain.DatasetIterator`` (with
         ``get_state`` / ``set_state``) of dicts ``{"image": [b, h, w, c] float32
-        in [0, 1], "label": [b] int32}`` with ``b = batch_size // shard_count``.
+        in [0, 1], "label": [b] int32 (or [b, num_attributes] for multi-hot
+        labels)}`` with ``b = batch_size // shard_count``, plus the source's
+        other fields stacked over the batch (spatial fields resized and
+        augmented with the image).
 
     Raises:
         ValueError: bad indices, batch_size not a positive multiple of
@@ -347,16 +378,17 @@ def make_train_dataset(
 
 
 def _pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    """Pads a [n, ...] batch with zero rows to [batch_size, ...] plus a mask."""
+    """Pads every [n, ...] field of a batch with zero rows to [batch_size, ...] and adds a mask."""
     n = batch["label"].shape[0]
     pad = batch_size - n
     mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    image = batch["image"]
-    label = batch["label"]
-    if pad:
-        image = np.concatenate([image, np.zeros((pad,) + image.shape[1:], image.dtype)])
-        label = np.concatenate([label, np.zeros(pad, label.dtype)])
-    return {"image": image, "label": label, "mask": mask}
+    out = {}
+    for key, value in batch.items():
+        if pad:
+            value = np.concatenate([value, np.zeros((pad,) + value.shape[1:], value.dtype)])
+        out[key] = value
+    out["mask"] = mask
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,9 +441,10 @@ def make_eval_batches(
 
     Returns:
         :class:`EvalBatches` of ``ceil(n / batch_size)`` dicts ``{"image":
-        [batch_size, h, w, c] float32 in [0, 1], "label": [batch_size] int32,
-        "mask": [batch_size] float32 (1 real, 0 padding)}``; no batches when
-        ``indices`` is empty.
+        [batch_size, h, w, c] float32 in [0, 1], "label": [batch_size] int32
+        (or [batch_size, num_attributes]), "mask": [batch_size] float32 (1 real,
+        0 padding)}`` plus the source's other fields (zero rows as padding); no
+        batches when ``indices`` is empty.
 
     Raises:
         ValueError: bad indices, batch_size < 1, or batch_size not a multiple of

@@ -1,0 +1,239 @@
+"""Decoy MNIST (Ross, Hughes, Doshi-Velez, IJCAI 2017, Sec. 4; built as dtak/rrr's ``rrr/decoy_mnist.py`` does).
+
+Every MNIST image gets a 4 x 4 patch in one of its four corners, the corner drawn uniformly (top or bottom with
+probability 1/2, then left or right with probability 1/2). The patch's gray value is ``255 - 25 * d``: in the
+training set ``d`` is the image's own label, so the patch alone predicts the class (the decoy rule); in the test set
+``d`` is a digit drawn uniformly from 0-9 independently of the label, so a model that learned the patch fails. The
+patch overwrites the pixels under it.
+
+Built here from the four IDX files (:func:`saliency_jax.data.load_mnist`), deterministically from a seed, with no
+file written: a ``numpy.random.Generator`` seeded with ``(seed, split)`` draws, for all images at once, the test
+set's patch digits and then each image's row side and column side. dtak/rrr draws the same quantities one image at
+a time from NumPy's global generator (unseeded), so the distribution is theirs, the particular draws are not.
+
+Per-example fields besides ``image`` and ``label``:
+
+* ``"wrong_region"`` (``A``, the annotation of RRR): [28, 28] float32 in {0, 1}, 1 on the patch (dtak/rrr's ``E``).
+* ``"region"`` (``S``, the region Grad-CAM guidance pulls the map onto): [28, 28] float32 in {0, 1}, the digit's
+  own pixels - those of the decoy image brighter than ``region_threshold`` outside the patch (exactly the original
+  digit's pixels that the patch did not overwrite), optionally dilated.
+* ``"decoy_label"``: int32, the digit ``d`` the patch encodes (= ``label`` in the training set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+from scipy import ndimage
+
+from saliency_jax.data import augment as augment_lib
+from saliency_jax.data import sources
+
+__all__ = [
+    "PATCH_SIZE",
+    "CORNERS",
+    "patch_value",
+    "draw_decoys",
+    "patch_masks",
+    "add_patches",
+    "DecoyMNISTSource",
+    "load_decoy_mnist",
+]
+
+PATCH_SIZE = 4
+"""Side of the decoy patch in pixels (dtak/rrr: rows/columns 0..3 or -1..-4)."""
+
+CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+"""Corner codes 0..3 used by :func:`draw_decoys` and :func:`patch_masks`."""
+
+_SPLIT_STREAM = {"train": 0, "test": 1}
+
+
+def patch_value(digits: np.ndarray) -> np.ndarray:
+    """Gray value of the patch that encodes ``digits``: ``255 - 25 * d`` (dtak/rrr, ``mult=25``).
+
+    Args:
+      digits: int array in [0, 9].
+
+    Returns:
+      uint8 array of the same shape (255 for 0, ..., 30 for 9).
+
+    Raises:
+      ValueError: a digit outside [0, 9].
+    """
+    digits = np.asarray(digits)
+    if digits.size and (digits.min() < 0 or digits.max() > 9):
+        raise ValueError(f"patch_value: digits must lie in [0, 9]; got range [{digits.min()}, {digits.max()}]")
+    return (255 - 25 * digits.astype(np.int64)).astype(np.uint8)
+
+
+def draw_decoys(labels: np.ndarray, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draws the patch digit and corner of every image of a split.
+
+    Args:
+      labels: [n] int labels in [0, 9].
+      split: ``"train"`` (patch digit = label) or ``"test"`` (patch digit uniform in 0-9, independent of the label).
+      seed: the generator is ``np.random.default_rng([seed, 0 for train / 1 for test])``.
+
+    Returns:
+      ``(patch_digits, corners)``: int32 [n] in [0, 9] and int8 [n] in [0, 3] (see :data:`CORNERS`): the test
+      digits are drawn first, then whether each patch is at the top (probability 1/2), then whether at the left.
+
+    Raises:
+      ValueError: unknown split.
+    """
+    if split not in _SPLIT_STREAM:
+        raise ValueError(f"draw_decoys: split must be 'train' or 'test'; got {split!r}")
+    labels = np.asarray(labels).astype(np.int32)
+    rng = np.random.default_rng([int(seed), _SPLIT_STREAM[split]])
+    n = labels.shape[0]
+    digits = labels.copy() if split == "train" else rng.integers(0, 10, size=n).astype(np.int32)
+    top = rng.random(n) < 0.5
+    left = rng.random(n) < 0.5
+    corners = (2 * (~top) + (~left)).astype(np.int8)
+    return digits, corners
+
+
+def patch_masks(corners: np.ndarray, height: int = 28, width: int = 28) -> np.ndarray:
+    """The patch of each image as a boolean mask.
+
+    Args:
+      corners: int [n] corner codes in [0, 3] (see :data:`CORNERS`).
+      height, width: image size in pixels.
+
+    Returns:
+      bool [n, height, width], True on the :data:`PATCH_SIZE` x :data:`PATCH_SIZE` patch.
+    """
+    corners = np.asarray(corners)
+    rows = np.arange(height)
+    cols = np.arange(width)
+    bottom = (corners // 2 == 1)[:, None]
+    right = (corners % 2 == 1)[:, None]
+    row_in = np.where(bottom, rows >= height - PATCH_SIZE, rows < PATCH_SIZE)  # [n, height]
+    col_in = np.where(right, cols >= width - PATCH_SIZE, cols < PATCH_SIZE)  # [n, width]
+    return row_in[:, :, None] & col_in[:, None, :]
+
+
+def add_patches(images: np.ndarray, patch_digits: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    """Writes the decoy patches into a copy of the images.
+
+    Args:
+      images: uint8 [n, height, width] (or [n, height, width, 1]).
+      patch_digits: int [n] in [0, 9].
+      corners: int [n] in [0, 3].
+
+    Returns:
+      uint8 array like ``images`` with the patch pixels set to ``255 - 25 * d``.
+    """
+    out = np.array(images, dtype=np.uint8, copy=True)
+    grid = out[..., 0] if out.ndim == 4 else out
+    masks = patch_masks(corners, grid.shape[1], grid.shape[2])
+    values = np.broadcast_to(patch_value(patch_digits)[:, None, None], masks.shape)
+    grid[masks] = values[masks]
+    return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DecoyMNISTSource:
+    """Decoy MNIST as a random-access source (grain), with the regions of both guidance schemes.
+
+    Attributes:
+      images: uint8 [n, 28, 28, 1], the decoy images.
+      labels: int32 [n] true digits.
+      patch_digits: int32 [n] the digit each patch encodes.
+      corners: int8 [n] corner codes (see :data:`CORNERS`).
+      num_classes: 10.
+      class_names: ``("0", ..., "9")``.
+      name: e.g. ``"decoy_mnist/train"``.
+      region_threshold: a pixel belongs to the digit where its uint8 value is ``> region_threshold``.
+      region_dilation: dilate the digit region by this many pixels (3 x 3 cross per step,
+        ``scipy.ndimage.binary_dilation``; 0 = the exact pixels), never onto the patch.
+      image_size: if set, image and regions are resized (bilinear) to [image_size, image_size].
+
+    Items: ``{"image": [h, w, 1] float32 in [0, 1], "label": int32, "region": [h, w] float32, "wrong_region":
+    [h, w] float32, "decoy_label": int32}`` (regions in {0, 1}; in [0, 1] after a resize).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    patch_digits: np.ndarray
+    corners: np.ndarray
+    num_classes: int = 10
+    class_names: tuple[str, ...] = tuple(str(i) for i in range(10))
+    name: str = "decoy_mnist"
+    region_threshold: int = 0
+    region_dilation: int = 0
+    image_size: int | None = None
+
+    def __post_init__(self):
+        n = self.images.shape[0]
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 1:
+            raise ValueError(f"DecoyMNISTSource: images must be uint8 [n, h, w, 1]; got {self.images.dtype} "
+                             f"{self.images.shape}")
+        for field in ("labels", "patch_digits", "corners"):
+            if np.shape(getattr(self, field)) != (n,):
+                raise ValueError(f"DecoyMNISTSource: {field} must be [{n}]; got {np.shape(getattr(self, field))}")
+        if not 0 <= int(self.region_threshold) < 255:
+            raise ValueError(f"DecoyMNISTSource: region_threshold must lie in [0, 255); got {self.region_threshold}")
+        if int(self.region_dilation) < 0:
+            raise ValueError(f"DecoyMNISTSource: region_dilation must be >= 0; got {self.region_dilation}")
+        sources._check_image_size(self.image_size, f"Source {self.name!r}")  # pylint: disable=protected-access
+        object.__setattr__(self, "labels", np.asarray(self.labels, np.int32))
+        object.__setattr__(self, "patch_digits", np.asarray(self.patch_digits, np.int32))
+        object.__setattr__(self, "corners", np.asarray(self.corners, np.int8))
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        pixels = self.images[index]
+        wrong = patch_masks(self.corners[index:index + 1], *pixels.shape[:2])[0]
+        digit = pixels[..., 0] > self.region_threshold
+        if self.region_dilation:
+            digit = ndimage.binary_dilation(digit, iterations=int(self.region_dilation))
+        digit &= ~wrong
+        image = pixels.astype(np.float32) / np.float32(255.0)
+        region, wrong_region = digit.astype(np.float32), wrong.astype(np.float32)
+        if self.image_size is not None and pixels.shape[:2] != (self.image_size, self.image_size):
+            image = augment_lib.resize(image, self.image_size)
+            region = augment_lib.resize_spatial(region, self.image_size)
+            wrong_region = augment_lib.resize_spatial(wrong_region, self.image_size)
+        return {"image": image, "label": np.int32(self.labels[index]), "region": region,
+                "wrong_region": wrong_region, "decoy_label": np.int32(self.patch_digits[index])}
+
+    def __repr__(self) -> str:
+        return (f"DecoyMNISTSource(name={self.name!r}, len={len(self)}, image_size={self.image_size}, "
+                f"region_threshold={self.region_threshold}, region_dilation={self.region_dilation})")
+
+
+def load_decoy_mnist(data_dir: str | os.PathLike[str], split: str, *, seed: int = 0, region_threshold: int = 0,
+                     region_dilation: int = 0, image_size: int | None = None, decoy: bool = True) -> DecoyMNISTSource:
+    """Decoy MNIST built from the MNIST IDX files in ``data_dir`` (see the module docstring).
+
+    Args:
+      data_dir: directory of the four MNIST IDX files (as :func:`saliency_jax.data.load_mnist`).
+      split: ``"train"`` (60000 images, patch = label) or ``"test"`` (10000 images, patch = random digit).
+      seed: seed of the patch digits and corners; the same seed gives the same dataset.
+      region_threshold: uint8 level above which a pixel is the digit's (``region``).
+      region_dilation: pixels of dilation of the digit region (0 = exact).
+      image_size: optional square resize (bilinear) of images and regions.
+      decoy: False gives clean MNIST with the same fields (the patches drawn but not written into the images:
+        ``wrong_region`` marks where the patch would be, ``decoy_label`` what it would encode), for the
+        clean-data ceiling arm with the same train step and evaluation.
+
+    Returns:
+      :class:`DecoyMNISTSource`.
+
+    Raises:
+      FileNotFoundError, ValueError: as :func:`saliency_jax.data.load_mnist`; ValueError for an unknown split or
+        bad region settings.
+    """
+    mnist = sources.load_mnist(data_dir, split)
+    digits, corners = draw_decoys(mnist.labels, split, seed)
+    images = add_patches(mnist.images, digits, corners) if decoy else mnist.images
+    return DecoyMNISTSource(images=images, labels=mnist.labels, patch_digits=digits, corners=corners,
+                            name=f"{'decoy' if decoy else 'clean'}_mnist/{split}", region_threshold=region_threshold,
+                            region_dilation=region_dilation, image_size=image_size)
