@@ -419,3 +419,17 @@ def test_write_evidence_split_streams_valid_patches(tmp_path):
     with np.load(path) as archive:
         pairs = sorted(zip(archive["index_train"].tolist(), archive["round_train"].tolist()))
     assert pairs == sorted((b, l) for b, l in zip(*np.nonzero(expected_valid)))
+
+
+def test_evidence_pool_figure(tmp_path):
+    from saliency_jax.evaluation.figures import evidence_pool_figure
+    images = _dot_images()
+    pool = gz.evidence_pool(_dot_grounding, _dot_logits, images, jnp.zeros(5, jnp.int32), patch_size=5,
+                            erase_size=3, output_size=5)
+    originals = np.repeat(np.clip(np.asarray(images[..., :1]), 0, 1), 3, axis=-1)
+    path = evidence_pool_figure(originals, np.repeat(np.clip(pool.patches[..., :1], 0, 1), 3, -1), pool.valid,
+                                tmp_path / "fig" / "pool.png", boxes=pool.boxes, row_labels=list("ABCDE"),
+                                title="pool")
+    assert path.is_file() and path.stat().st_size > 1000
+    with pytest.raises(ValueError, match="valid"):
+        evidence_pool_figure(originals, np.repeat(pool.patches[..., :1], 3, -1), pool.valid[:2], tmp_path / "x.png")
