@@ -433,3 +433,25 @@ def test_evidence_pool_figure(tmp_path):
     assert path.is_file() and path.stat().st_size > 1000
     with pytest.raises(ValueError, match="valid"):
         evidence_pool_figure(originals, np.repeat(pool.patches[..., :1], 3, -1), pool.valid[:2], tmp_path / "x.png")
+
+
+def test_bad_input_is_refused():
+    images = _dot_images()
+    labels = jnp.zeros(5, jnp.int32)
+    kwargs = dict(patch_size=5, erase_size=3, output_size=5)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        gz.evidence_pool(_dot_grounding, _dot_logits, images, labels[:4], **kwargs)
+    with pytest.raises(TypeError, match="integer"):
+        gz.evidence_pool(_dot_grounding, _dot_logits, images, labels.astype(jnp.float32), **kwargs)
+    with pytest.raises(ValueError, match="originals"):
+        gz.evidence_pool(_dot_grounding, _dot_logits, images, labels, originals=images[:2], **kwargs)
+    with pytest.raises(TypeError, match="floating"):
+        gz.evidence_pool(_dot_grounding, _dot_logits, images.astype(jnp.int32), labels, **kwargs)
+    with pytest.raises(ValueError, match="num_erasures"):
+        gz.evidence_pool(_dot_grounding, _dot_logits, images, labels, num_erasures=-1, **kwargs)
+    with pytest.raises(ValueError, match="method"):
+        gz.evidence_pool(_dot_grounding, _dot_logits, images, labels, method="nearest", **kwargs)
+    with pytest.raises(ValueError, match="at least one"):
+        gz.ensemble_evidence_pool((), _dot_logits, images, labels, patch_size=5, output_size=5)
+    with pytest.raises(ValueError, match="score"):
+        gz.decision_refinement(_dot_grounding, _dot_logits, _dot_logits, images, k=1, score="rank", **kwargs)
