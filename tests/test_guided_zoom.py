@@ -1,4 +1,4 @@
-"""Tests of Guided Zoom (saliency_jax.evaluation.guided_zoom) and its evidence-pool archive (saliency_jax.data.evidence_pool).
+"""Tests of Guided Zoom (saliency_jax.evaluation.guided_zoom) and its pool archive (saliency_jax.data.evidence_pool).
 
 References: hand-set maps and images whose pixels encode their coordinates (peaks, boxes, erased squares, which
 round is valid), arithmetic written out by hand (Algorithm 2's weighted sum), and a slow per-image NumPy loop over

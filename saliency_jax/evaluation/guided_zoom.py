@@ -43,6 +43,12 @@ Zoom between resolutions: ``images`` (what the conventional CNN sees, where maps
 conventional CNN while patches come from the 32 x 32 original. A peak pixel ``(r, c)`` of ``images`` maps to the
 centre ``((r + 0.5) * H / h, (c + 0.5) * W / w)`` of ``originals``; with one resolution this is the peak pixel.
 
+For that CIFAR-10 setting the proposed sizes are: patch ``pixels(0.5, 32) = 16`` (a 2x zoom on a quarter of the
+image, the same pixel count as the conventional input; the thesis' 150 / 448 would leave an 11-pixel crop), erased
+square ``pixels(0.25, 16) = 4`` (the thesis' erase / patch side ratio 85 / 150 applied to the 8-pixel patch
+footprint at 16 px; 2 x 2 cells of a stride-2 cEB map), Evidence CNN input 16 (native pixels, no resampling) and
+``border="shift"`` (with patches half the image side, truncation would stretch every border patch up to 2x).
+
 Everything is pure and jittable; one call handles a whole batch (per-example windows are ``dynamic_slice``-s under
 ``vmap``, resampling is two small per-example interpolation matrices), the ``L + 1`` rounds are unrolled, and
 Algorithm 2 processes the ``batch x k`` (image, class) pairs as one batch. The map function is a parameter (see
