@@ -1,4 +1,5 @@
-"""Seeing saliency maps: RGB overlays, the saliency grids of Morales et al. 2021 (Figs. 2-3), training curves.
+"""Seeing saliency maps: RGB overlays, the saliency grids of Morales et al. 2021 (Figs. 2-3), training curves,
+Guided Zoom's evidence patches.
 
 :func:`overlay` blends heat maps over images into RGB arrays (pure JAX, batched, jittable: usable for TensorBoard
 images or any plotting library). Figures 2 and 3 of "Playing to distraction" show, for a few test images, the input
@@ -7,6 +8,8 @@ R-occlusion, 1-occlusion); :func:`saliency_figure` draws that grid, with a colou
 given the models' probabilities, the predicted class and its probability under each panel.
 :func:`training_curves_figure` draws loss / accuracy against the training step for each arm, with the validation
 curve where the history has one.
+
+:func:`evidence_pool_figure` draws Guided Zoom's evidence patches (Bargal 2019, Figs. 6.3-6.5).
 
 The figures are written as PNG files through matplotlib's Agg canvas (``matplotlib.figure.Figure``, no ``pyplot``:
 no window, no global figure state); each function returns the path written.
@@ -28,10 +31,11 @@ import matplotlib.colors
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from saliency_jax.saliency.core import normalize_maps
 
-__all__ = ["TRAIN_CURVE_NOTE", "overlay", "saliency_figure", "training_curves_figure"]
+__all__ = ["TRAIN_CURVE_NOTE", "evidence_pool_figure", "overlay", "saliency_figure", "training_curves_figure"]
 
 _RANGE_TOLERANCE = 1e-6  # Values this far outside [0, 1] are float rounding, clipped silently.
 
@@ -404,6 +408,127 @@ def training_curves_figure(
     if title:
         figure.suptitle(title)
     figure.tight_layout()
+    out = _prepare_path(path)
+    figure.savefig(out, format="png", dpi=dpi)
+    return out
+
+
+_ROUND_COLOURS = ("#ff3030", "#30c030", "#3080ff", "#ffb000", "#c040ff", "#00c0c0")
+
+
+def evidence_pool_figure(
+    originals: Any,
+    patches: Any,
+    valid: Any,
+    path: str | os.PathLike[str],
+    *,
+    boxes: Any = None,
+    column_titles: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    cell_inches: float = 1.5,
+    dpi: int = 100,
+) -> pathlib.Path:
+    """Writes a PNG of Guided Zoom evidence patches (Bargal 2019, Figs. 6.3-6.5).
+
+    Row ``i`` shows image ``i``: column 0 the original with the patch boxes outlined (one colour per column), then
+    one column per pool row (erasing round ``l = 0, 1, 2`` for Guided Zoom: the most salient patch, then after one
+    and two erasures; or one column per grounding method for Ensemble Guided Zoom). A patch that did not enter the
+    pool (``valid`` False: the erased image was misclassified) is drawn faded and marked "x".
+
+    Args:
+      originals: [n, H, W, channels] float in [0, 1], channels 1 or 3.
+      patches: [R, n, h, w, channels] float (``EvidencePool.patches``); clipped to [0, 1] (bicubic overshoot).
+      valid: [R, n] bool (``EvidencePool.valid``).
+      path: output PNG file; missing parent directories are created.
+      boxes: optional int [R, n, 4] ``(top, left, bottom, right)`` in ``originals`` pixels (``EvidencePool.boxes``).
+      column_titles: ``R`` headers (default ``"l = 0"``, ``"l = 1"``, ...).
+      row_labels: optional ``n`` strings left of each row (e.g. the class name).
+      title: optional figure title.
+      cell_inches: width of one cell in inches (> 0).
+      dpi: pixels per inch (positive int).
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: inconsistent shapes, values outside [0, 1] in ``originals``, non-finite patches, wrong number of
+        titles or labels, bad ``cell_inches`` / ``dpi``.
+    """
+    originals = _as_unit_interval(originals, "originals")
+    if originals.ndim != 4 or originals.shape[-1] not in (1, 3) or originals.shape[0] < 1:
+        raise ValueError(f"originals must be [n, height, width, 1 or 3] with n >= 1, got {originals.shape}.")
+    num_rows, height, width, channels = originals.shape
+    patches = np.asarray(patches, dtype=np.float32)
+    if patches.ndim != 5 or patches.shape[1] != num_rows or patches.shape[-1] != channels:
+        raise ValueError(f"patches must be [R, {num_rows}, h, w, {channels}], got {patches.shape}.")
+    if patches.size and not np.all(np.isfinite(patches)):
+        raise ValueError("patches contain NaN or infinite values.")
+    patches = np.clip(patches, 0.0, 1.0)
+    num_pool_rows = patches.shape[0]
+    valid = np.asarray(valid, dtype=bool)
+    if valid.shape != (num_pool_rows, num_rows):
+        raise ValueError(f"valid must be [{num_pool_rows}, {num_rows}], got {valid.shape}.")
+    if boxes is not None:
+        boxes = np.asarray(boxes)
+        if boxes.shape != (num_pool_rows, num_rows, 4):
+            raise ValueError(f"boxes must be [{num_pool_rows}, {num_rows}, 4], got {boxes.shape}.")
+    if column_titles is None:
+        column_titles = [f"l = {r}" for r in range(num_pool_rows)]
+    if isinstance(column_titles, str) or len(column_titles) != num_pool_rows:
+        raise ValueError(f"column_titles must be {num_pool_rows} strings, got {column_titles!r}.")
+    if row_labels is not None and (isinstance(row_labels, str) or len(row_labels) != num_rows):
+        raise ValueError(f"row_labels must be a sequence of n={num_rows} strings, got {row_labels!r}.")
+    if not (isinstance(cell_inches, numbers.Real) and cell_inches > 0):
+        raise ValueError(f"cell_inches must be positive, got {cell_inches!r}.")
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
+        raise ValueError(f"dpi must be a positive int, got {dpi!r}.")
+
+    num_cols = 1 + num_pool_rows
+    cell = float(cell_inches)
+    gap = 0.05 * cell
+    header = 0.3
+    title_h = 0.4 if title else 0.0
+    left = 0.3 if row_labels is not None else gap
+    fig_w = left + num_cols * cell + (num_cols - 1) * gap + gap
+    fig_h = title_h + header + num_rows * cell + (num_rows - 1) * gap + gap
+    figure = Figure(figsize=(fig_w, fig_h), dpi=dpi)
+    FigureCanvasAgg(figure)
+    grey = "gray" if channels == 1 else None
+    for row in range(num_rows):
+        y0 = fig_h - title_h - header - (row + 1) * cell - row * gap
+        for col in range(num_cols):
+            x0 = left + col * (cell + gap)
+            axes = figure.add_axes((x0 / fig_w, y0 / fig_h, cell / fig_w, cell / fig_h))
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if col == 0:
+                axes.imshow(originals[row].squeeze(-1) if channels == 1 else originals[row], cmap=grey, vmin=0.0,
+                            vmax=1.0, interpolation="nearest")
+                for r in range(num_pool_rows if boxes is not None else 0):
+                    top, lft, bottom, rgt = (float(v) for v in boxes[r, row])
+                    axes.add_patch(Rectangle(
+                        (lft - 0.5, top - 0.5), rgt - lft, bottom - top, fill=False, linewidth=1.5,
+                        linestyle="-" if valid[r, row] else ":", edgecolor=_ROUND_COLOURS[r % len(_ROUND_COLOURS)]))
+                if row == 0:
+                    axes.set_title("image", fontsize=9)
+                if row_labels is not None:
+                    axes.set_ylabel(str(row_labels[row]), fontsize=8)
+                continue
+            r = col - 1
+            patch = patches[r, row]
+            axes.imshow(patch.squeeze(-1) if channels == 1 else patch, cmap=grey, vmin=0.0, vmax=1.0,
+                        interpolation="nearest", alpha=1.0 if valid[r, row] else 0.25)
+            if not valid[r, row]:
+                axes.text(0.5, 0.5, "x", transform=axes.transAxes, ha="center", va="center", fontsize=14,
+                          color="black")
+            for spine in axes.spines.values():
+                spine.set_edgecolor(_ROUND_COLOURS[r % len(_ROUND_COLOURS)])
+                spine.set_linewidth(1.5)
+            if row == 0:
+                axes.set_title(str(column_titles[r]), fontsize=9)
+    if title:
+        figure.text(0.5, 1.0 - 0.5 * title_h / fig_h, title, ha="center", va="center", fontsize=11)
     out = _prepare_path(path)
     figure.savefig(out, format="png", dpi=dpi)
     return out
