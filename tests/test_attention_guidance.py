@@ -385,12 +385,10 @@ def test_configs_from_mapping():
         cfg.w_g = 2.0
 
 
-@pytest.mark.xfail(strict=True, reason="saliency.grad_cam / normalize_maps / resize_maps cast to float32, so under "
-                   "enable_x64 the guidance loss is computed in float32; casting to promote_types(dtype, float32) "
-                   "instead would let finite differences run on the loss itself in float64 (not needed for training)")
 def test_guidance_loss_keeps_float64_under_x64():
+    # Grad-CAM's maps are at least float32, float64 under x64: finite differences can run on the loss itself.
     with jax.enable_x64(True):
         params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), tiny_params())
         x, targets, regions = tiny_batch()
         maps = ag.guidance_maps(tiny_model(params), jnp.asarray(x, jnp.float64), jnp.asarray(targets))
-        assert maps.dtype == jnp.float64  # the loss is float64 (regions are), but the map it uses is float32
+        assert maps.dtype == jnp.float64
