@@ -90,6 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
         name="adam", learning_rate=5e-5, b1=0.9, b2=0.999, eps=7e-7, momentum=0.9, weight_decay=0.0,
         lr_boundaries=[], lr_scales=[]))
     c.loss = "softmax_cross_entropy"
+    c.classification_weight = 1.0  # the classification loss's weight in the total (w_a of attention guidance)
     c.schemes = ()
     c.evaluators = ("classification",)
     c.experiment = ml_collections.ConfigDict(dict(

@@ -295,7 +295,7 @@ def model_layers(config: ml_collections.ConfigDict) -> ModelLayers:
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, scheme: Scheme = Scheme(), *,
-                    loss: str = "softmax_cross_entropy",
+                    loss: str = "softmax_cross_entropy", classification_weight: float = 1.0,
                     ) -> Callable[[TrainState, dict[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
     """Builds the (un-jitted) update step ``(state, batch, key) -> (state, metrics)``.
 
@@ -303,7 +303,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
     keys (``k_batch, k_forward = split(key)``; the loss term's is ``fold_in(key, 1)``); the scheme's batch transform
     (if any) replaces the batch, with the current weights; inside ``loss_fn`` the scheme's training forward (or the
     model's own, train mode, BatchNorm statistics updated) gives the logits, the per-example classification loss
-    ``loss`` plus the scheme's loss term (if any) is averaged over the batch; one optimizer update.
+    ``loss`` (times ``classification_weight``) plus the scheme's loss term (if any) is averaged over the batch; one
+    optimizer update.
 
     Metrics: ``loss`` (the total), ``accuracy`` (on the batch trained on; multi-label: the fraction of correct
     attribute decisions at logit 0), ``classification_loss`` (when the scheme adds a loss term) and every metric of
@@ -317,6 +318,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
       loss: the classification loss (:data:`saliency_jax.training.CLASSIFICATION_LOSSES`):
         ``"softmax_cross_entropy"`` (labels int [batch]) or ``"sigmoid_binary_cross_entropy"`` (multi-hot labels
         [batch, num_classes]).
+      classification_weight: the classification loss's weight in the total (``w_a`` of attention guidance: total =
+        ``w_a * CE + w_g * loss_g``); 1 for the usual ``CE + scheme terms``.
 
     Raises:
       ValueError: on an unknown loss; (when traced) if two pieces report the same metric.
@@ -347,6 +350,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
             aux = dict(fwd.metrics)
             if scheme.loss is not None:
                 aux["classification_loss"] = jnp.mean(per_example)
+            if classification_weight != 1.0:
+                per_example = classification_weight * per_example
+            if scheme.loss is not None:
                 term, m = scheme.loss(StepContext(model, variables, state.step, jax.random.fold_in(key, 1)),
                                       batch, fwd)
                 merge(aux, m, "loss term")
@@ -577,7 +583,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
     # Sharding.
     state = jax.jit(lambda v: init_state(model, optimizer, image_shape, config.seed, v),
                     out_shardings=replicated)(variables)
-    step_fn = jax.jit(make_train_step(model, optimizer, scheme, loss=loss),
+    step_fn = jax.jit(make_train_step(model, optimizer, scheme, loss=loss,
+                                      classification_weight=config.get("classification_weight", 1.0)),
                       in_shardings=(replicated, data_sharding, replicated), out_shardings=(replicated, replicated),
                       donate_argnums=(0,))
     result = functools.partial(TrainResult, model=model, workdir=workdir, config=config,

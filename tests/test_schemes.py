@@ -156,6 +156,11 @@ def test_chain_adds_loss_terms_from_the_training_forward_and_composes_with_a_bat
     np.testing.assert_allclose(float(metrics["term_b"]), 2 * float(metrics["term_a"]), rtol=1e-6)
     np.testing.assert_allclose(float(metrics["loss"]),
                                float(metrics["classification_loss"]) + 3 * float(metrics["term_a"]), rtol=1e-6)
+    # A classification weight scales the cross-entropy in the total (w_a * CE + terms).
+    weighted = jax.jit(train_lib.make_train_step(model, optimizer, scheme, classification_weight=0.5))
+    _, m2 = weighted(state, batch, jax.random.key(0))
+    np.testing.assert_allclose(float(m2["loss"]), 0.5 * float(metrics["classification_loss"]) +
+                               3 * float(metrics["term_a"]), rtol=1e-6)
     # The loss term's gradient reaches the parameters: with it, the update differs from CE alone.
     plain = jax.jit(train_lib.make_train_step(model, optimizer, occlude_all))
     with_term = jax.jit(train_lib.make_train_step(model, optimizer, chain(occlude_all, _loss_term("t", 10.0))))
