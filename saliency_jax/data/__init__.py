@@ -8,11 +8,13 @@ for grayscale); labels are int32.
 """
 
 from saliency_jax.data import augment
+from saliency_jax.data import clips
 from saliency_jax.data import coco
 from saliency_jax.data import voc
 from saliency_jax.data import pipeline
 from saliency_jax.data import sources
 from saliency_jax.data.augment import PAPER_AUGMENTATION
+from saliency_jax.data.clips import MovingDigitClips
 from saliency_jax.data.pipeline import EvalBatches
 from saliency_jax.data.pipeline import image_shape
 from saliency_jax.data.pipeline import make_eval_batches
@@ -38,6 +40,8 @@ from saliency_jax.data.voc import load_voc
 from saliency_jax.data.coco import load_coco
 
 __all__ = [
+    "MovingDigitClips",
+    "clips",
     "VOC_CLASSES",
     "coco",
     "voc",

@@ -1,7 +1,8 @@
 """Flax linen models used by the experiments; every layer a saliency method needs is a named submodule.
 
 ``get_model(name, num_classes)`` builds one; ``GRAD_CAM_LAYER[name]`` is the module path of its last convolutional
-layer, the layer Grad-CAM explains by default.
+layer, the layer Grad-CAM explains by default. ``"cnn_lstm"`` is a clip classifier (clips
+[batch, time, height, width, channels] -> logits [batch, time, num_classes]; see :mod:`saliency_jax.models.cnn_lstm`).
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import flax.linen as nn
 
 from saliency_jax.models.alexnet import AlexNet
 from saliency_jax.models.cnn2 import CNN2
+from saliency_jax.models.cnn_lstm import CNNLSTM, ReLULSTMCell
 from saliency_jax.models.resnet import ResNet18, ResNet50
 from saliency_jax.models.small_cnn import SmallCNN
 from saliency_jax.models.vgg import VGG16
 
-__all__ = ["AlexNet", "CNN2", "SmallCNN", "ResNet18", "ResNet50", "VGG16", "get_model", "GRAD_CAM_LAYER",
+__all__ = ["AlexNet", "CNN2", "CNNLSTM", "ReLULSTMCell", "SmallCNN", "ResNet18", "ResNet50", "VGG16", "get_model", "GRAD_CAM_LAYER",
            "MODEL_NAMES"]
 
 GRAD_CAM_LAYER = {
@@ -24,6 +26,7 @@ GRAD_CAM_LAYER = {
     "vgg16": "relu5_3",
     "cnn2": "relu_conv3",
     "alexnet": "relu5",
+    "cnn_lstm": "conv3",
 }
 
 MODEL_NAMES = tuple(GRAD_CAM_LAYER)
@@ -39,7 +42,8 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 
     Returns:
       A ``flax.linen.Module`` mapping images [batch, height, width, channels] float32 in [0, 1] to logits
-      [batch, num_classes].
+      [batch, num_classes] (``"cnn_lstm"``: clips [batch, time, height, width, channels] to logits
+      [batch, time, num_classes]).
 
     Raises:
       ValueError: on an unknown name.
@@ -56,4 +60,6 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         return VGG16(num_classes=num_classes, **kwargs)
     if name == "alexnet":
         return AlexNet(num_classes=num_classes, **kwargs)
+    if name == "cnn_lstm":
+        return CNNLSTM(num_classes=num_classes, **kwargs)
     raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
