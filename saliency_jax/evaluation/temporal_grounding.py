@@ -11,9 +11,11 @@ For a clip model with the :class:`saliency_jax.models.CNNLSTM` interface - ``app
   ``"bp_r"`` explain the class at one time step of the recurrent model through time
   (:mod:`saliency_jax.saliency.recurrent`); ``"probability"`` is the softmax probability of the class at every
   step.
-* Table 7.1 shape - :func:`pointing_game_clips`: the pointing game (Zhang et al. 2016) on every frame that shows the
-  ground-truth digit, against its box; :func:`pointing_accuracy` gives the mean over classes of the hit rates.
-* Table 7.2 shape - :func:`temporal_detections`: one detected segment per clip and method, of known length (the
+* Table 7.1 shape - :func:`pointing_game_clips` (= :func:`clip_groundings` + :func:`clip_pointing_hits`): the
+  pointing game (Zhang et al. 2016) on every frame that shows the ground-truth digit, against its box;
+  :func:`pointing_accuracy` gives the mean over classes of the hit rates.
+* Table 7.2 shape - :func:`temporal_detections` (= :func:`clip_groundings` + :func:`clip_detections`): one
+  detected segment per clip and method, of known length (the
   window with the highest score) or unknown (anchor and greedy extension; Sec. 7.2), scored by the mean frame score
   inside it; :func:`temporal_detection_map`: average precision per class at a temporal IoU threshold (0.5) and
   their mean. The probability baseline localises on the probability thresholded to +1 (>= 0.5) / -1 (Sec. 7.4.2).
@@ -54,7 +56,9 @@ __all__ = [
     "DETECTION_METHODS",
     "GROUNDING_METHODS",
     "POINTING_METHODS",
+    "clip_detections",
     "clip_groundings",
+    "clip_pointing_hits",
     "pointing_accuracy",
     "pointing_game_clips",
     "temporal_detection_map",
@@ -155,9 +159,8 @@ def pointing_game_clips(model, variables, batch: Mapping[str, Any], *, methods: 
                         time_step: int | None = -1, cell_rule: str = "excitation") -> dict[str, np.ndarray]:
     """Per-frame pointing game for a batch of clips (Bargal 2019, Sec. 7.4.1, Table 7.1 shape).
 
-    Every map is resized to the frame (bilinear) and its maximum point is a hit if it lies within ``tolerance``
-    pixels of the ground-truth digit's box (:func:`saliency_jax.evaluation.pointing_game.pointing_hits`). Only
-    frames that show the ground-truth digit count.
+    :func:`clip_groundings` then :func:`clip_pointing_hits` (call those two to reuse one grounding computation for
+    both benchmarks).
 
     Args:
       model, variables, layer, boundary, time_step, cell_rule: as :func:`clip_groundings`.
@@ -167,18 +170,40 @@ def pointing_game_clips(model, variables, batch: Mapping[str, Any], *, methods: 
       tolerance: radius in pixels (:data:`DEFAULT_CLIP_TOLERANCE` for 64 px canvases).
 
     Returns:
+      As :func:`clip_pointing_hits`.
+    """
+    methods = _check_methods(methods, POINTING_METHODS)
+    groundings = clip_groundings(model, variables, batch, methods=methods, layer=layer, boundary=boundary,
+                                 time_step=time_step, cell_rule=cell_rule)
+    return clip_pointing_hits(groundings, batch, methods=methods, tolerance=tolerance)
+
+
+def clip_pointing_hits(groundings: Mapping[str, Any], batch: Mapping[str, Any], *,
+                       methods: Sequence[str] = POINTING_METHODS,
+                       tolerance: float = DEFAULT_CLIP_TOLERANCE) -> dict[str, np.ndarray]:
+    """Pointing-game hits of every frame from precomputed maps (:func:`clip_groundings`).
+
+    Every map is resized to the frame (bilinear) and its maximum point is a hit if it lies within ``tolerance``
+    pixels of the ground-truth digit's box (:func:`saliency_jax.evaluation.pointing_game.pointing_hits`). Only
+    frames that show the ground-truth digit count.
+
+    Args:
+      groundings: the output of :func:`clip_groundings` for ``batch`` (with every method in ``methods``).
+      batch: a dict with ``"image"`` [batch, time, height, width, channels], ``"boxes"`` [batch, time, 4] int
+        (y0, x0, y1, x1) and ``"gt_frames"`` [batch, time] bool.
+      methods: subset of :data:`POINTING_METHODS`.
+      tolerance: radius in pixels.
+
+    Returns:
       ``{method: hits bool [batch, time]}`` and ``"evaluated"``: bool [batch, time], the frames that count
       (host NumPy arrays).
     """
     methods = _check_methods(methods, POINTING_METHODS)
-    out = clip_groundings(model, variables, batch, methods=methods, layer=layer, boundary=boundary,
-                          time_step=time_step, cell_rule=cell_rule)
-    clips = np.asarray(batch["image"])
-    b, t, height, width = clips.shape[:4]
+    b, t, height, width = np.shape(batch["image"])[:4]
     masks = box_masks(jnp.asarray(batch["boxes"]).reshape(b * t, 4), height, width)
     hits = {}
     for method in methods:
-        maps = out[method].saliency
+        maps = groundings[method].saliency
         hits[method] = np.asarray(pointing_hits(maps.reshape(b * t, *maps.shape[2:]), masks, tolerance)).reshape(b, t)
     hits["evaluated"] = np.asarray(batch["gt_frames"], bool)
     return hits
@@ -213,16 +238,38 @@ def temporal_detections(model, variables, batch: Mapping[str, Any], *, methods: 
                         ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """One detected segment of the ground-truth class per clip and method (Bargal 2019, Sec. 7.2, 7.4.2).
 
-    The frame scores are the map sums (``"eb_r"``, ``"ceb_r"``) or the class probability thresholded to +-1
-    (``"probability"``); the segment is the window of the ground truth's length with the highest score sum
-    (``known_length``) or the anchor-and-extend window (:func:`~saliency_jax.saliency.recurrent.temporal_localization`;
-    the thesis reports it for the probability and cEB-R only, since EB-R sums are non-negative). The detection's
-    confidence is the mean frame score inside the segment (raw probability for ``"probability"``).
+    :func:`clip_groundings` then :func:`clip_detections`.
 
     Args:
       model, variables, layer, boundary, time_step, cell_rule: as :func:`clip_groundings`.
-      batch: a dict with ``"image"``, ``"label"`` and ``"segment"`` [batch, 2] int (the GT frames; its length is
-        the known length).
+      batch: a dict with ``"image"``, ``"label"`` and ``"segment"`` [batch, 2] int.
+      methods: subset of :data:`DETECTION_METHODS`.
+      known_length: use the ground-truth segment's length.
+
+    Returns:
+      As :func:`clip_detections`.
+    """
+    methods = _check_methods(methods, DETECTION_METHODS)
+    groundings = clip_groundings(model, variables, batch, methods=methods, layer=layer, boundary=boundary,
+                                 time_step=time_step, cell_rule=cell_rule)
+    return clip_detections(groundings, batch, methods=methods, known_length=known_length)
+
+
+def clip_detections(groundings: Mapping[str, Any], batch: Mapping[str, Any], *,
+                    methods: Sequence[str] = DETECTION_METHODS, known_length: bool = False
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Detected segments from precomputed frame scores (:func:`clip_groundings`).
+
+    The frame scores are the map sums (``"eb_r"``, ``"ceb_r"``) or the class probability thresholded to +-1
+    (``"probability"``, Sec. 7.4.2 "Baselines"); the segment is the window of the ground truth's length with the
+    highest score sum (``known_length``) or the anchor-and-extend window
+    (:func:`~saliency_jax.saliency.recurrent.temporal_localization`; the thesis reports it for the probability and
+    cEB-R only, since EB-R sums are non-negative). The detection's confidence is the mean frame score inside the
+    segment (the raw probability for ``"probability"``).
+
+    Args:
+      groundings: the output of :func:`clip_groundings` for ``batch``.
+      batch: a dict with ``"segment"`` [batch, 2] int (the GT frames; its length is the known length).
       methods: subset of :data:`DETECTION_METHODS`.
       known_length: use the ground-truth segment's length.
 
@@ -230,16 +277,14 @@ def temporal_detections(model, variables, batch: Mapping[str, Any], *, methods: 
       ``{method: (segments int32 [batch, 2] (start, end), confidences float32 [batch])}`` as host arrays.
     """
     methods = _check_methods(methods, DETECTION_METHODS)
-    out = clip_groundings(model, variables, batch, methods=methods, layer=layer, boundary=boundary,
-                          time_step=time_step, cell_rule=cell_rule)
     segment = jnp.asarray(batch["segment"])
     result = {}
     for method in methods:
         if method == "probability":
-            raw = out["probability"]
+            raw = groundings["probability"]
             scores = jnp.where(raw >= 0.5, 1.0, -1.0)
         else:
-            raw = scores = out[method].frame_sums
+            raw = scores = groundings[method].frame_sums
         if known_length:
             found = temporal_localization_known_length(scores, segment[:, 1] - segment[:, 0])
         else:

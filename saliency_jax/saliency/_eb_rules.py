@@ -39,6 +39,8 @@ with one parameter operand ``W``            operand, bias ignored (dense and con
 pre-activation (one operand ``CARRY``)      ``W_h h_{t-1} + W_x x_t``), see *recurrent rules*
 ``mul`` of a ``GATE`` and data              ``p`` unchanged to the data operand, none to the gate
 ``logistic`` (sigmoid) of data              no signal (the gate is a constant); its output is a ``GATE``
+``mul``/``div`` of a ``GATE`` and a         no signal (a constant times a constant, e.g. ``f * c_0`` with a
+parameter                                   constant initial state)
 ``add``/``sub``/``mul``/``div`` with a      ``p`` unchanged (bias, batch norm in inference mode, input
 parameter operand (data first for ``sub``,  normalisation, the ``1 / n`` of a mean)
 ``div``)
@@ -268,6 +270,8 @@ def _arithmetic(eqn, kinds, options):
             f"'{name}' of two data-dependent tensors (e.g. a normaliser with batch statistics, batch norm in "
             "training mode, attention, or a product that is not a sigmoid gate times data)"))
     if any(k & GATE for k in kinds):
+        if name in ("mul", "div"):  # a gate scaled by a parameter (f * c_0 with a constant initial state)
+            return _GRADIENT if options.cell_rule == "gradient" else Rule("constant")
         return _gate_misuse(name)
     pos = data.index(True)
     if name in ("sub", "div") and pos != 0:
