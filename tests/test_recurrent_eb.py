@@ -311,6 +311,23 @@ def test_while_loop_raises_naming_it_and_sigmoid_activation_is_refused():
         pullback(jnp.ones((2, K)))
 
 
+def test_a_plain_accumulator_loop_is_a_residual_sum():
+    """h_t = h_{t-1} + x_t (no recurrent weights): the sum splits in proportion (Eq. 4.2 with unit weights), so the
+    signal of h_T reaches every x_t as x_t / h_T, back through time; only a recurrent *transform* W_h h is cut."""
+    wc = jnp.asarray(np.abs(lstm_weights(0)["wc"]), jnp.float32)
+
+    def accumulate(a):  # a: [batch, time, H]
+        h, _ = jax.lax.scan(lambda c, x: (c + x, None), jnp.zeros((a.shape[0], H)), jnp.swapaxes(a, 0, 1))
+        return h @ wc
+
+    x = jnp.asarray(np.abs(np.random.default_rng(3).normal(size=(2, 5, H))) + 0.1, jnp.float32)
+    prior = jnp.asarray(np.eye(K)[[0, 2]], jnp.float32)
+    _, pullback = jax.vjp(with_excitation_rules(accumulate), x)
+    h_t = np.asarray(x).sum(1)
+    p_h = np.stack([eb_dense(h_t[b], np.asarray(wc), np.asarray(prior[b])) for b in range(2)])
+    close(pullback(prior)[0], np.asarray(x) * (p_h / h_t)[:, None, :])
+
+
 def test_unknown_cell_rule():
     with pytest.raises(ValueError, match="cell_rule"):
         with_excitation_rules(lambda a: a, cell_rule="tanh")

@@ -21,7 +21,9 @@ flags:
   so the cotangent of the probe is the EB signal at that layer;
 * ``GATE``: the output of a sigmoid (``logistic``) of data, and reshapes/slices of it - an LSTM gate;
 * ``CARRY``: inside the body of a ``lax.scan``, depends on the loop's carry (the recurrent state ``h_{t-1}``,
-  ``c_{t-1}``); values computed from the step's input alone do not carry it.
+  ``c_{t-1}``); values computed from the step's input alone do not carry it;
+* ``RECURRENT``: inside the body of a ``lax.scan``, depends on a dense/conv transform of the carry (``W_h h_{t-1}``,
+  the recurrent transform of an LSTM's gate pre-activation).
 
 Rules are a registry (:data:`RULES`): for each primitive name, a function of the equation and the kinds of its
 operands that chooses the backward rule (:class:`Rule`). ``p`` is the top-down signal at the output, ``x`` the
@@ -35,8 +37,8 @@ with one parameter operand ``W``            operand, bias ignored (dense and con
 ``reduce_window_sum``, ``reduce_sum``       ``x * L^T(p / L(x))`` (average / global average pooling, spatial sums)
 ``add`` of two data operands                ``x_i / (x_1 + x_2) * p`` (residual sums; the LSTM cell state
                                             ``c = f * c_prev + i * g``, see *recurrent rules*)
-``add`` of the recurrent and the input      all of ``p`` to the input operand (the LSTM gate pre-activation
-pre-activation (one operand ``CARRY``)      ``W_h h_{t-1} + W_x x_t``), see *recurrent rules*
+``add`` of the recurrent transform and the  all of ``p`` to the input operand (the LSTM gate pre-activation
+input (one operand ``RECURRENT``)           ``W_h h_{t-1} + W_x x_t``), see *recurrent rules*
 ``mul`` of a ``GATE`` and data              ``p`` unchanged to the data operand, none to the gate
 ``logistic`` (sigmoid) of data              no signal (the gate is a constant); its output is a ``GATE``
 ``mul``/``div`` of a ``GATE`` and a         no signal (a constant times a constant, e.g. ``f * c_0`` with a
@@ -62,10 +64,11 @@ Recurrent rules (Bargal 2019, Sec. 7.1; the thesis replaces ``tanh`` by ReLU so 
 through the unrolled LSTM but not how the cell's products and sums split the signal; the authors' released code
 (``sbargal/Caffe-ExcitationBP-RNNs``) settles it and is followed where it is explicit:
 
-* gate pre-activation ``W_h h_{t-1} + b + W_x x_t`` (``add`` with exactly one ``CARRY`` operand): the released
-  code's ``Eltwise`` EB backward copies the signal to the input transform ``W_x x_t`` (bottoms 1, 2) and gives the
-  recurrent transform ``W_h h_{t-1}`` (bottom 0) zero, so the signal goes back in time only through the cell
-  state. Pre-activations are signed, so the proportional split of a residual sum would not be a distribution.
+* gate pre-activation ``W_h h_{t-1} + b + W_x x_t`` (``add`` with exactly one ``RECURRENT`` operand): the
+  released code's ``Eltwise`` EB backward copies the signal to the input transform ``W_x x_t`` (bottoms 1, 2) and
+  gives the recurrent transform ``W_h h_{t-1}`` (bottom 0) zero, so the signal goes back in time only through the
+  cell state. Pre-activations are signed, so the proportional split of a residual sum would not be a distribution.
+  (A sum of the carry itself and the input, ``h_{t-1} + x_t`` with no recurrent weights, is a residual sum.)
 * ``cell_rule="excitation"`` (default; EB read literally, as in the thesis text): a gate product ``o * ReLU(c)``,
   ``f * c_prev``, ``i * g`` passes the signal to its data operand with the gate as a constant weight, so the
   signal is unchanged (a unit with a single child, Eq. 4.2: ``Z_j a_i w_ij = 1``) and the gate gets none; the cell
@@ -109,11 +112,14 @@ CellRule = Literal["excitation", "gradient"]
 __all__ = ["CELL_RULES", "RULES", "Rule", "UnsupportedOperationError", "register_rule", "with_excitation_rules"]
 
 # Value kinds, as bit flags (0 = parameter). A value derived from several operands carries the union of their
-# DATA / PROBE / CARRY flags; GATE is set only by the rules that make or move gates.
+# DATA / PROBE / CARRY / RECURRENT flags; GATE is set only by the rules that make or move gates, RECURRENT by dense
+# and conv layers applied to the carry.
 DATA = 1
 PROBE = 2
 GATE = 4
 CARRY = 8
+RECURRENT = 16
+_LOOP = CARRY | RECURRENT  # flags that refer to the innermost enclosing loop
 _SIGNAL = DATA | PROBE  # flags of values that a signal can reach
 
 CELL_RULES = ("excitation", "gradient")
@@ -253,12 +259,13 @@ def _arithmetic(eqn, kinds, options):
     if all(data):
         gates = [bool(k & GATE) for k in kinds]
         carry = [bool(k & CARRY) for k in kinds]
+        recurrent = [bool(k & RECURRENT) for k in kinds]
         if name == "add":
-            if carry[0] != carry[1]:
+            if recurrent[0] != recurrent[1]:
                 # Gate pre-activation W_h h_{t-1} + W_x x_t: the released code's Eltwise EB backward copies the
                 # signal to the input transform and gives the recurrent one zero (signal back in time only
                 # through the cell state).
-                return Rule("pass", data_pos=carry.index(False))
+                return Rule("pass", data_pos=recurrent.index(False))
             if all(carry) and options.cell_rule == "gradient":
                 return _GRADIENT  # c = f * c_prev + i * g inside the released code's LSTMUnit: p to both terms
             return Rule("residual")
@@ -469,18 +476,19 @@ def _join(a: int, b: int) -> int:
 
 
 def _scan_body_kinds(const_kinds, carry_kinds, xs_kinds):
-    """Kinds of a scan body's arguments: CARRY marks the (signal-carrying) carry, and only it."""
-    inner = [k & ~CARRY for k in const_kinds]
-    carry = [(k | CARRY) if k & _SIGNAL else k & ~CARRY for k in carry_kinds]
-    return inner + carry + [k & ~CARRY for k in xs_kinds]
+    """Kinds of a scan body's arguments: CARRY marks the (signal-carrying) carry, and only it; the loop flags of an
+    enclosing loop do not enter."""
+    inner = [k & ~_LOOP for k in const_kinds]
+    carry = [(k & ~_LOOP) | (CARRY if k & _SIGNAL else 0) for k in carry_kinds]
+    return inner + carry + [k & ~_LOOP for k in xs_kinds]
 
 
 def _scan_output_kinds(body_kinds, operand_kinds):
-    """The loop's own CARRY flag does not leave it; an enclosing loop's CARRY flag passes through."""
+    """The loop's own flags do not leave it; an enclosing loop's flags pass through from the operands."""
     outer = 0
     for k in operand_kinds:
-        outer |= k & CARRY
-    return [(k & ~CARRY) | (outer if k & _SIGNAL else 0) for k in body_kinds]
+        outer |= k & _LOOP
+    return [(k & ~_LOOP) | (outer if k & _SIGNAL else 0) for k in body_kinds]
 
 
 def _run(jaxpr, consts, args, arg_kinds, ctx: _Context, evaluate: bool, path: tuple = ()):
@@ -507,6 +515,8 @@ def _run(jaxpr, consts, args, arg_kinds, ctx: _Context, evaluate: bool, path: tu
             kind |= k & ~GATE
         if rule.gate and kind & _SIGNAL:
             kind |= GATE
+        if rule.name == "linear" and rule.weight_pos is not None and in_kinds[rule.data_pos] & CARRY:
+            kind |= RECURRENT  # W_h h_{t-1}: a weighted transform of the recurrent state
         out_kinds = [kind if is_float(v.aval) else 0 for v in eqn.outvars]
         contrastive_here = False
         if rule.name == "linear" and rule.weight_pos is not None:
