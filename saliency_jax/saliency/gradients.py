@@ -36,6 +36,8 @@ data-dependent, the other operand a constant zero: a literal, ``jnp.zeros_like``
 gradients through convolutions, dense layers, batch norm in inference mode, max and average pooling, sigmoid,
 tanh, GELU, ...). Call-like primitives (``jit``, ``custom_jvp_call``, ``custom_vjp_call``, ``checkpoint``) that
 contain a rectifier are evaluated recursively; the others are bound unchanged, keeping their custom derivatives.
+The per-primitive handlers are a registry (:data:`GUIDED_RULES`, primitive name -> handler), like Excitation
+Backprop's (:data:`saliency_jax.saliency._eb_rules.RULES`).
 Forms that gate the signal some other way and could hide a ReLU raise :class:`GuidedBackpropError` instead of
 silently giving the plain gradient there: ``min``/``clamp``/``abs``/``sign``/``max`` other than with zero on
 floating-point data (ReLU6, ``jnp.clip``, leaky or hard variants, maxout), ``jnp.where`` with a data-dependent
