@@ -9,6 +9,7 @@ for grayscale); labels are int32.
 
 from saliency_jax.data import augment
 from saliency_jax.data import celeba
+from saliency_jax.data import clips
 from saliency_jax.data import coco
 from saliency_jax.data import decoy_mnist
 from saliency_jax.data import regions
@@ -22,6 +23,7 @@ from saliency_jax.data.celeba import load_celeba
 from saliency_jax.data.decoy_mnist import DecoyMNISTSource
 from saliency_jax.data.decoy_mnist import load_decoy_mnist
 from saliency_jax.data.pipeline import SPATIAL_FIELDS
+from saliency_jax.data.clips import MovingDigitClips
 from saliency_jax.data.pipeline import EvalBatches
 from saliency_jax.data.pipeline import image_shape
 from saliency_jax.data.pipeline import make_eval_batches
@@ -64,6 +66,8 @@ __all__ = [
     "load_decoy_mnist",
     "rasterize_polygons",
     "rasterize_templates",
+    "MovingDigitClips",
+    "clips",
     "VOC_CLASSES",
     "coco",
     "voc",

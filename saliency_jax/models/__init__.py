@@ -4,6 +4,8 @@
 layer (post-ReLU), the layer Grad-CAM explains by default, and ``CLASSIFIER[name]`` the module path of its output
 dense layer (for the GAP networks: the classifier on the pooled features, which CAM and the HNC loss read). A run's
 config takes both from here unless ``config.model.grad_cam_layer`` / ``config.model.classifier`` say otherwise.
+``"cnn_lstm"`` is a clip classifier (clips [batch, time, height, width, channels] -> logits [batch, time,
+num_classes]; see :mod:`saliency_jax.models.cnn_lstm`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import flax.linen as nn
 
 from saliency_jax.models.alexnet import AlexNet
 from saliency_jax.models.cnn2 import CNN2
+from saliency_jax.models.cnn_lstm import CNNLSTM, ReLULSTMCell
 from saliency_jax.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
 from saliency_jax.models.small_cnn import SmallCNN
 from saliency_jax.models.vgg import VGG16
 
-__all__ = ["AlexNet", "CNN2", "SmallCNN", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152", "VGG16", "get_model", "GRAD_CAM_LAYER",
-           "CLASSIFIER", "MODEL_NAMES"]
+__all__ = ["AlexNet", "CNN2", "CNNLSTM", "ReLULSTMCell", "SmallCNN", "ResNet18", "ResNet34", "ResNet50", "ResNet101",
+           "ResNet152", "VGG16", "get_model", "GRAD_CAM_LAYER", "CLASSIFIER", "MODEL_NAMES"]
 
 GRAD_CAM_LAYER = {
     "small_cnn": "conv3",
@@ -29,6 +32,7 @@ GRAD_CAM_LAYER = {
     "vgg16": "relu5_3",
     "cnn2": "relu_conv3",
     "alexnet": "relu5",
+    "cnn_lstm": "conv3",
 }
 
 CLASSIFIER = {
@@ -41,6 +45,7 @@ CLASSIFIER = {
     "vgg16": "fc8",
     "cnn2": "fc3",
     "alexnet": "fc8",
+    "cnn_lstm": "classifier",
 }
 
 MODEL_NAMES = tuple(GRAD_CAM_LAYER)
@@ -56,7 +61,8 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 
     Returns:
       A ``flax.linen.Module`` mapping images [batch, height, width, channels] float32 in [0, 1] to logits
-      [batch, num_classes].
+      [batch, num_classes] (``"cnn_lstm"``: clips [batch, time, height, width, channels] to logits
+      [batch, time, num_classes]).
 
     Raises:
       ValueError: on an unknown name.
@@ -73,4 +79,6 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         return VGG16(num_classes=num_classes, **kwargs)
     if name == "alexnet":
         return AlexNet(num_classes=num_classes, **kwargs)
+    if name == "cnn_lstm":
+        return CNNLSTM(num_classes=num_classes, **kwargs)
     raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")

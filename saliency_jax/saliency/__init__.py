@@ -43,3 +43,17 @@ from saliency_jax.saliency.cam import (
     linen_class_activation_map,
 )
 from saliency_jax.saliency.rise import rise, rise_masks
+from saliency_jax.saliency.recurrent import (
+    ClipLayerModel,
+    RecurrentEBResult,
+    RecurrentMaps,
+    clip_prior,
+    contrastive_recurrent_excitation_backprop,
+    linen_clip_layers,
+    recurrent_excitation_backprop,
+    recurrent_gradient,
+    split_clip_model,
+    temporal_localization,
+    temporal_localization_known_length,
+    temporal_normalization,
+)

@@ -7,11 +7,14 @@ evaluates the jaxpr again, equation by equation, with :func:`evaluate_jaxpr`; it
 primitives it rewrites through a ``jax.custom_vjp`` function carrying the method's backward rule, binds all others
 unchanged, and evaluates call-like primitives (:data:`CALLS`: ``jit``, ``custom_jvp_call``, ``checkpoint``, ...)
 recursively on their inner jaxpr (:func:`inner_jaxpr`), so that the rules also reach the primitives inside them
-(``jax.nn.relu`` is a ``custom_jvp`` around ``max``).
+(``jax.nn.relu`` is a ``custom_jvp`` around ``max``). Loops written with ``lax.scan`` (what ``flax.linen.RNN``,
+``nn.scan`` and ``lax.fori_loop`` with static bounds lower to) are re-evaluated by :func:`evaluate_scan`: a new
+``lax.scan`` whose body is the old body evaluated under the same callback, so the rules act at every time step and
+``jax.vjp`` runs them backwards through time.
 
 Every value of the jaxpr carries a *tag* beside it, chosen by the caller and derived from how the value was
-computed, never from its numbers (Excitation Backprop: parameter / data / probe flags; guided backprop:
-data-dependent and known-zero flags).
+computed, never from its numbers (Excitation Backprop: parameter / data / probe / gate / recurrent-state flags;
+guided backprop: data-dependent and known-zero flags).
 """
 
 from __future__ import annotations
@@ -146,3 +149,81 @@ def evaluate_jaxpr(jaxpr, consts: Sequence[Any], const_tag: Any, args: Sequence[
 
     results = [read(v) for v in jaxpr.outvars]
     return [x for x, _ in results], [t for _, t in results]
+
+
+# evaluate_body(args, arg_tags, evaluate, final) -> (outputs, output_tags): evaluates a scan body under the
+# caller's rules; ``final`` is False for the rounds that only settle the carry tags.
+BodyEvaluator = Callable[[Sequence[Any], Sequence[Any], bool, bool], tuple[Sequence[Any], Sequence[Any]]]
+
+# Bound on the rounds of the carry-tag fixpoint of evaluate_scan (each round can only add information to a tag of a
+# finite lattice; real models settle in two or three rounds).
+_MAX_FIXPOINT_ROUNDS = 64
+
+
+def evaluate_scan(eqn, values: Sequence[Any], tags: Sequence[Any], evaluate_body: BodyEvaluator, *,
+                  body_tags: Callable[[Sequence[Any], Sequence[Any], Sequence[Any]], list],
+                  join: Callable[[Any, Any], Any], output_tags: Callable[[Sequence[Any], Sequence[Any]], list],
+                  evaluate: bool = True) -> tuple[list, list]:
+    """Re-evaluates a ``scan`` equation as a new ``lax.scan`` whose body is evaluated by ``evaluate_body``.
+
+    The operands of a ``scan`` equation are ``[*consts, *init_carry, *xs]`` (``num_consts``, ``num_carry`` in its
+    parameters); its outputs ``[*final_carry, *ys]``. The tags of the body's carry arguments must hold for every
+    iteration, so they are found first as a fixpoint: starting from the tags of the initial carry, the body's
+    carry-out tags are joined in (``join``) until nothing changes. The body is then evaluated once per trace of the
+    new loop, with ``jax.lax.scan(step, init, xs, length, reverse, unroll)``: ``jax.vjp`` of the result runs the
+    body's backward rules in reverse time order.
+
+    Args:
+      eqn: a ``scan`` equation.
+      values: its operand values (``None`` entries when ``evaluate`` is False).
+      tags: the operands' tags.
+      evaluate_body: ``evaluate_body(args, arg_tags, evaluate, final) -> (outputs, output_tags)`` evaluates the
+        body jaxpr (``eqn.params["jaxpr"]``, its constants included) on the body arguments ``[*consts, *carry,
+        *xs]``; called with ``evaluate=False`` and ``None`` arguments to compute tags only, and with
+        ``final=False`` for the fixpoint rounds (the caller should not record anything then) and ``True`` for the
+        one call with the settled tags (per trace of the loop body).
+      body_tags: ``body_tags(const_tags, carry_tags, xs_tags) -> arg_tags`` of the body (e.g. marking the carry).
+      join: least upper bound of two tags (the union of flags).
+      output_tags: ``output_tags(body_output_tags, operand_tags) -> tags`` of the equation's outputs.
+      evaluate: False to compute the output tags only (outputs are ``None``).
+
+    Returns:
+      ``(outputs, output_tags)`` in ``eqn.outvars`` order.
+
+    Raises:
+      RuntimeError: if the carry tags do not settle (cannot happen for a finite lattice and a monotone body).
+    """
+    params = eqn.params
+    num_consts, num_carry = params["num_consts"], params["num_carry"]
+    const_tags = list(tags[:num_consts])
+    xs_tags = list(tags[num_consts + num_carry:])
+    carry_tags = list(tags[num_consts:num_consts + num_carry])
+    blanks = [None] * len(tags)
+    for _ in range(_MAX_FIXPOINT_ROUNDS):
+        _, out_tags = evaluate_body(blanks, body_tags(const_tags, carry_tags, xs_tags), False, False)
+        joined = [join(a, b) for a, b in zip(carry_tags, out_tags[:num_carry])]
+        if joined == carry_tags:
+            break
+        carry_tags = joined
+    else:
+        raise RuntimeError(f"scan at {source_location(eqn)}: the carry tags did not settle")
+    arg_tags = body_tags(const_tags, carry_tags, xs_tags)
+    if not evaluate:
+        _, out_tags = evaluate_body(blanks, arg_tags, False, True)
+        return [None] * len(eqn.outvars), output_tags(out_tags, tags)
+
+    operands = operand_values(eqn, values)
+    consts = operands[:num_consts]
+    init = operands[num_consts:num_consts + num_carry]
+    xs = operands[num_consts + num_carry:]
+    body_out_tags: list = []
+
+    def step(carry, x):
+        outs, out_tags = evaluate_body([*consts, *carry, *x], arg_tags, True, True)
+        body_out_tags[:] = out_tags
+        outs = list(outs)
+        return outs[:num_carry], outs[num_carry:]
+
+    final, ys = jax.lax.scan(step, list(init), list(xs), length=params["length"], reverse=params["reverse"],
+                             unroll=params["unroll"])
+    return [*final, *ys], output_tags(body_out_tags, tags)

@@ -32,10 +32,12 @@ Supported layer kinds (on the path from the explained layer to the logits), by w
 * residual sums of two data tensors (``x + shortcut``);
 * batch norm in inference mode, input normalisation and any add/subtract/multiply/divide by parameters;
 * reshapes, transposes, flattening, broadcasting, slicing, concatenation, padding, dtype conversion; ``jax.jit``,
-  ``jax.checkpoint`` and custom-derivative wrappers are looked through.
+  ``jax.checkpoint`` and custom-derivative wrappers are looked through;
+* ``lax.scan`` loops (``flax.linen.RNN``, ``nn.scan``) are re-run with the rules in their body, so recurrent models
+  with ReLU-LSTM cells (sigmoid gates times data) work: EB-R, see :mod:`saliency_jax.saliency.recurrent`.
 
-Anything else that the signal reaches (``tanh``, sigmoid, softmax, GELU, layer norm, batch norm with batch
-statistics, attention products, ``lax.scan`` / ``while`` / ``cond``) raises
+Anything else that the signal reaches (``tanh``, sigmoid used as an activation, softmax, GELU, layer norm, batch
+norm with batch statistics, attention products, ``while`` / ``cond``) raises
 :class:`~saliency_jax.saliency._eb_rules.UnsupportedOperationError` naming the primitive, instead of returning a
 wrong map. Operations *below* the explained layer are never run backwards and may be anything. EB assumes
 non-negative activations (post-ReLU); explain the logits, not softmax probabilities, in inference mode.

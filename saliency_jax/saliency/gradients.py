@@ -36,6 +36,8 @@ data-dependent, the other operand a constant zero: a literal, ``jnp.zeros_like``
 gradients through convolutions, dense layers, batch norm in inference mode, max and average pooling, sigmoid,
 tanh, GELU, ...). Call-like primitives (``jit``, ``custom_jvp_call``, ``custom_vjp_call``, ``checkpoint``) that
 contain a rectifier are evaluated recursively; the others are bound unchanged, keeping their custom derivatives.
+The per-primitive handlers are a registry (:data:`GUIDED_RULES`, primitive name -> handler), like Excitation
+Backprop's (:data:`saliency_jax.saliency._eb_rules.RULES`).
 Forms that gate the signal some other way and could hide a ReLU raise :class:`GuidedBackpropError` instead of
 silently giving the plain gradient there: ``min``/``clamp``/``abs``/``sign``/``max`` other than with zero on
 floating-point data (ReLU6, ``jnp.clip``, leaky or hard variants, maxout), ``jnp.where`` with a data-dependent
@@ -327,36 +329,72 @@ def _bind(eqn, values):
     return eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
 
 
-def _apply_data_eqn(eqn, values, kinds, zeros, state: _State):
-    """Evaluates one equation that has a data-dependent operand (not a recursed call).
+# The registry of guided-backprop rules: primitive name -> handler(eqn, values, kinds, zeros, state) -> outputs, for
+# equations with a data-dependent operand and a floating-point output (others are bound unchanged). ``kinds[i]``:
+# whether operand ``i`` depends on the data; ``zeros[i]``: True if it is known to be a constant zero, None if its
+# (constant) value must be inspected to tell, False otherwise. A primitive without an entry keeps its ordinary
+# gradient (:func:`_default_rule`).
+GuidedRule = Callable[[Any, list, list, list, "_State"], Any]
+GUIDED_RULES: dict[str, GuidedRule] = {}
 
-    ``kinds[i]``: whether operand ``i`` depends on the data; ``zeros[i]``: True if it is known to be a constant
-    zero, None if its (constant) value must be inspected to tell, False otherwise.
-    """
-    name = eqn.primitive.name
-    prim, params = eqn.primitive, eqn.params
-    floats = any(is_float(v.aval) for v in eqn.outvars)
-    if name == "max" and floats:
-        if all(kinds):
-            _reject(eqn, "element-wise max of two data-dependent tensors (maxout)")
-        data_pos = kinds.index(True)
-        other = 1 - data_pos
-        is_zero = zeros[other] if zeros[other] is not None else _is_static_zero(values[other])
-        if not is_zero:
-            _reject(eqn, "max of data with an operand not known to be zero (a shifted rectifier, or a zero passed "
-                         "as a traced argument: write the ReLU as max(x, 0) with a literal 0 or jnp.zeros_like)")
-        state.relus += 1
-        return _guided_relu(prim, params, data_pos)(*operand_values(eqn, values))
-    if name in ("min", "clamp", "abs", "sign") and floats:
-        _reject(eqn, f"'{name}' of a data-dependent tensor (ReLU6, clip, hard tanh or another rectifier variant)")
-    if name == "select_n" and floats and kinds[0]:
+
+def _guided_rule(*names: str) -> Callable[[GuidedRule], GuidedRule]:
+    def decorate(handler: GuidedRule) -> GuidedRule:
+        for name in names:
+            GUIDED_RULES[name] = handler
+        return handler
+
+    return decorate
+
+
+@_guided_rule("max")
+def _max_rule(eqn, values, kinds, zeros, state: _State):
+    """``max(x, 0)`` on data is a ReLU: Springenberg et al.'s guided backward rule."""
+    if all(kinds):
+        _reject(eqn, "element-wise max of two data-dependent tensors (maxout)")
+    data_pos = kinds.index(True)
+    other = 1 - data_pos
+    is_zero = zeros[other] if zeros[other] is not None else _is_static_zero(values[other])
+    if not is_zero:
+        _reject(eqn, "max of data with an operand not known to be zero (a shifted rectifier, or a zero passed "
+                     "as a traced argument: write the ReLU as max(x, 0) with a literal 0 or jnp.zeros_like)")
+    state.relus += 1
+    return _guided_relu(eqn.primitive, eqn.params, data_pos)(*operand_values(eqn, values))
+
+
+@_guided_rule("min", "clamp", "abs", "sign")
+def _rectifier_variant_rule(eqn, values, kinds, zeros, state: _State):
+    _reject(eqn, f"'{eqn.primitive.name}' of a data-dependent tensor (ReLU6, clip, hard tanh or another rectifier "
+                 "variant)")
+
+
+@_guided_rule("select_n")
+def _select_rule(eqn, values, kinds, zeros, state: _State):
+    if kinds[0]:
         _reject(eqn, "jnp.where / lax.select with a data-dependent condition (leaky ReLU, ELU, "
                      "where(x > 0, x, 0))")
-    if name == "convert_element_type" and floats and not is_float(eqn.invars[0].aval):
+    return _default_rule(eqn, values, kinds, zeros, state)
+
+
+@_guided_rule("convert_element_type")
+def _convert_rule(eqn, values, kinds, zeros, state: _State):
+    if not is_float(eqn.invars[0].aval):
         _reject(eqn, "a data-dependent boolean/integer turned into a float mask (e.g. x * (x > 0))")
+    return _default_rule(eqn, values, kinds, zeros, state)
+
+
+def _default_rule(eqn, values, kinds, zeros, state: _State):
+    """The ordinary gradient; control flow (scan, while, cond) that hides a rectifier is refused."""
     if inner_jaxpr(eqn) is None and any(_contains_gate(sub) for sub in _subjaxprs(eqn)):
         _reject(eqn, "a rectifier inside a control-flow primitive (lax.scan, while_loop, cond)")
     return _bind(eqn, values)
+
+
+def _apply_data_eqn(eqn, values, kinds, zeros, state: _State):
+    """Evaluates one equation that has a data-dependent operand (not a recursed call), via :data:`GUIDED_RULES`."""
+    if not any(is_float(v.aval) for v in eqn.outvars):
+        return _default_rule(eqn, values, kinds, zeros, state)
+    return GUIDED_RULES.get(eqn.primitive.name, _default_rule)(eqn, values, kinds, zeros, state)
 
 
 def _literal_tag(value):
