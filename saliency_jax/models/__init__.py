@@ -9,13 +9,15 @@ from __future__ import annotations
 import flax.linen as nn
 
 from saliency_jax.models.alexnet import AlexNet
+from saliency_jax.models.background_invariance import (AttentionCNN, BackgroundGenerator, UNet,
+                                                        VanillaCNN)
 from saliency_jax.models.cnn2 import CNN2
 from saliency_jax.models.resnet import ResNet18, ResNet50
 from saliency_jax.models.small_cnn import SmallCNN
 from saliency_jax.models.vgg import VGG16
 
-__all__ = ["AlexNet", "CNN2", "SmallCNN", "ResNet18", "ResNet50", "VGG16", "get_model", "GRAD_CAM_LAYER",
-           "MODEL_NAMES"]
+__all__ = ["AlexNet", "AttentionCNN", "BackgroundGenerator", "CNN2", "SmallCNN", "ResNet18", "ResNet50", "UNet",
+           "VanillaCNN", "VGG16", "get_model", "GRAD_CAM_LAYER", "MODEL_NAMES"]
 
 GRAD_CAM_LAYER = {
     "small_cnn": "conv3",
@@ -24,6 +26,10 @@ GRAD_CAM_LAYER = {
     "vgg16": "relu5_3",
     "cnn2": "relu_conv3",
     "alexnet": "relu5",
+    # Cruz & Cardoso's classifier and the Attention baseline at 32 px (background_invariance.grad_cam_layer(size)
+    # gives the path for other sizes).
+    "vanilla_cnn": "relu3",
+    "attention_cnn": "local_cnn/relu3",
 }
 
 MODEL_NAMES = tuple(GRAD_CAM_LAYER)
@@ -56,4 +62,8 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         return VGG16(num_classes=num_classes, **kwargs)
     if name == "alexnet":
         return AlexNet(num_classes=num_classes, **kwargs)
+    if name == "vanilla_cnn":
+        return VanillaCNN(num_classes=num_classes, **kwargs)
+    if name == "attention_cnn":
+        return AttentionCNN(num_classes=num_classes, **kwargs)
     raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
