@@ -394,6 +394,22 @@ def test_phase3_gradients_are_each_players_own():
             np.testing.assert_allclose(s, g, rtol=2e-4, atol=1e-6)
 
 
+def test_phase3_preview_shows_what_the_step_trains_on():
+    cfg = bi.BackgroundInvarianceConfig(binarize="quantile")
+    mdl = tiny_models()
+    state, _ = tiny_state(mdl, cfg)
+    batch, key = tiny_batch(4), jax.random.key(11)
+    k_noise, _ = jax.random.split(jax.random.fold_in(key, state.step))
+    out = jax.jit(lambda s, x, k: bi.phase3_preview(mdl, s, x, k, cfg))(state, batch["image"], k_noise)
+    masks, z = _phase3_inputs(mdl, state, batch, key, cfg)
+    np.testing.assert_array_equal(out["mask"], masks)
+    assert out["soft_mask"].shape == (4, SIZE, SIZE, 1) and out["background"].shape == (4, SIZE, SIZE, 1)
+    # Quantile masks keep about 20 % of each image (ties aside).
+    np.testing.assert_allclose(np.asarray(out["mask"]).mean(axis=(1, 2, 3)), 0.2, atol=1 / 256 + 1e-6)
+    np.testing.assert_allclose(out["composite"], bi.composite(batch["image"], out["mask"], out["background"]),
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("background", ["black", "noise"])
 def test_phase3_ablation_backgrounds_with_heuristic_masks(background):
     cfg = bi.BackgroundInvarianceConfig(mask="heuristic", background=background, binarize="none")
@@ -590,6 +606,8 @@ def test_evaluate_backgrounds_counts_every_set_and_ignores_padding():
     expected = {name: float(bg.background_pattern(name)[0, 0]) for name in bg.BACKGROUND_NAMES}
     assert acc == {"clean": 0.0, **expected}
     assert acc["stripes"] == acc["border"] == 1.0 and acc["checkerboard"] == 0.0
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    assert bg.evaluate_backgrounds(predict, x, labels, batch_size=3, mesh=mesh) == acc
     with pytest.raises(ValueError, match="unknown test set"):
         bg.evaluate_backgrounds(predict, x, labels, names=("clean", "waves"))
 
@@ -598,8 +616,14 @@ def test_contact_sheet(tmp_path):
     x = np.repeat(hand_digit(), 3, axis=0)
     path = bg.background_contact_sheet(x, tmp_path / "sheet" / "bg.png", labels=[1, 2, 3], title="test sets")
     assert path.is_file() and path.stat().st_size > 1000
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match="column labels"):
         bg.background_contact_sheet(x, tmp_path / "x.png", labels=[1])
+    grid = bg.image_grid({"x": x, "mask": x > 0}, tmp_path / "grid.png", column_labels=["a", "b", "c"])
+    assert grid.is_file()
+    with pytest.raises(ValueError, match="same number"):
+        bg.image_grid({"x": x, "y": x[:2]}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        bg.image_grid({"noise": x - 0.5}, tmp_path / "bad.png")
 
 
 def test_load_mnist_padded(tmp_path):

@@ -4,9 +4,13 @@ Follows the evaluation of Morales et al. 2021, "Playing to distraction: towards 
 training of CNN classifiers through visual explanation techniques": accuracy, macro / weighted
 precision, recall and F1 and per-class true positive rates (Sec. 4.4, Tables 1 and 3), the
 Random Erasing robustness test (Zhong et al. 2020; Table 4), heat-map grids (Figs. 2-3), and
-markdown tables shaped like the paper's.
+markdown tables shaped like the paper's. ``backgrounds``: the MNIST background protocol of Cruz & Cardoso (the
+clean test set and six fixed synthetic backgrounds; Table 1 of "Training a CNN to be background invariant").
 """
 
+from saliency_jax.evaluation.backgrounds import (BACKGROUND_NAMES, TEST_SET_NAMES, background_contact_sheet,
+                                                 background_pattern, background_test_sets, evaluate_backgrounds,
+                                                 image_grid, load_mnist_padded)
 from saliency_jax.evaluation.figures import saliency_figure
 from saliency_jax.evaluation.figures import training_curves_figure
 from saliency_jax.evaluation.metrics import SCALAR_METRICS
@@ -30,6 +34,14 @@ from saliency_jax.evaluation.utilization import (UTILIZATION_METRICS, compressio
                                                  utilization_per_example, utilization_table, weight_change)
 
 __all__ = [
+    "BACKGROUND_NAMES",
+    "TEST_SET_NAMES",
+    "background_contact_sheet",
+    "background_pattern",
+    "background_test_sets",
+    "evaluate_backgrounds",
+    "image_grid",
+    "load_mnist_padded",
     "UTILIZATION_METRICS",
     "compression_curves",
     "compression_figure",

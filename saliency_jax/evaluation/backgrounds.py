@@ -34,7 +34,6 @@ bars"), the checkerboard's -2 px offset, and the exact salt-and-pepper pixels. N
 from __future__ import annotations
 
 import functools
-import math
 import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
@@ -62,6 +61,7 @@ __all__ = [
     "background_test_sets",
     "evaluate_backgrounds",
     "background_contact_sheet",
+    "image_grid",
     "load_mnist_padded",
 ]
 
@@ -267,7 +267,8 @@ def background_test_sets(images: Array, names: Sequence[str] = TEST_SET_NAMES) -
 
 def evaluate_backgrounds(predict_fn: Callable[[Array], Array], images: np.ndarray | Array,
                          labels: np.ndarray | Array, *, batch_size: int = 1000,
-                         names: Sequence[str] = TEST_SET_NAMES) -> dict[str, float]:
+                         names: Sequence[str] = TEST_SET_NAMES,
+                         mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
     """Accuracy of any model on each test set of the protocol.
 
     Each batch of images goes to the device once; one jitted call builds all test sets from it and runs the model
@@ -281,6 +282,8 @@ def evaluate_backgrounds(predict_fn: Callable[[Array], Array], images: np.ndarra
       labels: [num_examples] int.
       batch_size: images per jitted call (each call evaluates ``len(names) * batch_size`` images).
       names: test sets, from :data:`TEST_SET_NAMES`.
+      mesh: optional device mesh with an axis ``'data'``: each batch is split over it (``batch_size`` is then
+        rounded up to a multiple of its size) and ``predict_fn``'s captured parameters are used as they are placed.
 
     Returns:
       ``{name: accuracy in [0, 1]}`` in the order of ``names``.
@@ -301,6 +304,13 @@ def evaluate_backgrounds(predict_fn: Callable[[Array], Array], images: np.ndarra
         if name not in TEST_SET_NAMES:
             raise ValueError(f"unknown test set {name!r}; choose from {TEST_SET_NAMES}")
     batch_size = min(int(batch_size), len(images))
+    sharding = None
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        sharding = NamedSharding(mesh, PartitionSpec("data"))
+        size = mesh.shape["data"]
+        batch_size = -(-batch_size // size) * size
 
     @jax.jit
     def correct(x, y, valid):
@@ -317,6 +327,8 @@ def evaluate_backgrounds(predict_fn: Callable[[Array], Array], images: np.ndarra
         if n < batch_size:
             x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
             y = np.concatenate([y, np.zeros(batch_size - n, y.dtype)])
+        if sharding is not None:
+            x, y, valid = jax.device_put((x, y, valid), sharding)
         totals += np.asarray(correct(x, y, valid))
     return {name: float(t) / len(images) for name, t in zip(names, totals)}
 
@@ -325,10 +337,70 @@ def evaluate_backgrounds(predict_fn: Callable[[Array], Array], images: np.ndarra
 # Figure and data.
 
 
+def image_grid(rows: Mapping[str, Any], path: str | os.PathLike[str], *, column_labels: Sequence[Any] | None = None,
+               cell_inches: float = 1.0, title: str | None = None) -> pathlib.Path:
+    """A grid of images, one named row per entry (PNG via matplotlib's Agg canvas, no pyplot).
+
+    Used for the contact sheet of the test sets and for figures of phase 3 along training (image, soft mask,
+    binary mask, generated background, composite: the poster's Fig. 4; see
+    :func:`saliency_jax.training.background_invariance.phase3_preview`).
+
+    Args:
+      rows: ``{row name: [n, height, width, 1 or 3] float in [0, 1]}``, the same ``n`` for every row.
+      path: output file; parent folders are created.
+      column_labels: optional ``n`` column titles.
+      cell_inches: size of one image in inches.
+      title: optional figure title.
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: on no rows, bad shapes, different ``n``, values outside [0, 1], or wrong ``column_labels``.
+    """
+    if not rows:
+        raise ValueError("image_grid needs at least one row")
+    arrays = {}
+    for name, value in rows.items():
+        a = np.asarray(value, np.float32)
+        if a.ndim != 4 or a.shape[-1] not in (1, 3) or len(a) == 0:
+            raise ValueError(f"row {name!r} must be [n >= 1, height, width, 1 or 3]; got shape {a.shape}")
+        if not np.all(np.isfinite(a)) or a.min() < -1e-6 or a.max() > 1 + 1e-6:
+            raise ValueError(f"row {name!r} must lie in [0, 1]; got [{a.min()}, {a.max()}] (clip or rescale it)")
+        arrays[name] = np.clip(a, 0.0, 1.0)
+    counts = {len(a) for a in arrays.values()}
+    if len(counts) != 1:
+        raise ValueError(f"every row needs the same number of images; got {[len(a) for a in arrays.values()]}")
+    cols = counts.pop()
+    if column_labels is not None and len(column_labels) != cols:
+        raise ValueError(f"{len(column_labels)} column labels for {cols} images")
+    fig = Figure(figsize=(cell_inches * cols + 1.2, cell_inches * len(arrays) + (0.5 if title else 0.1)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(arrays), cols, squeeze=False)
+    for i, (name, a) in enumerate(arrays.items()):
+        for j in range(cols):
+            ax = axes[i, j]
+            ax.imshow(a[j, ..., 0] if a.shape[-1] == 1 else a[j], cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name, rotation=0, ha="right", va="center")
+            if i == 0 and column_labels is not None:
+                ax.set_title(str(column_labels[j]))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out
+
+
 def background_contact_sheet(images: np.ndarray | Array, path: str | os.PathLike[str], *,
                              labels: Sequence[Any] | None = None, names: Sequence[str] = TEST_SET_NAMES,
                              cell_inches: float = 1.0, title: str | None = None) -> pathlib.Path:
-    """A contact sheet of the test sets: one row per set, one column per image (PNG via matplotlib's Agg).
+    """A contact sheet of the test sets: one row per set, one column per image (:func:`image_grid`).
 
     Args:
       images: [n, height, width, channels] float32 in [0, 1] (1 or 3 channels), zero background; a few images.
@@ -349,32 +421,9 @@ def background_contact_sheet(images: np.ndarray | Array, path: str | os.PathLike
         raise ValueError(f"images must be [n >= 1, height, width, 1 or 3]; got shape {images.shape}")
     if images.min() < 0 or images.max() > 1:
         raise ValueError(f"images must lie in [0, 1]; got [{images.min()}, {images.max()}]")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"{len(labels)} labels for {len(images)} images")
-    sets = {k: np.asarray(v) for k, v in background_test_sets(jnp.asarray(images), tuple(names)).items()}
-    rows, cols = len(names), len(images)
-    fig = Figure(figsize=(cell_inches * cols + 1.2, cell_inches * rows + (0.4 if title else 0.1)))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, name in enumerate(names):
-        for j in range(cols):
-            ax = axes[i, j]
-            img = sets[name][j]
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
-                      interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(name, rotation=0, ha="right", va="center")
-            if i == 0 and labels is not None:
-                ax.set_title(str(labels[j]))
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = pathlib.Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    return out
+    sets = background_test_sets(jnp.asarray(images), tuple(names))
+    return image_grid({k: np.asarray(v) for k, v in sets.items()}, path, column_labels=labels,
+                      cell_inches=cell_inches, title=title)
 
 
 def load_mnist_padded(data_dir: str | os.PathLike[str], split: str, *, pad: int = 2) -> ImageSource:

@@ -79,6 +79,7 @@ __all__ = [
     "make_mask_step",
     "make_adversarial_step",
     "phase3_masks",
+    "phase3_preview",
     "attention_optimizer",
     "with_global_params",
 ]
@@ -636,13 +637,47 @@ def phase3_masks(models: BackgroundInvarianceModels, state: BackgroundInvariance
     return jax.lax.stop_gradient(binarize_masks(soft, config.binarize, area=config.area, nbins=config.otsu_bins))
 
 
+def phase3_preview(models: BackgroundInvarianceModels, state: BackgroundInvarianceState, images: Array, key: Array,
+                   config: BackgroundInvarianceConfig = BackgroundInvarianceConfig()) -> dict[str, Array]:
+    """What phase 3 trains on, for figures of masks and generated backgrounds along training (the poster's Fig. 4).
+
+    Args:
+      models, state: the modules and their current state.
+      images: [batch, height, width, channels] float32 in [0, 1].
+      key: noise key (keep it fixed across epochs to watch the same backgrounds evolve).
+      config: the settings (mask source, binarisation, background source).
+
+    Returns:
+      ``{"soft_mask": [batch, height, width, 1 or channels], "mask": same, binarised, "background": [batch, height,
+      width, channels], "composite": same}``, float32; ``soft_mask`` is ``x > 0`` for the heuristic mask,
+      ``background`` zeros or N(0, 1) noise for the ablations.
+    """
+    _check_masks(images, "images")
+    if models.mask_generator is None:
+        soft = heuristic_mask(images)
+    else:
+        soft = models.mask_generator.apply({"params": state.params["mask_generator"]}, images)
+    masks = binarize_masks(soft, config.binarize, area=config.area, nbins=config.otsu_bins)
+    if models.background_generator is not None:
+        gen = models.background_generator
+        z = sample_background_noise(key, images.shape[0], images.shape[1:], gen.tiles)
+        backgrounds = gen.apply({"params": state.params["background_generator"]}, z)
+    elif config.background == "black":
+        backgrounds = jnp.zeros(images.shape, jnp.float32)
+    else:
+        backgrounds = jax.random.normal(key, images.shape, jnp.float32)
+    return {"soft_mask": soft.astype(jnp.float32), "mask": masks, "background": backgrounds,
+            "composite": composite(images, masks, backgrounds)}
+
+
 def make_adversarial_step(models: BackgroundInvarianceModels,
                           optimizers: Mapping[str, optax.GradientTransformation],
                           config: BackgroundInvarianceConfig = BackgroundInvarianceConfig()) -> Step:
     """Phase 3 (``train3.py``): the classifier and the background generator, min-max, both updated every step.
 
-    The step: key ``fold_in(key, step)``; masks :func:`phase3_masks` (frozen U-Net or ``x > 0``, binarised);
-    backgrounds ``f_b(z)``, ``z ~ N(0, I)`` per image and tile (or zeros / N(0, 1) noise for the ablations);
+    The step: ``k_noise, k_dropout = split(fold_in(key, step))``; masks :func:`phase3_masks` (frozen U-Net or
+    ``x > 0``, binarised); backgrounds ``f_b(z)``, ``z = sample_background_noise(k_noise, ...)`` per image and tile
+    (or zeros / ``normal(k_noise, images.shape)`` noise for the ablations);
     composites :func:`composite`; one forward pass of the classifier in train mode; one backward pass giving the
     classifier ``dCE/dtheta_f`` and the generator the gradient of ``-CE (+ brightness penalty)``
     (:func:`gradient_reversal`); one Adam update of each.
