@@ -4,10 +4,15 @@ Follows the evaluation of Morales et al. 2021, "Playing to distraction: towards 
 training of CNN classifiers through visual explanation techniques": accuracy, macro / weighted
 precision, recall and F1 and per-class true positive rates (Sec. 4.4, Tables 1 and 3), the
 Random Erasing robustness test (Zhong et al. 2020; Table 4), heat-map grids (Figs. 2-3), and
-markdown tables shaped like the paper's; and faithfulness checks of saliency maps (deletion / insertion,
-Petsiuk et al. 2018; cascading model-parameter randomisation, Adebayo et al. 2018; relevance mass in a region).
+markdown tables shaped like the paper's; faithfulness checks of saliency maps (deletion / insertion,
+Petsiuk et al. 2018; cascading model-parameter randomisation, Adebayo et al. 2018; relevance mass in a region);
+and ``backgrounds``: the MNIST background protocol of Cruz & Cardoso (the clean test set and six fixed synthetic
+backgrounds; Table 1 of "Training a CNN to be background invariant").
 """
 
+from saliency_jax.evaluation.backgrounds import (BACKGROUND_NAMES, TEST_SET_NAMES, background_contact_sheet,
+                                                 background_pattern, background_test_sets, evaluate_backgrounds,
+                                                 image_grid, load_mnist_padded)
 from saliency_jax.evaluation.faithfulness import (CausalMetricResult, RandomizationResult, auc, causal_metric,
                                                   deletion, gaussian_blur, insertion, model_randomization,
                                                   relevance_mass_accuracy, spearman_correlation, ssim)
@@ -47,6 +52,14 @@ __all__ = [
     "spearman_correlation",
     "ssim",
     "overlay",
+    "BACKGROUND_NAMES",
+    "TEST_SET_NAMES",
+    "background_contact_sheet",
+    "background_pattern",
+    "background_test_sets",
+    "evaluate_backgrounds",
+    "image_grid",
+    "load_mnist_padded",
     "UTILIZATION_METRICS",
     "compression_curves",
     "compression_figure",

@@ -13,14 +13,17 @@ from __future__ import annotations
 import flax.linen as nn
 
 from saliency_jax.models.alexnet import AlexNet
+from saliency_jax.models.background_invariance import (AttentionCNN, BackgroundGenerator, UNet,
+                                                        VanillaCNN)
 from saliency_jax.models.cnn2 import CNN2
 from saliency_jax.models.cnn_lstm import CNNLSTM, ReLULSTMCell
 from saliency_jax.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
 from saliency_jax.models.small_cnn import SmallCNN
 from saliency_jax.models.vgg import VGG16
 
-__all__ = ["AlexNet", "CNN2", "CNNLSTM", "ReLULSTMCell", "SmallCNN", "ResNet18", "ResNet34", "ResNet50", "ResNet101",
-           "ResNet152", "VGG16", "get_model", "GRAD_CAM_LAYER", "CLASSIFIER", "MODEL_NAMES"]
+__all__ = ["AlexNet", "AttentionCNN", "BackgroundGenerator", "CNN2", "CNNLSTM", "ReLULSTMCell", "SmallCNN", "ResNet18",
+           "ResNet34", "ResNet50", "ResNet101", "ResNet152", "UNet", "VanillaCNN", "VGG16", "get_model",
+           "GRAD_CAM_LAYER", "CLASSIFIER", "MODEL_NAMES"]
 
 GRAD_CAM_LAYER = {
     "small_cnn": "conv3",
@@ -33,6 +36,10 @@ GRAD_CAM_LAYER = {
     "cnn2": "relu_conv3",
     "alexnet": "relu5",
     "cnn_lstm": "conv3",
+    # Cruz & Cardoso's classifier and the Attention baseline at 32 px (background_invariance.grad_cam_layer(size)
+    # gives the path for other sizes).
+    "vanilla_cnn": "relu3",
+    "attention_cnn": "local_cnn/relu3",
 }
 
 CLASSIFIER = {
@@ -46,6 +53,8 @@ CLASSIFIER = {
     "cnn2": "fc3",
     "alexnet": "fc8",
     "cnn_lstm": "classifier",
+    "vanilla_cnn": "fc2",  # flatten + dense head: no CAM / HNC (not a global-average-pooling network)
+    "attention_cnn": "classifier",
 }
 
 MODEL_NAMES = tuple(GRAD_CAM_LAYER)
@@ -81,4 +90,8 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         return AlexNet(num_classes=num_classes, **kwargs)
     if name == "cnn_lstm":
         return CNNLSTM(num_classes=num_classes, **kwargs)
+    if name == "vanilla_cnn":
+        return VanillaCNN(num_classes=num_classes, **kwargs)
+    if name == "attention_cnn":
+        return AttentionCNN(num_classes=num_classes, **kwargs)
     raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
