@@ -268,8 +268,10 @@ def worker_main(args) -> None:
             if key == ("pytorch-grad-cam", "gradcam") and os.path.exists(cmd.get("ours_raw", "")):
                 from pytorch_grad_cam.utils.image import scale_cam_image
                 ours = np.load(cmd["ours_raw"])
-                np.save(cmd["save"].replace(".npy", "_ours_scaled.npy"),
-                        scale_cam_image(np.maximum(ours, 0), (result.shape[2], result.shape[1])))
+                # pytorch-grad-cam's post-processing: per layer min-max + resize, then over layers max(., 0),
+                # mean and min-max again (BaseCAM.forward / aggregate_multi_layers)
+                per_layer = scale_cam_image(np.maximum(ours, 0), (result.shape[2], result.shape[1]))
+                np.save(cmd["save"].replace(".npy", "_ours_scaled.npy"), scale_cam_image(np.maximum(per_layer, 0)))
         print(json.dumps(reply), flush=True)
 
 
@@ -280,9 +282,10 @@ def worker_main(args) -> None:
 class Worker:
     """A worker process speaking one JSON line per command."""
 
-    def __init__(self, label, python, argv, env):
+    def __init__(self, label, python, argv, env, cpus=None):
         self.label = label
-        self.proc = subprocess.Popen([python, os.path.abspath(__file__)] + argv, stdin=subprocess.PIPE,
+        pin = ["taskset", "-c", ",".join(str(c) for c in cpus)] if cpus else []  # no fork hooks under JAX
+        self.proc = subprocess.Popen(pin + [python, os.path.abspath(__file__)] + argv, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, text=True, cwd=REPO)
         self.info = None
         while True:
@@ -342,15 +345,23 @@ def make_data(model_name: str, batch: int, size: int, data: str, seed: int = 0) 
              targets=rng.integers(0, 1000, size=batch).astype(np.int32))
 
 
-def _agreement(ours: np.ndarray, peer: np.ndarray) -> float:
-    """Max |difference| after dividing each map by its own max |value| (per example)."""
+def _agreement(ours: np.ndarray, peer: np.ndarray) -> str:
+    """Max |difference| after dividing each map by its own max |value| (per example), over the maps where both
+    are finite; maps with a NaN/inf are counted and named instead."""
+    if ours.shape != peer.shape:
+        return f"shapes differ: {ours.shape} vs {peer.shape}"
+    ours = ours.reshape(ours.shape[0], -1).astype(np.float64)
+    peer = peer.reshape(peer.shape[0], -1).astype(np.float64)
+    finite = np.isfinite(ours).all(axis=1) & np.isfinite(peer).all(axis=1)
+    note = "" if finite.all() else (f" (non-finite values in example(s) {np.flatnonzero(~finite).tolist()}: ours "
+                                    f"{int((~np.isfinite(ours)).sum())}, peer {int((~np.isfinite(peer)).sum())})")
+    if not finite.any():
+        return "no finite map" + note
+
     def unit(m):
-        m = m.reshape(m.shape[0], -1).astype(np.float64)
         return m / np.maximum(np.abs(m).max(axis=1, keepdims=True), 1e-30)
 
-    if ours.shape != peer.shape:
-        return float("nan")
-    return float(np.abs(unit(ours) - unit(peer)).max())
+    return f"{np.abs(unit(ours[finite]) - unit(peer[finite])).max():.1e}" + note
 
 
 def _load() -> str:
@@ -369,6 +380,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:PATCHES_MAX:XLA_FLAGS",
                         help="extra JAX worker (write --variant=...): name, conv lowering threshold (-1: the "
                              "default), XLA_FLAGS")
+    parser.add_argument("--cpus", type=int, nargs="+", default=None,
+                        help="pin every worker to these CPU ids (XLA's and torch's thread pools then use that many "
+                             "threads; e.g. --cpus 0 compares single-core speed, robust to thread contention)")
     parser.add_argument("--skip-fresh", action="store_true", help="skip phase 1 (first calls, memory, agreement)")
     parser.add_argument("--keep", default=None, help="directory to keep weights, inputs and maps in")
     # worker mode (internal)
@@ -405,11 +419,11 @@ def main() -> None:
                 *[f"{lib}:{m}" for lib, m in items]]
         if patches is not None:
             argv += ["--patches-max", str(patches)]
-        return Worker(kind, python, argv, env)
+        return Worker(kind, python, argv, env, args.cpus)
 
     import jax
     print(f"{args.model}, batch {args.batch}, {args.size} px, random weights; jax {jax.__version__}; "
-          f"{os.cpu_count()} CPUs; data in {data}")
+          f"{os.cpu_count()} CPUs{f', workers pinned to CPUs {args.cpus}' if args.cpus else ''}; data in {data}")
 
     if not args.skip_fresh:
         print(f"\n== phase 1: one fresh process per (library, method) [{_load()}]")
@@ -429,7 +443,7 @@ def main() -> None:
                 peer = np.load(path)
                 if lib == "pytorch-grad-cam":
                     ours = np.load(path.replace(".npy", "_ours_scaled.npy"))
-                diff = f"{_agreement(ours, peer):.1e}"
+                diff = _agreement(ours, peer)
             info = f"  ({worker.info})" if worker.info else ""
             print(f"{label:<22}{method:<10}{reply['seconds']:>13.2f}{worker.ready['rss_mb']:>15.0f}"
                   f"{reply['peak_mb']:>13.0f}  {diff}{info}", flush=True)
