@@ -25,6 +25,7 @@ CASES = [
     ((4, 3), 3, 1, ((0, 2), (1, 0))),
     ((4, 4), 3, 1, ((-1, 1), (1, 1))),
     ((6, 5), 2, 2, "SAME"),
+    ((4, 5), 5, 1, ((2, 2), (2, 2))),
 ]
 
 
@@ -77,6 +78,8 @@ def test_routing_rule():
     assert not conv_lib.uses_patches((7, 7), (3, 3), 16)
     assert not conv_lib.uses_patches((2, 2), (1, 1), 16)  # 1x1 kernels are already matrix products
     assert not conv_lib.uses_patches((2, 2), (3, 3), 0)
+    assert conv_lib.uses_patches((4, 5), (5, 5), 16)  # 20 pixels, but the 5x5 window is larger: XLA would swap
+    assert not conv_lib.uses_patches((8, 8), (5, 5), 16)
     assert conv_lib.uses_patches((2, 2), (3, 3)) == (4 <= conv_lib.PATCHES_MAX_INPUT_PIXELS)
 
 
@@ -170,3 +173,11 @@ def test_export_state_dict_round_trips(name, model, size):
 def test_export_unknown_model_raises():
     with pytest.raises(ValueError, match="unknown model_name"):
         weights.export_state_dict("inception", {"params": {}})
+
+
+def test_int_strides_and_padding_as_nn_conv():
+    x = _images((1, 5, 5, 2))
+    reference = nn.Conv(3, (3, 3), strides=2, padding=1)
+    variables = reference.init(jax.random.key(0), x)
+    got = conv_lib.Conv(3, (3, 3), strides=2, padding=1).apply(variables, x)
+    np.testing.assert_allclose(got, reference.apply(variables, x), rtol=1e-5, atol=1e-5)

@@ -4,9 +4,9 @@ Why: XLA's algebraic simplifier swaps the two operands of a convolution whose ke
 input's spatial extent (``ConvOperandSwapper``: it swaps when the product of the kernel sizes exceeds the
 product of the input sizes, e.g. a 3x3 kernel on a 2x2 or 1x1 feature map). On the CPU backend of jaxlib 0.10 the
 swapped convolution (``dim_labels=01fb_o01i->f01b``) is neither sent to YNNPACK/XNNPACK nor to Eigen but emitted as
-a naive loop: a 3x3, 512 -> 512 channel convolution on a batch of 16 2x2 maps takes ~170 ms instead of ~1.5 ms,
-and its gradient ~590 ms (``benchmarks/cpu_conv_small_spatial.py`` reproduces it with plain
-``jax.lax.conv_general_dilated``). ResNet-18's ``layer4`` at 64 px input and VGG16's ``conv5_x`` at 32 px hit it.
+a naive loop: a 3x3, 512 -> 512 channel convolution on a batch of 16 2x2 maps took 108 ms instead of 1.5 ms, its
+gradient 350 ms instead of 5 ms (2 CPU cores; ``benchmarks/cpu_conv_small_spatial.py`` reproduces it with plain
+``jax.lax.conv_general_dilated``, ``benchmarks/README.md`` has the tables). ResNet-18's ``layer4`` at 64 px input and VGG16's ``conv5_x`` at 32 px hit it.
 
 How: :func:`conv2d` computes such a convolution as im2col + ``dot_general`` (the kh * kw shifted, strided slices
 of the zero-padded input are concatenated along channels, ``[b, oh, ow, kh * kw * c_in]``, and multiplied by the
@@ -35,11 +35,12 @@ Array = jax.Array
 
 __all__ = ["Conv", "conv2d", "patches_conv2d", "uses_patches", "PATCHES_MAX_INPUT_PIXELS"]
 
-#: Inputs whose spatial area (height * width) is at most this many pixels are convolved by
-#: :func:`patches_conv2d` when the kernel is larger than 1x1. 16 (4x4 and smaller): covers every map on which XLA
-#: swaps the operands of a 3x3 convolution (<= 8 pixels) and the sizes where im2col was also measured faster
-#: (3x3, 4x4: ~1.4x forward); at 7x7 both lowerings were equal and at 14x14 ``conv_general_dilated`` was ~1.5x
-#: faster (``benchmarks/cpu_conv_small_spatial.py``). Set to 0 to always use ``jax.lax.conv_general_dilated``.
+#: Inputs whose spatial area (height * width) is at most this many pixels, or smaller than the kernel's window
+#: (where XLA swaps the operands), are convolved by :func:`patches_conv2d` when the kernel is larger than 1x1.
+#: 16 (4x4 and smaller) also covers the sizes where im2col was measured faster than XLA's convolution (3x3, 4x4:
+#: 1.1-1.6x forward); at 7x7 both were about equal and at 14x14 ``conv_general_dilated`` was ~1.6x faster
+#: (``benchmarks/cpu_conv_small_spatial.py``). 0 disables the routing (always ``jax.lax.conv_general_dilated``).
+#: Read when a function is traced: functions already jitted keep the lowering they were traced with.
 PATCHES_MAX_INPUT_PIXELS: int = 16
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -70,10 +71,12 @@ def uses_patches(input_hw: Sequence[int], kernel_hw: Sequence[int], max_input_pi
         time).
 
     Returns:
-      True when the kernel is larger than 1x1 and ``height * width <= max_input_pixels``.
+      True when ``max_input_pixels > 0``, the kernel is larger than 1x1 and either ``height * width <=
+      max_input_pixels`` or the kernel window has more pixels than the input (XLA's operand-swap condition).
     """
     limit = PATCHES_MAX_INPUT_PIXELS if max_input_pixels is None else max_input_pixels
-    return kernel_hw[0] * kernel_hw[1] > 1 and input_hw[0] * input_hw[1] <= limit
+    area, kernel_area = input_hw[0] * input_hw[1], kernel_hw[0] * kernel_hw[1]
+    return limit > 0 and kernel_area > 1 and (area <= limit or kernel_area > area)
 
 
 def patches_conv2d(inputs: Array, kernel: Array, strides: Sequence[int] = (1, 1),
@@ -158,7 +161,7 @@ class Conv(nn.Module):
     Attributes:
       features: output channels.
       kernel_size: (height, width) of the kernel.
-      strides: (vertical, horizontal) strides.
+      strides: (vertical, horizontal) strides (an int: the same for both).
       padding: ``"SAME"``, ``"VALID"`` or ``((top, bottom), (left, right))`` (an int ``p`` means ``p`` on every
         side).
       use_bias: add a ``bias`` [features].
@@ -177,7 +180,7 @@ class Conv(nn.Module):
 
     features: int
     kernel_size: Sequence[int]
-    strides: Sequence[int] = (1, 1)
+    strides: int | Sequence[int] = (1, 1)
     padding: str | int | Sequence[tuple[int, int]] = "SAME"
     use_bias: bool = True
     dtype: Any = None
@@ -193,6 +196,7 @@ class Conv(nn.Module):
             raise ValueError(f"Conv {self.name}: inputs must be [batch, height, width, channels], got shape "
                              f"{tuple(inputs.shape)}")
         kernel_size = tuple(int(k) for k in self.kernel_size)
+        strides = (self.strides, self.strides) if isinstance(self.strides, int) else tuple(self.strides)
         padding = self.padding
         if isinstance(padding, int):
             padding = ((padding, padding), (padding, padding))
@@ -200,7 +204,7 @@ class Conv(nn.Module):
                             self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        y = conv2d(inputs, kernel, tuple(self.strides), padding, self.precision, self.max_input_pixels)
+        y = conv2d(inputs, kernel, strides, padding, self.precision, self.max_input_pixels)
         if bias is not None:
             y = y + bias
         return y
