@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -397,6 +398,14 @@ def main() -> None:
 
     data = args.keep or tempfile.mkdtemp(prefix="peer_benchmark_")
     os.makedirs(data, exist_ok=True)
+    try:
+        run(args, data)
+    finally:
+        if not args.keep:  # weights, inputs and maps: up to ~1 GB for VGG16
+            shutil.rmtree(data, ignore_errors=True)
+
+
+def run(args, data: str) -> None:
     make_data(args.model, args.batch, args.size, data)
     jax_variants = [("ours", None, os.environ.get("XLA_FLAGS", ""))]
     for spec in args.variant:
