@@ -15,7 +15,7 @@ Layer paths (``"/".join(module.path)``); every one runs exactly once per forward
 ========================================  ======================================================================
 path                                      ``__call__`` output
 ========================================  ======================================================================
-``conv1`` .. ``conv5``                    ``nn.Conv``, pre-activation (torchvision ``features.0/3/6/8/10``)
+``conv1`` .. ``conv5``                    ``Conv``, pre-activation (torchvision ``features.0/3/6/8/10``)
 ``relu1`` .. ``relu5``                    :class:`ReLU` of the conv; ``relu5`` [b, 13, 13, 256] is "the last
                                           convolutional layer" for Grad-CAM (torchvision ``features.11``)
 ``pool1``, ``pool2``, ``pool5``           :class:`MaxPool` 3x3 stride 2; [b, 27, 27, 64], [b, 13, 13, 192],
@@ -49,6 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from saliency_jax.models.conv import Conv
 from saliency_jax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, MaxPool, ReLU, normalize_images
 from saliency_jax.models.vgg import AdaptiveAvgPool
 
@@ -132,8 +133,8 @@ class AlexNet(nn.Module):
             raise ValueError(f"{name}: images must be at least {ALEXNET_MIN_SIZE}x{ALEXNET_MIN_SIZE} (stride-4 "
                              f"conv1 and three 3x3/2 max pools), got {x.shape[1]}x{x.shape[2]}")
         for i, (features, (k, s, p)) in enumerate(zip(self.conv_features, ALEXNET_CONVS), start=1):
-            x = nn.Conv(int(features), (k, k), strides=(s, s), padding=((p, p), (p, p)), kernel_init=_kernel_init,
-                        dtype=jnp.float32, param_dtype=jnp.float32, name=f"conv{i}")(x)
+            x = Conv(int(features), (k, k), strides=(s, s), padding=((p, p), (p, p)), kernel_init=_kernel_init,
+                     dtype=jnp.float32, param_dtype=jnp.float32, name=f"conv{i}")(x)
             x = ReLU(name=f"relu{i}")(x)
             if i in _POOLED:
                 x = MaxPool(window=(3, 3), strides=(2, 2), name=_POOLED[i])(x)

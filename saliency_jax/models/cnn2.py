@@ -8,7 +8,7 @@ zero biases. Pooling follows Caffe's ceil rounding (``SAME`` padding with -inf),
 Layer paths (as :func:`saliency_jax.saliency.linen_layer` and the dropout forward take them):
 
 =================================  ==========================================================================
-``conv1`` .. ``conv3``             :class:`flax.linen.Conv` outputs (pre-activation)
+``conv1`` .. ``conv3``             :class:`~saliency_jax.models.conv.Conv` outputs (pre-activation)
 ``relu_conv1`` .. ``relu_conv3``   post-ReLU feature maps [batch, h, w, filters]
 ``fc1``, ``fc2``                   :class:`flax.linen.Dense` outputs (pre-activation) [batch, units]
 ``relu_fc1``                       post-ReLU ``fc1`` activations [batch, units]: **the dropout point**
@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from saliency_jax.models.conv import Conv
 from saliency_jax.models.resnet import ReLU
 
 Array = jax.Array
@@ -79,7 +80,7 @@ class CNN2(nn.Module):
         init = nn.initializers.normal(self.init_std)
         x = images.astype(jnp.float32)
         for i, features in enumerate(self.conv_features, start=1):
-            x = nn.Conv(int(features), (5, 5), padding=((2, 2), (2, 2)), kernel_init=init, name=f"conv{i}")(x)
+            x = Conv(int(features), (5, 5), padding=((2, 2), (2, 2)), kernel_init=init, name=f"conv{i}")(x)
             x = ReLU(name=f"relu_conv{i}")(x)
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         x = x.reshape(x.shape[0], -1)

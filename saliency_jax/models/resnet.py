@@ -58,6 +58,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from saliency_jax.models.conv import Conv
+
 Array = jax.Array
 
 __all__ = [
@@ -192,10 +194,10 @@ def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
                         dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
 
-def _conv(features: int, kernel: int, stride: int, padding: int, name: str, use_bias: bool = False) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((padding, padding), (padding, padding)), use_bias=use_bias,
-                   kernel_init=conv_kernel_init, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+def _conv(features: int, kernel: int, stride: int, padding: int, name: str, use_bias: bool = False) -> Conv:
+    return Conv(features, (kernel, kernel), strides=(stride, stride),
+                padding=((padding, padding), (padding, padding)), use_bias=use_bias,
+                kernel_init=conv_kernel_init, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
 
 class Downsample(nn.Module):

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from saliency_jax.models.conv import Conv
+
 
 class ConvBlock(nn.Module):
     """3x3 convolution, optional BatchNorm, ReLU.
@@ -28,7 +30,7 @@ class ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [batch, h, w, c_in] -> [batch, h, w, features] float32, post-ReLU."""
-        x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=not self.use_batchnorm, name="conv")(x)
+        x = Conv(self.features, (3, 3), padding="SAME", use_bias=not self.use_batchnorm, name="conv")(x)
         if self.use_batchnorm:
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(x)
         return nn.relu(x)

@@ -11,7 +11,7 @@ Layer paths (``"/".join(module.path)``); every one runs exactly once per forward
 ========================================  ======================================================================
 path                                      ``__call__`` output
 ========================================  ======================================================================
-``conv1_1`` .. ``conv5_3``                ``nn.Conv`` 3x3, pre-activation (conv ``k`` of block ``s``)
+``conv1_1`` .. ``conv5_3``                ``Conv`` 3x3, pre-activation (conv ``k`` of block ``s``)
 ``relu1_1`` .. ``relu5_3``                :class:`ReLU` of the conv; ``relu5_3`` [b, h/16, w/16, 512] is
                                           "the last convolutional layer" for Grad-CAM (Keras
                                           ``block5_conv3``, torchvision ``features.29``)
@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saliency_jax.models.conv import Conv
 from saliency_jax.models.resnet import IMAGENET_MEAN, IMAGENET_STD, MaxPool, ReLU, normalize_images
 
 Array = jax.Array
@@ -153,7 +154,7 @@ class VGG(nn.Module):
                              f"{x.shape[1]}x{x.shape[2]}")
         for s, (depth, features) in enumerate(zip(self.stage_depths, self.stage_features), start=1):
             for k in range(1, int(depth) + 1):
-                x = nn.Conv(int(features), (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init,
+                x = Conv(int(features), (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init,
                             dtype=jnp.float32, param_dtype=jnp.float32, name=f"conv{s}_{k}")(x)
                 x = ReLU(name=f"relu{s}_{k}")(x)
             x = MaxPool(window=(2, 2), strides=(2, 2), name=f"pool{s}")(x)

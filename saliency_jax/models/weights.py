@@ -21,6 +21,9 @@ Names: ResNet paths map one to one (``layer1/0/downsample/0/kernel`` <- ``layer1
 <- ``classifier.0``/``classifier.3``/``classifier.6``; AlexNet ``conv1``..``conv5`` <- ``features.{0,3,6,8,10}``,
 ``fc6``/``fc7``/``fc8`` <- ``classifier.1``/``classifier.4``/``classifier.6``.
 
+:func:`export_state_dict` is the inverse (our variables -> torchvision keys and layouts), to run the same weights in
+PyTorch.
+
 The import is strict: every tensor of the file must be used and every Flax leaf set; otherwise a ValueError lists
 the missing keys, unexpected keys and shape mismatches. ``skip_head=True`` keeps our freshly initialised head
 (``fc`` / ``fc8``) and ignores the file's, for fine-tuning with a different ``num_classes`` (e.g. FT-ResNet50 on
@@ -50,6 +53,7 @@ __all__ = [
     "import_vgg16",
     "import_alexnet",
     "load_pretrained",
+    "export_state_dict",
 ]
 
 #: ResNet architectures the importer knows: name -> (block type, blocks per stage).
@@ -250,6 +254,12 @@ def import_resnet(state_dict: Mapping[str, Any], variables: Any, *, arch: str, s
       ValueError: unknown ``arch``; variables of another architecture or without ``batch_stats``; any missing key,
         unexpected key, or shape mismatch (all listed).
     """
+    entries = _resnet_entries(variables, arch)
+    return _apply_entries(state_dict, variables, entries, head_module="fc", torch_head_prefix="fc.",
+                          skip_head=skip_head, model=f"import_resnet({arch})")
+
+
+def _resnet_entries(variables: Any, arch: str) -> list[_Entry]:
     if arch not in RESNET_ARCHS:
         raise ValueError(f"import_resnet: unknown arch {arch!r}; expected one of {sorted(RESNET_ARCHS)}")
     block_kind, stage_sizes = RESNET_ARCHS[arch]
@@ -270,9 +280,7 @@ def import_resnet(state_dict: Mapping[str, Any], variables: Any, *, arch: str, s
             raise ValueError(f"import_resnet: layer{s} has {len(stage)} blocks in variables, {arch} has "
                              f"{expected_blocks}")
 
-    entries = [_leaf_entry(".".join(key[1:-1]), key, tuple(np.shape(leaf))) for key, leaf in flat.items()]
-    return _apply_entries(state_dict, variables, entries, head_module="fc", torch_head_prefix="fc.",
-                          skip_head=skip_head, model=f"import_resnet({arch})")
+    return [_leaf_entry(".".join(key[1:-1]), key, tuple(np.shape(leaf))) for key, leaf in flat.items()]
 
 
 def import_vgg16(state_dict: Mapping[str, Any], variables: Any, *, skip_head: bool = False) -> Any:
@@ -291,6 +299,11 @@ def import_vgg16(state_dict: Mapping[str, Any], variables: Any, *, skip_head: bo
     Raises:
       ValueError: variables that are not VGG16-shaped; any missing key, unexpected key, or shape mismatch.
     """
+    return _apply_entries(state_dict, variables, _vgg16_entries(variables), head_module="fc8",
+                          torch_head_prefix="classifier.6.", skip_head=skip_head, model="import_vgg16")
+
+
+def _vgg16_entries(variables: Any) -> list[_Entry]:
     flat = _flatten(variables)
     params = flax.core.unfreeze(variables)["params"]
     depths = []
@@ -323,8 +336,7 @@ def import_vgg16(state_dict: Mapping[str, Any], variables: Any, *, skip_head: bo
             entries.append(_fc6_entry(torch_module[module], key, shape, channels, "import_vgg16"))
         else:
             entries.append(_leaf_entry(torch_module[module], key, shape))
-    return _apply_entries(state_dict, variables, entries, head_module="fc8", torch_head_prefix="classifier.6.",
-                          skip_head=skip_head, model="import_vgg16")
+    return entries
 
 
 def _fc6_entry(torch_module: str, flat_key: tuple[str, ...], shape: tuple[int, ...], channels: int,
@@ -358,6 +370,11 @@ def import_alexnet(state_dict: Mapping[str, Any], variables: Any, *, skip_head: 
     Raises:
       ValueError: variables that are not AlexNet-shaped; any missing key, unexpected key, or shape mismatch.
     """
+    return _apply_entries(state_dict, variables, _alexnet_entries(variables), head_module="fc8",
+                          torch_head_prefix="classifier.6.", skip_head=skip_head, model="import_alexnet")
+
+
+def _alexnet_entries(variables: Any) -> list[_Entry]:
     flat = _flatten(variables)
     params = flax.core.unfreeze(variables)["params"]
     if set(params) != set(_ALEXNET_MODULES):
@@ -374,8 +391,7 @@ def import_alexnet(state_dict: Mapping[str, Any], variables: Any, *, skip_head: 
             entries.append(_fc6_entry(_ALEXNET_MODULES[module], key, shape, channels, "import_alexnet"))
         else:
             entries.append(_leaf_entry(_ALEXNET_MODULES[module], key, shape))
-    return _apply_entries(state_dict, variables, entries, head_module="fc8", torch_head_prefix="classifier.6.",
-                          skip_head=skip_head, model="import_alexnet")
+    return entries
 
 
 def load_pretrained(model_name: str, path: str | os.PathLike, variables: Any, skip_head: bool = False) -> Any:
@@ -409,3 +425,44 @@ def load_pretrained(model_name: str, path: str | os.PathLike, variables: Any, sk
         return import_resnet(state_dict, variables, arch=name, skip_head=skip_head)
     except ValueError as e:
         raise ValueError(f"{e}\n  (weights file: {os.fspath(path)!r})") from e
+
+
+def export_state_dict(model_name: str, variables: Any) -> dict[str, np.ndarray]:
+    """The inverse of the import: our variables as a torchvision ``state_dict`` (NumPy float32 arrays).
+
+    Used to run the same weights in PyTorch (``benchmarks/peer_benchmark.py``):
+    ``torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in export_state_dict("resnet50", variables)
+    .items()}, strict=False)`` (strict=False only because torchvision BatchNorms also hold ``num_batches_tracked``,
+    which is not exported). Importing the result with :func:`load_pretrained` / ``import_*`` gives ``variables``
+    back exactly (every conversion is a permutation of entries).
+
+    Args:
+      model_name: as :func:`load_pretrained` (``"resnet50"``, ``"vgg16"``, ``"alexnet"``, ...).
+      variables: the variables of the matching model (``params`` and, for ResNets, ``batch_stats``).
+
+    Returns:
+      ``{torch_key: array}`` with torchvision's shapes (conv OIHW, linear [out, in], fc6 input in channels-first
+      flatten order).
+
+    Raises:
+      ValueError: unknown ``model_name`` or variables of another architecture.
+    """
+    name = str(model_name).lower().replace("-", "").replace("_", "")
+    if name == "vgg16":
+        entries = _vgg16_entries(variables)
+    elif name == "alexnet":
+        entries = _alexnet_entries(variables)
+    elif name in RESNET_ARCHS:
+        entries = _resnet_entries(variables, name)
+    else:
+        raise ValueError(f"export_state_dict: unknown model_name {model_name!r}; expected one of "
+                         f"{sorted(RESNET_ARCHS) + ['vgg16', 'alexnet']}")
+    flat = _flatten(variables)
+    state_dict = {}
+    for entry in entries:
+        # to_flax only moves entries: apply it to the torch positions to find where each Flax entry comes from.
+        positions = entry.to_flax(np.arange(int(np.prod(entry.torch_shape))).reshape(entry.torch_shape))
+        torch_flat = np.empty(int(np.prod(entry.torch_shape)), np.float32)
+        torch_flat[np.ravel(positions)] = np.ravel(np.asarray(flat[entry.flat_key], np.float32))
+        state_dict[entry.torch_key] = torch_flat.reshape(entry.torch_shape)
+    return state_dict
