@@ -1,11 +1,12 @@
 r"""The HNC loss (Sun et al., ECCV 2020) on MNIST read from the IDX files (real copies: ../shared/data/mnist/).
 
-The six arms of ``hnc_cifar10.py`` (CE, CE + HNC-mse 0.07, CE + HNC-kd 0.0065; each also with 20% symmetric label
-noise) on the small CNN (16/32/64 channels; CAMs at ``conv3``, 7x7 for 28 px digits), Adam 1e-3, 2,000 steps of
+The arms of ``hnc_cifar10.py`` (CE, CE + HNC-mse 0.07, CE + HNC-kd 0.0065; ``:label_noise``: each with 20% symmetric
+label noise) on the small CNN (16/32/64 channels; CAMs at ``conv3``, 7x7 for 28 px digits), Adam 1e-3, 2,000 steps of
 batch 64, no augmentation; k = 9 negatives; 2 repeats. Evaluated as ``hnc_cifar10.py``.
 
 Command (from the repository root):
   saliency-jax experiment --config experiments/configs/hnc_mnist.py --workdir runs/hnc_mnist
+  saliency-jax experiment --config experiments/configs/hnc_mnist.py:label_noise --workdir runs/hnc_mnist_noise
 """
 
 import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
@@ -29,6 +30,8 @@ def get_config(arg: str | None = None):
     c.negative_cams.examples = 2000
     c.fgsm.examples = 2000
     c.experiment.repeats = 2
-    if arg:
-        raise ValueError(f"unknown config argument {arg!r}")
+    if arg == "label_noise":
+        c.experiment.arms = common.HNC_NOISE_ARMS
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; use 'label_noise' or nothing")
     return c
