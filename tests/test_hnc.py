@@ -110,7 +110,7 @@ def test_hnc_in_the_train_step_reports_its_metrics_and_weight():
         np.testing.assert_allclose(float(m["loss"]), float(m["classification_loss"]) + weight * float(m["hnc"]),
                                    rtol=1e-5)
         assert float(m["negative_cam_peak"]) != 0.0
-    assert HNCConfig(variant="kd", weight=0.0048).effective_weight == 0.0048
+    assert HNCConfig(variant="kd", weight=0.0048).weight == 0.0048 and HNCConfig(variant="kd").weight == 0.0065
     with pytest.raises(ValueError, match="variant"):
         HNCConfig(variant="l1")
 
@@ -151,7 +151,7 @@ def test_hnc_comparison_runs_through_the_runner(tmp_path):
     out = run_experiment(config, tmp_path, progress=False)
     report = (tmp_path / "report.md").read_text()
     assert "Negative class activation maps" in report and "Robustness to FGSM" in report
-    assert "| CE+HNC-kd | hnc (variant=kd, weight=0.0, num_negatives=100" in report
+    assert "| CE+HNC-kd | hnc (variant=kd, weight=0.0065, num_negatives=100" in report
     assert "dataset.label_noise=0.2" in report
     summary = json.loads((tmp_path / "metrics.json").read_text())["summary"]
     for arm in out["arms"]:

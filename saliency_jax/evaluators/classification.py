@@ -197,7 +197,7 @@ def fgsm_evaluator(settings: FGSMSettings) -> Evaluator:
         lines = [f"Test accuracy under the Fast Gradient Sign Method (Goodfellow et al. 2015), epsilon in pixel "
                  f"units of [0, 1] images (x 255 in grey levels), on "
                  f"{next(iter(results.values()))[0]['examples']} test images.", "",
-                 "| arm | " + " | ".join(f"eps {float(e) * 255:g}/255" for e in eps) + " |",
+                 "| arm | " + " | ".join(f"eps {float(e) * 255:.3g}/255" for e in settings.epsilons) + " |",
                  "| --- |" + " ---: |" * len(eps)]
         for a, runs in results.items():
             cells = []

@@ -47,8 +47,8 @@ class HNCConfig(SchemeSettings):
 
     Attributes:
       variant: ``"mse"`` or ``"kd"`` (module docstring).
-      weight: multiplies the HNC term in the total loss; 0 (the default) takes the authors' weight of the variant
-        (:data:`DEFAULT_WEIGHTS`).
+      weight: multiplies the HNC term in the total loss; 0 (the default) is replaced by the authors' weight of the
+        variant (:data:`DEFAULT_WEIGHTS`) when the settings are built.
       num_negatives: ``k``, the hardest negative classes per example (100 on ImageNet); clipped to
         ``num_classes - 1``.
       temperature: ``T`` of the spatial softmax (``"kd"``; 1 in the authors' code).
@@ -68,11 +68,8 @@ class HNCConfig(SchemeSettings):
             raise ValueError(f"HNCConfig.num_negatives must be >= 1; got {self.num_negatives}")
         if float(self.temperature) <= 0:
             raise ValueError(f"HNCConfig.temperature must be > 0; got {self.temperature}")
-
-    @property
-    def effective_weight(self) -> float:
-        """``weight``, or the variant's default when it is 0."""
-        return float(self.weight) or DEFAULT_WEIGHTS[self.variant]
+        if not float(self.weight):  # the variant's default, written out so that reports show the weight used
+            object.__setattr__(self, "weight", DEFAULT_WEIGHTS[self.variant])
 
 
 def hard_negative_classes(scores: Array, labels: Array, k: int) -> Array:
@@ -170,7 +167,7 @@ def hnc_scheme(config: HNCConfig, layers: ModelLayers) -> Scheme:
       (the unweighted term, batch mean) and ``negative_cam_peak`` (batch mean of the largest value of the negative
       CAMs, in logit units).
     """
-    weight = config.effective_weight
+    weight = float(config.weight)
 
     def loss(ctx: StepContext, batch, forward: Forward):
         cams, _ = negative_cams(forward.activations[layers.grad_cam_layer], ctx.variables["params"],
