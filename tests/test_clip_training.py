@@ -10,7 +10,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from saliency_jax import data as data_lib
@@ -242,13 +241,12 @@ def test_evaluator_on_a_tiny_model_end_to_end(tmp_path):
     clips = jnp.zeros((1, 6, 16, 16, 1))
     variables = model.init(jax.random.key(3), clips)
     # Scale the LSTM classifier so that probabilities cross 0.5 on some steps (a random init is near uniform).
-    variables = jax.tree_util.tree_map(lambda x: x, variables)
     variables["params"]["classifier"]["kernel"] = variables["params"]["classifier"]["kernel"] * 40.0
     state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats={},
                                  opt_state=())
     run = train_lib.TrainResult(state=state, model=model, history=[], workdir=tmp_path, config=config,
                                 image_shape=(6, 16, 16, 1), num_classes=10)
-    settings = build_evaluators(config)  # the config's evaluators build
+    assert list(build_evaluators(config)) == ["temporal_grounding", "training_curves"]
     s = TemporalGroundingSettings.from_mapping(config.temporal_grounding)
     data = ExperimentData(config)
     metrics = evaluate_temporal_grounding(run, data, s)
@@ -278,7 +276,6 @@ def test_evaluator_on_a_tiny_model_end_to_end(tmp_path):
     assert 0 <= metrics["classification"]["clip_accuracy_last_step"] <= 1
     assert (tmp_path / "temporal_grounding_samples.npz").exists()
     json.dumps(metrics)  # JSON-able
-    del settings
 
 
 def test_evaluator_refuses_a_dataset_without_clips(tmp_path):
@@ -291,6 +288,26 @@ def test_evaluator_refuses_a_dataset_without_clips(tmp_path):
                                 num_classes=10)
     with pytest.raises(ValueError, match="clip dataset"):
         evaluate_temporal_grounding(run, ExperimentData(config), TemporalGroundingSettings())
+
+
+def test_grounding_figures_check_their_inputs(tmp_path):
+    from saliency_jax.evaluation.figures import clip_maps_figure, frame_sums_figure
+
+    path = frame_sums_figure({"cEB-R": {"rand+GT": ([0.1, -0.1, 0.2], [0.0, 0.1, 0.1])}}, tmp_path / "f.png",
+                             boundary=1.0)
+    assert path.stat().st_size > 1000
+    with pytest.raises(ValueError, match="one shape"):
+        frame_sums_figure({"cEB-R": {"rand+GT": ([0.1, 0.2], [0.0])}}, tmp_path / "g.png")
+    with pytest.raises(ValueError, match="non-empty"):
+        frame_sums_figure({}, tmp_path / "g.png")
+    frames = np.zeros((3, 8, 8), np.float32)
+    clip = {"frames": frames, "maps": {"EB-R": np.ones((3, 2, 2))}, "boxes": np.zeros((3, 4), int),
+            "gt_frames": np.array([0, 1, 1], bool), "label": 4}
+    assert clip_maps_figure([clip], tmp_path / "c.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="maps 'EB-R' must be"):
+        clip_maps_figure([{**clip, "maps": {"EB-R": np.ones((2, 2, 2))}}], tmp_path / "d.png")
+    with pytest.raises(ValueError, match="at least one clip"):
+        clip_maps_figure([], tmp_path / "d.png")
 
 
 # ----------------------------------------------------------------------------------------------------------------

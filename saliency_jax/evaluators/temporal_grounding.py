@@ -312,8 +312,11 @@ def _report(settings: TemporalGroundingSettings, ctx: ReportContext) -> Section 
     lines += ["", f"**Pointing game** (Table 7.1 shape; accuracy %, mean over classes of the per-frame hit rates; "
               f"{first['clips']['pointing']} single-digit test clips of {first['clips']['pointing_length']} frames, "
               f"tolerance {settings.tolerance:g} px){spread}. EB / cEB / BP: the single-frame classifier on every "
-              f"frame; -R: the CNN-LSTM through time (prior at step {settings.time_step}). Thesis (UCF101, "
-              "VGG16-LSTM): EB 55.8, EB-R 61.5, cEB 37.0, cEB-R 39.1, BP 37.3, BP-R 39.2.", "",
+              f"frame; -R: the CNN-LSTM through time (prior at step {settings.time_step}); (exc) / (grad): the "
+              "LSTM cell's rule, EB's with the gates as constant weights / the cell's gradient as in the authors' "
+              "released Caffe LSTM unit (the thesis's numbers). The centre of the frame (no model) shows how much "
+              "of the frame the digits' boxes cover. Thesis (UCF101, VGG16-LSTM): EB 55.8, EB-R 61.5, cEB 37.0, "
+              "cEB-R 39.1, BP 37.3, BP-R 39.2.", "",
               "| arm | " + " | ".join(_label(k) for k in pointing_keys) + " |",
               "| --- |" + " --- |" * len(pointing_keys)]
     for arm, runs in results.items():
@@ -328,8 +331,9 @@ def _report(settings: TemporalGroundingSettings, ctx: ReportContext) -> Section 
               "of the GT length with the highest score sum; unknown length: anchor at the highest frame score, "
               "extended while frame scores are non-negative (Sec. 7.2). Probability: the class probability "
               "thresholded to +-1 at 0.5. EB-R with unknown length (not in the thesis) returns the whole clip "
-              "under the excitation rule (non-negative sums). Thesis, synthetic UCF101 clips of 128 frames, known "
-              "length 11 / 41 / 65: probability 8.5 / 28.2 / 47.7, EB-R 11.3 / 38.5 / 56.3, cEB-R 15.5 / 53.2 / "
+              "(non-negative frame sums), a hit exactly when the GT covers at least half of the clip (IoU = GT "
+              "length / clip length). The thesis's numbers were produced with the gradient cell rule. Thesis, "
+              "synthetic UCF101 clips of 128 frames, known length 11 / 41 / 65: probability 8.5 / 28.2 / 47.7, EB-R 11.3 / 38.5 / 56.3, cEB-R 15.5 / 53.2 / "
               "73.5; unknown: probability 3.4 / 9.5 / 35.7, cEB-R 4.1 / 47.9 / 62.0."]
     for kind in ("known", "unknown"):
         lines += ["", f"{kind.capitalize()} action length:", "",
@@ -358,8 +362,10 @@ def _report(settings: TemporalGroundingSettings, ctx: ReportContext) -> Section 
                                   ylabel="per-frame score",
                                   title=f"Per-frame map sums over time, mean ± std over clips ({arm0}, first repeat; "
                                         "Fig. 7.6 shape)")
-        lines += ["", "**Per-frame map sums over time** (Fig. 7.6 shape: rand + GT and GT + rand clips, the boundary "
-                  "at the midpoint; mean ± std over clips; first repeat of the first arm):", "",
+        lines += ["", f"**Per-frame map sums over time** (Fig. 7.6 shape: rand + GT and GT + rand clips, the boundary "
+                  f"at the midpoint; the sums of the maps at {settings.layer}, which EB's conservation makes the "
+                  f"frame's signal at the boundary {settings.boundary} but for units without input (the thesis plots "
+                  "fc7); mean ± std over clips; first repeat of the first arm):", "",
                   "![frame sums](temporal_grounding_frame_sums.png)"]
     sample_path = ctx.runs[arm0][0].workdir / "temporal_grounding_samples.npz"
     if sample_path.exists():
