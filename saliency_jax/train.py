@@ -92,7 +92,7 @@ class TrainResult:
       config: the run's config.
       initial_variables: ``{"params", "batch_stats"}`` the run started from (random initialisation or imported
         weights), NumPy arrays on the host.
-      image_shape: (height, width, channels) of the model's input.
+      image_shape: (height, width, channels) of the model's input ((time, height, width, channels) for clips).
       num_classes: the classifier's outputs.
       train_seconds: wall time of this launch's training loop (0 when it only restored a finished run).
     """
@@ -155,7 +155,7 @@ def load_sources(config: ml_collections.ConfigDict):
 
     Args:
       config: a config with a ``dataset`` section (``name``, ``data_dir``, ``image_size``, ``val_fraction``,
-        ``oversample``).
+        ``oversample``; ``clips``: the clip specs' options, :class:`saliency_jax.data.clips.ClipSettings`).
 
     Returns:
       ``(train_source, train_indices, val_indices, test_source)``: the 75/25 train/validation split of the train
@@ -164,8 +164,11 @@ def load_sources(config: ml_collections.ConfigDict):
       (:func:`saliency_jax.data.symmetric_label_noise`, seed ``config.seed``; the test split stays clean).
     """
     ds = config.dataset
-    train_source = data_lib.get_source(ds.name, "train", data_dir=ds.get("data_dir"), image_size=ds.get("image_size"))
-    test_source = data_lib.get_source(ds.name, "test", data_dir=ds.get("data_dir"), image_size=ds.get("image_size"))
+    options = dict(ds.get("clips") or {})  # the clip sources' parameters (saliency_jax.data.clips.ClipSettings)
+    train_source = data_lib.get_source(ds.name, "train", data_dir=ds.get("data_dir"), image_size=ds.get("image_size"),
+                                       **options)
+    test_source = data_lib.get_source(ds.name, "test", data_dir=ds.get("data_dir"), image_size=ds.get("image_size"),
+                                      **options)
     train_idx, val_idx = data_lib.train_val_split(len(train_source), ds.get("val_fraction", 0.25), seed=config.seed)
     limit = ds.get("train_limit")
     if limit:  # a seeded random subset (sources may be sorted by class)
@@ -187,7 +190,8 @@ def check_batch(batch: dict[str, np.ndarray], num_classes: int, where: str = "ba
 
     Args:
       batch: ``{"image": [batch, height, width, channels] float, "label": [batch] int}`` (multi-label:
-        ``"label": [batch, num_classes]`` in {0, 1}); other fields pass unchecked.
+        ``"label": [batch, num_classes]`` in {0, 1}; clips: ``"image": [batch, time, height, width, channels]``
+        with per-clip labels); other fields pass unchecked.
       num_classes: labels must lie in ``[0, num_classes)``.
       where: context for the error message (e.g. ``"train step 12"``).
       multi_label: labels are multi-hot attribute vectors.
@@ -197,8 +201,9 @@ def check_batch(batch: dict[str, np.ndarray], num_classes: int, where: str = "ba
       TypeError: non-float images or non-integer labels.
     """
     images, labels = batch["image"], batch["label"]
-    if images.ndim != 4:
-        raise ValueError(f"{where}: images must be [batch, height, width, channels]; got shape {images.shape}")
+    if images.ndim not in (4, 5):
+        raise ValueError(f"{where}: images must be [batch, height, width, channels] (clips: [batch, time, height, "
+                         f"width, channels]); got shape {images.shape}")
     if not np.issubdtype(images.dtype, np.floating):
         raise TypeError(f"{where}: images must be float32 in [0, 1]; got dtype {images.dtype}")
     if not np.all(np.isfinite(images)):
@@ -262,7 +267,7 @@ def init_state(model: nn.Module, optimizer: optax.GradientTransformation, image_
     Args:
       model: the linen module.
       optimizer: the optax optimizer.
-      image_shape: (height, width, channels) of one input.
+      image_shape: (height, width, channels) of one input ((time, height, width, channels) of a clip).
       seed: initialisation seed.
       variables: optional ``{"params", "batch_stats"}`` to start from.
     """
@@ -325,7 +330,6 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
       ValueError: on an unknown loss; (when traced) if two pieces report the same metric.
     """
     base_loss = training.classification_loss(loss)
-    multi_label = loss == "sigmoid_binary_cross_entropy"
     forward = scheme.forward or training.model_forward
 
     def merge(into, metrics, where):
@@ -363,10 +367,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
         param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
                                   batch_stats=updates.get("batch_stats", state.batch_stats), opt_state=opt_state)
-        if multi_label:
-            accuracy = jnp.mean((logits > 0) == (labels > 0.5))
-        else:
-            accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        accuracy = jnp.mean(training.classification_accuracy(loss, logits, labels))  # sequences: mean over steps
         out = {"loss": total, "accuracy": accuracy}
         merge(out, aux, "forward")
         merge(out, metrics, "batch transform")
@@ -384,6 +385,9 @@ def predict(model: nn.Module, variables: Any, batches: Iterable[dict[str, np.nda
             transform: Callable[[Array, Array], Array] | None = None, seed: int = 0,
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs the model in inference mode over padded eval batches.
+
+    A sequence classifier's per-step probabilities (logits [b, time, num_classes], e.g. a CNN-LSTM on clips) are
+    averaged over the steps: LRCN's clip prediction (Donahue et al. 2015).
 
     Args:
       model: linen module.
@@ -407,7 +411,8 @@ def predict(model: nn.Module, variables: Any, batches: Iterable[dict[str, np.nda
     def eval_step(variables, images, key):
         if transform is not None:
             images = transform(key, images)
-        return jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
+        probs = jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
+        return jnp.mean(probs, axis=1) if probs.ndim == 3 else probs  # sequences: mean over the steps
 
     base = jax.random.key(seed)
     pi, pc = jax.process_index(), jax.process_count()

@@ -136,3 +136,31 @@ def hnc_config() -> ml_collections.ConfigDict:
     c.experiment.arms = HNC_ARMS
     c.experiment.title = "HNC loss (Sun et al. 2020)"
     return c
+
+
+def grounding_config() -> ml_collections.ConfigDict:
+    """Spatiotemporal grounding (Bargal 2019, Ch. 7): a CNN-LSTM (ReLU-LSTM cell) trained on single-digit moving
+    clips with the cross-entropy at every LSTM step plus the single-frame classifier's (``frame_classifier``
+    scheme, which the EB / cEB / BP baselines explain), no augmentation; evaluated by ``temporal_grounding``
+    (Tables 7.1-7.2, Figs. 7.5-7.6) and the training curves. The clips' parameters are ``config.dataset.clips``
+    (:class:`saliency_jax.data.clips.ClipSettings`)."""
+    from saliency_jax.data.clips import ClipSettings
+
+    c = default_config()
+    c.dataset.name = "mnist_clips"
+    c.dataset.data_dir = "../shared/data/mnist"
+    c.dataset.image_size = None  # clips are not resized: the frame size is clips.canvas
+    c.dataset.augment = {}  # clips are not augmented (the digits move and the clips are generated fresh)
+    c.dataset.val_fraction = 0.0
+    c.dataset.clips = ClipSettings.section()
+    c.model.name = "cnn_lstm"
+    c.model.kwargs = {}
+    c.schemes = ("frame_classifier",)
+    c.frame_classifier = scheme_section("frame_classifier")
+    c.evaluators = ("temporal_grounding", "training_curves")
+    c.temporal_grounding = evaluator_section("temporal_grounding")
+    c.training_curves = evaluator_section("training_curves", metrics=("loss", "accuracy", "frame_accuracy"))
+    c.experiment.arms = (("cnn_lstm", {}),)
+    c.experiment.title = "Spatiotemporal grounding with EB-R / cEB-R (Bargal 2019, Ch. 7)"
+    c.optimizer.learning_rate = 1e-3
+    return c

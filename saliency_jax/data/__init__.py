@@ -23,6 +23,7 @@ from saliency_jax.data.celeba import load_celeba
 from saliency_jax.data.decoy_mnist import DecoyMNISTSource
 from saliency_jax.data.decoy_mnist import load_decoy_mnist
 from saliency_jax.data.pipeline import SPATIAL_FIELDS
+from saliency_jax.data.clips import ClipSettings
 from saliency_jax.data.clips import MovingDigitClips
 from saliency_jax.data.pipeline import EvalBatches
 from saliency_jax.data.pipeline import image_shape
@@ -66,6 +67,7 @@ __all__ = [
     "load_decoy_mnist",
     "rasterize_polygons",
     "rasterize_templates",
+    "ClipSettings",
     "MovingDigitClips",
     "clips",
     "VOC_CLASSES",

@@ -38,9 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saliency_jax.data.sources import load_mnist
+from saliency_jax.config import Settings
+from saliency_jax.data.sources import load_digits, load_mnist
 
-__all__ = ["LAYOUTS", "MovingDigitClips", "box_masks", "collate_clips", "ink_boxes"]
+__all__ = ["CLIP_SPECS", "LAYOUTS", "ClipSettings", "MovingDigitClips", "box_masks", "clip_source", "collate_clips",
+           "ink_boxes"]
 
 LAYOUTS = ("single", "rand+gt", "gt+rand", "rand+gt+rand")
 
@@ -105,8 +107,9 @@ class MovingDigitClips:
       seed: the source's seed; item ``i`` depends only on ``(seed, i)``.
       num_classes: number of classes (10 for MNIST).
       clutter: number of static clutter fragments per clip (0: a black background).
-      clutter_size: side of the square fragments in pixels, each cut from a random digit around one of its ink
-        pixels and drawn under the moving digit (pixel-wise maximum).
+      clutter_size: side of the square fragments in pixels (at most the digits' size; unused without clutter),
+        each cut from a random digit around one of its ink pixels and drawn under the moving digit (pixel-wise
+        maximum).
 
     Raises:
       ValueError: unknown layout, bad shapes, a canvas not larger than the digits, a GT length that does not fit
@@ -148,7 +151,7 @@ class MovingDigitClips:
         if not limit[0] <= low <= high <= limit[1]:
             raise ValueError(f"gt_length {self.gt_length!r} does not fit layout {self.layout!r} with {self.length} "
                              f"frames: it must lie in [{limit[0]}, {limit[1]}]")
-        if self.clutter < 0 or not 1 <= self.clutter_size <= min(images.shape[1:3]):
+        if self.clutter < 0 or (self.clutter and not 1 <= self.clutter_size <= min(images.shape[1:3])):
             raise ValueError(f"clutter must be >= 0 and clutter_size in [1, {min(images.shape[1:3])}]; got "
                              f"{self.clutter}, {self.clutter_size}")
         if not 0 < self.speed[0] <= self.speed[1]:
@@ -270,3 +273,80 @@ def collate_clips(source: Sequence[dict] | MovingDigitClips, indices: Sequence[i
     """Stacks items ``indices`` of a clip source into a batch (each field gets a leading [batch] axis)."""
     items = [source[int(i)] for i in indices]
     return {key: np.stack([item[key] for item in items]) for key in items[0]}
+
+
+#: The clip source specs of :func:`saliency_jax.data.get_source`: the digits their clips are made of.
+CLIP_SPECS = ("mnist_clips", "digits_clips")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSettings(Settings):
+    """The parameters of a clip source (``config.dataset.clips``; :meth:`section` makes that config section).
+
+    The :class:`MovingDigitClips` fields, plus the number of clips of each split. The train split's clips are made
+    of the train split's digits, the test split's of the test split's (both with ``seed``).
+
+    Attributes:
+      num_clips: clips in the train split (each is generated when read, from ``(seed, index)``).
+      test_clips: clips in the test split.
+      length: frames per clip.
+      canvas: frame height and width in pixels (a multiple of 8 for :class:`saliency_jax.models.CNNLSTM`).
+      layout: one of :data:`LAYOUTS` (``"single"``: one digit per clip, the training clips).
+      gt_length: frames of the GT segment; 0 for the layout's default (every frame for ``"single"``, half the clip
+        otherwise).
+      speed: inclusive range of the digits' speed, pixels per frame.
+      seed: the source's seed.
+      clutter: static clutter fragments per clip (0: black background).
+      clutter_size: side of the clutter fragments in pixels.
+    """
+
+    num_clips: int = 20000
+    test_clips: int = 2000
+    length: int = 16
+    canvas: int = 64
+    layout: str = "single"
+    gt_length: int = 0
+    speed: tuple[float, float] = (1.0, 3.0)
+    seed: int = 0
+    clutter: int = 0
+    clutter_size: int = 10
+
+    def clip_kwargs(self, split: str) -> dict:
+        """The :class:`MovingDigitClips` keyword arguments of ``split`` (``"train"`` or ``"test"``)."""
+        return dict(num_clips=int(self.num_clips if split == "train" else self.test_clips), length=int(self.length),
+                    canvas=int(self.canvas), layout=str(self.layout),
+                    gt_length=int(self.gt_length) if self.gt_length else None,
+                    speed=tuple(float(v) for v in self.speed), seed=int(self.seed), clutter=int(self.clutter),
+                    clutter_size=int(self.clutter_size))
+
+
+def clip_source(spec: str, split: str, data_dir: str | os.PathLike | None = None, **options) -> MovingDigitClips:
+    """The clip source of a spec of :data:`CLIP_SPECS` (what :func:`saliency_jax.data.get_source` returns for it).
+
+    Args:
+      spec: ``"mnist_clips"`` (digits: :func:`saliency_jax.data.load_mnist` of ``data_dir``, 28 px) or
+        ``"digits_clips"`` (scikit-learn's embedded 8 x 8 digits, :func:`saliency_jax.data.load_digits`; no files,
+        for tests and ``:runlocal`` configs).
+      split: ``"train"`` or ``"test"``: the digits' split (and :attr:`ClipSettings.num_clips` or ``test_clips``).
+      data_dir: the MNIST IDX folder (``"mnist_clips"``).
+      **options: fields of :class:`ClipSettings` (unknown ones raise).
+
+    Returns:
+      A :class:`MovingDigitClips` whose items are ``{"image": [length, canvas, canvas, 1] float32, "label", "boxes",
+      "segment", "gt_frames", "frame_labels", "layout"}``.
+
+    Raises:
+      ValueError: unknown spec or option, a missing ``data_dir``, or bad clip parameters (see
+        :class:`MovingDigitClips`).
+    """
+    settings = ClipSettings.from_mapping(options)
+    if spec == "mnist_clips":
+        if data_dir is None:
+            raise ValueError("get_source('mnist_clips') needs data_dir (the folder of the MNIST IDX files)")
+        digits = load_mnist(data_dir, split)
+    elif spec == "digits_clips":
+        digits = load_digits(split)
+    else:
+        raise ValueError(f"unknown clip spec {spec!r}; choose from {CLIP_SPECS}")
+    return MovingDigitClips(images=digits.images, labels=digits.labels, num_classes=digits.num_classes,
+                            **settings.clip_kwargs(split))

@@ -15,6 +15,13 @@ hosts read the data.
 Evaluation (:func:`make_eval_batches`) reads examples in order and pads the
 last batch, with a ``mask`` marking the real rows.
 
+Clips: a source whose items have ``"image": [time, height, width, channels]``
+(e.g. :class:`saliency_jax.data.MovingDigitClips`) yields batches of clips
+``[batch, time, height, width, channels]``; clips are neither resized nor
+augmented (``image_size`` and ``augment_kwargs`` must be unset: the moving-digit
+clips vary their digits' positions themselves), and their other fields (boxes,
+segments) pass through unchanged.
+
 Fields: every field a source yields travels into the batches. ``"image"`` and
 ``"label"`` are required; the spatial fields named in :data:`SPATIAL_FIELDS`
 (``"region"``, ``"wrong_region"``: [..., height, width] float32 in [0, 1]) are
@@ -232,18 +239,31 @@ def _check_indices(source: Any, indices: Any, fn: str, allow_empty: bool = False
 
 
 def _prepare(example: Mapping[str, Any], image_size: int | None) -> dict[str, np.ndarray]:
-    """Checks an item, resizes its image to [image_size, image_size, c] and its spatial fields alike."""
+    """Checks an item, resizes its image to [image_size, image_size, c] and its spatial fields alike (images; clips
+    [time, h, w, c] pass unchanged)."""
     image = np.asarray(example["image"], dtype=np.float32)
-    if image.ndim != 3:
+    if image.ndim not in (3, 4):
         raise ValueError(
-            f"Source items must have image [height, width, channels], got shape"
-            f" {image.shape}."
+            f"Source items must have image [height, width, channels] (or a clip"
+            f" [time, height, width, channels]), got shape {image.shape}."
         )
     if "mask" in example:
         raise ValueError(
             "Source items must not have a 'mask' field (reserved for the padding"
             " mask of evaluation batches)."
         )
+    if image.ndim == 4:  # a clip: no resize, no spatial fields
+        if image_size is not None:
+            raise ValueError(
+                f"Clips [time, height, width, channels] are not resized; set"
+                f" image_size None (got {image_size})."
+            )
+        spatial = [k for k in SPATIAL_FIELDS if k in example]
+        if spatial:
+            raise ValueError(f"Clip items cannot have the spatial fields {spatial}.")
+        out = {"image": image, "label": np.asarray(example["label"], dtype=np.int32)}
+        out.update({k: np.asarray(v) for k, v in example.items() if k not in out})
+        return out
     spatial = augment_lib.check_spatial_fields(
         {k: example[k] for k in SPATIAL_FIELDS if k in example}, image.shape,
         "Source item"
@@ -299,9 +319,9 @@ def make_train_dataset(
 
     Args:
         source: random-access source (``__len__``, ``__getitem__`` -> dict with
-            "image" [h, w, c] float32 in [0, 1], "label" int (or multi-hot
-            [num_attributes]) and optional further fields, see the module
-            docstring).
+            "image" [h, w, c] float32 in [0, 1] (or a clip [time, h, w, c]),
+            "label" int (or multi-hot [num_attributes]) and optional further
+            fields, see the module docstring).
         indices: [n] int indices of ``source`` to train on (e.g. from
             :func:`train_val_split` / :func:`oversample`); None = all.
         batch_size: GLOBAL batch size over all processes; must be divisible by
@@ -318,7 +338,7 @@ def make_train_dataset(
     Returns:
         ``grain.IterDataset``; ``iter()`` gives a ``grain.DatasetIterator`` (with
         ``get_state`` / ``set_state``) of dicts ``{"image": [b, h, w, c] float32
-        in [0, 1], "label": [b] int32 (or [b, num_attributes] for multi-hot
+        in [0, 1] (clips: [b, time, h, w, c]), "label": [b] int32 (or [b, num_attributes] for multi-hot
         labels)}`` with ``b = batch_size // shard_count``, plus the source's
         other fields stacked over the batch (spatial fields resized and
         augmented with the image).
@@ -326,8 +346,9 @@ def make_train_dataset(
     Raises:
         ValueError: bad indices, batch_size not a positive multiple of
             shard_count, shard_index outside [0, shard_count), num_epochs < 1,
-            unknown augment keyword or bad augmentation range, or fewer examples
-            than one global batch in ``num_epochs`` epochs.
+            unknown augment keyword or bad augmentation range, augmentation of
+            clips, or fewer examples than one global batch in ``num_epochs``
+            epochs.
     """
     fn = "make_train_dataset"
     indices = _check_indices(source, indices, fn)
@@ -353,6 +374,11 @@ def make_train_dataset(
         )
     if augment_kwargs:  # Fail here on bad ranges, not later inside a grain worker thread.
         augment_lib.augment(np.zeros((1, 1, 1), np.float32), np.random.default_rng(0), **augment_kwargs)
+        if np.ndim(source[int(indices[0])]["image"]) == 4:
+            raise ValueError(
+                f"{fn}: clips are not augmented; set augment_kwargs to None or {{}}"
+                f" (config.dataset.augment = {{}})."
+            )
     local_batch_size = batch_size // shard_count
 
     ds = grain.MapDataset.source(_Subset(source, indices)).seed(seed)
@@ -480,18 +506,19 @@ def num_classes(source: Any) -> int:
     return int(source.num_classes)
 
 
-def image_shape(source: Any, image_size: int | None = None) -> tuple[int, int, int]:
-    """Shape [height, width, channels] of the images a pipeline will yield.
+def image_shape(source: Any, image_size: int | None = None) -> tuple[int, ...]:
+    """Shape [height, width, channels] of the images a pipeline will yield ([time, height, width, channels] for
+    clips).
 
     Args:
         source: random-access source; its first item is read.
         image_size: the pipeline's resize, if any.
 
     Returns:
-        (height, width, channels).
+        (height, width, channels), or (time, height, width, channels) for clips.
 
     Raises:
-        ValueError: empty source or items without a rank-3 image.
+        ValueError: empty source or items without a rank-3 image or rank-4 clip.
     """
     if len(source) == 0:
         raise ValueError(f"image_shape: source {source!r} is empty.")

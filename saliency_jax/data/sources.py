@@ -85,7 +85,7 @@ DIGITS_SPLIT_SEED = 0
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 """File extensions (case-insensitive) read by :func:`load_image_folder`."""
 
-SOURCE_SPECS = ("digits", "mnist", "npz", "cifar10", "folder", "tfds:<name>")
+SOURCE_SPECS = ("digits", "mnist", "npz", "cifar10", "folder", "tfds:<name>", "mnist_clips", "digits_clips")
 """Spec strings understood by :func:`get_source`."""
 
 _MNIST_IMAGES_MAGIC = 2051
@@ -857,6 +857,7 @@ def get_source(
     split: str,
     data_dir: str | os.PathLike[str] | None = None,
     image_size: int | None = None,
+    **options,
 ):
     """Builds a source from a short spec string.
 
@@ -871,21 +872,40 @@ def get_source(
         ``image_size`` is required.
     * ``"tfds:<name>"``: :func:`load_tfds` (``data_dir`` is the TFDS data
         directory, None for TFDS's default).
+    * ``"mnist_clips"``, ``"digits_clips"``: moving-digit clips
+        (:func:`saliency_jax.data.clips.clip_source`: items ``{"image": [time,
+        canvas, canvas, 1], "label", ...}``) of the MNIST digits in
+        ``data_dir`` or of the embedded 8 x 8 digits; ``options`` are the
+        fields of :class:`saliency_jax.data.clips.ClipSettings` (a config's
+        ``dataset.clips`` section); clips are not resized (``image_size`` must
+        be None).
 
     Args:
         spec: one of the specs above.
         split: "train" or "test".
         data_dir: see above.
         image_size: optional square resize (bilinear) of every item.
+        **options: options of the clip specs; other specs take none.
 
     Returns:
-        ImageSource, ImageFolderSource or TfdsSource.
+        ImageSource, ImageFolderSource, TfdsSource or MovingDigitClips.
 
     Raises:
         ValueError: unknown spec (lists the valid ones), missing ``data_dir`` or
-            ``image_size`` where needed, or any loader error.
+            ``image_size`` where needed, options given to a spec without
+            options (or unknown ones), ``image_size`` with a clip spec, or any
+            loader error.
         FileNotFoundError: missing files.
     """
+    if spec in ("mnist_clips", "digits_clips"):
+        from saliency_jax.data import clips  # pylint: disable=g-import-not-at-top (clips imports this module)
+
+        if image_size is not None:
+            raise ValueError(f"get_source({spec!r}): clips are not resized; set image_size None (the frame size is "
+                             f"the clips' canvas option), got {image_size}")
+        return clips.clip_source(spec, split, data_dir, **options)
+    if options:
+        raise ValueError(f"get_source({spec!r}) takes no options; got {sorted(options)}")
     if spec == "digits":
         return load_digits(split, image_size=image_size)
     if spec == "mnist":

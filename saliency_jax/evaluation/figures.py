@@ -11,6 +11,9 @@ curve where the history has one.
 
 :func:`evidence_pool_figure` draws Guided Zoom's evidence patches (Bargal 2019, Figs. 6.3-6.5).
 
+:func:`frame_sums_figure` draws per-frame grounding scores over time (Bargal 2019, Fig. 7.6) and
+:func:`clip_maps_figure` sample clips with their per-frame maps (Fig. 7.5).
+
 The figures are written as PNG files through matplotlib's Agg canvas (``matplotlib.figure.Figure``, no ``pyplot``:
 no window, no global figure state); each function returns the path written.
 """
@@ -35,7 +38,8 @@ from matplotlib.patches import Rectangle
 
 from saliency_jax.saliency.core import normalize_maps
 
-__all__ = ["TRAIN_CURVE_NOTE", "evidence_pool_figure", "overlay", "saliency_figure", "training_curves_figure"]
+__all__ = ["TRAIN_CURVE_NOTE", "clip_maps_figure", "evidence_pool_figure", "frame_sums_figure", "overlay",
+           "saliency_figure", "training_curves_figure"]
 
 _RANGE_TOLERANCE = 1e-6  # Values this far outside [0, 1] are float rounding, clipped silently.
 
@@ -529,6 +533,163 @@ def evidence_pool_figure(
                 axes.set_title(str(column_titles[r]), fontsize=9)
     if title:
         figure.text(0.5, 1.0 - 0.5 * title_h / fig_h, title, ha="center", va="center", fontsize=11)
+    out = _prepare_path(path)
+    figure.savefig(out, format="png", dpi=dpi)
+    return out
+
+
+def frame_sums_figure(
+    panels: Mapping[str, Mapping[str, tuple[Any, Any]]],
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    ylabel: str = "sum of the frame's map",
+    boundary: float | None = None,
+    dpi: int = 100,
+) -> pathlib.Path:
+    """Writes a PNG of per-frame scores over time, mean and standard deviation over clips (Bargal 2019, Fig. 7.6).
+
+    One panel per entry of ``panels`` (e.g. per method: cEB-R, EB-R, the class probability), one line per curve
+    (e.g. the layouts ``rand + GT`` and ``GT + rand``) with a band of +-1 standard deviation.
+
+    Args:
+      panels: ``{panel title: {curve label: (mean [time], std [time])}}``, float arrays of one length per curve.
+      path: output PNG file; missing parent directories are created.
+      title: optional figure title.
+      ylabel: the y axis label of every panel.
+      boundary: optional frame position (e.g. the midpoint ``time / 2`` between the segments, in frames from the
+        first frame's centre: ``time / 2 - 0.5``) drawn as a dashed vertical line.
+      dpi: resolution in pixels per inch.
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: no panels, an empty panel, or a mean and std of different shapes or not rank 1.
+    """
+    if not isinstance(panels, Mapping) or not panels:
+        raise ValueError("panels must be a non-empty dict title -> {curve label: (mean, std)}.")
+    figure = Figure(figsize=(4.2 * len(panels), 3.4 + (0.3 if title else 0.0)), dpi=dpi)
+    FigureCanvasAgg(figure)
+    axes_row = figure.subplots(1, len(panels), squeeze=False)[0]
+    for axes, (panel, curves) in zip(axes_row, panels.items()):
+        if not curves:
+            raise ValueError(f"panel {panel!r} has no curves.")
+        for i, (label, (mean, std)) in enumerate(curves.items()):
+            mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+            if mean.ndim != 1 or mean.shape != std.shape:
+                raise ValueError(f"curve {label!r} of panel {panel!r}: mean and std must be [time] arrays of one "
+                                 f"shape; got {mean.shape} and {std.shape}.")
+            t = np.arange(mean.shape[0])
+            axes.plot(t, mean, color=f"C{i % 10}", label=str(label), marker=".")
+            axes.fill_between(t, mean - std, mean + std, color=f"C{i % 10}", alpha=0.2, linewidth=0)
+        axes.axhline(0.0, color="0.4", linewidth=0.8)
+        if boundary is not None:
+            axes.axvline(boundary, color="0.4", linestyle="--", linewidth=0.8)
+        axes.set_xlabel("frame")
+        axes.set_ylabel(ylabel)
+        axes.set_title(str(panel))
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    out = _prepare_path(path)
+    figure.savefig(out, format="png", dpi=dpi)
+    return out
+
+
+def clip_maps_figure(
+    clips: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    max_frames: int = 16,
+    dpi: int = 100,
+) -> pathlib.Path:
+    """Writes a PNG of sample clips: the frames (ground-truth box drawn, GT frames marked) and per-frame maps below.
+
+    Maps are drawn with a diverging colour map centred at 0, one scale per row (the row's largest absolute value),
+    so the signed maps of cEB-R show evidence for (red) and against (blue) the class; each map is titled with its
+    sum (the frame's temporal grounding score).
+
+    Args:
+      clips: one dict per clip: ``"frames"`` [time, height, width] (or [..., 1]) float in [0, 1]; ``"maps"``
+        ``{row label: [time, h, w] float}`` at any resolution (drawn stretched over the frame); optional
+        ``"boxes"`` [time, 4] int (y0, x0, y1, x1), ``"gt_frames"`` [time] bool, ``"label"`` (shown in the row
+        title).
+      path: output PNG file; missing parent directories are created.
+      title: optional figure title.
+      max_frames: at most this many frames per clip (evenly spaced).
+      dpi: resolution in pixels per inch.
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: no clips, or frames / maps / boxes of mismatched time lengths.
+    """
+    if not clips:
+        raise ValueError("clips must hold at least one clip.")
+    rows = []
+    for k, clip in enumerate(clips):
+        frames = np.asarray(clip["frames"], np.float32)
+        if frames.ndim == 4:
+            frames = frames[..., 0]
+        if frames.ndim != 3:
+            raise ValueError(f"clip {k}: frames must be [time, height, width]; got shape {frames.shape}.")
+        time = frames.shape[0]
+        for label, maps in clip["maps"].items():
+            if np.shape(maps)[0] != time or np.ndim(maps) != 3:
+                raise ValueError(f"clip {k}: maps {label!r} must be [time={time}, h, w]; got {np.shape(maps)}.")
+        if "boxes" in clip and np.shape(clip["boxes"]) != (time, 4):
+            raise ValueError(f"clip {k}: boxes must be [{time}, 4]; got {np.shape(clip['boxes'])}.")
+        rows.append((k, frames, clip))
+    columns = min(max(int(max_frames), 1), max(f.shape[0] for _, f, _ in rows))
+    num_rows = sum(1 + len(c["maps"]) for _, _, c in rows)
+    figure = Figure(figsize=(1.1 * columns + 1.0, 1.2 * num_rows + (0.4 if title else 0.0)), dpi=dpi)
+    FigureCanvasAgg(figure)
+    grid = figure.subplots(num_rows, columns, squeeze=False)
+    r = 0
+    for k, frames, clip in rows:
+        time, height, width = frames.shape
+        picks = np.unique(np.linspace(0, time - 1, min(columns, time)).round().astype(int))
+        gt = np.asarray(clip.get("gt_frames", np.zeros(time, bool)), bool)
+        for j in range(columns):
+            axes = grid[r, j]
+            axes.set_axis_off()
+            if j >= len(picks):
+                continue
+            t = picks[j]
+            axes.imshow(frames[t], cmap="gray", vmin=0.0, vmax=1.0)
+            if "boxes" in clip:
+                y0, x0, y1, x1 = (float(v) for v in clip["boxes"][t])
+                axes.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                                         edgecolor="#30c030" if gt[t] else "#ffb000", linewidth=1.0))
+            axes.set_title(f"t={t}" + (" GT" if gt[t] else ""), fontsize=7)
+        label = f" (class {int(clip['label'])})" if "label" in clip else ""
+        grid[r, 0].text(-0.1, 0.5, f"clip {k}{label}", transform=grid[r, 0].transAxes, ha="right", va="center",
+                        fontsize=7)
+        r += 1
+        for name, maps in clip["maps"].items():
+            maps = np.asarray(maps, np.float32)
+            scale = float(np.max(np.abs(maps))) or 1.0
+            for j in range(columns):
+                axes = grid[r, j]
+                axes.set_axis_off()
+                if j >= len(picks):
+                    continue
+                t = picks[j]
+                axes.imshow(frames[t], cmap="gray", vmin=0.0, vmax=1.0)
+                axes.imshow(maps[t], cmap="RdBu_r", vmin=-scale, vmax=scale, alpha=0.6,
+                            extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="bilinear")
+                axes.set_title(f"{maps[t].sum():+.2f}", fontsize=7)
+            grid[r, 0].text(-0.1, 0.5, str(name), transform=grid[r, 0].transAxes, ha="right", va="center",
+                            fontsize=7)
+            r += 1
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
     out = _prepare_path(path)
     figure.savefig(out, format="png", dpi=dpi)
     return out

@@ -110,9 +110,11 @@ class ExperimentData:
     def test_source(self, config: ml_collections.ConfigDict):
         """The test split of a run's dataset (``config.dataset``), read once per distinct dataset."""
         ds = config.dataset
-        key = ("test_source", ds.name, ds.get("data_dir"), ds.get("image_size"))
+        options = dict(ds.get("clips") or {})  # the clip sources' parameters
+        key = ("test_source", ds.name, ds.get("data_dir"), ds.get("image_size"),
+               tuple(sorted((k, repr(v)) for k, v in options.items())))
         return self.cached(key, lambda: data_lib.get_source(ds.name, "test", data_dir=ds.get("data_dir"),
-                                                            image_size=ds.get("image_size")))
+                                                            image_size=ds.get("image_size"), **options))
 
 
 class EvaluatorSettings(Settings):

@@ -6,8 +6,9 @@ module here is one scheme, registered under its config name when imported below.
 """
 
 from saliency_jax.training.scheme import (CLASSIFICATION_LOSSES, Forward, ModelLayers, Scheme, SchemeSettings,
-                                          StepContext, build_scheme, chain, classification_loss, model_forward,
-                                          register_scheme, scheme_names, settings_section)
+                                          StepContext, build_scheme, chain, classification_accuracy,
+                                          classification_loss, model_forward, register_scheme, scheme_names,
+                                          settings_section)
 from saliency_jax.training.distraction import FILL_MODES, DistractionConfig, distract, distraction_scheme, occlude
 from saliency_jax.training.excitation_dropout import (RESCALE_MODES, SCHEMES, DropoutConfig, DropoutOutput,
                                                       adaptive_retain_probability, apply_dropout_mask,
@@ -15,3 +16,5 @@ from saliency_jax.training.excitation_dropout import (RESCALE_MODES, SCHEMES, Dr
                                                       dropout_scheme, layer_excitation, make_dropout_forward,
                                                       retain_probability, scheme_retain_probability)
 from saliency_jax.training.hnc import HNCConfig, hard_negative_classes, hnc_loss, hnc_scheme
+from saliency_jax.training.frame_classifier import (FrameClassifierConfig, frame_classification_loss,
+                                                    frame_classifier_scheme)

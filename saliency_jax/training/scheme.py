@@ -57,6 +57,7 @@ __all__ = [
     "scheme_names",
     "settings_section",
     "CLASSIFICATION_LOSSES",
+    "classification_accuracy",
     "classification_loss",
 ]
 
@@ -205,21 +206,35 @@ def model_forward(ctx: StepContext, batch: Batch, capture: Sequence[str] = ()) -
 # Classification losses.
 
 
+def _per_step_labels(logits: Array, labels: Array) -> Array:
+    """``labels`` [batch, ...] with the logits' step axes (those between batch and classes) inserted after the batch
+    axis, of size 1 (none for image classifiers)."""
+    return labels.reshape(labels.shape[:1] + (1,) * (logits.ndim - 2) + labels.shape[1:])
+
+
+def _mean_over_steps(values: Array) -> Array:
+    """[batch, *steps] -> [batch]: the mean over the step axes (none for image classifiers)."""
+    return jnp.mean(values.reshape(values.shape[0], -1), axis=1)
+
+
 def _softmax_cross_entropy(logits: Array, labels: Array) -> Array:
-    if labels.ndim != 1:
-        raise ValueError(f"softmax cross-entropy needs integer labels [batch]; got shape {labels.shape} (use "
+    if labels.ndim != 1 or logits.ndim < 2 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"softmax cross-entropy needs logits [batch, (time,) classes] and integer labels [batch]; "
+                         f"got logits {tuple(logits.shape)} and labels {tuple(labels.shape)} (use "
                          "loss='sigmoid_binary_cross_entropy' for multi-label targets)")
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    labels = jnp.broadcast_to(_per_step_labels(logits, labels), logits.shape[:-1])
+    return _mean_over_steps(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
 def _sigmoid_binary_cross_entropy(logits: Array, labels: Array) -> Array:
-    if labels.shape != logits.shape:
+    if labels.ndim != 2 or labels.shape[0] != logits.shape[0] or labels.shape[-1] != logits.shape[-1]:
         raise ValueError(f"sigmoid binary cross-entropy needs multi-hot labels [batch, {logits.shape[-1]}] in "
-                         f"{{0, 1}}; got shape {labels.shape}")
-    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)), axis=-1)
+                         f"{{0, 1}}; got shape {labels.shape} for logits {tuple(logits.shape)}")
+    labels = jnp.broadcast_to(_per_step_labels(logits, labels), logits.shape).astype(logits.dtype)
+    return _mean_over_steps(optax.sigmoid_binary_cross_entropy(logits, labels))
 
 
-#: Per-example classification losses by name: ``fn(logits [batch, classes], labels) -> [batch]``.
+#: Per-example classification losses by name: ``fn(logits [batch, (time,) classes], labels) -> [batch]``.
 CLASSIFICATION_LOSSES: dict[str, Callable[[Array, Array], Array]] = {
     "softmax_cross_entropy": _softmax_cross_entropy,          # labels int [batch]
     "sigmoid_binary_cross_entropy": _sigmoid_binary_cross_entropy,  # labels multi-hot [batch, classes]; mean over classes
@@ -233,12 +248,40 @@ def classification_loss(name: str) -> Callable[[Array, Array], Array]:
     multi-label attributes, multi-hot labels [batch, num_classes] in {0, 1}; the mean over the classes of each
     example's binary cross-entropies.
 
+    Sequence classifiers (logits at every time step, ``[batch, time, num_classes]``, e.g.
+    :class:`saliency_jax.models.CNNLSTM`) take the same per-clip labels: the loss is taken at every step and averaged
+    over the steps (LRCN, Donahue et al. 2015; Bargal 2019, Sec. 7.2: a classifier at every LSTM step).
+
     Raises:
-      ValueError: on an unknown name.
+      ValueError: on an unknown name; (when called) on labels of the wrong shape.
     """
     if name not in CLASSIFICATION_LOSSES:
         raise ValueError(f"unknown classification loss {name!r}; choose from {sorted(CLASSIFICATION_LOSSES)}")
     return CLASSIFICATION_LOSSES[name]
+
+
+def classification_accuracy(name: str, logits: Array, labels: Array) -> Array:
+    """Per-example accuracy of logits for the loss called ``name`` (the train step's ``accuracy`` metric).
+
+    Args:
+      name: a key of :data:`CLASSIFICATION_LOSSES`.
+      logits: [batch, num_classes], or [batch, time, num_classes] for a sequence classifier.
+      labels: int [batch] (``"softmax_cross_entropy"``) or multi-hot [batch, num_classes]
+        (``"sigmoid_binary_cross_entropy"``).
+
+    Returns:
+      float32 [batch]: single-label, whether the argmax is the label (the fraction of steps where it is, for
+      sequences); multi-label, the fraction of correct attribute decisions at logit 0 (and steps).
+
+    Raises:
+      ValueError: on an unknown name.
+    """
+    classification_loss(name)
+    if name == "sigmoid_binary_cross_entropy":
+        correct = (logits > 0) == (_per_step_labels(logits, labels) > 0.5)
+    else:
+        correct = jnp.argmax(logits, -1) == _per_step_labels(logits, labels)
+    return _mean_over_steps(correct.astype(jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------------------------------
