@@ -8,6 +8,7 @@ from saliency_jax.saliency.core import (
     LayerOutputs,
     apply_with_layers,
     check_images,
+    checked,
     linen_head,
     linen_layer,
     module_paths,
