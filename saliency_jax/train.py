@@ -671,55 +671,64 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
         iterator = iter(dataset)
         total_steps = num_train_steps(config, len(train_idx))
 
-    # Model and optimizer.
-    model = build_model(config, num_classes)
-    optimizer = make_optimizer(config)
-    pretrained = config.model.get("pretrained")
-    if not pretrained and config.model.name in ("resnet50", "vgg16", "alexnet"):
-        logging.warning("%s starts from random weights: set --config.model.pretrained=PATH (torchvision-named "
-                        ".safetensors/.npz) to fine-tune from ImageNet as the papers do", config.model.name)
-    if pretrained and not os.path.isfile(pretrained):  # before the (slow) initialisation
-        raise FileNotFoundError(f"config.model.pretrained: weights file not found: {pretrained!r}")
-    variables = jax.jit(lambda: model.init(jax.random.key(config.seed), jnp.zeros((1, *image_shape), jnp.float32),
-                                           train=False))()
-    if pretrained:
-        from saliency_jax.models import weights
-        variables = weights.load_pretrained(config.model.name, pretrained, variables,
-                                            skip_head=not train_only_weights)
-    initial_variables = jax.device_get({"params": variables["params"],
-                                        "batch_stats": variables.get("batch_stats", {})})
-
-    # Sharding.
-    state = jax.jit(lambda v: init_state(model, optimizer, image_shape, config.seed, v),
-                    out_shardings=replicated)(variables)
-    step_fn = jax.jit(make_train_step(model, optimizer, scheme, loss=loss,
-                                      classification_weight=config.get("classification_weight", 1.0)),
-                      in_shardings=(replicated, data_sharding, replicated), out_shardings=(replicated, replicated),
-                      donate_argnums=(0,))
-    result = functools.partial(TrainResult, model=model, workdir=workdir, config=config,
-                               initial_variables=initial_variables, image_shape=tuple(image_shape),
-                               num_classes=num_classes)
-    if train_only_weights:
-        return result(state=state, history=[])
-
-    ckpt = workdirs.Checkpoints(workdir, every=config.checkpoint_every, keep=config.get("keep_checkpoints", 2))
+    # Resume checks, before anything is compiled: this launch against the workdir's latest checkpoint.
+    ckpt = None
+    if not train_only_weights:
+        ckpt = workdirs.Checkpoints(workdir, every=config.checkpoint_every, keep=config.get("keep_checkpoints", 2))
     writer = None
     pbar = None
     failed = True
     try:
-        # Checkpoint restore.
+        if ckpt is not None:
+            latest = ckpt.latest_step() or 0
+            if latest:
+                ckpt.check_process_count(latest)
+            if latest > total_steps:
+                raise workdirs.ResumeError(
+                    f"{workdir} holds a checkpoint at step {latest}, past this config's {total_steps} steps "
+                    f"(config.num_steps={config.get('num_steps')}, config.num_epochs={config.get('num_epochs')}): "
+                    f"the run there is longer than this config describes. Set --config.num_steps={latest} (or "
+                    "more) to use it, or use a fresh workdir")
+            workdirs.check_resume(workdir, config, latest)
+
+        # Model and optimizer.
+        model = build_model(config, num_classes)
+        optimizer = make_optimizer(config)
+        pretrained = config.model.get("pretrained")
+        if not pretrained and config.model.name in ("resnet50", "vgg16", "alexnet"):
+            logging.warning("%s starts from random weights: set --config.model.pretrained=PATH (torchvision-named "
+                            ".safetensors/.npz) to fine-tune from ImageNet as the papers do", config.model.name)
+        if pretrained and not os.path.isfile(pretrained):  # before the (slow) initialisation
+            raise FileNotFoundError(f"config.model.pretrained: weights file not found: {pretrained!r}")
+        variables = jax.jit(lambda: model.init(jax.random.key(config.seed),
+                                               jnp.zeros((1, *image_shape), jnp.float32), train=False))()
+        if pretrained:
+            from saliency_jax.models import weights
+            variables = weights.load_pretrained(config.model.name, pretrained, variables,
+                                                skip_head=not train_only_weights)
+        initial_variables = jax.device_get({"params": variables["params"],
+                                            "batch_stats": variables.get("batch_stats", {})})
+
+        # Sharding.
+        state = jax.jit(lambda v: init_state(model, optimizer, image_shape, config.seed, v),
+                        out_shardings=replicated)(variables)
+        step_fn = jax.jit(make_train_step(model, optimizer, scheme, loss=loss,
+                                          classification_weight=config.get("classification_weight", 1.0)),
+                          in_shardings=(replicated, data_sharding, replicated),
+                          out_shardings=(replicated, replicated), donate_argnums=(0,))
+        result = functools.partial(TrainResult, model=model, workdir=workdir, config=config,
+                                   initial_variables=initial_variables, image_shape=tuple(image_shape),
+                                   num_classes=num_classes)
+        if train_only_weights:
+            failed = False
+            return result(state=state, history=[])
+
+        # Checkpoint restore (verified; a damaged step is refused or, with restore_fallback, skipped).
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         start, restored, iterator, log_state = ckpt.restore_latest(abstract, iterator,
                                                                    fallback=config.get("restore_fallback", False))
         if restored is not None:
             state = restored
-        if start > total_steps:
-            raise workdirs.ResumeError(
-                f"{workdir} holds a checkpoint at step {start}, past this config's {total_steps} steps "
-                f"(config.num_steps={config.get('num_steps')}, config.num_epochs={config.get('num_epochs')}): "
-                f"the run there is longer than this config describes. Set --config.num_steps={start} (or more) "
-                "to use it, or use a fresh workdir")
-        workdirs.check_resume(workdir, config, start)
         writer = workdirs.MetricsLog(workdir, is_main)
         log_state = log_state or workdirs.LogState(last_log_step=start)
         if start < total_steps:
@@ -767,7 +776,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
         # error propagates, failures here are logged, not raised, so that the caller sees that error.
         if pbar is not None:
             pbar.close()
-        ckpt.close(quiet=failed)
+        if ckpt is not None:
+            ckpt.close(quiet=failed)
         if writer is not None:
             writer.close()
     return result(state=state, history=history, train_seconds=time.time() - t0 if total_steps > start else 0.0)

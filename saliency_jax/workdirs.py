@@ -247,6 +247,11 @@ class Checkpoints:
 
     def check_process_count(self, step: int, meta: dict[str, Any] | None = None) -> None:
         """Raises :class:`ResumeError` if ``step`` was written by another number of processes."""
+        if meta is None:
+            try:
+                meta = self._meta(step)
+            except CheckpointError:  # a damaged record: the restore reports it
+                meta = None
         count = meta.get("process_count") if meta else None
         if count is None and self.with_data:  # older checkpoints: grain names a file per process
             names = [p.name for p in (self._step_dir(step) / "data").glob("process_*-of-*.json")]
