@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import pathlib
@@ -500,9 +499,9 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
     if not config.get("num_steps", 0) and not epochs:
         if not config.model.get("pretrained") and not config.model.get("allow_random_init"):
             raise ConfigError(
-                "config.num_steps = config.num_epochs = 0: nothing would be trained. Set --config.num_steps or "
-                "--config.num_epochs > 0 to train; num_steps = num_epochs = 0 is the weights-only mode, which "
-                "evaluates imported weights (config.model.pretrained=PATH)")
+                "config.num_steps = config.num_epochs = 0 and no weights to evaluate: nothing would be trained. Set "
+                "--config.num_steps or --config.num_epochs > 0 to train; num_steps = num_epochs = 0 is the "
+                "weights-only mode, which evaluates imported weights (config.model.pretrained=PATH)")
 
 
 def check_sources(config: ml_collections.ConfigDict, train_source, test_source, *,
@@ -538,13 +537,14 @@ def check_sources(config: ml_collections.ConfigDict, train_source, test_source, 
             raise ConfigError(f"dataset {name!r}: {split} images have shape {raw}; they need height, width and "
                               "channels of at least 1")
         shapes[split] = tuple(data_lib.image_shape(source, size))
+    if "test" in shapes and shapes["test"][-1] != shapes["train"][-1]:
+        raise ConfigError(f"dataset {name!r}: test images have {shapes['test'][-1]} channel(s), train images "
+                          f"{shapes['train'][-1]}: the two splits must have the same channels")
     if "test" in shapes and shapes["test"] != shapes["train"]:
         how = f"after the resize to config.dataset.image_size={size}" if size else "config.dataset.image_size=None"
         raise ConfigError(f"dataset {name!r}: test images are {shapes['test']} but train images are "
-                          f"{shapes['train']} ({how}); the model is built for the train shape. Set "
-                          "--config.dataset.image_size to resize both" if shapes["test"][-1] == shapes["train"][-1]
-                          else f"dataset {name!r}: test images have {shapes['test'][-1]} channel(s), train images "
-                          f"{shapes['train'][-1]}: the two splits must have the same channels")
+                          f"{shapes['train']} ({how}); the model is built for the train shape: set "
+                          "--config.dataset.image_size to resize both")
     num_classes = int(data_lib.num_classes(train_source))
     train_labels, test_labels = getattr(train_source, "labels", None), getattr(test_source, "labels", None)
     if not multi_label and train_labels is not None and test_labels is not None and len(test_labels):
@@ -720,6 +720,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
                                    initial_variables=initial_variables, image_shape=tuple(image_shape),
                                    num_classes=num_classes)
         if train_only_weights:
+            workdirs.write_config(workdir, config)
             failed = False
             return result(state=state, history=[])
 
@@ -753,6 +754,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
             on_grid = step % config.log_every == 0
             if on_grid or step == total_steps:
                 summary = _mean_metrics(pending)
+                if not summary.get("update_skipped", 1.0):  # logged only when a step's update was skipped
+                    del summary["update_skipped"]
                 if on_grid:  # off the grid (a launch's last step) the window stays open for a later launch
                     pending, last_log = [], step
                 if config.get("eval_every") and (step % config.eval_every == 0 or step == total_steps) \

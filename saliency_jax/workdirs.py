@@ -60,6 +60,7 @@ __all__ = [
     "trajectory_differences",
     "check_resume",
     "record_launch",
+    "write_config",
 ]
 
 #: Config fields that do not change a run's trajectory (what a resumed launch may change freely).
@@ -526,6 +527,14 @@ def record_launch(workdir: str | os.PathLike, config: ml_collections.ConfigDict,
               "device_count": jax.device_count(), "config": _config_record(config)}
     with (workdir / "launches.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
+    write_config(workdir, config)
+
+
+def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Writes ``workdir/config.json`` atomically (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    workdir = pathlib.Path(workdir)
     tmp = workdir / "config.json.tmp"
     tmp.write_text(config.to_json_best_effort(indent=2))
     os.replace(tmp, workdir / "config.json")
