@@ -491,7 +491,9 @@ def check_resume(workdir: str | os.PathLike, config: ml_collections.ConfigDict, 
       checkpoint_step: the step being resumed from (0: nothing to resume, nothing checked).
 
     Raises:
-      ResumeError: naming every differing field with both values, unless ``config.allow_config_change``.
+      ResumeError: naming every differing field with both values, unless ``config.allow_config_change``. A field
+        absent from the checkpoint's record (added to the code since) counts only when it is not at the default of
+        :func:`saliency_jax.config.default_config`.
     """
     if not checkpoint_step:
         return
@@ -501,6 +503,12 @@ def check_resume(workdir: str | os.PathLike, config: ml_collections.ConfigDict, 
         logging.warning("%s has no record of the config its checkpoint was made with: not compared", workdir)
         return
     diffs = trajectory_differences(old, _config_record(config))
+    # A field the checkpoint's launch did not know (added to the code since), now at the loop's default, is taken to
+    # reproduce that launch's behaviour (new fields default to the old behaviour).
+    from saliency_jax.config import default_config
+
+    defaults = _flatten(_config_record(default_config()))
+    diffs = [d for d in diffs if not (d[1] == "<absent>" and d[0] in defaults and defaults[d[0]] == d[2])]
     if not diffs:
         return
     lines = "; ".join(f"config.{k}: {v0!r} in the checkpoint's launch, {v1!r} now" for k, v0, v1 in diffs[:8])

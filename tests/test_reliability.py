@@ -150,6 +150,16 @@ def test_trajectory_differences_ignore_evaluators_and_unused_schemes():
     assert [d[0] for d in workdirs.trajectory_differences(a, b)] == ["distraction.threshold", "schemes"]
 
 
+def test_check_resume_reads_legacy_config_json_and_tolerates_new_fields_at_their_default(tmp_path):
+    record = json.loads(tiny().to_json_best_effort())
+    del record["classification_weight"]  # a field added to the code after the checkpoint was made
+    (tmp_path / "config.json").write_text(json.dumps(record))  # what 60896ce wrote at every launch
+    workdirs.check_resume(tmp_path, tiny(), checkpoint_step=4)  # at its default: the old behaviour
+    with pytest.raises(workdirs.ResumeError, match=r"config.classification_weight: '<absent>' .* 2.0 now"):
+        workdirs.check_resume(tmp_path, tiny(classification_weight=2.0), checkpoint_step=4)
+    workdirs.check_resume(tmp_path, tiny(seed=3), checkpoint_step=0)  # nothing to resume: nothing to compare
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The metrics log after a resume.
 
