@@ -1,64 +1,199 @@
-"""Command line: ``saliency-jax {train,experiment} --config=CONFIG.py[:ARG] --workdir=DIR [--config.FIELD=VALUE]``.
+"""Command line: ``saliency-jax {train,experiment,config} --config=CONFIG.py[:ARG] [--workdir=DIR] [--config.FIELD=VALUE]``.
 
 * ``train`` trains one model from the config (resuming from ``workdir`` if it holds checkpoints), runs the
   evaluators of ``config.evaluators`` on it and prints their scalar metrics.
 * ``experiment`` trains every arm x repeat of ``config.experiment`` with the same seeds, runs the evaluators on each
   run and writes ``report.md``, ``metrics.json`` and the figures into ``workdir``.
+* ``config`` prints every field of the config (after the overrides) with its type and value: what
+  ``--config.FIELD=VALUE`` can set.
 
 Configs are ``ml_collections`` files (``get_config(arg)``), so any field can be overridden on the command line,
 e.g. ``--config.num_steps=100 --config.distraction.fill=one``; ``:runlocal`` after the path selects a config's tiny
-variant. ``--multihost`` calls ``jax.distributed.initialize()`` first (TPU VM pods: run the same command on every
-host). Also available as ``python -m saliency_jax``.
+variant. ``--multihost`` calls ``jax.distributed.initialize()`` first: on TPU VMs, SLURM and Open MPI it finds the
+cluster by itself; elsewhere (e.g. GPU machines started by hand) give ``--coordinator_address``,
+``--num_processes`` and ``--process_id`` (or the environment variables ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``). Bad flags, unknown fields and configs that cannot run print one line
+(``saliency-jax: error: ...``) and exit with status 2. Also available as ``python -m saliency_jax``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "experiment")
-_USAGE = ("usage: saliency-jax {train,experiment} --config=CONFIG.py[:ARG] --workdir=DIR "
-          "[--config.FIELD=VALUE ...] [--multihost] [--noprogress]")
+COMMANDS = {
+    "train": "train one model from the config (resuming from --workdir), run its evaluators, print their metrics",
+    "experiment": "train every arm x repeat of config.experiment, evaluate each, write report.md and metrics.json",
+    "config": "print every field of the config (after --config.FIELD overrides) with its type and value",
+}
+_USAGE = ("usage: saliency-jax {train,experiment,config} --config=CONFIG.py[:ARG] [--workdir=DIR] "
+          "[--config.FIELD=VALUE ...] [--multihost [--coordinator_address=HOST:PORT --num_processes=N "
+          "--process_id=I]] [--noprogress]")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config), e.g. "
                                 "experiments/configs/distraction_digits.py[:runlocal].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, report); reruns resume from it.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-host TPU VMs / GPU clusters).")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (TPU VM pods, GPU clusters, SLURM).")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator (env JAX_COORDINATOR_ADDRESS); "
+                    "implies --multihost.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (env JAX_NUM_PROCESSES); implies --multihost.")
+flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes) (env JAX_PROCESS_ID); implies "
+                     "--multihost.")
+flags.DEFINE_list("local_device_ids", None, "Devices this process uses, e.g. 0,1 (env JAX_LOCAL_DEVICE_IDS).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 
+_FLAG_HELP = [
+    ("--config=FILE[:ARG]", "the config file (its get_config(ARG)); e.g. experiments/configs/distraction_digits.py"
+                            ":runlocal"),
+    ("--config.FIELD=VALUE", "override any field of the config, dotted (--config.num_steps=100, "
+                             "--config.distraction.fill=one); list them with: saliency-jax config --config=FILE"),
+    ("--workdir=DIR", "output folder (train, experiment); a rerun resumes from it"),
+    ("--[no]progress", "progress bars (default on)"),
+    ("--multihost", "call jax.distributed.initialize() first; on TPU VMs, SLURM and Open MPI the cluster is "
+                    "detected"),
+    ("--coordinator_address=HOST:PORT", "process 0's address, the same on every process (env "
+                                        "JAX_COORDINATOR_ADDRESS)"),
+    ("--num_processes=N", "number of processes (env JAX_NUM_PROCESSES)"),
+    ("--process_id=I", "this process, 0..N-1 (env JAX_PROCESS_ID)"),
+    ("--local_device_ids=0,1", "the accelerators this process drives (env JAX_LOCAL_DEVICE_IDS)"),
+    ("--verbosity=0", "absl logging level (default: warnings only)"),
+]
 
-def _run(command: str, argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}\n{_USAGE}")
-    if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError(f"--config and --workdir are required\n{_USAGE}")
+
+def _help(command: str | None = None) -> str:
+    lines = [_USAGE, ""]
+    lines.append("Commands:")
+    lines += [f"  {name:<12}{text}" for name, text in COMMANDS.items() if command in (None, name)]
+    lines += ["", "Flags:"]
+    lines += [f"  {flag:<34}{text}" for flag, text in _FLAG_HELP]
+    lines += ["", "Examples:",
+              "  saliency-jax config --config experiments/configs/distraction_digits.py:runlocal",
+              "  saliency-jax train --config experiments/configs/distraction_digits.py:runlocal --workdir runs/t "
+              "--config.num_steps=50",
+              "  saliency-jax experiment --config experiments/configs/distraction_digits.py --workdir runs/digits",
+              "", "Bad flags, unknown config fields and configs that cannot run print one line and exit with 2."]
+    return "\n".join(lines)
+
+
+class _Exit(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _one_line(e: BaseException) -> str:
+    """A flag / config error as one readable line (ml_collections' messages are reprs spanning several lines)."""
+    text = str(e.args[0]) if isinstance(e, (AttributeError, KeyError)) and e.args else str(e)
+    text = text.replace("\\n", "\n").replace("\\'", "'")
+    parts = [p.strip() for p in text.splitlines() if p.strip()]
+    if isinstance(e, (AttributeError, KeyError)) and parts:
+        parts = [p.strip("'\"") for p in parts]
+        field = parts[0]
+        hint = " ".join(parts[1:])
+        return f"the config has no field {field!r}" + (f" ({hint})" if hint else "")
+    if len(parts) > 2:  # a config file that raised: its first line and the error it ended with
+        return f"{parts[0]} ... {parts[-1]}"
+    return " ".join(parts)
+
+
+def _parse(argv: list[str]) -> list[str]:
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        raise _Exit(_one_line(e)) from e
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections: unknown field, bad type
+        raise _Exit(_one_line(e)) from e
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError as e:
+        raise _Exit(f"environment variable {name}={value!r} must be an integer") from e
+
+
+def _initialize_distributed() -> None:
+    """``jax.distributed.initialize`` with the flags, else JAX's environment variables, else cluster detection."""
     import jax
+
+    address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    num = FLAGS.num_processes if FLAGS.num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    pid = FLAGS.process_id if FLAGS.process_id is not None else _env_int("JAX_PROCESS_ID")
+    local = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids else None
+    given = {"--coordinator_address": address, "--num_processes": num, "--process_id": pid}
+    if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
+        missing = [k for k, v in given.items() if v is None]
+        logging.info("multihost: %s not given; asking JAX's cluster detection", missing)
+    try:
+        jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
+                                   local_device_ids=local)
+    except (ValueError, TypeError) as e:
+        raise _Exit(f"--multihost: {e} (outside TPU VMs, SLURM and Open MPI give --coordinator_address=HOST:PORT, "
+                    "--num_processes=N and --process_id=I, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                    "JAX_PROCESS_ID)") from e
+
+
+def _print_fields(node, prefix: str = "") -> None:
+    import ml_collections
+
+    for key in node.keys():
+        value = node[key]
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict) and len(value):
+            _print_fields(value, path + ".")
+            continue
+        kind = node.get_type(key)
+        print(f"{path}: {getattr(kind, '__name__', kind)} = {value!r}")
+
+
+def _run(command: str, rest: list[str]) -> None:
+    if len(rest) > 1:
+        raise _Exit(f"unexpected arguments {rest[1:]}")
+    if FLAGS.config is None:
+        raise _Exit("--config=FILE[:ARG] is required")
+    try:
+        FLAGS.config.keys()  # a config file that failed to load raises here (ml_collections defers the error)
+    except (OSError, AttributeError) as e:
+        raise _Exit(f"--config: {_one_line(OSError(str(e)))}") from e
+    if command == "config":
+        _print_fields(FLAGS.config)
+        return
+    if FLAGS.workdir is None:
+        raise _Exit(f"--workdir=DIR is required for {command}")
+    import jax
+
+    from saliency_jax.config import ConfigError
 
     if not FLAGS["verbosity"].present:  # orbax and grain log every checkpoint at INFO
         logging.set_verbosity(logging.WARNING)
-    if FLAGS.multihost:
-        jax.distributed.initialize()
+    if FLAGS.multihost or any(FLAGS[f].present for f in ("coordinator_address", "num_processes", "process_id")):
+        _initialize_distributed()
     logging.info("devices: %s", jax.devices())
-    if command == "train":
-        from saliency_jax import evaluators, experiment, train
+    try:
+        if command == "train":
+            from saliency_jax import evaluators, experiment, train
 
-        config = FLAGS.config
-        experiment.check_config(config)
-        result = train.train(config, FLAGS.workdir, progress=FLAGS.progress)
-        record = experiment.evaluate_run(result, evaluators.build_evaluators(config),
-                                         evaluators.ExperimentData(config))
-        if jax.process_index() == 0:
-            print(json.dumps({name: _scalars(m) for name, m in record.metrics.items()}, indent=2))
-    else:
-        from saliency_jax import experiment
+            config = FLAGS.config
+            experiment.check_config(config)
+            result = train.train(config, FLAGS.workdir, progress=FLAGS.progress)
+            record = experiment.evaluate_run(result, evaluators.build_evaluators(config),
+                                             evaluators.ExperimentData(config))
+            if jax.process_index() == 0:
+                print(json.dumps({name: _scalars(m) for name, m in record.metrics.items()}, indent=2))
+        else:
+            from saliency_jax import experiment
 
-        experiment.run_experiment(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
-        if jax.process_index() == 0:
-            print(f"report: {FLAGS.workdir}/report.md")
+            experiment.run_experiment(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+            if jax.process_index() == 0:
+                print(f"report: {FLAGS.workdir}/report.md")
+    except ConfigError as e:
+        raise _Exit(str(e)) from e
 
 
 def _scalars(metrics):
@@ -71,11 +206,23 @@ def _scalars(metrics):
 def main(argv=None) -> None:
     """Entry point of the ``saliency-jax`` console script."""
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or argv[1] not in COMMANDS:
-        print(_USAGE, file=sys.stderr)
+    args = argv[1:]
+    wants_help = any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in args)
+    command = args[0] if args and args[0] in COMMANDS else None
+    if not args or args[0] == "help" or (wants_help and (command or args[0].startswith("-"))):
+        print(_help(command))
+        sys.exit(0)
+    if command is None:
+        print(f"saliency-jax: error: unknown command {args[0]!r}; choose one of {', '.join(COMMANDS)} "
+              "(saliency-jax --help)", file=sys.stderr)
         sys.exit(2)
-    command = argv.pop(1)
-    app.run(lambda a: _run(command, a), argv=argv)
+    try:
+        rest = _parse([argv[0]] + args[1:])
+        logging.use_absl_handler()
+        _run(command, rest)
+    except _Exit as e:
+        print(f"saliency-jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

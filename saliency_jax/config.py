@@ -12,12 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
-__all__ = ["Settings", "default_config", "apply_overrides"]
+__all__ = ["ConfigError", "Settings", "default_config", "apply_overrides"]
+
+
+class ConfigError(ValueError):
+    """A config (or command line) that cannot run; the message names the field and says what to do.
+
+    The command line prints it as one line, without a traceback.
+    """
 
 
 class Settings:
@@ -58,7 +66,25 @@ class Settings:
         def default(f):
             return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
-        return ml_collections.ConfigDict({name: overrides.get(name, default(f)) for name, f in fields.items()})
+        def value(name, f):
+            v = overrides.get(name, default(f))
+            if v is None:  # a typed placeholder, so that the command line can set it (--config.section.field=X)
+                return config_dict.placeholder(_field_type(cls, name))
+            return v
+
+        return ml_collections.ConfigDict({name: value(name, f) for name, f in fields.items()})
+
+
+def _field_type(cls, name: str) -> type:
+    """The non-None type of an ``X | None`` dataclass field (``object`` when it cannot be told)."""
+    try:
+        hint = typing.get_type_hints(cls)[name]
+    except Exception:  # unresolvable annotations: accept any literal
+        return object
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type):
+        return args[0]
+    return hint if isinstance(hint, type) else object
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -73,7 +99,10 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.dataset = ml_collections.ConfigDict(dict(
-        name="digits", data_dir=config_dict.placeholder(str), image_size=32, channels=3, val_fraction=0.25,
+        # image_size: a typed reference, so that a config may set it to None (native size) and the command line can
+        # still override it (--config.dataset.image_size=64).
+        name="digits", data_dir=config_dict.placeholder(str), image_size=ml_collections.FieldReference(32, int),
+        channels=3, val_fraction=0.25,
         train_limit=0, label_noise=0.0, oversample={},
         read_threads=2, prefetch=256,  # grain threads: raise on hosts with many cores
         # Morales et al. 2021: flip, rotation [-40, 40], channel shift [-30, 30], brightness [0.5, 1.5].
@@ -104,6 +133,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_every = 0
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
+    # Resuming (saliency_jax.workdirs): a damaged latest checkpoint is refused unless restore_fallback, which then
+    # resumes from the newest intact earlier one; a workdir whose checkpoint was made with a different
+    # trajectory-changing config is refused unless allow_config_change.
+    c.restore_fallback = False
+    c.allow_config_change = False
     return c
 
 

@@ -28,7 +28,7 @@ from saliency_jax import evaluation
 from saliency_jax import evaluators as evaluators_lib
 from saliency_jax import train as train_lib
 from saliency_jax import training
-from saliency_jax.config import apply_overrides
+from saliency_jax.config import ConfigError, apply_overrides
 from saliency_jax.evaluators.base import ReportContext, RunRecord, settings_dict
 
 __all__ = ["arm_config", "check_config", "evaluate_run", "run_experiment", "to_jsonable"]
@@ -49,24 +49,38 @@ def arm_config(config: ml_collections.ConfigDict, arm: str, repeat: int) -> ml_c
 
 
 def check_config(config: ml_collections.ConfigDict) -> list[str]:
-    """Validates every arm's schemes and evaluators before anything is trained; returns the arm names.
+    """Validates every arm before anything is trained; returns the arm names.
+
+    Per arm: the loop fields (:func:`saliency_jax.train.check_run_config`), the schemes and evaluators, and - once
+    per distinct dataset and model - the train and test sources against each other and the model on their shape
+    (:func:`saliency_jax.train.validate_run`).
 
     Raises:
-      ValueError: no arms, or an arm whose schemes / evaluators / settings are wrong (the arm is named).
+      ConfigError: (a ``ValueError``) no arms, a repeated arm name, or an arm that cannot run (the arm is named).
+      ValueError: an arm whose schemes / evaluators / settings are wrong (the arm is named).
       KeyError: an arm override naming an unknown field.
     """
     arms = [name for name, _ in config.experiment.arms]
     if not arms:
-        raise ValueError("config.experiment.arms is empty: nothing to run")
+        raise ConfigError("config.experiment.arms is empty: nothing to run")
     if len(set(arms)) != len(arms):
-        raise ValueError(f"config.experiment.arms repeats a name: {arms}")
+        raise ConfigError(f"config.experiment.arms repeats a name: {arms}")
+    validated = set()
     for arm in arms:
         cfg = arm_config(config, arm, 0)
+        what = json.dumps({k: cfg.get(k) and cfg[k].to_dict() for k in ("dataset", "model")}, sort_keys=True,
+                          default=str)
         try:
-            training.build_scheme(cfg, train_lib.model_layers(cfg))
+            if what in validated:
+                train_lib.check_run_config(cfg)
+                training.build_scheme(cfg, train_lib.model_layers(cfg))
+            else:
+                train_lib.validate_run(cfg)
+                validated.add(what)
             evaluators_lib.build_evaluators(cfg)
         except ValueError as e:
-            raise ValueError(f"arm {arm!r}: {e}") from e
+            error = type(e) if isinstance(e, ConfigError) else ValueError
+            raise error(f"arm {arm!r}: {e}" if len(arms) > 1 else str(e)) from e
     return arms
 
 

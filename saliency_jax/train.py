@@ -9,14 +9,16 @@ The saliency-guided training scheme of the config (``config.schemes``: distracti
 HNC loss, ... chained by :func:`saliency_jax.training.build_scheme`) runs inside the jitted step through the protocol
 of :mod:`saliency_jax.training.scheme`; this module knows no scheme by name. Its randomness comes from
 ``fold_in(key, step)``, so a run is a deterministic function of its seed, and a run restarted from its workdir resumes
-from the latest checkpoint (state, optimizer, step and data-iterator position) and continues the same trajectory.
+from the latest checkpoint (state, optimizer, step and data-iterator position) and continues the same trajectory;
+:mod:`saliency_jax.workdirs` verifies the checkpoints, keeps the launch history and the metrics log. Every field and
+source is validated before the first step (:func:`check_run_config`, :func:`check_sources`), and the jitted step
+never writes NaN into the state (:func:`make_train_step`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import pathlib
@@ -32,13 +34,15 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
+from jax.experimental import checkify, multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from saliency_jax import data as data_lib
 from saliency_jax import models
 from saliency_jax import training
+from saliency_jax import workdirs
+from saliency_jax.config import ConfigError
 from saliency_jax.training import ModelLayers, Scheme, StepContext
 
 Array = jax.Array
@@ -52,6 +56,9 @@ __all__ = [
     "make_train_step",
     "model_layers",
     "check_batch",
+    "check_run_config",
+    "check_sources",
+    "validate_run",
     "predict",
     "train",
     "build_model",
@@ -120,21 +127,19 @@ class TrainResult:
         return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
 
     def restore(self, step: int) -> TrainState:
-        """The :class:`TrainState` saved at ``step`` (one of :meth:`checkpoint_steps`).
+        """The :class:`TrainState` saved at ``step`` (one of :meth:`checkpoint_steps`), verified against the checksums
+        saved with it.
 
         Raises:
-          RuntimeError: if that checkpoint cannot be restored (the path is named).
+          CheckpointError: (a ``RuntimeError``) if that checkpoint cannot be read or differs from its checksums (the
+            step and path are named).
         """
-        mngr = ocp.CheckpointManager((self.workdir / "checkpoints").absolute(),
-                                     item_handlers={"state": ocp.StandardCheckpointHandler()})
+        ckpt = workdirs.Checkpoints(self.workdir, with_data=False)
         try:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
-            return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        except Exception as e:  # orbax raises many types; name the checkpoint either way.
-            raise RuntimeError(f"could not restore checkpoint step {step} from {self.workdir / 'checkpoints'} "
-                               f"({type(e).__name__}: {e})") from e
+            return ckpt.restore_step(step, abstract)[0]
         finally:
-            mngr.close()
+            ckpt.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,8 +317,14 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
     optimizer update.
 
     Metrics: ``loss`` (the total), ``accuracy`` (on the batch trained on; multi-label: the fraction of correct
-    attribute decisions at logit 0), ``classification_loss`` (when the scheme adds a loss term) and every metric of
-    the scheme's pieces.
+    attribute decisions at logit 0), ``update_skipped`` (see below), ``classification_loss`` (when the scheme adds a
+    loss term) and every metric of the scheme's pieces.
+
+    Guard: the step never writes NaN into the state. When the batch has a label outside ``[0, num_classes)`` (multi-
+    label: not 0/1), a NaN / inf pixel, or the loss or a gradient is not finite, the parameters, BatchNorm statistics
+    and optimizer state are left unchanged (only ``step`` advances) and ``update_skipped`` is 1 (else 0); ``loss`` then
+    reports the non-finite value or NaN. Under ``jax.experimental.checkify`` (``errors=checkify.user_checks``) the bad
+    labels and pixels raise instead. The train loop checks every batch on the host before it reaches the step.
 
     Args:
       model: linen module ``apply(variables, images, train=...)``; dropout layers draw from rng ``"dropout"``.
@@ -327,9 +338,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
         ``w_a * CE + w_g * loss_g``); 1 for the usual ``CE + scheme terms``.
 
     Raises:
-      ValueError: on an unknown loss; (when traced) if two pieces report the same metric.
+      ValueError: on an unknown loss; (when traced) if two pieces report the same metric, the batch has 0 examples,
+        or multi-hot labels do not have the shape [batch, num_classes].
     """
     base_loss = training.classification_loss(loss)
+    multi_label = loss == "sigmoid_binary_cross_entropy"
     forward = scheme.forward or training.model_forward
 
     def merge(into, metrics, where):
@@ -339,6 +352,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
             into[k] = v
 
     def step(state: TrainState, batch: dict[str, Array], key: Array):
+        if batch["image"].shape[0] == 0 or batch["label"].shape[:1] != batch["image"].shape[:1]:
+            raise ValueError(f"train step: a batch needs at least one example and one label per image; got images "
+                             f"{batch['image'].shape} and labels {batch['label'].shape}")
+        images_ok = jnp.all(jnp.isfinite(batch["image"]))
+        checkify.debug_check(images_ok, "train step: images contain NaN or inf")
         key = jax.random.fold_in(key, state.step)
         k_batch, k_forward = jax.random.split(key)
         metrics: dict[str, Array] = {}
@@ -364,11 +382,25 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
             return jnp.mean(per_example), (fwd.logits, fwd.updates, aux)
 
         (total, (logits, updates, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        num_classes = logits.shape[-1]
+        if multi_label:
+            if labels.shape != logits.shape:
+                raise ValueError(f"train step: multi-hot labels must be [batch, {num_classes}]; got {labels.shape}")
+            labels_ok = jnp.all((labels == 0) | (labels == 1))
+        else:
+            labels_ok = jnp.all((labels >= 0) & (labels < num_classes))
+        checkify.debug_check(labels_ok, f"train step: labels must lie in [0, {num_classes})")
+        finite = jnp.isfinite(total) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        ok = labels_ok & images_ok & finite
         param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
-                                  batch_stats=updates.get("batch_stats", state.batch_stats), opt_state=opt_state)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+        new_state = state.replace(
+            step=state.step + 1, params=keep(optax.apply_updates(state.params, param_updates), state.params),
+            batch_stats=keep(updates.get("batch_stats", state.batch_stats), state.batch_stats),
+            opt_state=keep(opt_state, state.opt_state))
         accuracy = jnp.mean(training.classification_accuracy(loss, logits, labels))  # sequences: mean over steps
-        out = {"loss": total, "accuracy": accuracy}
+        out = {"loss": jnp.where(labels_ok, total, jnp.nan), "accuracy": accuracy,
+               "update_skipped": 1.0 - ok.astype(jnp.float32)}
         merge(out, aux, "forward")
         merge(out, metrics, "batch transform")
         return new_state, out
@@ -432,60 +464,127 @@ def predict(model: nn.Module, variables: Any, batches: Iterable[dict[str, np.nda
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints and logging.
+# Validation: the whole run is checked before the first step.
 
 
-def _checkpoint_manager(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.get("keep_checkpoints", 2),
-                                           save_interval_steps=config.checkpoint_every, create=True)
-    return ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(), options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
+def check_run_config(config: ml_collections.ConfigDict) -> None:
+    """Validates a run config's loop fields before anything is read or compiled.
+
+    Checks ``batch_size`` and ``eval_batch_size`` (positive, divisible by the device count of the mesh), ``num_steps``
+    and ``num_epochs`` (>= 0; both 0 only in the weights-only mode: ``config.model.pretrained`` or
+    ``config.model.allow_random_init``), ``log_every`` and ``checkpoint_every`` (>= 1), ``eval_every`` (>= 0) and
+    ``keep_checkpoints`` (>= 1).
+
+    Raises:
+      ConfigError: naming the field, its value and what it must be.
+    """
+    devices = jax.device_count()
+
+    defaults = {"log_every": 50, "checkpoint_every": 500, "keep_checkpoints": 2, "eval_every": 0, "num_steps": 0}
+
+    def positive_int(name, minimum=1):
+        value = config.get(name, defaults.get(name))
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ConfigError(f"config.{name}={value!r}: must be an integer >= {minimum}")
+        return int(value)
+
+    for name in ("batch_size", "eval_batch_size"):
+        value = positive_int(name)
+        if value % devices:
+            raise ConfigError(f"config.{name}={value} must be divisible by the {devices} devices of the mesh "
+                              f"(every device takes {name} / {devices} examples); e.g. "
+                              f"--config.{name}={max(devices, value // devices * devices)}")
+    positive_int("log_every")
+    positive_int("checkpoint_every")
+    positive_int("keep_checkpoints")
+    positive_int("eval_every", minimum=0)
+    positive_int("num_steps", minimum=0)
+    epochs = config.get("num_epochs", 0) or 0
+    if not isinstance(epochs, (int, float)) or not np.isfinite(epochs) or epochs < 0:
+        raise ConfigError(f"config.num_epochs={epochs!r}: must be a number >= 0 (0: train num_steps steps)")
+    if not config.get("num_steps", 0) and not epochs:
+        if not config.model.get("pretrained") and not config.model.get("allow_random_init"):
+            raise ConfigError(
+                "config.num_steps = config.num_epochs = 0 and no weights to evaluate: nothing would be trained. Set "
+                "--config.num_steps or --config.num_epochs > 0 to train; num_steps = num_epochs = 0 is the "
+                "weights-only mode, which evaluates imported weights (config.model.pretrained=PATH)")
 
 
-def _restore(mngr: ocp.CheckpointManager, state: TrainState, iterator, workdir: pathlib.Path):
-    step = mngr.latest_step()
-    if step is None:
-        return state, iterator
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)))
-    except Exception as e:  # orbax raises many types; name the checkpoint either way.
-        raise RuntimeError(
-            f"could not restore checkpoint step {step} from {workdir / 'checkpoints'} ({type(e).__name__}: {e}); "
-            "it is corrupt or from a different config: delete that step's folder to fall back to an earlier one, "
-            "or use a fresh workdir") from e
-    logging.info("resumed from %s step %d", workdir / "checkpoints", step)
-    return restored["state"], restored["data"]
+def check_sources(config: ml_collections.ConfigDict, train_source, test_source, *,
+                  multi_label: bool = False) -> tuple[tuple[int, int, int], int]:
+    """Validates the train and test sources of a run against each other before the first step.
+
+    Args:
+      config: the run config (``dataset.image_size``, ``evaluators``).
+      train_source: the train split (random-access source with ``num_classes``).
+      test_source: the test split.
+      multi_label: labels are multi-hot attribute vectors (no class-range check).
+
+    Returns:
+      ``(image_shape, num_classes)`` of the model: ``(height, width, channels)`` after the pipeline's resize
+      (clips: ``(time, height, width, channels)``).
+
+    Raises:
+      ConfigError: images with no pixels (0 x 0) or no channel, a test split with another image shape (size or
+        channels) than the train split, an empty test split when evaluators are configured, test labels outside
+        the training labels' range.
+    """
+    name = config.dataset.name
+    size = config.dataset.get("image_size")
+    shapes = {}
+    for split, source in (("train", train_source), ("test", test_source)):
+        if len(source) == 0:
+            if split == "train" or tuple(config.get("evaluators") or ()):
+                raise ConfigError(f"dataset {name!r}: the {split} split is empty"
+                                  + (f" (config.evaluators={tuple(config.evaluators)} read it)" if split == "test"
+                                     else ""))
+            continue
+        raw = tuple(int(d) for d in np.shape(source[0]["image"]))
+        if len(raw) not in (3, 4) or min(raw) < 1:
+            raise ConfigError(f"dataset {name!r}: {split} images have shape {raw}; they need height, width and "
+                              "channels (clips: time, height, width, channels) of at least 1")
+        shapes[split] = tuple(data_lib.image_shape(source, size))
+    if "test" in shapes and shapes["test"][-1] != shapes["train"][-1]:
+        raise ConfigError(f"dataset {name!r}: test images have {shapes['test'][-1]} channel(s), train images "
+                          f"{shapes['train'][-1]}: the two splits must have the same channels")
+    if "test" in shapes and shapes["test"] != shapes["train"]:
+        how = f"after the resize to config.dataset.image_size={size}" if size else "config.dataset.image_size=None"
+        raise ConfigError(f"dataset {name!r}: test images are {shapes['test']} but train images are "
+                          f"{shapes['train']} ({how}); the model is built for the train shape: set "
+                          "--config.dataset.image_size to resize both")
+    num_classes = int(data_lib.num_classes(train_source))
+    train_labels, test_labels = getattr(train_source, "labels", None), getattr(test_source, "labels", None)
+    if not multi_label and train_labels is not None and test_labels is not None and len(test_labels):
+        train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+        if train_labels.ndim == 1 and test_labels.ndim == 1 and len(train_labels):
+            top = int(train_labels.max())
+            unseen = np.unique(test_labels[(test_labels > top) | (test_labels < 0)])
+            if unseen.size:
+                raise ConfigError(
+                    f"dataset {name!r}: the test split has labels {unseen[:10].tolist()} outside the training "
+                    f"split's range [0, {top}] (num_classes grew to {num_classes}): those classes are never "
+                    "trained; check the data, or give class names so that num_classes is fixed")
+    return shapes["train"], num_classes
 
 
-class _MetricWriter:
-    """JSON lines in ``workdir/metrics.jsonl`` (and TensorBoard event files if ``tensorboardX`` is installed)."""
+def validate_run(config: ml_collections.ConfigDict) -> None:
+    """Everything :func:`train` checks before its first step, without training: the loop fields, the scheme, the
+    train and test sources against each other, and the model's initialisation on the input shape (traced, no
+    FLOPs). :func:`saliency_jax.experiment.check_config` runs it for every arm before the first arm trains.
 
-    def __init__(self, workdir: pathlib.Path, enabled: bool):
-        self.enabled = enabled
-        self.path = workdir / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            try:
-                from tensorboardX import SummaryWriter  # optional
-                self.tb = SummaryWriter(str(workdir / "tensorboard"))
-            except ImportError:
-                pass
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
+    Raises:
+      ConfigError: as :func:`check_run_config` and :func:`check_sources`; ValueError: as the scheme's settings and
+        the model.
+    """
+    check_run_config(config)
+    training.build_scheme(config, model_layers(config))
+    if not config.get("num_steps", 0) and not config.get("num_epochs", 0):
+        return  # weights-only: no data is read by train()
+    multi_label = config.get("loss", "softmax_cross_entropy") == "sigmoid_binary_cross_entropy"
+    train_source, _, _, test_source = load_sources(config)
+    image_shape, num_classes = check_sources(config, train_source, test_source, multi_label=multi_label)
+    model = build_model(config, num_classes)
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape), jnp.float32), train=False))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,44 +598,60 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) 
     return int(np.ceil(config.num_epochs * num_train_examples / config.batch_size))
 
 
+def _mean_metrics(pending: list[dict[str, Any]]) -> dict[str, float]:
+    keys = [k for k in pending[-1] if all(k in m for m in pending)]
+    return {k: float(np.mean([float(m[k]) for m in pending])) for k in keys}
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True) -> TrainResult:
     """Trains one model from a config, resuming from ``workdir`` if it holds checkpoints.
 
-    With ``num_steps = 0`` and ``num_epochs = 0`` nothing is trained: the model is built around the imported
-    weights of ``config.model.pretrained`` (or, only with ``config.model.allow_random_init``, a random
-    initialisation) for the evaluators to use; ``config.model.num_classes`` and ``config.dataset.image_size`` /
-    ``channels`` then give the model's shape, since no training data is read.
+    With ``num_steps = 0`` and ``num_epochs = 0`` nothing is trained (the weights-only mode): the model is built
+    around the imported weights of ``config.model.pretrained`` (or, only with ``config.model.allow_random_init``, a
+    random initialisation) for the evaluators to use; ``config.model.num_classes`` and ``config.dataset.image_size``
+    / ``channels`` then give the model's shape, since no training data is read.
+
+    Before the first step the whole run is validated (:func:`check_run_config`, :func:`check_sources`: loop fields,
+    mesh and eval batching, train and test sources, model). Resuming (:mod:`saliency_jax.workdirs`): the latest
+    checkpoint is verified against its checksums before use (a damaged one is refused, naming the step, unless
+    ``config.restore_fallback``); a checkpoint made with a config differing in a trajectory-changing field, or by
+    another number of processes, is refused (``config.allow_config_change`` allows the former); ``metrics.jsonl`` is
+    cut back to the checkpoint, so that it reads as an uninterrupted run's. Every launch that trains is recorded in
+    ``launches.jsonl``. On any error inside the loop the in-flight checkpoint is committed and the checkpoint
+    manager closed before the error propagates.
 
     Args:
       config: a run config (see ``experiments/configs/`` and :func:`saliency_jax.config.default_config`): ``seed``,
         ``dataset``, ``model``, ``optimizer``, ``loss``, ``schemes`` (and a section per listed scheme),
-        ``batch_size``, ``num_steps`` / ``num_epochs``, ``log_every``, ``checkpoint_every``, ``eval_every``.
-      workdir: output folder: ``checkpoints/`` (orbax), ``metrics.jsonl``, ``config.json``.
+        ``batch_size``, ``num_steps`` / ``num_epochs``, ``log_every``, ``checkpoint_every``, ``eval_every``,
+        ``restore_fallback``, ``allow_config_change``.
+      workdir: output folder: ``checkpoints/`` (orbax), ``metrics.jsonl``, ``config.json``, ``launches.jsonl``.
       progress: show a tqdm progress bar (process 0 only).
 
     Returns:
       A :class:`TrainResult`.
 
     Raises:
-      ValueError: if the global batch size does not divide over the devices, an input batch is malformed, the
-        scheme settings are wrong, or there is nothing to train and no weights to evaluate.
-      RuntimeError: if the latest checkpoint cannot be restored (the path is named).
+      ConfigError: (a ``ValueError``) a field out of range or not divisible over the devices, sources that do not
+        fit together, nothing to train and no weights; ResumeError (a ``ConfigError``): the workdir's checkpoint was
+        made with another trajectory-changing config, by another number of processes, or is past this config's last
+        step.
+      ValueError: a malformed input batch, wrong scheme settings.
+      CheckpointError: (a ``RuntimeError``) the latest checkpoint is unreadable or damaged (the step is named).
+      FloatingPointError: the loss became non-finite (the update of that step was skipped).
     """
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_run_config(config)
     is_main = jax.process_index() == 0
-    if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     layers = model_layers(config)
     scheme = training.build_scheme(config, layers)  # settings errors before anything is read or compiled
     loss = config.get("loss", "softmax_cross_entropy")
     training.classification_loss(loss)
     multi_label = loss == "sigmoid_binary_cross_entropy"
+    workdir.mkdir(parents=True, exist_ok=True)
 
     # Mesh.
     mesh = make_mesh()
-    if config.batch_size % jax.device_count():
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {jax.device_count()} devices")
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
 
@@ -546,13 +661,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
         num_classes = config.model.get("num_classes")
         size = config.dataset.get("image_size")
         if not num_classes or not size:
-            raise ValueError("num_steps = num_epochs = 0 (no training): set config.model.num_classes and "
-                             "config.dataset.image_size for the model to build")
+            raise ConfigError("num_steps = num_epochs = 0 (the weights-only mode: nothing is trained): set "
+                              "config.model.num_classes and config.dataset.image_size for the model to build")
         image_shape = (size, size, config.dataset.get("channels", 3))
         train_source = iterator = val_idx = None
         total_steps = 0
     else:
-        train_source, train_idx, val_idx, _ = load_sources(config)
+        train_source, train_idx, val_idx, test_source = load_sources(config)
+        image_shape, num_classes = check_sources(config, train_source, test_source, multi_label=multi_label)
         dataset = data_lib.make_train_dataset(
             train_source, train_idx, batch_size=config.batch_size, seed=config.seed,
             image_size=config.dataset.get("image_size"), augment_kwargs=dict(config.dataset.get("augment") or {}),
@@ -561,81 +677,119 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
                                            prefetch_buffer_size=config.dataset.get("prefetch", 256)))
         iterator = iter(dataset)
         total_steps = num_train_steps(config, len(train_idx))
-        num_classes = train_source.num_classes
-        image_shape = data_lib.image_shape(train_source, config.dataset.get("image_size"))
 
-    # Model and optimizer.
-    model = build_model(config, num_classes)
-    optimizer = make_optimizer(config)
-    pretrained = config.model.get("pretrained")
-    if not pretrained and config.model.name in ("resnet50", "vgg16", "alexnet"):
-        logging.warning("%s starts from random weights: set --config.model.pretrained=PATH (torchvision-named "
-                        ".safetensors/.npz) to fine-tune from ImageNet as the papers do", config.model.name)
-    if train_only_weights and not pretrained and not config.model.get("allow_random_init"):
-        raise ValueError("nothing to train (num_steps = num_epochs = 0) and no weights to evaluate: set "
-                         "config.model.pretrained=PATH")
-    if pretrained and not os.path.isfile(pretrained):  # before the (slow) initialisation
-        raise FileNotFoundError(f"config.model.pretrained: weights file not found: {pretrained!r}")
-    variables = jax.jit(lambda: model.init(jax.random.key(config.seed), jnp.zeros((1, *image_shape), jnp.float32),
-                                           train=False))()
-    if pretrained:
-        from saliency_jax.models import weights
-        variables = weights.load_pretrained(config.model.name, pretrained, variables,
-                                            skip_head=not train_only_weights)
-    initial_variables = jax.device_get({"params": variables["params"],
-                                        "batch_stats": variables.get("batch_stats", {})})
+    # Resume checks, before anything is compiled: this launch against the workdir's latest checkpoint.
+    ckpt = None
+    if not train_only_weights:
+        ckpt = workdirs.Checkpoints(workdir, every=config.checkpoint_every, keep=config.get("keep_checkpoints", 2))
+    writer = None
+    pbar = None
+    failed = True
+    try:
+        if ckpt is not None:
+            latest = ckpt.latest_step() or 0
+            if latest:
+                ckpt.check_process_count(latest)
+            if latest > total_steps:
+                raise workdirs.ResumeError(
+                    f"{workdir} holds a checkpoint at step {latest}, past this config's {total_steps} steps "
+                    f"(config.num_steps={config.get('num_steps')}, config.num_epochs={config.get('num_epochs')}): "
+                    f"the run there is longer than this config describes. Set --config.num_steps={latest} (or "
+                    "more) to use it, or use a fresh workdir")
+            workdirs.check_resume(workdir, config, latest)
 
-    # Sharding.
-    state = jax.jit(lambda v: init_state(model, optimizer, image_shape, config.seed, v),
-                    out_shardings=replicated)(variables)
-    step_fn = jax.jit(make_train_step(model, optimizer, scheme, loss=loss,
-                                      classification_weight=config.get("classification_weight", 1.0)),
-                      in_shardings=(replicated, data_sharding, replicated), out_shardings=(replicated, replicated),
-                      donate_argnums=(0,))
-    result = functools.partial(TrainResult, model=model, workdir=workdir, config=config,
-                               initial_variables=initial_variables, image_shape=tuple(image_shape),
-                               num_classes=num_classes)
-    if train_only_weights:
-        return result(state=state, history=[])
+        # Model and optimizer.
+        model = build_model(config, num_classes)
+        optimizer = make_optimizer(config)
+        pretrained = config.model.get("pretrained")
+        if not pretrained and config.model.name in ("resnet50", "vgg16", "alexnet"):
+            logging.warning("%s starts from random weights: set --config.model.pretrained=PATH (torchvision-named "
+                            ".safetensors/.npz) to fine-tune from ImageNet as the papers do", config.model.name)
+        if pretrained and not os.path.isfile(pretrained):  # before the (slow) initialisation
+            raise FileNotFoundError(f"config.model.pretrained: weights file not found: {pretrained!r}")
+        variables = jax.jit(lambda: model.init(jax.random.key(config.seed),
+                                               jnp.zeros((1, *image_shape), jnp.float32), train=False))()
+        if pretrained:
+            from saliency_jax.models import weights
+            variables = weights.load_pretrained(config.model.name, pretrained, variables,
+                                                skip_head=not train_only_weights)
+        initial_variables = jax.device_get({"params": variables["params"],
+                                            "batch_stats": variables.get("batch_stats", {})})
 
-    # Checkpoint restore.
-    mngr = _checkpoint_manager(workdir, config)
-    state, iterator = _restore(mngr, state, iterator, workdir)
-    start = int(state.step)
+        # Sharding.
+        state = jax.jit(lambda v: init_state(model, optimizer, image_shape, config.seed, v),
+                        out_shardings=replicated)(variables)
+        step_fn = jax.jit(make_train_step(model, optimizer, scheme, loss=loss,
+                                          classification_weight=config.get("classification_weight", 1.0)),
+                          in_shardings=(replicated, data_sharding, replicated),
+                          out_shardings=(replicated, replicated), donate_argnums=(0,))
+        result = functools.partial(TrainResult, model=model, workdir=workdir, config=config,
+                                   initial_variables=initial_variables, image_shape=tuple(image_shape),
+                                   num_classes=num_classes)
+        if train_only_weights:
+            workdirs.write_config(workdir, config)
+            failed = False
+            return result(state=state, history=[])
 
-    # Loop.
-    writer = _MetricWriter(workdir, is_main)
-    history: list[dict[str, float]] = []
-    key = jax.random.key(config.seed + 1)
-    pbar = tqdm(total=total_steps, initial=start, disable=not (progress and is_main), desc=workdir.name,
-                dynamic_ncols=True, leave=False)
-    pending = []
-    t0 = time.time()
-    for step in range(start + 1, total_steps + 1):
-        batch = next(iterator)
-        check_batch(batch, num_classes, where=f"train step {step} ({workdir})", multi_label=multi_label)
-        batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch)
-        state, metrics = step_fn(state, batch, key)
-        pending.append(metrics)
-        pbar.update(1)
-        if step % config.log_every == 0 or step == total_steps:
-            summary = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
-            pending = []
-            if config.get("eval_every") and (step % config.eval_every == 0 or step == total_steps) and len(val_idx):
-                summary["val_accuracy"] = evaluate_accuracy(model, state, train_source, val_idx, config, mesh)
-            writer.write(step, summary)
-            history.append({"step": step, **summary})
-            pbar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['accuracy']:.3f}")
-            if not np.isfinite(summary["loss"]):
-                raise FloatingPointError(f"loss became {summary['loss']} at step {step} ({workdir}); lower the "
-                                         "learning rate or check the inputs")
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                data=grain.checkpoint.CheckpointSave(iterator)),
-                  force=step == total_steps)
-    pbar.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
+        # Checkpoint restore (verified; a damaged step is refused or, with restore_fallback, skipped).
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        start, restored, iterator, log_state = ckpt.restore_latest(abstract, iterator,
+                                                                   fallback=config.get("restore_fallback", False))
+        if restored is not None:
+            state = restored
+        writer = workdirs.MetricsLog(workdir, is_main)
+        log_state = log_state or workdirs.LogState(last_log_step=start)
+        if start < total_steps:
+            writer.rewind(log_state.last_log_step)  # lines of a launch killed after its checkpoint, or its last
+            workdirs.record_launch(workdir, config, start, total_steps)
+
+        # Loop.
+        history: list[dict[str, float]] = []
+        key = jax.random.key(config.seed + 1)
+        pbar = tqdm(total=total_steps, initial=start, disable=not (progress and is_main), desc=workdir.name,
+                    dynamic_ncols=True, leave=False)
+        pending: list[dict[str, Any]] = list(log_state.pending)
+        last_log = log_state.last_log_step
+        t0 = time.time()
+        for step in range(start + 1, total_steps + 1):
+            batch = next(iterator)
+            check_batch(batch, num_classes, where=f"train step {step} ({workdir})", multi_label=multi_label)
+            batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch)
+            state, metrics = step_fn(state, batch, key)
+            pending.append(metrics)
+            pbar.update(1)
+            on_grid = step % config.log_every == 0
+            if on_grid or step == total_steps:
+                summary = _mean_metrics(pending)
+                if not summary.get("update_skipped", 1.0):  # logged only when a step's update was skipped
+                    del summary["update_skipped"]
+                if on_grid:  # off the grid (a launch's last step) the window stays open for a later launch
+                    pending, last_log = [], step
+                if config.get("eval_every") and (step % config.eval_every == 0 or step == total_steps) \
+                        and len(val_idx):
+                    summary["val_accuracy"] = evaluate_accuracy(model, state, train_source, val_idx, config, mesh)
+                writer.write(step, summary)
+                history.append({"step": step, **summary})
+                pbar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['accuracy']:.3f}")
+                if not np.isfinite(summary["loss"]) or summary.get("update_skipped", 0.0) > 0:
+                    raise FloatingPointError(
+                        f"loss became {summary['loss']} by step {step} ({workdir}; the updates with a non-finite "
+                        "loss or gradient were skipped, the checkpoints hold finite weights): lower the learning "
+                        "rate or check the inputs")
+            if ckpt.should_save(step, force=step == total_steps):
+                log = workdirs.LogState(last_log, [{k: float(v) for k, v in m.items()} for m in pending])
+                ckpt.save(step, state, iterator, log, force=step == total_steps)
+        ckpt.wait()
+        failed = False
+    finally:
+        # Every exit path: commit the in-flight checkpoint (the last good step) and close the manager; while an
+        # error propagates, failures here are logged, not raised, so that the caller sees that error.
+        if pbar is not None:
+            pbar.close()
+        if ckpt is not None:
+            ckpt.close(quiet=failed)
+        if writer is not None:
+            writer.close()
     return result(state=state, history=history, train_seconds=time.time() - t0 if total_steps > start else 0.0)
 
 

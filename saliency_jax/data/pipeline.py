@@ -6,11 +6,12 @@ Training (:func:`make_train_dataset`)::
                       -> resize -> random_map(augment) -> this process's shard -> batch
 
 The shuffle and the augmentation are functions of the seed and of the
-position in the *global* example stream, and each process keeps every
-``shard_count``-th element of that stream. Hence the union of the
-processes' batches at step t is exactly batch t of the single-process
-pipeline with the same global batch size: results do not depend on how many
-hosts read the data.
+position in the *global* example stream, and each process keeps its
+contiguous rows of every global batch of that stream (process ``i`` rows
+``[i * b, (i + 1) * b)``, ``b = batch_size // shard_count``). Hence the
+processes' batches at step t, stacked in process order, are exactly batch t
+of the single-process pipeline with the same global batch size, row for row:
+results do not depend on how many hosts read the data.
 
 Evaluation (:func:`make_eval_batches`) reads examples in order and pads the
 last batch, with a ``mask`` marking the real rows.
@@ -310,9 +311,10 @@ def make_train_dataset(
     ``seed`` and reshuffled differently (but deterministically) every epoch
     (``shuffle`` then ``repeat``), resized, augmented with
     :func:`saliency_jax.data.augment.augment` in ``random_map`` (a function of
-    ``seed`` and the global stream position), then this process keeps
-    elements ``shard_index, shard_index + shard_count, ...`` of the stream and
-    batches ``batch_size // shard_count`` of them with ``drop_remainder``.
+    ``seed`` and the global stream position), then this process keeps its
+    rows ``[shard_index * b, (shard_index + 1) * b)`` of every global batch of
+    the stream (``b = batch_size // shard_count``) and batches them with
+    ``drop_remainder``.
     Batches may span an epoch boundary. With ``num_epochs`` set, the stream is
     cut to a whole number of global batches so that every process yields the
     same number of batches.
@@ -397,10 +399,44 @@ def make_train_dataset(
             functools.partial(_augment_example, augment_kwargs=augment_kwargs)
         )
     if shard_count > 1:
-        ds = ds[shard_index::shard_count]
+        ds = _ProcessRows(ds, local_batch_size, shard_index, shard_count)
     return ds.to_iter_dataset(read_options).batch(
         local_batch_size, drop_remainder=True
     )
+
+
+class _ProcessRows(grain.MapDataset):
+    """Process ``shard_index``'s contiguous rows of every global batch of a stream.
+
+    Element ``i`` is stream element ``k * B + shard_index * b + j`` with ``k, j = divmod(i, b)``, ``b`` the local and
+    ``B = b * shard_count`` the global batch size. ``jax.make_array_from_process_local_data`` stacks the processes'
+    batches in process order, so the global batch is row for row the single-process batch (per-example randomness
+    keyed by row - e.g. a scheme's per-example coin flips - then also agrees across process counts).
+    """
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, local_batch_size: int, shard_index: int, shard_count: int):
+        super().__init__(parent)
+        self._rows, self._index, self._count = local_batch_size, shard_index, shard_count
+        self._length = len(parent) // (local_batch_size * shard_count) * local_batch_size
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        batch, row = divmod(index, self._rows)
+        return (batch * self._count + self._index) * self._rows + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        with self._stats.record_self_time():
+            parent_index = self._parent_index(index)
+        return self._parent[parent_index]
+
+    def __str__(self) -> str:
+        return f"ProcessRows(shard {self._index} of {self._count}, {self._rows} rows per batch)"
 
 
 def _pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

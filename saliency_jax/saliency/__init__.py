@@ -1,6 +1,10 @@
 """Saliency transforms: pure, jittable functions from (model, images, targets) to per-example maps.
 
 This package knows nothing of training; :mod:`saliency_jax.training` builds on it.
+
+Bad inputs (:mod:`saliency_jax.saliency.core`): a target class outside ``[0, num_classes)`` or a NaN / inf pixel
+raises for concrete inputs; under ``jax.jit`` the maps of those examples are NaN, and :func:`checked` runs a
+transform under ``jax.experimental.checkify`` to raise instead.
 """
 
 from saliency_jax.saliency.core import (
@@ -8,6 +12,7 @@ from saliency_jax.saliency.core import (
     LayerOutputs,
     apply_with_layers,
     check_images,
+    checked,
     linen_head,
     linen_layer,
     module_paths,

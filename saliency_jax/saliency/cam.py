@@ -31,6 +31,8 @@ from saliency_jax.saliency.core import (
     apply_with_layers,
     at_least_float32,
     check_images,
+    invalid_examples,
+    mark_invalid,
     normalize_maps,
     resize_maps,
     resolve_targets,
@@ -121,14 +123,15 @@ def class_activation_map(
     features, kernel, bias = at_least_float32(features), at_least_float32(kernel), at_least_float32(bias)
     logits = jnp.mean(features, axis=(1, 2)) @ kernel + bias
     classes = resolve_targets(targets, logits)
-    maps = jnp.einsum("bhwk,kb->bhw", features, kernel[:, classes]) + bias[classes][:, None, None]
+    safe = jnp.clip(classes, 0, num_classes - 1)
+    maps = jnp.einsum("bhwk,kb->bhw", features, kernel[:, safe]) + bias[safe][:, None, None]
     if relu:
         maps = jnp.maximum(maps, 0.0)
     if size is not None:
         maps = resize_maps(maps, tuple(size))
     if normalize:
         maps = normalize_maps(maps)
-    return maps
+    return mark_invalid(maps, invalid_examples(images=features, classes=classes, num_classes=num_classes))
 
 
 def class_activation_maps(features: Array, kernel: Array, bias: Array | None, classes: Array) -> Array:
@@ -267,7 +270,8 @@ def linen_class_activation_map(
                 "pooling network; name the layer whose output is pooled (after its ReLU)")
     classes = resolve_targets(targets, logits)
     size = tuple(images.shape[1:3]) if resize else None
-    return class_activation_map(features, kernel, bias, classes, size=size, relu=relu, normalize=normalize)
+    maps = class_activation_map(features, kernel, bias, classes, size=size, relu=relu, normalize=normalize)
+    return mark_invalid(maps, invalid_examples(images=images))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,12 +344,15 @@ def grad_cam_plus_plus(
         raise ValueError(f"Grad-CAM++ needs spatial activations [batch, h, w, channels] at layer {model.layer!r}; "
                          f"got {shape.shape}")
 
+    num_classes = []
+
     def summed_score(perturbation):
         logits, activations = model(images, perturbation)
         classes = resolve_targets(targets, logits)
-        return jnp.sum(class_scores(logits, classes, score)), activations
+        num_classes.append(logits.shape[-1])
+        return jnp.sum(class_scores(logits, classes, score)), (activations, classes)
 
-    gradients, activations = jax.grad(summed_score, has_aux=True)(jnp.zeros(shape.shape, shape.dtype))
+    gradients, (activations, classes) = jax.grad(summed_score, has_aux=True)(jnp.zeros(shape.shape, shape.dtype))
     weights = grad_cam_plus_plus_weights(activations, gradients, eps)
     maps = jnp.einsum("bhwc,bc->bhw", activations.astype(jnp.float32), weights)
     if relu:
@@ -354,4 +361,4 @@ def grad_cam_plus_plus(
         maps = resize_maps(maps, images.shape[1:3])
     if normalize:
         maps = normalize_maps(maps)
-    return maps
+    return mark_invalid(maps, invalid_examples(images=images, classes=classes, num_classes=num_classes[0]))

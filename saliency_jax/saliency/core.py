@@ -23,6 +23,13 @@ output: a ``jax.nn`` function that compiles to one call (``relu``, ``relu6``, ``
 ...) or a single element-wise primitive (``tanh``, ``logistic``, ``max``). Such paths are reached by tracing the model
 to a jaxpr once and evaluating it again with the layer's value exposed (same numbers, same gradients, same compiled
 program); a name that does not match what consumes the output raises, naming what does.
+
+Bad inputs. Every transform validates its inputs: for concrete arrays (called outside ``jax.jit``) a target class
+outside ``[0, num_classes)`` (negative ones included: no wrap-around) or a NaN / inf pixel raises ``ValueError``
+naming the examples. Traced inputs (inside ``jax.jit``) cannot raise; there the maps of the offending examples are
+NaN (every pixel), so they cannot be mistaken for real maps, and the other examples' maps are unaffected. For errors
+inside ``jit``, run the transform under :func:`checked` (``jax.experimental.checkify``): the same conditions then
+raise ``checkify.JaxRuntimeError`` (a ``ValueError``) after the jitted call.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
 from jax.extend import core as jex_core
 from jax.interpreters import mlir
 
@@ -49,6 +58,11 @@ __all__ = [
     "split_layer",
     "module_paths",
     "resolve_targets",
+    "select_targets",
+    "target_one_hot",
+    "invalid_examples",
+    "mark_invalid",
+    "checked",
     "normalize_maps",
     "resize_maps",
     "check_images",
@@ -433,21 +447,39 @@ def split_layer(features_fn: Callable[[Array], Array], head_fn: Callable[[Array]
     return LayerModel(fn=fn, layer=layer)
 
 
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
 def check_images(images: Array, name: str = "images") -> None:
-    """Validates a batch of images at trace time (shape and dtype; values are checked by callers on the host).
+    """Validates a batch of images: shape and dtype at trace time, finite pixels when the values are known.
 
     Args:
       images: [batch, height, width, channels] floating point.
       name: the argument's name for messages.
 
     Raises:
-      ValueError: if the rank is not 4.
+      ValueError: if the rank is not 4, or (concrete ``images``, i.e. outside ``jax.jit``) a pixel is NaN or inf,
+        naming the examples. Traced images are checked only under :func:`checked` (``checkify``); otherwise the
+        transforms give NaN maps for such examples (:func:`invalid_examples`).
       TypeError: if the dtype is not floating point.
     """
     if getattr(images, "ndim", None) != 4:
         raise ValueError(f"{name} must be [batch, height, width, channels]; got shape {getattr(images, 'shape', None)}")
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise TypeError(f"{name} must be floating point (float32 in [0, 1]); got dtype {images.dtype}")
+    if _is_traced(images):
+        checkify.debug_check(jnp.all(jnp.isfinite(images)), f"{name} contain NaN or inf pixels")
+        return
+    if isinstance(images, np.ndarray):
+        finite = np.isfinite(images).all(axis=(1, 2, 3))
+    else:  # a concrete device array (maybe a constant inside a jit trace): reduce there, move [batch] booleans
+        with jax.ensure_compile_time_eval():
+            finite = np.asarray(jnp.isfinite(images).all(axis=(1, 2, 3)))
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(f"{name} contain NaN or inf pixels (examples {bad[:10].tolist()}"
+                         f"{' ...' if bad.size > 10 else ''} of {finite.size})")
 
 
 def resolve_targets(targets: Array | int | None, logits: Array) -> Array:
@@ -459,27 +491,157 @@ def resolve_targets(targets: Array | int | None, logits: Array) -> Array:
       logits: [batch, num_classes].
 
     Returns:
-      int32 [batch] class indices.
+      int32 [batch] class indices. Traced targets are returned as given, out-of-range ones included: the transforms
+      turn the maps of those examples into NaN (:func:`select_targets`, :func:`target_one_hot`,
+      :func:`invalid_examples`) and :func:`checked` raises on them.
 
     Raises:
-      ValueError: if an array of targets does not have shape [batch], or a static int is out of range.
+      ValueError: if an array of targets does not have shape [batch], or a concrete target (an ``int`` or an array
+        known outside ``jit``) lies outside ``[0, num_classes)``; negative targets are errors, not Python-style
+        indices from the end.
       TypeError: if targets are not integers.
     """
     batch, num_classes = logits.shape
     if targets is None:
         return jnp.argmax(jax.lax.stop_gradient(logits), axis=-1).astype(jnp.int32)
-    if isinstance(targets, int):
+    if isinstance(targets, (int, np.integer)) and not isinstance(targets, (bool, np.bool_)):
         if not 0 <= targets < num_classes:
             raise ValueError(f"target class {targets} out of range [0, {num_classes})")
         return jnp.full((batch,), targets, jnp.int32)
-    targets = jnp.asarray(targets)
+    traced = _is_traced(targets)
+    if not traced:  # known values (also a constant inside a jit trace): check them on the host
+        targets = np.asarray(targets)
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise TypeError(f"targets must be integer class indices; got dtype {targets.dtype}")
-    if targets.ndim == 0:
-        return jnp.broadcast_to(targets.astype(jnp.int32), (batch,))
-    if targets.shape != (batch,):
+    if targets.ndim != 0 and targets.shape != (batch,):
         raise ValueError(f"targets must have shape [{batch}] (one class per example); got {targets.shape}")
-    return targets.astype(jnp.int32)
+    if traced:
+        checkify.debug_check(jnp.all((targets >= 0) & (targets < num_classes)),
+                             f"target classes must lie in [0, {num_classes})")
+    else:
+        values = np.broadcast_to(targets, (batch,))
+        bad = np.flatnonzero((values < 0) | (values >= num_classes))
+        if bad.size:
+            raise ValueError(f"target classes must lie in [0, {num_classes}); got {values[bad[:10]].tolist()} "
+                             f"at examples {bad[:10].tolist()}{' ...' if bad.size > 10 else ''}")
+    return jnp.broadcast_to(jnp.asarray(targets).astype(jnp.int32), (batch,))
+
+
+def _valid_classes(classes: Array, num_classes: int) -> Array:
+    return (classes >= 0) & (classes < num_classes)
+
+
+def select_targets(values: Array, classes: Array) -> Array:
+    """``values[b, classes[b]]`` per example; NaN, with NaN gradients, where the class is out of range.
+
+    Use it (rather than indexing) wherever a transform picks the target class's score: a traced out-of-range target
+    then makes that example's score and every gradient through it NaN, instead of indexing a wrapped-around
+    (negative) or clamped (too large) class.
+
+    Args:
+      values: [batch, num_classes] float (logits or probabilities).
+      classes: int [batch] (from :func:`resolve_targets`).
+
+    Returns:
+      [batch] in ``values``' dtype.
+    """
+    num_classes = values.shape[-1]
+    picked = jnp.take_along_axis(values, jnp.clip(classes, 0, num_classes - 1)[:, None], axis=-1)[:, 0]
+    return picked * jnp.where(_valid_classes(classes, num_classes), 1.0, jnp.nan).astype(picked.dtype)
+
+
+def target_one_hot(classes: Array, num_classes: int, dtype=jnp.float32) -> Array:
+    """One-hot rows of the target classes, a NaN row where the class is out of range (not a row of zeros).
+
+    Args:
+      classes: int [batch].
+      num_classes: the number of classes.
+      dtype: the rows' float dtype.
+
+    Returns:
+      [batch, num_classes] ``dtype``.
+    """
+    one_hot = jax.nn.one_hot(classes, num_classes, dtype=dtype)
+    return jnp.where(_valid_classes(classes, num_classes)[:, None], one_hot, jnp.nan).astype(dtype)
+
+
+def invalid_examples(*, images: Array | None = None, classes: Array | None = None,
+                     num_classes: int | None = None) -> Array | None:
+    """Which examples have no valid map: a NaN / inf pixel, or a target class outside ``[0, num_classes)``.
+
+    Args:
+      images: optional [batch, ...] float inputs.
+      classes: optional int [batch] target classes (with ``num_classes``).
+      num_classes: the number of classes.
+
+    Returns:
+      bool [batch] (True = invalid), or None when nothing was given.
+    """
+    invalid = None
+    if images is not None:
+        invalid = ~jnp.all(jnp.isfinite(images), axis=tuple(range(1, images.ndim)))
+    if classes is not None:
+        bad = ~_valid_classes(classes, num_classes)
+        invalid = bad if invalid is None else invalid | bad
+    return invalid
+
+
+def mark_invalid(maps: Array, invalid: Array | None) -> Array:
+    """``maps`` with every value of the invalid examples set to NaN (floating maps; others unchanged).
+
+    Args:
+      maps: [batch, ...] float.
+      invalid: bool [batch] (:func:`invalid_examples`), or None for no change.
+
+    Returns:
+      ``maps``' shape and dtype.
+    """
+    if invalid is None:
+        return maps
+    mask = invalid.reshape(invalid.shape + (1,) * (maps.ndim - 1))
+    return jnp.where(mask, jnp.asarray(jnp.nan, maps.dtype), maps)
+
+
+def checked(fn: Callable[..., Any], *, jit: bool = True) -> Callable[..., Any]:
+    """The checked mode of the saliency transforms: ``fn`` under ``jax.experimental.checkify``, raising on bad input.
+
+    Inside ``jax.jit`` a transform cannot raise on values; it gives NaN maps for examples with a NaN / inf pixel or
+    an out-of-range target class. ``checked(fn)`` instead runs ``fn`` (jitted, by default) with those checks
+    functionalised and raises after the call.
+
+    Args:
+      fn: a function calling saliency transforms, e.g. ``lambda x, y: grad_cam(split, x, y)``.
+      jit: jit the checkified function (the usual use: the checks are then compiled in).
+
+    Returns:
+      A function with ``fn``'s signature and outputs.
+
+    Raises:
+      jax.experimental.checkify.JaxRuntimeError: (a ``ValueError``, when the returned function is called) naming the
+        failed check, e.g. ``"target classes must lie in [0, 10)"``.
+
+    Example:
+      >>> from saliency_jax.saliency import grad_cam, split_layer
+      >>> model = split_layer(lambda x: x, lambda a: a.mean((1, 2)) @ jnp.ones((3, 2)))
+      >>> safe = checked(lambda x, y: grad_cam(model, x, y))
+      >>> safe(jnp.ones((2, 4, 4, 3)), jnp.array([0, 1])).shape
+      (2, 4, 4)
+      >>> try:
+      ...     safe(jnp.ones((2, 4, 4, 3)), jnp.array([0, 5]))
+      ... except ValueError as e:
+      ...     print(str(e).splitlines()[0])
+      target classes must lie in [0, 2) (`check` failed)
+    """
+    inner = checkify.checkify(fn, errors=checkify.user_checks)
+    if jit:
+        inner = jax.jit(inner)
+
+    def run(*args, **kwargs):
+        err, out = inner(*args, **kwargs)
+        err.throw()
+        return out
+
+    return run
 
 
 def at_least_float32(x: Array) -> Array:
@@ -496,8 +658,8 @@ def normalize_maps(maps: Array) -> Array:
 
     Returns:
       float32 (float64 for float64 input) maps of the same shape, each example scaled to span [0, 1]; a constant
-      map becomes all zeros
-      (never NaN).
+      map becomes all zeros (never NaN); a map holding a NaN or inf value becomes all NaN (an invalid map stays
+      recognisable).
     """
     maps = at_least_float32(maps)
     axes = tuple(range(1, maps.ndim))
@@ -505,7 +667,8 @@ def normalize_maps(maps: Array) -> Array:
     hi = jnp.max(maps, axis=axes, keepdims=True)
     span = hi - lo
     safe = jnp.where(span > 0, span, 1.0)
-    return jnp.where(span > 0, (maps - lo) / safe, 0.0)
+    out = jnp.where(span > 0, (maps - lo) / safe, 0.0)
+    return jnp.where(jnp.isfinite(span), out, jnp.nan)  # a map with a NaN / inf value stays NaN (never "constant")
 
 
 def resize_maps(maps: Array, size: tuple[int, int]) -> Array:

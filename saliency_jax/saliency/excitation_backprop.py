@@ -54,7 +54,8 @@ import jax
 import jax.numpy as jnp
 
 from saliency_jax.saliency._eb_rules import UnsupportedOperationError, with_excitation_rules
-from saliency_jax.saliency.core import LayerModel, check_images, normalize_maps, resize_maps, resolve_targets
+from saliency_jax.saliency.core import (LayerModel, check_images, invalid_examples, mark_invalid, normalize_maps,
+                                       resize_maps, resolve_targets, target_one_hot)
 
 Array = jax.Array
 
@@ -86,7 +87,7 @@ def _top_down_prior(logits: Array, targets: Array | int | None, prior: Array | N
     """The top-down signal over the output units: one-hot on the target classes, or the given distribution."""
     if prior is None:
         classes = resolve_targets(targets, logits)
-        return jax.nn.one_hot(classes, logits.shape[-1], dtype=logits.dtype)
+        return target_one_hot(classes, logits.shape[-1], dtype=logits.dtype)  # NaN row for an out-of-range class
     if targets is not None:
         raise ValueError("give either targets (a one-hot prior on those classes) or prior, not both")
     prior = jnp.asarray(prior)
@@ -112,8 +113,11 @@ def _excite(model: LayerModel, images: Array, targets, prior, contrastive: bool)
     logits, pullback = jax.vjp(logits_of, jnp.zeros(shape.shape, shape.dtype))
     if logits.ndim != 2:
         raise ValueError(f"the model must return logits [batch, num_classes]; got shape {tuple(logits.shape)}")
-    (probability,) = pullback(_top_down_prior(logits, targets, prior))
-    return probability
+    top_down = _top_down_prior(logits, targets, prior)
+    (probability,) = pullback(top_down)
+    # Examples with a NaN / inf pixel or an out-of-range target (a NaN prior row) get NaN probabilities.
+    invalid = invalid_examples(images=images) | ~jnp.all(jnp.isfinite(top_down), axis=-1)
+    return mark_invalid(probability, invalid)
 
 
 def marginal_winning_probability(

@@ -27,9 +27,12 @@ from saliency_jax.saliency.core import (
     at_least_float32,
     LayerModel,
     check_images,
+    invalid_examples,
+    mark_invalid,
     normalize_maps,
     resize_maps,
     resolve_targets,
+    select_targets,
 )
 
 Array = jax.Array
@@ -49,7 +52,8 @@ def class_scores(logits: Array, targets: Array, score: Score) -> Array:
         whose output layer is a softmax give it).
 
     Returns:
-      float32 [batch].
+      float32 [batch]; NaN (with NaN gradients) for a target outside ``[0, num_classes)``
+      (:func:`~saliency_jax.saliency.core.select_targets`).
 
     Raises:
       ValueError: on an unknown ``score``.
@@ -60,7 +64,7 @@ def class_scores(logits: Array, targets: Array, score: Score) -> Array:
         values = jax.nn.softmax(at_least_float32(logits), axis=-1)
     else:
         raise ValueError(f"score must be 'logit' or 'softmax'; got {score!r}")
-    return at_least_float32(jnp.take_along_axis(values, targets[:, None], axis=-1)[:, 0])
+    return at_least_float32(select_targets(values, targets))
 
 
 def grad_cam_weights(activations: Array, gradients: Array, weighting: Weighting = "plain") -> Array:
@@ -113,11 +117,13 @@ def grad_cam(
 
     Returns:
       float32 maps ``[batch, height, width]`` (``[batch, h, w]`` with ``resize=False``); in [0, 1] when
-      ``normalize``.
+      ``normalize``. Under ``jit``, all-NaN maps for examples with a NaN / inf pixel or a target outside
+      ``[0, num_classes)`` (:func:`~saliency_jax.saliency.core.checked` raises instead).
 
     Raises:
       ValueError: if ``images`` is not rank 4, the layer's activations are not rank 4, targets have the wrong
-        shape, or ``score`` / ``weighting`` are unknown.
+        shape, or ``score`` / ``weighting`` are unknown; for concrete inputs, a target outside ``[0, num_classes)``
+        or a NaN / inf pixel.
       TypeError: if ``images`` is not floating point or ``targets`` not integer.
 
     Example:
@@ -138,13 +144,16 @@ def grad_cam(
         raise ValueError(
             f"Grad-CAM needs spatial activations [batch, h, w, channels] at layer {model.layer!r}; got {shape.shape}")
 
+    num_classes = []
+
     def summed_score(perturbation):
         logits, activations = model(images, perturbation)
         classes = resolve_targets(targets, logits)
-        return jnp.sum(class_scores(logits, classes, score)), activations
+        num_classes.append(logits.shape[-1])
+        return jnp.sum(class_scores(logits, classes, score)), (activations, classes)
 
     zeros = jnp.zeros(shape.shape, shape.dtype)
-    gradients, activations = jax.grad(summed_score, has_aux=True)(zeros)
+    gradients, (activations, classes) = jax.grad(summed_score, has_aux=True)(zeros)
     alpha = grad_cam_weights(activations, gradients, weighting)
     maps = jnp.einsum("bhwc,bc->bhw", at_least_float32(activations), alpha)
     if relu:
@@ -153,4 +162,5 @@ def grad_cam(
         maps = resize_maps(maps, images.shape[1:3])
     if normalize:
         maps = normalize_maps(maps)
-    return maps
+    # The guided weighting (and the ReLU) would turn NaN gradients into zeros: mark the invalid examples explicitly.
+    return mark_invalid(maps, invalid_examples(images=images, classes=classes, num_classes=num_classes[0]))

@@ -65,7 +65,7 @@ from saliency_jax.saliency._jaxpr import (
     source_location,
     unbroadcast,
 )
-from saliency_jax.saliency.core import check_images, normalize_maps, resolve_targets
+from saliency_jax.saliency.core import check_images, invalid_examples, mark_invalid, normalize_maps, resolve_targets
 from saliency_jax.saliency.grad_cam import Score, class_scores
 
 Array = jax.Array
@@ -141,13 +141,19 @@ def _input_gradient(logits_fn: Callable[[Array], Array], images: Array, targets,
         raise TypeError(f"logits_fn must be a function images -> logits; got {type(logits_fn).__name__}")
     batch = images.shape[0]
 
+    num_classes = []
+
     def summed_score(x):
         logits = logits_fn(x)
         _check_logits(logits, batch)
         classes = resolve_targets(targets, logits)
-        return jnp.sum(class_scores(logits, classes, score))
+        num_classes.append(logits.shape[-1])
+        return jnp.sum(class_scores(logits, classes, score)), classes
 
-    return jax.grad(summed_score)(images).astype(jnp.float32)
+    gradient, classes = jax.grad(summed_score, has_aux=True)(images)
+    # Guided ReLUs would turn NaN into zeros: mark examples with a NaN / inf pixel or a bad target explicitly.
+    invalid = invalid_examples(images=images, classes=classes, num_classes=num_classes[0])
+    return mark_invalid(gradient.astype(jnp.float32), invalid)
 
 
 def _finish(attribution: Array, reduction: str, normalize: bool) -> Array:

@@ -42,9 +42,10 @@ from typing import Any, Callable, Literal, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from saliency_jax.saliency._eb_rules import CELL_RULES, CellRule, with_excitation_rules
-from saliency_jax.saliency.core import resolve_targets
+from saliency_jax.saliency.core import resolve_targets, target_one_hot
 
 Array = jax.Array
 Reduction = Literal["max_abs", "abs_sum", "sum"]
@@ -217,6 +218,11 @@ def _check_clips(clips: Array) -> None:
                          f"{getattr(clips, 'shape', None)}")
     if not jnp.issubdtype(clips.dtype, jnp.floating):
         raise TypeError(f"clips must be floating point (float32 in [0, 1]); got dtype {clips.dtype}")
+    if not isinstance(clips, jax.core.Tracer):  # concrete clips: NaN / inf frames raise (traced: NaN maps)
+        with jax.ensure_compile_time_eval():
+            finite = np.asarray(jnp.isfinite(clips).all(axis=(1, 2, 3, 4)))
+        if not finite.all():
+            raise ValueError(f"clips contain NaN or inf pixels (clips {np.flatnonzero(~finite)[:10].tolist()})")
 
 
 def _check_logits(logits: Array, batch: int, time: int) -> None:
@@ -257,7 +263,7 @@ def clip_prior(logits: Array, targets: Array | int | None = None, time_step: int
     batch, time, num_classes = logits.shape
     step = _resolve_step(time_step, time)
     classes = resolve_targets(targets, logits[:, time - 1 if step is None else step])
-    one_hot = jax.nn.one_hot(classes, num_classes, dtype=logits.dtype)  # [batch, classes]
+    one_hot = target_one_hot(classes, num_classes, dtype=logits.dtype)  # [batch, classes]; NaN row: bad target
     if step is None:
         return jnp.broadcast_to(one_hot[:, None] / time, logits.shape)
     at_step = (jnp.arange(time) == step).astype(logits.dtype)

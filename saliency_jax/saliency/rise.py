@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saliency_jax.saliency.core import check_images, normalize_maps, resolve_targets
+from saliency_jax.saliency.core import check_images, invalid_examples, mark_invalid, normalize_maps, resolve_targets
 from saliency_jax.saliency.grad_cam import Score, class_scores
 from saliency_jax.saliency.gradients import _check_logits, _chunked_sum
 
@@ -207,4 +207,5 @@ def rise(
 
     total = _chunked_sum(weighted_mask, int(num_masks), int(masks_per_step))
     maps = total / (num_masks * float(p))
-    return normalize_maps(maps) if normalize else maps
+    maps = normalize_maps(maps) if normalize else maps
+    return mark_invalid(maps, invalid_examples(images=images, classes=classes, num_classes=logits.shape[-1]))
