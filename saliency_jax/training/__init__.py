@@ -15,3 +15,6 @@ from saliency_jax.training.excitation_dropout import (RESCALE_MODES, SCHEMES, Dr
                                                       dropout_scheme, layer_excitation, make_dropout_forward,
                                                       retain_probability, scheme_retain_probability)
 from saliency_jax.training.hnc import HNCConfig, hard_negative_classes, hnc_loss, hnc_scheme
+from saliency_jax.training.attention_guidance import (GuidanceConfig, RRRConfig, attention_guidance_scheme,
+                                                      guidance_loss, multilabel_guidance_loss, rrr_penalty,
+                                                      rrr_scheme)
