@@ -144,6 +144,26 @@ def test_multilabel_guidance_in_the_step_equals_the_pure_function():
     assert not np.allclose(np.asarray(new.params["fc3"]["kernel"]), np.asarray(state.params["fc3"]["kernel"]))
 
 
+def test_start_step_trains_plain_then_guided():
+    """With start_step = 1: step 0 is the plain step (no map, metrics 0), step 1 the guided one."""
+    model, batch = tiny_cnn2(), toy_batch()
+    opt = optax.sgd(0.5, momentum=None)
+    state = init_state(model, opt, (12, 12, 1), 0)
+    delayed = jax.jit(make_train_step(model, opt, ag.attention_guidance_scheme(
+        ag.GuidanceConfig(start_step=1), LAYERS)))
+    plain = jax.jit(make_train_step(model, opt, training.Scheme()))
+    guided = jax.jit(make_train_step(model, opt, ag.attention_guidance_scheme(ag.GuidanceConfig(), LAYERS)))
+    s1, m1 = delayed(state, batch, jax.random.key(0))
+    p1, _ = plain(state, batch, jax.random.key(0))
+    assert float(m1["guidance_loss"]) == 0.0 and float(m1["grad_cam_mass_in_region"]) == 0.0
+    assert_trees_close(s1.params, p1.params, rtol=1e-6)
+    s2, m2 = delayed(s1, batch, jax.random.key(0))
+    g2, mg = guided(s1, batch, jax.random.key(0))
+    assert float(m2["guidance_loss"]) > 0
+    np.testing.assert_allclose(m2["guidance_loss"], mg["guidance_loss"], rtol=1e-6)
+    assert_trees_close(s2.params, g2.params, rtol=1e-5)
+
+
 def test_scheme_settings_and_errors():
     c = ml_collections.ConfigDict({"schemes": ("attention_guidance",),
                                    "attention_guidance": training.settings_section("attention_guidance")})
