@@ -164,6 +164,23 @@ def test_start_step_trains_plain_then_guided():
     assert_trees_close(s2.params, g2.params, rtol=1e-5)
 
 
+def test_hirescam_maps_hand_computed():
+    """HiResCAM on a linear head z_c = sum_{h,w,k} W[h,w,k,c] A[h,w,k]: the gradient is W[..., c], so the map is
+    ReLU(sum_k W[h,w,k,c] A[h,w,k]), then min-max normalised (no resize: the layer has the image's size)."""
+    from saliency_jax.saliency import split_layer
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 4, 2, 3)).astype(np.float32)
+    x = rng.uniform(size=(2, 4, 4, 2)).astype(np.float32)
+    model = split_layer(lambda im: im, lambda a: jnp.einsum("bhwk,hwkc->bc", a, jnp.asarray(w)))
+    got = ag.guidance_maps(model, jnp.asarray(x), jnp.asarray([0, 2]), weighting="hirescam")
+    for i, c in enumerate([0, 2]):
+        cam = np.maximum(np.einsum("hwk,hwk->hw", x[i], w[..., c]), 0)
+        np.testing.assert_allclose(got[i], (cam - cam.min()) / (cam.max() - cam.min()), rtol=1e-5, atol=1e-6)
+    # Grad-CAM's averaged weights give another map here (the head is not a global average pool).
+    assert not np.allclose(got, ag.guidance_maps(model, jnp.asarray(x), jnp.asarray([0, 2])), atol=1e-3)
+
+
 def test_scheme_settings_and_errors():
     c = ml_collections.ConfigDict({"schemes": ("attention_guidance",),
                                    "attention_guidance": training.settings_section("attention_guidance")})
@@ -427,6 +444,22 @@ def test_split_accuracy_and_region_mass_evaluators_on_decoy_digits():
     np.testing.assert_allclose([got["region"]["mean"], got["wrong_region"]["mean"]], [inside, on_patch], rtol=1e-5)
 
 
+def test_decoy_agreement_evaluator_hand_values():
+    """A model that always answers 0: its accuracy and decoy-following on the conflicting test images are the
+    fractions of labels and of patch digits equal to 0 there."""
+    config = load_config("decoy_mnist", "runlocal")
+    model, variables = pixel_net([0.0] * 10, size=28)
+    variables["params"]["fc"]["bias"] = jnp.asarray([1.0] + [0.0] * 9)
+    got = build_evaluators(config)["decoy_agreement"].evaluate(_run(model, variables, config),
+                                                               ExperimentData(config))
+    test = data_lib.get_source("decoy_mnist", "test", options={"base": "digits"})
+    conflict = test.patch_digits != test.labels
+    assert got["examples"] == 450 and got["conflicting"] == int(conflict.sum()) > 350
+    assert got["accuracy_conflicting"] == pytest.approx(np.mean(test.labels[conflict] == 0))
+    assert got["follows_decoy"] == pytest.approx(np.mean(test.patch_digits[conflict] == 0))
+    assert got["accuracy_agreeing"] == pytest.approx(np.mean(test.labels[~conflict] == 0))
+
+
 def test_cooccurrence_accuracy_evaluator_hand_values(tmp_path):
     values = np.array(pytest.importorskip("test_guidance_data").celeba_values(6))
     make_celeba(tmp_path, partition=(2,) * 6)
@@ -466,7 +499,8 @@ def test_decoy_mnist_runlocal_experiment_end_to_end(tmp_path):
     out = run_experiment(config, tmp_path, progress=False)
     assert out["arms"] == ["plain", "rrr", "guidance", "clean"]
     report = (tmp_path / "report.md").read_text()
-    for title in ("Grad-CAM mass inside the user's region", "Accuracy on the train split", "Saliency maps"):
+    for title in ("Grad-CAM mass inside the user's region", "Accuracy on the train split", "Saliency maps",
+                  "Following the decoy"):
         assert title in report
     assert (tmp_path / "saliency_maps.png").stat().st_size > 0
     summary = json.loads((tmp_path / "metrics.json").read_text())["summary"]
@@ -480,7 +514,8 @@ def test_decoy_mnist_runlocal_experiment_end_to_end(tmp_path):
     assert {"guidance_loss", "grad_cam_mass_in_region"} <= set(logs["guidance"][-1])
     assert {"rrr_penalty", "input_gradient_mass_in_wrong_region"} <= set(logs["rrr"][-1])
     sweep = load_config("decoy_mnist", "sweep")
-    assert [a for a, _ in sweep.experiment.arms] == ["guidance w_g=0.1", "guidance", "guidance w_g=10"]
+    assert [a for a, _ in sweep.experiment.arms] == ["guidance w_g=0.1", "guidance", "guidance w_g=10",
+                                                    "guidance hirescam"]
 
 
 def test_celeba_attention_runlocal_end_to_end(tmp_path):

@@ -162,8 +162,10 @@ def decoy_mnist_config() -> ml_collections.ConfigDict:
     c.classification_weight = 1.0  # w_a of attention guidance
     c.attention_guidance = scheme_section("attention_guidance", w_g=1.0)
     c.rrr = scheme_section("rrr", lambda1=1000.0, pixel_scale=255.0)
-    c.evaluators = ("classification", "split_accuracy", "region_mass", "saliency_maps", "training_curves")
+    c.evaluators = ("classification", "split_accuracy", "decoy_agreement", "region_mass", "saliency_maps",
+                    "training_curves")
     c.split_accuracy = evaluator_section("split_accuracy", split="train", examples=10_000)
+    c.decoy_agreement = evaluator_section("decoy_agreement")
     c.region_mass = evaluator_section("region_mass", examples=2000)
     c.saliency_maps = evaluator_section("saliency_maps", examples=8, score="logit", weighting="plain")
     c.training_curves = evaluator_section("training_curves", metrics=("loss", "accuracy"))

@@ -23,7 +23,8 @@ Evaluators: ``classification`` (test accuracy: the decoy test set; the clean arm
 test images), ``saliency_maps`` (the figure: Grad-CAM of every arm on the same test images, logit score, plain
 weights), ``training_curves``.
 
-Arguments: none = the comparison; ``sweep`` = the guidance arm at w_g in {0.1, 1, 10}, one seed;
+Arguments: none = the comparison; ``sweep`` = the guidance arm at w_g in {0.1, 1, 10} and, as an ablation, with
+HiResCAM maps instead of Grad-CAM (``weighting="hirescam"``), one seed;
 ``runlocal`` = tiny variant on Decoy "MNIST" made from scikit-learn's bundled digits (no files), used by tests.
 
 Command (from the repository root):
@@ -60,6 +61,10 @@ def get_config(arg: str | None = None):
         c.experiment.arms = tuple(("guidance" if w == 1.0 else f"guidance w_g={w:g}",
                                    {"schemes": ("attention_guidance",), "attention_guidance": {"w_g": w}})
                                   for w in SWEEP_W_G)
+        # Ablation: the same loss on HiResCAM maps (gradient x activation per position), which a flatten + dense
+        # head cannot hide a corner patch from (Grad-CAM averages the gradient over the map first).
+        c.experiment.arms += (("guidance hirescam", {"schemes": ("attention_guidance",),
+                                                     "attention_guidance": {"weighting": "hirescam"}}),)
         c.experiment.repeats = 1
         c.experiment.title = "Decoy MNIST: sweep of the guidance weight w_g"
     elif arg == "runlocal":

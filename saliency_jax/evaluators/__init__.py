@@ -14,8 +14,8 @@ from saliency_jax.evaluators.figures import read_metrics_log, saliency_maps_eval
 from saliency_jax.evaluators.utilization import compression_evaluator, utilization_evaluator
 from saliency_jax.evaluators.pointing_game import pointing_game_evaluator
 from saliency_jax.evaluators.hnc import negative_cams_evaluator
-from saliency_jax.evaluators.attention_guidance import (cooccurrence_accuracy_evaluator, region_mass_evaluator,
-                                                        split_accuracy_evaluator)
+from saliency_jax.evaluators.attention_guidance import (cooccurrence_accuracy_evaluator, decoy_agreement_evaluator,
+                                                        region_mass_evaluator, split_accuracy_evaluator)
 
 __all__ = [
     "Evaluator",
@@ -40,6 +40,7 @@ __all__ = [
     "pointing_game_evaluator",
     "region_mass_evaluator",
     "split_accuracy_evaluator",
+    "decoy_agreement_evaluator",
     "cooccurrence_accuracy_evaluator",
     "read_metrics_log",
 ]

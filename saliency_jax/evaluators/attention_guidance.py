@@ -8,6 +8,8 @@
 * ``"split_accuracy"``: accuracy on (a seeded subset of) the *training* split - the "train" column of Ross et al.'s
   Decoy MNIST table next to the test accuracy of the ``"classification"`` evaluator (on Decoy MNIST the test split is
   the decoy test set, whose patches encode random digits).
+* ``"decoy_agreement"``: on the Decoy MNIST test set, how often the predictions follow the patch's digit where it
+  differs from the label.
 * ``"cooccurrence_accuracy"``: multi-label attribute accuracy on the test split and on the poster's
   co-occurrence-biased subsets (the attribute present, the attribute it usually co-occurs with absent:
   :func:`saliency_jax.data.cooccurrence_subset`), CelebA.
@@ -30,8 +32,9 @@ from saliency_jax import train as train_lib
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
 from saliency_jax.saliency import grad_cam, linen_layer
 
-__all__ = ["RegionMassSettings", "SplitAccuracySettings", "CooccurrenceAccuracySettings", "region_mass_evaluator",
-           "split_accuracy_evaluator", "cooccurrence_accuracy_evaluator", "region_masses", "multilabel_predictions"]
+__all__ = ["RegionMassSettings", "SplitAccuracySettings", "DecoyAgreementSettings", "CooccurrenceAccuracySettings",
+           "region_mass_evaluator", "split_accuracy_evaluator", "decoy_agreement_evaluator",
+           "cooccurrence_accuracy_evaluator", "region_masses", "multilabel_predictions"]
 
 
 def _subset(n: int, limit: int, seed: int) -> np.ndarray:
@@ -261,6 +264,73 @@ def split_accuracy_evaluator(settings: SplitAccuracySettings) -> Evaluator:
         return Section(f"Accuracy on the {settings.split} split",
                        f"On {n} images of each arm's own {settings.split} split (inference mode); the test column is "
                        "the `classification` evaluator's (each arm's own test split).\n\n" + "\n".join(lines))
+
+    return Evaluator(evaluate, report)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoy MNIST: how much the predictions follow the patch.
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoyAgreementSettings(EvaluatorSettings):
+    """Settings of the ``"decoy_agreement"`` evaluator.
+
+    Attributes:
+      examples: test images evaluated (a seeded random subset; 0: the whole test split).
+      seed: seed of the subset.
+    """
+
+    examples: int = 0
+    seed: int = 0
+
+
+@register_evaluator("decoy_agreement", DecoyAgreementSettings)
+def decoy_agreement_evaluator(settings: DecoyAgreementSettings) -> Evaluator:
+    """How much a model follows the decoy on the Decoy MNIST test set, where the patch encodes a random digit.
+
+    On the test images whose patch digit (the field ``decoy_label``) differs from the label: the accuracy, and the
+    fraction predicted as the patch's digit (chance: about 1/10 of the errors); on those where they agree, the
+    accuracy. A model that ignores the patch follows it at chance; one that learned the decoy rule follows it often.
+    On the clean ceiling's test set ``decoy_label`` is the digit a patch *would* encode (no patch is drawn).
+    """
+
+    def evaluate(run, data):
+        config = run.config
+        source = data.test_source(config)
+        idx = _subset(len(source), settings.examples, settings.seed)
+        logits_fn = jax.jit(lambda v, x: jnp.argmax(run.model.apply(v, x, train=False), -1))
+        labels, decoys, preds = [], [], []
+        for batch in data_lib.make_eval_batches(source, idx, batch_size=config.eval_batch_size,
+                                                image_size=config.dataset.get("image_size")):
+            if "decoy_label" not in batch:
+                raise ValueError(f"decoy_agreement needs the field 'decoy_label' (Decoy MNIST); the test data has "
+                                 f"{sorted(batch)}")
+            keep = np.asarray(batch["mask"]).astype(bool)
+            preds.append(np.asarray(logits_fn(run.variables, jnp.asarray(batch["image"])))[keep])
+            labels.append(np.asarray(batch["label"])[keep])
+            decoys.append(np.asarray(batch["decoy_label"])[keep])
+        labels, decoys, preds = (np.concatenate(a) for a in (labels, decoys, preds))
+        conflict = decoys != labels
+        return {"examples": int(labels.size), "conflicting": int(conflict.sum()),
+                "accuracy_conflicting": float(np.mean(preds[conflict] == labels[conflict])) if conflict.any() else None,
+                "follows_decoy": float(np.mean(preds[conflict] == decoys[conflict])) if conflict.any() else None,
+                "accuracy_agreeing": float(np.mean(preds[~conflict] == labels[~conflict])) if (~conflict).any()
+                else None}
+
+    def report(ctx: ReportContext) -> Section:
+        results = ctx.metrics("decoy_agreement")
+        lines = ["On the test images whose patch encodes another digit than the label: accuracy, and the fraction "
+                 "predicted as the patch's digit (following the decoy); on those whose patch agrees: accuracy.", "",
+                 "| arm | accuracy, patch disagrees | predicts the patch's digit | accuracy, patch agrees |",
+                 "| --- | ---: | ---: | ---: |"]
+        for arm in ctx.arms:
+            runs = results.get(arm)
+            if runs:
+                lines.append(f"| {arm} | {_mean_std([m['accuracy_conflicting'] for m in runs])} | "
+                             f"{_mean_std([m['follows_decoy'] for m in runs])} | "
+                             f"{_mean_std([m['accuracy_agreeing'] for m in runs])} |")
+        return Section("Following the decoy", "\n".join(lines))
 
     return Evaluator(evaluate, report)
 

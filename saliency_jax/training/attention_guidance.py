@@ -51,8 +51,9 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from saliency_jax.saliency import LayerModel, grad_cam, linen_layer
-from saliency_jax.saliency.core import check_images
+from saliency_jax.saliency import (LayerModel, class_scores, grad_cam, linen_layer, normalize_maps, resize_maps,
+                                   resolve_targets)
+from saliency_jax.saliency.core import at_least_float32, check_images
 from saliency_jax.training.scheme import Forward, ModelLayers, Scheme, SchemeSettings, StepContext, register_scheme
 
 Array = jax.Array
@@ -122,7 +123,8 @@ class GuidanceConfig(SchemeSettings):
       epsilon: smoothing of the soft IoU in pixels, ``> 0`` (see :func:`soft_iou`).
       score: Grad-CAM class score, ``"logit"`` (Selvaraju et al. 2017) or ``"softmax"`` (single-label only).
       weighting: Grad-CAM weights, ``"plain"`` (Selvaraju et al., Eq. 1) or ``"guided"`` (see
-        :func:`saliency_jax.saliency.grad_cam_weights`).
+        :func:`saliency_jax.saliency.grad_cam_weights`); ``"hirescam"`` replaces Grad-CAM by HiResCAM (an ablation,
+        see :func:`guidance_maps`).
       mode: how the map's network runs inside ``loss_fn``: ``"inference"`` (``train=False``: running BatchNorm
         statistics, no dropout; each example's map depends on that example only) or ``"train"`` (``train=True``:
         batch statistics, dropout from the loss term's key, which differs from the training forward's draw). Both
@@ -142,7 +144,7 @@ class GuidanceConfig(SchemeSettings):
     w_g: float = 1.0
     epsilon: float = DEFAULT_IOU_EPSILON
     score: Literal["logit", "softmax"] = "logit"
-    weighting: Literal["plain", "guided"] = "plain"
+    weighting: Literal["plain", "guided", "hirescam"] = "plain"
     mode: Literal["inference", "train"] = "inference"
     region_field: str = "region"
     attributes: tuple[int, ...] = ()
@@ -156,8 +158,9 @@ class GuidanceConfig(SchemeSettings):
         object.__setattr__(self, "epsilon", _check_number(self.epsilon, "GuidanceConfig.epsilon", positive=True))
         if self.score not in ("logit", "softmax"):
             raise ValueError(f"GuidanceConfig.score must be 'logit' or 'softmax'; got {self.score!r}")
-        if self.weighting not in ("plain", "guided"):
-            raise ValueError(f"GuidanceConfig.weighting must be 'plain' or 'guided'; got {self.weighting!r}")
+        if self.weighting not in ("plain", "guided", "hirescam"):
+            raise ValueError(f"GuidanceConfig.weighting must be 'plain', 'guided' or 'hirescam'; got "
+                             f"{self.weighting!r}")
         _check_mode(self.mode, "GuidanceConfig.mode")
         _check_field(self.region_field, "GuidanceConfig.region_field")
         attributes = (self.attributes,) if isinstance(self.attributes, numbers.Integral) else self.attributes
@@ -295,13 +298,28 @@ def guidance_maps(layer_model: LayerModel, images: Array, targets: Array, *, sco
       images: [batch, height, width, channels] float.
       targets: int [batch] class per example (the ground truth).
       score: ``"logit"`` or ``"softmax"``.
-      weighting: ``"plain"`` or ``"guided"``.
+      weighting: ``"plain"`` or ``"guided"`` (Grad-CAM's channel weights, :func:`saliency_jax.saliency.grad_cam`),
+        or ``"hirescam"``: not Grad-CAM but HiResCAM (Draelos & Carin 2020), ``ReLU(sum_k dS/dA_k * A_k)`` with the
+        gradient kept per position instead of averaged over the map - faithful to heads that are not a global
+        average pool (flatten + dense), where Grad-CAM's averaged weights can hide evidence the head reads at one
+        position (the Decoy MNIST patch). An ablation; the poster uses Grad-CAM.
 
     Returns:
       [batch, height, width] float32 in [0, 1].
     """
-    return grad_cam(layer_model, images, targets, score=score, weighting=weighting, relu=True, resize=True,
-                    normalize=True)
+    if weighting != "hirescam":
+        return grad_cam(layer_model, images, targets, score=score, weighting=weighting, relu=True, resize=True,
+                        normalize=True)
+    check_images(images)
+    shape = layer_model.activation_shape(images)
+
+    def summed_score(perturbation):
+        logits, activations = layer_model(images, perturbation)
+        return jnp.sum(class_scores(logits, resolve_targets(targets, logits), score)), activations
+
+    gradients, activations = jax.grad(summed_score, has_aux=True)(jnp.zeros(shape.shape, shape.dtype))
+    maps = jax.nn.relu(jnp.sum(at_least_float32(gradients) * at_least_float32(activations), axis=-1))
+    return normalize_maps(resize_maps(maps, images.shape[1:3]))
 
 
 def guidance_loss(layer_model: LayerModel, images: Array, targets: Array, regions: Array, *,
@@ -320,7 +338,8 @@ def guidance_loss(layer_model: LayerModel, images: Array, targets: Array, region
         images of that class, or a per-example region).
       epsilon: soft-IoU smoothing in pixels.
       score: Grad-CAM class score (``"logit"``, Selvaraju et al.).
-      weighting: Grad-CAM weights (``"plain"``, Selvaraju et al. Eq. 1).
+      weighting: Grad-CAM weights (``"plain"``, Selvaraju et al. Eq. 1; ``"guided"``; or ``"hirescam"``, see
+        :func:`guidance_maps`).
 
     Returns:
       [batch] float32, ``>= 0``.
@@ -370,7 +389,7 @@ def multilabel_guidance_loss(layer_model: LayerModel, images: Array, targets: Ar
       attributes: static indices into the logits of the guided attributes, ``num_guided`` of them; None = all
         ``num_attributes`` in order.
       epsilon: soft-IoU smoothing in pixels.
-      weighting: Grad-CAM weights (the score is the attribute's logit).
+      weighting: as :func:`guidance_loss` (the score is the attribute's logit).
 
     Returns:
       [batch] float32, ``>= 0``.
