@@ -103,6 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
         # still override it (--config.dataset.image_size=64).
         name="digits", data_dir=config_dict.placeholder(str), image_size=ml_collections.FieldReference(32, int),
         channels=3, val_fraction=0.25,
+        options={},  # the source's own settings (saliency_jax.data.get_source: SOURCE_OPTIONS, region_templates)
         train_limit=0, label_noise=0.0, oversample={},
         read_threads=2, prefetch=256,  # grain threads: raise on hosts with many cores
         # Morales et al. 2021: flip, rotation [-40, 40], channel shift [-30, 30], brightness [0.5, 1.5].

@@ -169,11 +169,10 @@ def load_sources(config: ml_collections.ConfigDict):
       (:func:`saliency_jax.data.symmetric_label_noise`, seed ``config.seed``; the test split stays clean).
     """
     ds = config.dataset
-    options = dict(ds.get("clips") or {})  # the clip sources' parameters (saliency_jax.data.clips.ClipSettings)
     train_source = data_lib.get_source(ds.name, "train", data_dir=ds.get("data_dir"), image_size=ds.get("image_size"),
-                                       **options)
+                                       options=ds.get("options"))
     test_source = data_lib.get_source(ds.name, "test", data_dir=ds.get("data_dir"), image_size=ds.get("image_size"),
-                                      **options)
+                                      options=ds.get("options"))
     train_idx, val_idx = data_lib.train_val_split(len(train_source), ds.get("val_fraction", 0.25), seed=config.seed)
     limit = ds.get("train_limit")
     if limit:  # a seeded random subset (sources may be sorted by class)

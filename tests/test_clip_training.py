@@ -124,9 +124,10 @@ def test_frame_classifier_settings():
 
 
 def test_clip_specs_through_get_source_and_the_pipeline():
-    train_src = data_lib.get_source("digits_clips", "train", num_clips=10, length=3, canvas=16, clutter=1,
-                                    clutter_size=4)
-    test_src = data_lib.get_source("digits_clips", "test", num_clips=10, test_clips=5, length=3, canvas=16)
+    train_src = data_lib.get_source("digits_clips", "train",
+                                    options=dict(num_clips=10, length=3, canvas=16, clutter=1, clutter_size=4))
+    test_src = data_lib.get_source("digits_clips", "test",
+                                   options=dict(num_clips=10, test_clips=5, length=3, canvas=16))
     assert len(train_src) == 10 and len(test_src) == 5 and train_src.num_classes == 10
     assert train_src[0]["image"].shape == (3, 16, 16, 1)
     # The train clips use the train digits, the test clips the test digits.
@@ -142,11 +143,11 @@ def test_clip_specs_through_get_source_and_the_pipeline():
     with pytest.raises(ValueError, match="not augmented"):
         data_lib.make_train_dataset(train_src, None, batch_size=4, seed=0, augment_kwargs={"hflip": True})
     with pytest.raises(ValueError, match="not resized"):
-        data_lib.get_source("digits_clips", "train", image_size=32, num_clips=2)
+        data_lib.get_source("digits_clips", "train", image_size=32, options=dict(num_clips=2))
     with pytest.raises(ValueError, match="no field 'frames'"):
-        data_lib.get_source("digits_clips", "train", frames=4)
-    with pytest.raises(ValueError, match="takes no options"):
-        data_lib.get_source("digits", "train", num_clips=3)
+        data_lib.get_source("digits_clips", "train", options=dict(frames=4))
+    with pytest.raises(ValueError, match="unknown option"):
+        data_lib.get_source("digits", "train", options=dict(num_clips=3))
     with pytest.raises(ValueError, match="needs data_dir"):
         data_lib.get_source("mnist_clips", "train")
     with pytest.raises(ValueError, match="rank|must be \\[batch"):
@@ -267,9 +268,10 @@ def test_evaluator_on_a_tiny_model_end_to_end(tmp_path):
     assert abs(sum(curves["eb_r/excitation"]["mean"]) - 1.0) < 1e-2  # EB-R's normalised signal sums to 1
     # The probability baseline (known length) against a slow NumPy reference on the same clips.
     for layout, length, gt in detection_rows(s):
-        source = data_lib.get_source("digits_clips", "test", **{**dict(config.dataset.clips), "layout": layout,
-                                                                 "length": length, "gt_length": gt,
-                                                                 "test_clips": s.detection_clips, "seed": s.seed})
+        source = data_lib.get_source("digits_clips", "test", options={**dict(config.dataset.options), "layout": layout,
+                                                                       "length": length, "gt_length": gt,
+                                                                       "test_clips": s.detection_clips,
+                                                                       "seed": s.seed})
         expected = _probability_known_length_map(model, variables, source, s.detection_clips, 10)
         np.testing.assert_allclose(metrics["detection"]["known"][f"{layout}/{gt}"]["probability"], expected,
                                    atol=1e-9)

@@ -9,6 +9,7 @@ A config imports them with (the two lines at the top of every config here)::
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from saliency_jax.config import default_config
 from saliency_jax.evaluators import settings_section as evaluator_section
@@ -142,7 +143,7 @@ def grounding_config() -> ml_collections.ConfigDict:
     """Spatiotemporal grounding (Bargal 2019, Ch. 7): a CNN-LSTM (ReLU-LSTM cell) trained on single-digit moving
     clips with the cross-entropy at every LSTM step plus the single-frame classifier's (``frame_classifier``
     scheme, which the EB / cEB / BP baselines explain), no augmentation; evaluated by ``temporal_grounding``
-    (Tables 7.1-7.2, Figs. 7.5-7.6) and the training curves. The clips' parameters are ``config.dataset.clips``
+    (Tables 7.1-7.2, Figs. 7.5-7.6) and the training curves. The clips' parameters are ``config.dataset.options``
     (:class:`saliency_jax.data.clips.ClipSettings`)."""
     from saliency_jax.data.clips import ClipSettings
 
@@ -152,7 +153,7 @@ def grounding_config() -> ml_collections.ConfigDict:
     c.dataset.image_size = None  # clips are not resized: the frame size is clips.canvas
     c.dataset.augment = {}  # clips are not augmented (the digits move and the clips are generated fresh)
     c.dataset.val_fraction = 0.0
-    c.dataset.clips = ClipSettings.section()
+    c.dataset.options = ClipSettings.section()
     c.model.name = "cnn_lstm"
     c.model.kwargs = {}
     c.schemes = ("frame_classifier",)
@@ -163,4 +164,88 @@ def grounding_config() -> ml_collections.ConfigDict:
     c.experiment.arms = (("cnn_lstm", {}),)
     c.experiment.title = "Spatiotemporal grounding with EB-R / cEB-R (Bargal 2019, Ch. 7)"
     c.optimizer.learning_rate = 1e-3
+    return c
+
+
+#: No augmentation (Decoy MNIST, dtak/rrr: none; a flip would move the patch to another corner, which is harmless,
+#: but digits are not flip-invariant).
+NO_AUGMENTATION = dict(hflip=False, rotation=0.0, channel_shift=0.0, brightness=(1.0, 1.0))
+
+
+def decoy_mnist_config() -> ml_collections.ConfigDict:
+    """Decoy MNIST (Ross et al. 2017) with the attention-guidance and RRR sections, the model and budget shared by
+    every arm, and the evaluators of the comparison (``experiments/configs/decoy_mnist.py`` says why each)."""
+    c = default_config()
+    c.dataset.name = "decoy_mnist"
+    c.dataset.data_dir = "../shared/data/mnist"
+    c.dataset.image_size = None  # native 28 x 28
+    c.dataset.channels = 1
+    c.dataset.val_fraction = 0.0  # no validation split: every training image is trained on (as dtak/rrr)
+    c.dataset.options = dict(seed=0, region_threshold=0, region_dilation=0)
+    c.dataset.augment = NO_AUGMENTATION
+    c.model.name = "cnn2"
+    c.model.kwargs = {"conv_features": (16, 32, 32), "fc_features": (128, 128), "init_std": 0.05}
+    c.model.grad_cam_layer = "relu_conv3"
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.eps = 1e-8
+    c.classification_weight = 1.0  # w_a of attention guidance
+    c.attention_guidance = scheme_section("attention_guidance", w_g=1.0)
+    c.rrr = scheme_section("rrr", lambda1=1000.0, pixel_scale=255.0)
+    c.evaluators = ("classification", "split_accuracy", "decoy_agreement", "region_mass", "saliency_maps",
+                    "training_curves")
+    c.split_accuracy = evaluator_section("split_accuracy", split="train", examples=10_000)
+    c.decoy_agreement = evaluator_section("decoy_agreement")
+    c.region_mass = evaluator_section("region_mass", examples=2000)
+    c.saliency_maps = evaluator_section("saliency_maps", examples=8, score="logit", weighting="plain")
+    c.training_curves = evaluator_section("training_curves", metrics=("loss", "accuracy"))
+    c.batch_size = 64
+    c.eval_batch_size = 500
+    c.num_steps = 2000
+    c.log_every = 100
+    c.checkpoint_every = 1000
+    c.experiment.repeats = 2
+    return c
+
+
+def runlocal_decoy(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The tiny variant the tests run: Decoy "MNIST" from scikit-learn's bundled digits (no files), a few steps."""
+    c.dataset.data_dir = None
+    c.dataset.options.base = "digits"
+    c.model.kwargs = {"conv_features": (4, 8, 8), "fc_features": (16, 16), "init_std": 0.05}
+    c.num_steps = 4
+    c.log_every = 2
+    c.checkpoint_every = 2
+    c.batch_size = 16
+    c.eval_batch_size = 50
+    c.split_accuracy.examples = 100
+    c.region_mass.examples = 40
+    c.region_mass.batch_size = 20
+    c.saliency_maps.examples = 3
+    c.experiment.repeats = 1
+    return c
+
+
+def celeba_attention_config() -> ml_collections.ConfigDict:
+    """The poster's CelebA setting (seed 003): AlexNet fine-tuned on three attributes with multi-label binary
+    cross-entropy, region templates on the aligned face, Grad-CAM at ``relu5``; the baseline and the guided arm
+    (``experiments/configs/celeba_attention.py`` gives the budget and why)."""
+    from saliency_jax.data.celeba import POSTER_ATTRIBUTES, REGION_TEMPLATES
+
+    c = default_config()
+    c.dataset.name = "celeba"
+    c.dataset.data_dir = config_dict.placeholder(str)  # the CelebA root (img_align_celeba/ and the two lists)
+    c.dataset.image_size = 224
+    c.dataset.channels = 3
+    c.dataset.val_fraction = 0.0  # CelebA's own "valid" partition is separate
+    c.dataset.options = dict(attributes=POSTER_ATTRIBUTES, region_templates=REGION_TEMPLATES)
+    c.dataset.augment = dict(hflip=True, rotation=0.0, channel_shift=0.0, brightness=(1.0, 1.0))
+    c.model.name = "alexnet"
+    c.model.grad_cam_layer = "relu5"
+    c.loss = "sigmoid_binary_cross_entropy"
+    c.classification_weight = 1.0  # w_a
+    c.attention_guidance = scheme_section("attention_guidance", w_g=1.0, attributes=(0, 1, 2))
+    c.evaluators = ("cooccurrence_accuracy", "region_mass", "training_curves")
+    c.cooccurrence_accuracy = evaluator_section("cooccurrence_accuracy")
+    c.region_mass = evaluator_section("region_mass", examples=2000, attributes=(0, 1, 2), batch_size=50)
+    c.training_curves = evaluator_section("training_curves", metrics=("loss", "accuracy"))
     return c

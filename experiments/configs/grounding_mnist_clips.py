@@ -57,7 +57,7 @@ import common
 
 def get_config(arg: str | None = None):
     c = common.grounding_config()
-    c.dataset.clips.update(num_clips=50_000, test_clips=1_000, length=16, canvas=48, clutter=4, clutter_size=10,
+    c.dataset.options.update(num_clips=50_000, test_clips=1_000, length=16, canvas=48, clutter=4, clutter_size=10,
                            speed=(1.0, 3.0))
     c.model.kwargs = {"widths": (8, 16, 32), "embed_features": 64, "lstm_features": 64}
     c.batch_size = 16
@@ -70,7 +70,7 @@ def get_config(arg: str | None = None):
     if arg == "runlocal":
         c.dataset.name = "digits_clips"
         c.dataset.data_dir = None
-        c.dataset.clips.update(num_clips=64, test_clips=16, length=6, canvas=16, clutter=2, clutter_size=4)
+        c.dataset.options.update(num_clips=64, test_clips=16, length=6, canvas=16, clutter=2, clutter_size=4)
         c.model.kwargs = {"widths": (4, 4, 8), "embed_features": 16, "lstm_features": 8}
         c.batch_size = 8
         c.num_steps = 4

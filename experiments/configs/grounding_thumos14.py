@@ -38,7 +38,7 @@ import grounding_ucf101
 def get_config(arg: str | None = None):
     c = grounding_ucf101.get_config()
     c.dataset.data_dir = "/data/thumos14_frames"
-    c.dataset.clips.update(length=128)
+    c.dataset.options.update(length=128)
     c.num_steps = 0  # the fine-tuned weights are evaluated (config.model.pretrained)
     c.num_epochs = 0
     c.model.num_classes = 20

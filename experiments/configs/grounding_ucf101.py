@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
     c = common.grounding_config()
     c.dataset.name = "video_frames"  # not implemented (see "Missing")
     c.dataset.data_dir = "/data/ucf101_frames"
-    c.dataset.clips.update(length=16, canvas=224, clutter=0)
+    c.dataset.options.update(length=16, canvas=224, clutter=0)
     c.model.name = "vgg16_lstm"  # not implemented (see "Missing")
     c.model.kwargs = {"lstm_features": 256}
     c.model.grad_cam_layer = "relu5_3"

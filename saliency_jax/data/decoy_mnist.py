@@ -26,6 +26,7 @@ import dataclasses
 import os
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 from saliency_jax.data import augment as augment_lib
@@ -40,6 +41,9 @@ __all__ = [
     "add_patches",
     "DecoyMNISTSource",
     "load_decoy_mnist",
+    "digits_as_mnist",
+    "BASES",
+    "DIGITS_BOX",
 ]
 
 PATCH_SIZE = 4
@@ -209,12 +213,47 @@ class DecoyMNISTSource:
                 f"region_threshold={self.region_threshold}, region_dilation={self.region_dilation})")
 
 
-def load_decoy_mnist(data_dir: str | os.PathLike[str], split: str, *, seed: int = 0, region_threshold: int = 0,
-                     region_dilation: int = 0, image_size: int | None = None, decoy: bool = True) -> DecoyMNISTSource:
+DIGITS_BOX = 20
+"""Side in pixels of the box the 8 x 8 scikit-learn digits are upsampled to (MNIST's digits fit a 20 x 20 box)."""
+
+
+def digits_as_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8 x 8 digits laid out like MNIST, for runs and tests without the IDX files.
+
+    Each digit (:func:`saliency_jax.data.load_digits`, its fixed 75/25 split) is upsampled bilinearly (Pillow) to
+    :data:`DIGITS_BOX` x :data:`DIGITS_BOX` pixels and centred on a 28 x 28 black canvas, as MNIST's digits are.
+
+    Args:
+      split: ``"train"`` (1347 images) or ``"test"`` (450).
+
+    Returns:
+      ``(images uint8 [n, 28, 28], labels int32 [n])``.
+
+    Raises:
+      ValueError: unknown split.
+    """
+    digits = sources.load_digits(split)
+    images = np.zeros((len(digits), 28, 28), np.uint8)
+    offset = (28 - DIGITS_BOX) // 2
+    for i, image in enumerate(digits.images[..., 0]):
+        pil = Image.fromarray(np.round(image * 255).astype(np.uint8)).resize((DIGITS_BOX, DIGITS_BOX),
+                                                                              Image.Resampling.BILINEAR)
+        images[i, offset:offset + DIGITS_BOX, offset:offset + DIGITS_BOX] = np.asarray(pil)
+    return images, digits.labels
+
+
+BASES = ("mnist", "digits")
+"""What :func:`load_decoy_mnist` adds the patches to: the MNIST IDX files, or :func:`digits_as_mnist`."""
+
+
+def load_decoy_mnist(data_dir: str | os.PathLike[str] | None, split: str, *, seed: int = 0,
+                     region_threshold: int = 0, region_dilation: int = 0, image_size: int | None = None,
+                     decoy: bool = True, base: str = "mnist") -> DecoyMNISTSource:
     """Decoy MNIST built from the MNIST IDX files in ``data_dir`` (see the module docstring).
 
     Args:
-      data_dir: directory of the four MNIST IDX files (as :func:`saliency_jax.data.load_mnist`).
+      data_dir: directory of the four MNIST IDX files (as :func:`saliency_jax.data.load_mnist`); unused (may be
+        None) with ``base="digits"``.
       split: ``"train"`` (60000 images, patch = label) or ``"test"`` (10000 images, patch = random digit).
       seed: seed of the patch digits and corners; the same seed gives the same dataset.
       region_threshold: uint8 level above which a pixel is the digit's (``region``).
@@ -223,6 +262,9 @@ def load_decoy_mnist(data_dir: str | os.PathLike[str], split: str, *, seed: int 
       decoy: False gives clean MNIST with the same fields (the patches drawn but not written into the images:
         ``wrong_region`` marks where the patch would be, ``decoy_label`` what it would encode), for the
         clean-data ceiling arm with the same train step and evaluation.
+      base: ``"mnist"`` (the IDX files in ``data_dir``) or ``"digits"`` (the bundled scikit-learn digits laid out
+        as MNIST, :func:`digits_as_mnist`: a small Decoy "MNIST" that needs no files, for tests and ``:runlocal``
+        configs).
 
     Returns:
       :class:`DecoyMNISTSource`.
@@ -231,9 +273,20 @@ def load_decoy_mnist(data_dir: str | os.PathLike[str], split: str, *, seed: int 
       FileNotFoundError, ValueError: as :func:`saliency_jax.data.load_mnist`; ValueError for an unknown split or
         bad region settings.
     """
-    mnist = sources.load_mnist(data_dir, split)
-    digits, corners = draw_decoys(mnist.labels, split, seed)
-    images = add_patches(mnist.images, digits, corners) if decoy else mnist.images
-    return DecoyMNISTSource(images=images, labels=mnist.labels, patch_digits=digits, corners=corners,
-                            name=f"{'decoy' if decoy else 'clean'}_mnist/{split}", region_threshold=region_threshold,
+    if base == "mnist":
+        if data_dir is None:
+            raise ValueError("load_decoy_mnist: base='mnist' needs data_dir (the MNIST IDX files)")
+        mnist = sources.load_mnist(data_dir, split)
+        clean, labels = mnist.images, mnist.labels
+    elif base == "digits":
+        sources._check_split(split, "load_decoy_mnist")  # pylint: disable=protected-access
+        clean, labels = digits_as_mnist(split)
+        clean = clean[..., None]
+    else:
+        raise ValueError(f"load_decoy_mnist: base must be one of {BASES}; got {base!r}")
+    digits, corners = draw_decoys(labels, split, seed)
+    images = add_patches(clean, digits, corners) if decoy else clean
+    prefix = ("decoy" if decoy else "clean") + ("_mnist" if base == "mnist" else "_digits")
+    return DecoyMNISTSource(images=images, labels=labels, patch_digits=digits, corners=corners,
+                            name=f"{prefix}/{split}", region_threshold=region_threshold,
                             region_dilation=region_dilation, image_size=image_size)

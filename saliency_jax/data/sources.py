@@ -48,6 +48,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLITS",
     "SOURCE_SPECS",
+    "SOURCE_OPTIONS",
     "ImageSource",
     "ImageFolderSource",
     "TfdsSource",
@@ -85,7 +86,8 @@ DIGITS_SPLIT_SEED = 0
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 """File extensions (case-insensitive) read by :func:`load_image_folder`."""
 
-SOURCE_SPECS = ("digits", "mnist", "npz", "cifar10", "folder", "tfds:<name>", "mnist_clips", "digits_clips")
+SOURCE_SPECS = ("digits", "mnist", "npz", "cifar10", "folder", "decoy_mnist", "clean_mnist", "celeba",
+                "tfds:<name>", "mnist_clips", "digits_clips")
 """Spec strings understood by :func:`get_source`."""
 
 _MNIST_IMAGES_MAGIC = 2051
@@ -852,12 +854,54 @@ def _require_data_dir(spec: str, data_dir: str | None) -> str:
     return data_dir
 
 
+SOURCE_OPTIONS = {
+    "decoy_mnist": ("seed", "region_threshold", "region_dilation", "base"),
+    "clean_mnist": ("seed", "region_threshold", "region_dilation", "base"),
+    "celeba": ("attributes", "region_templates", "frame"),
+}
+"""Loader keywords each spec accepts in ``get_source(..., options=)``, besides ``region_templates`` (every
+single-label spec; see :func:`get_source`)."""
+
+
+def _plain(value: Any) -> Any:
+    """A config value as plain Python (``ConfigDict`` -> dict, lists/tuples recursively)."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _with_templates(source: Any, templates: Any, frame: Any, spec: str):
+    """Wraps a single-label source so that every item carries its class's rasterised template as ``region``."""
+    from saliency_jax.data import regions as regions_lib  # pylint: disable=g-import-not-at-top
+
+    if not isinstance(templates, dict) or not templates:
+        raise ValueError(f"get_source({spec!r}): options.region_templates must map class names to polygons; got "
+                         f"{templates!r}")
+    names = [str(n) for n in (getattr(source, "class_names", None) or range(source.num_classes))]
+    unknown = sorted(set(map(str, templates)) - set(names))
+    if unknown:
+        raise ValueError(f"get_source({spec!r}): options.region_templates names unknown classes {unknown}; the "
+                         f"classes are {names}")
+    missing = [n for n in names if n not in templates]
+    if missing:
+        raise ValueError(f"get_source({spec!r}): options.region_templates has no template for classes {missing} "
+                         "(a per-class template is the region of every image of its class)")
+    height, width = source[0]["image"].shape[:2]
+    masks = regions_lib.rasterize_templates({str(k): v for k, v in templates.items()}, names, (height, width),
+                                            None if frame is None else tuple(frame))
+    return regions_lib.TemplateRegionSource(source, masks)
+
+
 def get_source(
     spec: str,
     split: str,
     data_dir: str | os.PathLike[str] | None = None,
     image_size: int | None = None,
-    **options,
+    options: Any = None,
 ):
     """Builds a source from a short spec string.
 
@@ -870,6 +914,17 @@ def get_source(
         the ``.npz`` file or a directory holding ``cifar10.npz``.
     * ``"folder"``: :func:`load_image_folder`; ``data_dir`` is the root;
         ``image_size`` is required.
+    * ``"decoy_mnist"``: :func:`saliency_jax.data.load_decoy_mnist` (Decoy
+        MNIST, Ross et al. 2017; fields ``region``, ``wrong_region``,
+        ``decoy_label``); ``data_dir`` holds the MNIST IDX files (unused with
+        ``options.base = "digits"``). Options: ``seed``, ``region_threshold``,
+        ``region_dilation``, ``base``.
+    * ``"clean_mnist"``: the same with ``decoy=False`` (clean MNIST with the
+        same fields: the ceiling arm).
+    * ``"celeba"``: :func:`saliency_jax.data.load_celeba` (multi-hot labels);
+        ``data_dir`` is the CelebA root; split ``"test"`` or ``"train"`` (or
+        ``"valid"``). Options: ``attributes``, ``region_templates`` (per
+        attribute), ``frame``.
     * ``"tfds:<name>"``: :func:`load_tfds` (``data_dir`` is the TFDS data
         directory, None for TFDS's default).
     * ``"mnist_clips"``, ``"digits_clips"``: moving-digit clips
@@ -877,26 +932,37 @@ def get_source(
         canvas, canvas, 1], "label", ...}``) of the MNIST digits in
         ``data_dir`` or of the embedded 8 x 8 digits; ``options`` are the
         fields of :class:`saliency_jax.data.clips.ClipSettings` (a config's
-        ``dataset.clips`` section); clips are not resized (``image_size`` must
+        ``dataset.options`` section); clips are not resized (``image_size`` must
         be None).
+
+    Options (``config.dataset.options``): the keywords above, and for every
+    single-label spec ``region_templates`` (``{class name: [polygon, ...]}``,
+    the poster's per-class template drawn once by the user) with
+    ``template_frame`` (``(width, height)`` of the polygons' coordinates;
+    None = the image size): every item then carries its class's rasterised
+    template as ``region`` (:class:`saliency_jax.data.TemplateRegionSource`,
+    replacing a region the source has), resized and augmented with the image.
 
     Args:
         spec: one of the specs above.
         split: "train" or "test".
         data_dir: see above.
         image_size: optional square resize (bilinear) of every item.
-        **options: options of the clip specs; other specs take none.
+        options: a mapping (dict or ``ConfigDict``) of the spec's options; None
+            or empty = the loader's defaults.
 
     Returns:
-        ImageSource, ImageFolderSource, TfdsSource or MovingDigitClips.
+        ImageSource, ImageFolderSource, TfdsSource, DecoyMNISTSource,
+        CelebASource or TemplateRegionSource.
 
     Raises:
         ValueError: unknown spec (lists the valid ones), missing ``data_dir`` or
-            ``image_size`` where needed, options given to a spec without
-            options (or unknown ones), ``image_size`` with a clip spec, or any
-            loader error.
+            ``image_size`` where needed, an option the spec does not take
+            (listing those it takes), a bad template, ``image_size`` with a
+            clip spec, or any loader error.
         FileNotFoundError: missing files.
     """
+    options = dict(_plain(options) or {})
     if spec in ("mnist_clips", "digits_clips"):
         from saliency_jax.data import clips  # pylint: disable=g-import-not-at-top (clips imports this module)
 
@@ -904,8 +970,42 @@ def get_source(
             raise ValueError(f"get_source({spec!r}): clips are not resized; set image_size None (the frame size is "
                              f"the clips' canvas option), got {image_size}")
         return clips.clip_source(spec, split, data_dir, **options)
-    if options:
-        raise ValueError(f"get_source({spec!r}) takes no options; got {sorted(options)}")
+    allowed = SOURCE_OPTIONS.get(spec, ())
+    if spec != "celeba":
+        allowed = allowed + ("region_templates", "template_frame")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"get_source({spec!r}): unknown option(s) {unknown}; this spec takes"
+            f" {sorted(allowed)}."
+        )
+    templates = options.pop("region_templates", None) if spec != "celeba" else None
+    frame = options.pop("template_frame", None)
+    source = _get_source(spec, split, data_dir, image_size, options)
+    if templates is not None:
+        source = _with_templates(source, templates, frame, spec)
+    return source
+
+
+def _get_source(spec, split, data_dir, image_size, options):
+    if spec in ("decoy_mnist", "clean_mnist"):
+        from saliency_jax.data import decoy_mnist  # pylint: disable=g-import-not-at-top
+
+        if options.get("base", "mnist") == "mnist":
+            data_dir = _require_data_dir(spec, data_dir)
+        return decoy_mnist.load_decoy_mnist(
+            data_dir, split, image_size=image_size, decoy=spec == "decoy_mnist", **options
+        )
+    if spec == "celeba":
+        from saliency_jax.data import celeba  # pylint: disable=g-import-not-at-top
+
+        if "frame" in options:
+            options["frame"] = tuple(options["frame"])
+        if "attributes" in options:
+            options["attributes"] = tuple(options["attributes"])
+        return celeba.load_celeba(
+            _require_data_dir(spec, data_dir), split, image_size=image_size, **options
+        )
     if spec == "digits":
         return load_digits(split, image_size=image_size)
     if spec == "mnist":

@@ -15,6 +15,8 @@ from saliency_jax.evaluators.utilization import compression_evaluator, utilizati
 from saliency_jax.evaluators.pointing_game import pointing_game_evaluator
 from saliency_jax.evaluators.hnc import negative_cams_evaluator
 from saliency_jax.evaluators.temporal_grounding import temporal_grounding_evaluator
+from saliency_jax.evaluators.attention_guidance import (cooccurrence_accuracy_evaluator, decoy_agreement_evaluator,
+                                                        region_mass_evaluator, split_accuracy_evaluator)
 
 __all__ = [
     "Evaluator",
@@ -38,5 +40,9 @@ __all__ = [
     "compression_evaluator",
     "pointing_game_evaluator",
     "temporal_grounding_evaluator",
+    "region_mass_evaluator",
+    "split_accuracy_evaluator",
+    "decoy_agreement_evaluator",
+    "cooccurrence_accuracy_evaluator",
     "read_metrics_log",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import pathlib
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -110,11 +111,12 @@ class ExperimentData:
     def test_source(self, config: ml_collections.ConfigDict):
         """The test split of a run's dataset (``config.dataset``), read once per distinct dataset."""
         ds = config.dataset
-        options = dict(ds.get("clips") or {})  # the clip sources' parameters
+        options = ds.get("options")
+        options = options.to_dict() if hasattr(options, "to_dict") else dict(options or {})
         key = ("test_source", ds.name, ds.get("data_dir"), ds.get("image_size"),
-               tuple(sorted((k, repr(v)) for k, v in options.items())))
+               json.dumps(options, sort_keys=True, default=str))
         return self.cached(key, lambda: data_lib.get_source(ds.name, "test", data_dir=ds.get("data_dir"),
-                                                            image_size=ds.get("image_size"), **options))
+                                                            image_size=ds.get("image_size"), options=options))
 
 
 class EvaluatorSettings(Settings):

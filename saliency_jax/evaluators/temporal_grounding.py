@@ -2,7 +2,7 @@ r"""Spatiotemporal grounding of a trained clip classifier as an evaluator: ``"te
 
 Bargal 2019, Sec. 7.4 (Tables 7.1-7.2, Figs. 7.5-7.6) on the synthetic moving-digit clips of the run's dataset
 (:mod:`saliency_jax.data.clips`; ``config.dataset.name`` ``"mnist_clips"`` or ``"digits_clips"``, the clip options
-of ``config.dataset.clips``: canvas, clutter, speed). The evaluation clips are generated deterministically from the
+of ``config.dataset.options``: canvas, clutter, speed). The evaluation clips are generated deterministically from the
 **test** split's digits with the evaluator's own seed, so every arm and repeat sees the same clips:
 
 * **Table 7.2 shape** (temporal detection): for each row - ``rand + GT`` and ``GT + rand`` clips of
@@ -131,10 +131,10 @@ def _eval_source(data, config, *, layout: str, length: int, gt_length: int | Non
     if ds.name not in CLIP_SPECS:
         raise ValueError(f"the temporal_grounding evaluator needs a clip dataset ({CLIP_SPECS}); "
                          f"config.dataset.name is {ds.name!r}")
-    options = {**dict(ds.get("clips") or {}), "layout": layout, "length": int(length),
+    options = {**dict(ds.get("options") or {}), "layout": layout, "length": int(length),
                "gt_length": int(gt_length or 0), "test_clips": int(num_clips), "seed": int(seed)}
     key = ("temporal_grounding", ds.name, ds.get("data_dir"), tuple(sorted((k, repr(v)) for k, v in options.items())))
-    return data.cached(key, lambda: data_lib.get_source(ds.name, "test", data_dir=ds.get("data_dir"), **options))
+    return data.cached(key, lambda: data_lib.get_source(ds.name, "test", data_dir=ds.get("data_dir"), options=options))
 
 
 def _batches(source, num_clips: int, batch_size: int):
@@ -185,7 +185,7 @@ def evaluate_temporal_grounding(run, data, settings: TemporalGroundingSettings) 
     first, bs = rules[0], int(settings.batch_size)
 
     # Table 7.1 shape: the pointing game on single-digit clips, and the classifiers' accuracies on them.
-    length = int(settings.pointing_length) or int(dict(config.dataset.get("clips") or {}).get("length", 16))
+    length = int(settings.pointing_length) or int(dict(config.dataset.get("options") or {}).get("length", 16))
     source = _eval_source(data, config, layout="single", length=length, gt_length=None,
                           num_clips=settings.pointing_clips, seed=settings.seed)
     methods_by_rule = {first: ("eb", "eb_r", "ceb", "ceb_r", "bp", "bp_r")}

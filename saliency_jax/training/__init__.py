@@ -18,3 +18,6 @@ from saliency_jax.training.excitation_dropout import (RESCALE_MODES, SCHEMES, Dr
 from saliency_jax.training.hnc import HNCConfig, hard_negative_classes, hnc_loss, hnc_scheme
 from saliency_jax.training.frame_classifier import (FrameClassifierConfig, frame_classification_loss,
                                                     frame_classifier_scheme)
+from saliency_jax.training.attention_guidance import (GuidanceConfig, RRRConfig, attention_guidance_scheme,
+                                                      guidance_loss, multilabel_guidance_loss, rrr_penalty,
+                                                      rrr_scheme)

@@ -23,6 +23,14 @@ Both take functions of the images built by the caller from the current variables
 function ``images -> logits`` - so the caller decides the mode (inference-mode BatchNorm: the maps of different
 examples must not interact) and the whole batch is one vectorised computation with no loop over examples.
 
+As training schemes (:mod:`saliency_jax.training.scheme`), registered here: ``"attention_guidance"``
+(:func:`attention_guidance_scheme`, settings :class:`GuidanceConfig` in ``config.attention_guidance``; the
+classification loss's weight ``w_a`` is the loop's ``config.classification_weight``) and ``"rrr"``
+(:func:`rrr_scheme`, :class:`RRRConfig` in ``config.rrr``). Both are loss terms computed inside the train step's
+``loss_fn`` from ``ctx.variables`` (the traced parameters), on the batch fields ``region`` (``S``) and
+``wrong_region`` (``A``) that the data sources provide (:mod:`saliency_jax.data.decoy_mnist`,
+:mod:`saliency_jax.data.celeba`, :class:`saliency_jax.data.TemplateRegionSource`).
+
 >>> import jax, jax.numpy as jnp
 >>> from saliency_jax.saliency import split_layer
 >>> from saliency_jax.training.attention_guidance import guidance_loss
@@ -43,15 +51,20 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from saliency_jax.saliency import LayerModel, grad_cam
-from saliency_jax.saliency.core import check_images
+from saliency_jax.saliency import (LayerModel, class_scores, grad_cam, linen_layer, normalize_maps, resize_maps,
+                                   resolve_targets)
+from saliency_jax.saliency.core import at_least_float32, check_images
+from saliency_jax.training.scheme import Forward, ModelLayers, Scheme, SchemeSettings, StepContext, register_scheme
 
 Array = jax.Array
 
 __all__ = [
     "DEFAULT_IOU_EPSILON",
+    "MODES",
     "GuidanceConfig",
     "RRRConfig",
+    "attention_guidance_scheme",
+    "rrr_scheme",
     "soft_iou",
     "guidance_maps",
     "guidance_loss",
@@ -69,18 +82,6 @@ DEFAULT_IOU_EPSILON = 1.0
 # Settings.
 
 
-def _from_mapping(cls, mapping: Mapping[str, Any]):
-    """Builds the dataclass ``cls`` from a mapping, rejecting keys that are not fields."""
-    if hasattr(mapping, "to_dict"):  # ml_collections.ConfigDict
-        mapping = mapping.to_dict()
-    values = dict(mapping)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed: {names}")
-    return cls(**values)
-
-
 def _check_number(value: Any, name: str, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number; got {value!r}")
@@ -94,51 +95,104 @@ def _check_number(value: Any, name: str, *, positive: bool = False) -> float:
     return value
 
 
-@dataclasses.dataclass(frozen=True)
-class GuidanceConfig:
-    """Hyper-parameters of Grad-CAM attention guidance (``Loss = w_a * loss_a + w_g * loss_g``).
+def _check_mode(mode: Any, name: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"{name} must be one of {MODES}; got {mode!r}")
 
-    The poster gives no values for ``w_a`` and ``w_g``; the defaults weigh both terms equally and are meant to be
-    chosen by a sweep.
+
+def _check_field(value: Any, name: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must name a batch field (a non-empty string); got {value!r}")
+
+
+MODES = ("inference", "train")
+"""How the schemes run the model for the map / input gradient inside ``loss_fn`` (see :class:`GuidanceConfig`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceConfig(SchemeSettings):
+    """Settings of the ``"attention_guidance"`` training scheme (``config.attention_guidance``).
+
+    The total loss is ``w_a * loss_a + w_g * loss_g``. ``w_a`` is *not* a field here: it is the train loop's
+    ``config.classification_weight`` (:func:`saliency_jax.train.make_train_step`), the one place the weight of the
+    classification loss lives for every scheme; this section holds ``w_g``. The poster gives no values for either;
+    choose them by a sweep (``experiments/configs/decoy_mnist.py``).
 
     Attributes:
-      w_a: weight of the classification loss ``loss_a`` (cross-entropy, or binary cross-entropy over attributes).
-      w_g: weight of the guidance loss ``loss_g = -ln IoU(G, S)``.
+      w_g: weight of the guidance loss ``loss_g = -ln IoU(G, S)``, ``>= 0``.
       epsilon: smoothing of the soft IoU in pixels, ``> 0`` (see :func:`soft_iou`).
       score: Grad-CAM class score, ``"logit"`` (Selvaraju et al. 2017) or ``"softmax"`` (single-label only).
       weighting: Grad-CAM weights, ``"plain"`` (Selvaraju et al., Eq. 1) or ``"guided"`` (see
-        :func:`saliency_jax.saliency.grad_cam_weights`).
+        :func:`saliency_jax.saliency.grad_cam_weights`); ``"hirescam"`` replaces Grad-CAM by HiResCAM (an ablation,
+        see :func:`guidance_maps`).
+      mode: how the map's network runs inside ``loss_fn``: ``"inference"`` (``train=False``: running BatchNorm
+        statistics, no dropout; each example's map depends on that example only) or ``"train"`` (``train=True``:
+        batch statistics, dropout from the loss term's key, which differs from the training forward's draw). Both
+        differentiate through the map; for a network without BatchNorm and dropout (CNN-2) they are the same.
+      region_field: the batch field holding ``S``: [batch, height, width] (single-label) or
+        [batch, num_guided, height, width] (multi-label) in [0, 1]. Which region it holds is the data's choice
+        (``config.dataset.options``): the example's own region (Decoy MNIST's digit pixels) or a per-class template
+        drawn once by the user (``region_templates``, :class:`saliency_jax.data.TemplateRegionSource`; CelebA's
+        per-attribute templates), moved with the image by geometric augmentation either way.
+      attributes: multi-label only: indices into the logits of the guided attributes, one per plane of the region
+        field (CelebA: ``CelebASource.region_attribute_indices``); ``()`` = every logit.
+      start_step: the term is added from this step on (0: from the start). The poster's workflow in one run: the
+        network is first trained on the attributes alone (``start_step`` steps), then fine-tuned with the guidance
+        loss; before ``start_step`` the map is not computed (``lax.cond``) and the metrics read 0.
     """
 
-    w_a: float = 1.0
     w_g: float = 1.0
     epsilon: float = DEFAULT_IOU_EPSILON
     score: Literal["logit", "softmax"] = "logit"
-    weighting: Literal["plain", "guided"] = "plain"
+    weighting: Literal["plain", "guided", "hirescam"] = "plain"
+    mode: Literal["inference", "train"] = "inference"
+    region_field: str = "region"
+    attributes: tuple[int, ...] = ()
+    start_step: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "w_a", _check_number(self.w_a, "GuidanceConfig.w_a"))
+        if isinstance(self.start_step, bool) or not isinstance(self.start_step, numbers.Integral) \
+                or self.start_step < 0:
+            raise ValueError(f"GuidanceConfig.start_step must be an int >= 0; got {self.start_step!r}")
         object.__setattr__(self, "w_g", _check_number(self.w_g, "GuidanceConfig.w_g"))
         object.__setattr__(self, "epsilon", _check_number(self.epsilon, "GuidanceConfig.epsilon", positive=True))
         if self.score not in ("logit", "softmax"):
             raise ValueError(f"GuidanceConfig.score must be 'logit' or 'softmax'; got {self.score!r}")
-        if self.weighting not in ("plain", "guided"):
-            raise ValueError(f"GuidanceConfig.weighting must be 'plain' or 'guided'; got {self.weighting!r}")
+        if self.weighting not in ("plain", "guided", "hirescam"):
+            raise ValueError(f"GuidanceConfig.weighting must be 'plain', 'guided' or 'hirescam'; got "
+                             f"{self.weighting!r}")
+        _check_mode(self.mode, "GuidanceConfig.mode")
+        _check_field(self.region_field, "GuidanceConfig.region_field")
+        attributes = (self.attributes,) if isinstance(self.attributes, numbers.Integral) else self.attributes
+        try:
+            attributes = tuple(attributes)
+        except TypeError as e:
+            raise TypeError(f"GuidanceConfig.attributes must be a tuple of logit indices; got {self.attributes!r}") \
+                from e
+        if not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) and a >= 0 for a in attributes) \
+                or len(set(attributes)) != len(attributes):
+            raise ValueError(f"GuidanceConfig.attributes must be distinct logit indices >= 0; got {self.attributes!r}")
+        object.__setattr__(self, "attributes", tuple(int(a) for a in attributes))
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "GuidanceConfig":
-        """Builds a config from a mapping (a dict or an ``ml_collections.ConfigDict``).
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> "GuidanceConfig":
+        """Builds the settings from a mapping (a dict or an ``ml_collections.ConfigDict``).
 
         Raises:
-          ValueError: on a key that is not a field (naming it and the allowed ones), or as the constructor.
+          ValueError: on ``w_a`` (it is ``config.classification_weight``), on any other key that is not a field
+            (naming the closest ones), or as the constructor.
           TypeError: as the constructor.
         """
-        return _from_mapping(cls, mapping)
+        if mapping is not None and "w_a" in mapping:
+            raise ValueError("w_a is the train loop's config.classification_weight (the weight of the "
+                             "classification loss for every scheme), not a field of the attention_guidance section")
+        return super().from_mapping(mapping)
 
 
 @dataclasses.dataclass(frozen=True)
-class RRRConfig:
-    """Hyper-parameters of Right for the Right Reasons (Ross et al. 2017; defaults: dtak/rrr's Decoy MNIST run).
+class RRRConfig(SchemeSettings):
+    """Settings of the ``"rrr"`` training scheme, Right for the Right Reasons (``config.rrr``; defaults: dtak/rrr's
+    Decoy MNIST run).
 
     Attributes:
       lambda1: ``lambda_1``, weight of the input-gradient penalty (the paper's name; ``l2_grads`` in dtak/rrr).
@@ -150,11 +204,21 @@ class RRRConfig:
         (then ``lambda1 = 1000 / 255**2`` is the same penalty).
       activation: ``"softmax"`` (``log p_k = log_softmax``, the paper's single-label case) or ``"sigmoid"``
         (multi-label: ``log p_k = log sigmoid(z_k)``).
+      mode: ``"inference"`` or ``"train"``, as :class:`GuidanceConfig` (in train mode with BatchNorm the summed
+        log-probabilities couple the examples of a batch through its statistics).
+      wrong_region_field: the batch field holding ``A``, [batch, height, width] (or [..., channels]) in [0, 1].
+      region_mass_metric: also log ``grad_cam_mass_in_region``, the Grad-CAM mass inside the batch field
+        ``region`` (``S``) at ``config.model.grad_cam_layer`` (a first-order diagnostic: one more forward/backward
+        per step, under ``stop_gradient``). Off by default: the ``"region_mass"`` evaluator measures it after
+        training at no training cost.
     """
 
     lambda1: float = 1000.0
     pixel_scale: float = 255.0
     activation: Literal["softmax", "sigmoid"] = "softmax"
+    mode: Literal["inference", "train"] = "inference"
+    wrong_region_field: str = "wrong_region"
+    region_mass_metric: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "lambda1", _check_number(self.lambda1, "RRRConfig.lambda1"))
@@ -162,16 +226,10 @@ class RRRConfig:
                            _check_number(self.pixel_scale, "RRRConfig.pixel_scale", positive=True))
         if self.activation not in ("softmax", "sigmoid"):
             raise ValueError(f"RRRConfig.activation must be 'softmax' or 'sigmoid'; got {self.activation!r}")
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "RRRConfig":
-        """Builds a config from a mapping (a dict or an ``ml_collections.ConfigDict``).
-
-        Raises:
-          ValueError: on a key that is not a field (naming it and the allowed ones), or as the constructor.
-          TypeError: as the constructor.
-        """
-        return _from_mapping(cls, mapping)
+        _check_mode(self.mode, "RRRConfig.mode")
+        _check_field(self.wrong_region_field, "RRRConfig.wrong_region_field")
+        if not isinstance(self.region_mass_metric, bool):
+            raise TypeError(f"RRRConfig.region_mass_metric must be a bool; got {self.region_mass_metric!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,13 +298,28 @@ def guidance_maps(layer_model: LayerModel, images: Array, targets: Array, *, sco
       images: [batch, height, width, channels] float.
       targets: int [batch] class per example (the ground truth).
       score: ``"logit"`` or ``"softmax"``.
-      weighting: ``"plain"`` or ``"guided"``.
+      weighting: ``"plain"`` or ``"guided"`` (Grad-CAM's channel weights, :func:`saliency_jax.saliency.grad_cam`),
+        or ``"hirescam"``: not Grad-CAM but HiResCAM (Draelos & Carin 2020), ``ReLU(sum_k dS/dA_k * A_k)`` with the
+        gradient kept per position instead of averaged over the map - faithful to heads that are not a global
+        average pool (flatten + dense), where Grad-CAM's averaged weights can hide evidence the head reads at one
+        position (the Decoy MNIST patch). An ablation; the poster uses Grad-CAM.
 
     Returns:
       [batch, height, width] float32 in [0, 1].
     """
-    return grad_cam(layer_model, images, targets, score=score, weighting=weighting, relu=True, resize=True,
-                    normalize=True)
+    if weighting != "hirescam":
+        return grad_cam(layer_model, images, targets, score=score, weighting=weighting, relu=True, resize=True,
+                        normalize=True)
+    check_images(images)
+    shape = layer_model.activation_shape(images)
+
+    def summed_score(perturbation):
+        logits, activations = layer_model(images, perturbation)
+        return jnp.sum(class_scores(logits, resolve_targets(targets, logits), score)), activations
+
+    gradients, activations = jax.grad(summed_score, has_aux=True)(jnp.zeros(shape.shape, shape.dtype))
+    maps = jax.nn.relu(jnp.sum(at_least_float32(gradients) * at_least_float32(activations), axis=-1))
+    return normalize_maps(resize_maps(maps, images.shape[1:3]))
 
 
 def guidance_loss(layer_model: LayerModel, images: Array, targets: Array, regions: Array, *,
@@ -265,7 +338,8 @@ def guidance_loss(layer_model: LayerModel, images: Array, targets: Array, region
         images of that class, or a per-example region).
       epsilon: soft-IoU smoothing in pixels.
       score: Grad-CAM class score (``"logit"``, Selvaraju et al.).
-      weighting: Grad-CAM weights (``"plain"``, Selvaraju et al. Eq. 1).
+      weighting: Grad-CAM weights (``"plain"``, Selvaraju et al. Eq. 1; ``"guided"``; or ``"hirescam"``, see
+        :func:`guidance_maps`).
 
     Returns:
       [batch] float32, ``>= 0``.
@@ -275,6 +349,12 @@ def guidance_loss(layer_model: LayerModel, images: Array, targets: Array, region
         [batch, height, width], or as :func:`saliency_jax.saliency.grad_cam`.
       TypeError: if ``targets`` is not integer.
     """
+    return _guidance_terms(layer_model, images, targets, regions, epsilon=epsilon, score=score,
+                           weighting=weighting)[0]
+
+
+def _guidance_terms(layer_model, images, targets, regions, *, epsilon, score, weighting):
+    """``(loss_g [batch], maps [batch, height, width])`` of :func:`guidance_loss` (checks included)."""
     check_images(images)
     targets = jnp.asarray(targets)
     if not jnp.issubdtype(targets.dtype, jnp.integer):
@@ -283,7 +363,7 @@ def guidance_loss(layer_model: LayerModel, images: Array, targets: Array, region
         raise ValueError(f"guidance_loss: targets must have shape [{images.shape[0]}]; got {list(targets.shape)}")
     _check_regions(regions, images, images.shape[:1], "guidance_loss")
     maps = guidance_maps(layer_model, images, targets, score=score, weighting=weighting)
-    return -jnp.log(soft_iou(maps, regions, epsilon))
+    return -jnp.log(soft_iou(maps, regions, epsilon)), maps
 
 
 def multilabel_guidance_loss(layer_model: LayerModel, images: Array, targets: Array, regions: Array, *,
@@ -309,7 +389,7 @@ def multilabel_guidance_loss(layer_model: LayerModel, images: Array, targets: Ar
       attributes: static indices into the logits of the guided attributes, ``num_guided`` of them; None = all
         ``num_attributes`` in order.
       epsilon: soft-IoU smoothing in pixels.
-      weighting: Grad-CAM weights (the score is the attribute's logit).
+      weighting: as :func:`guidance_loss` (the score is the attribute's logit).
 
     Returns:
       [batch] float32, ``>= 0``.
@@ -319,6 +399,14 @@ def multilabel_guidance_loss(layer_model: LayerModel, images: Array, targets: Ar
         guided attribute.
       TypeError: if ``targets`` is not integer or bool.
     """
+    loss, _, _ = _multilabel_terms(layer_model, images, targets, regions, attributes=attributes, epsilon=epsilon,
+                                   weighting=weighting)
+    return loss
+
+
+def _multilabel_terms(layer_model, images, targets, regions, *, attributes, epsilon, weighting):
+    """``(loss_g [batch], maps [batch, num_guided, h, w], positive [batch, num_guided] float)`` of
+    :func:`multilabel_guidance_loss` (checks included)."""
     check_images(images)
     targets = jnp.asarray(targets)
     if not (jnp.issubdtype(targets.dtype, jnp.integer) or targets.dtype == jnp.bool_):
@@ -350,7 +438,7 @@ def multilabel_guidance_loss(layer_model: LayerModel, images: Array, targets: Ar
     per_attribute = -jnp.log(iou).reshape(batch, len(attributes))
     positive = (targets[:, jnp.asarray(attributes)] > 0).astype(per_attribute.dtype)
     count = jnp.sum(positive, axis=1)
-    return jnp.sum(per_attribute * positive, axis=1) / jnp.maximum(count, 1.0)
+    return jnp.sum(per_attribute * positive, axis=1) / jnp.maximum(count, 1.0), maps, positive
 
 
 def region_mass_fraction(maps: Array, regions: Array) -> Array:
@@ -444,6 +532,12 @@ def rrr_penalty(logits_fn: Callable[[Array], Array], images: Array, wrong_region
     Raises:
       ValueError: if ``wrong_regions`` does not match the images, or as :func:`input_gradients`.
     """
+    return _rrr_terms(logits_fn, images, wrong_regions, lambda1=lambda1, pixel_scale=pixel_scale,
+                      activation=activation)[0]
+
+
+def _rrr_terms(logits_fn, images, wrong_regions, *, lambda1, pixel_scale, activation):
+    """``(penalty [batch], input gradients [batch, h, w, c], mask [batch, h, w, 1 or c])`` of :func:`rrr_penalty`."""
     check_images(images)
     if wrong_regions.shape not in (images.shape, images.shape[:3]):
         raise ValueError(f"rrr_penalty: wrong_regions must be [batch, height, width] = {list(images.shape[:3])} or "
@@ -454,4 +548,137 @@ def rrr_penalty(logits_fn: Callable[[Array], Array], images: Array, wrong_region
     mask = wrong_regions.astype(grads.dtype)
     if mask.ndim == 3:
         mask = mask[..., None]
-    return lambda1 * jnp.sum(jnp.square(mask * grads / pixel_scale), axis=(1, 2, 3))
+    return lambda1 * jnp.sum(jnp.square(mask * grads / pixel_scale), axis=(1, 2, 3)), grads, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two training schemes (the protocol of saliency_jax.training.scheme).
+
+
+def _batch_field(batch, name: str, scheme: str) -> Array:
+    if name not in batch:
+        raise ValueError(f"the {scheme!r} scheme reads the batch field {name!r}, which the data does not provide "
+                         f"(fields: {sorted(batch)}); use a source with that field (decoy_mnist, celeba with "
+                         "region templates, or config.dataset.options.region_templates)")
+    return batch[name]
+
+
+def _apply_kwargs(ctx: StepContext, mode: str) -> dict[str, Any]:
+    """``module.apply`` keywords of a scheme's extra pass in ``mode`` (see :class:`GuidanceConfig`)."""
+    if mode == "train":
+        return dict(train=True, mutable=["batch_stats"], rngs={"dropout": ctx.key})
+    return dict(train=False)
+
+
+def _logits_fn(ctx: StepContext, mode: str) -> Callable[[Array], Array]:
+    kwargs = _apply_kwargs(ctx, mode)
+    if mode == "train":
+        return lambda x: ctx.model.apply(ctx.variables, x, **kwargs)[0]
+    return lambda x: ctx.model.apply(ctx.variables, x, **kwargs)
+
+
+def _masked_mean(values: Array, weights: Array) -> Array:
+    """``sum(values * weights) / sum(weights)`` (0 when no weight)."""
+    total = jnp.sum(weights)
+    return jnp.sum(values * weights) / jnp.maximum(total, 1.0)
+
+
+@register_scheme("attention_guidance", GuidanceConfig)
+def attention_guidance_scheme(config: GuidanceConfig, layers: ModelLayers) -> Scheme:
+    """Grad-CAM attention guidance (poster, seed 003) as a training scheme: the loss term ``w_g * loss_g``.
+
+    Inside ``loss_fn`` the network is split at ``layers.grad_cam_layer`` with the step's *traced* parameters
+    (``linen_layer(ctx.model, ctx.variables, layer)``), so the update differentiates through Grad-CAM's own
+    gradient (second order). Single-label batches (``label`` [batch] int): :func:`guidance_loss` with the batch's
+    region field ``[batch, height, width]``. Multi-label batches (``label`` [batch, num_classes] multi-hot, with
+    ``loss="sigmoid_binary_cross_entropy"``): :func:`multilabel_guidance_loss` over ``config.attributes`` with the
+    region field ``[batch, num_guided, height, width]``. ``w_a`` is ``config.classification_weight``.
+
+    Args:
+      config: the scheme's settings.
+      layers: the model's layers (``grad_cam_layer``: the last convolutional layer, post-ReLU).
+
+    Returns:
+      A :class:`~saliency_jax.training.Scheme` with a loss term and no forward or batch transform. Metrics:
+      ``guidance_loss`` (batch mean of ``loss_g``, unweighted; multi-label: of the examples' means over their
+      positive guided attributes) and ``grad_cam_mass_in_region`` (batch mean of the fraction of the normalised
+      map ``G``'s mass inside ``S``, :func:`region_mass_fraction`; multi-label: over positive (example, attribute)
+      pairs).
+    """
+    layer = layers.grad_cam_layer
+
+    def loss(ctx: StepContext, batch, forward: Forward):
+        del forward  # the map needs the network split at the layer; it is recomputed from ctx.variables
+        if not config.start_step:
+            return term(ctx, batch)
+        # Before start_step: no term and no map (the branch not taken is not run).
+        guided = lambda: term(ctx, batch)  # noqa: E731
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(guided))
+        return jax.lax.cond(ctx.step >= config.start_step, guided, lambda: zeros)
+
+    def term(ctx: StepContext, batch):
+        images, labels = batch["image"], batch["label"]
+        regions = _batch_field(batch, config.region_field, "attention_guidance")
+        layer_model = linen_layer(ctx.model, ctx.variables, layer, **_apply_kwargs(ctx, config.mode))
+        if labels.ndim == 1:
+            loss_g, maps = _guidance_terms(layer_model, images, labels, regions, epsilon=config.epsilon,
+                                           score=config.score, weighting=config.weighting)
+            mass = jnp.mean(region_mass_fraction(jax.lax.stop_gradient(maps), regions))
+        else:
+            if config.score != "logit":
+                raise ValueError("attention_guidance: multi-label targets take Grad-CAM on each attribute's logit; "
+                                 f"score must be 'logit', got {config.score!r}")
+            loss_g, maps, positive = _multilabel_terms(
+                layer_model, images, labels, regions, attributes=config.attributes or None, epsilon=config.epsilon,
+                weighting=config.weighting)
+            height, width = images.shape[1:3]
+            fractions = region_mass_fraction(jax.lax.stop_gradient(maps).reshape(-1, height, width),
+                                             regions.reshape(-1, height, width)).reshape(positive.shape)
+            mass = _masked_mean(fractions, positive)
+        return config.w_g * loss_g, {"guidance_loss": jnp.mean(loss_g), "grad_cam_mass_in_region": mass}
+
+    return Scheme(loss=loss)
+
+
+@register_scheme("rrr", RRRConfig)
+def rrr_scheme(config: RRRConfig, layers: ModelLayers) -> Scheme:
+    """Right for the Right Reasons (Ross et al., IJCAI 2017, Eq. 1) as a training scheme: the loss term
+    :func:`rrr_penalty` on the batch's wrong-region field ``A``, from the step's traced parameters (double
+    backpropagation).
+
+    Args:
+      config: the scheme's settings.
+      layers: the model's layers (``grad_cam_layer`` is read only for ``config.region_mass_metric``).
+
+    Returns:
+      A :class:`~saliency_jax.training.Scheme` with a loss term. Metrics: ``rrr_penalty`` (batch mean of the
+      weighted penalty, the amount added to the loss), ``input_gradient_mass_in_wrong_region`` (batch mean of
+      ``sum((A g)^2) / sum(g^2)``, ``g`` the input gradient) and, with ``region_mass_metric``,
+      ``grad_cam_mass_in_region``.
+    """
+    layer = layers.grad_cam_layer
+
+    def loss(ctx: StepContext, batch, forward: Forward):
+        del forward
+        images = batch["image"]
+        wrong = _batch_field(batch, config.wrong_region_field, "rrr")
+        penalty, grads, mask = _rrr_terms(_logits_fn(ctx, config.mode), images, wrong, lambda1=config.lambda1,
+                                          pixel_scale=config.pixel_scale, activation=config.activation)
+        energy = jnp.square(jax.lax.stop_gradient(grads))
+        total = jnp.sum(energy, axis=(1, 2, 3))
+        inside = jnp.sum(energy * mask, axis=(1, 2, 3))
+        metrics = {"rrr_penalty": jnp.mean(penalty),
+                   "input_gradient_mass_in_wrong_region": jnp.mean(
+                       jnp.where(total > 0, inside / jnp.where(total > 0, total, 1.0), 0.0))}
+        if config.region_mass_metric:
+            labels = batch["label"]
+            if labels.ndim != 1:
+                raise ValueError("rrr: region_mass_metric needs single-label batches (label [batch])")
+            regions = _batch_field(batch, "region", "rrr")
+            frozen = jax.lax.stop_gradient(ctx.variables)
+            layer_model = linen_layer(ctx.model, frozen, layer, **_apply_kwargs(ctx, config.mode))
+            maps = guidance_maps(layer_model, images, labels)
+            metrics["grad_cam_mass_in_region"] = jnp.mean(region_mass_fraction(maps, regions))
+        return penalty, metrics
+
+    return Scheme(loss=loss)
