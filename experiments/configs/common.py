@@ -135,3 +135,15 @@ def hnc_config() -> ml_collections.ConfigDict:
     c.experiment.arms = HNC_ARMS + HNC_NOISE_ARMS
     c.experiment.title = "HNC loss (Sun et al. 2020)"
     return c
+
+
+def guided_zoom_config() -> ml_collections.ConfigDict:
+    """Guided Zoom (Bargal 2019, Ch. 6): plain training of the conventional CNN (one arm), then the ``guided_zoom``
+    evaluator (evidence pools GZ and EGZ, Evidence CNNs, decision refinement at k = 3 and 5) at the thesis'
+    defaults (weights 0.4 / (0.3, 0.2, 0.1), L = 2, softmax scores, released code's border truncation)."""
+    c = default_config()
+    c.evaluators = ("guided_zoom",)
+    c.guided_zoom = evaluator_section("guided_zoom")
+    c.experiment.arms = (("conventional", {}),)
+    c.experiment.title = "Guided Zoom and Ensemble Guided Zoom (Bargal 2019, Ch. 6)"
+    return c

@@ -14,6 +14,7 @@ from saliency_jax.evaluators.figures import read_metrics_log, saliency_maps_eval
 from saliency_jax.evaluators.utilization import compression_evaluator, utilization_evaluator
 from saliency_jax.evaluators.pointing_game import pointing_game_evaluator
 from saliency_jax.evaluators.hnc import negative_cams_evaluator
+from saliency_jax.evaluators.guided_zoom import guided_zoom_evaluator
 
 __all__ = [
     "Evaluator",
@@ -31,6 +32,7 @@ __all__ = [
     "random_erasing_evaluator",
     "fgsm_evaluator",
     "negative_cams_evaluator",
+    "guided_zoom_evaluator",
     "saliency_maps_evaluator",
     "training_curves_evaluator",
     "utilization_evaluator",
