@@ -433,6 +433,9 @@ def test_pool_archive_roundtrip_through_the_npz_source(tmp_path):
     _write(path, [("train", first, [0, 1, 2], [0, 1, 2], [0, 0, 0], [5, 5, 5]),
                   ("train", second, [2, 2], [0, 0], [1, 1], [6, 7])])
     assert sorted(p.name for p in path.parent.iterdir()) == ["gz.npz"]  # no temporary files left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, readable as the umask allows
     source = get_source("npz", "train", path)
     assert len(source) == 5 and source.class_names == ("a", "b", "c")
     expected = np.round(np.concatenate([first, second]) * 255) / 255

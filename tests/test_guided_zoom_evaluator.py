@@ -146,3 +146,28 @@ def test_runlocal_end_to_end_and_pool_reuse(tmp_path):
     evaluate_run(run, build_evaluators(config), ExperimentData(config), arm="conventional")
     assert len(list(root.glob("pool_gz-*.npz"))) == 2 and len(list(root.glob("pool_egz-*.npz"))) == 1
     assert not list(root.glob(".*"))  # no temporary files left
+
+
+def test_fine_grained_configs_and_the_evidence_cnns_config(tmp_path):
+    spec = importlib.util.spec_from_file_location("guided_zoom_fine_grained",
+                                                  REPO / "experiments/configs/guided_zoom_fine_grained.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from saliency_jax.evaluators import evaluator_settings
+    from saliency_jax.experiment import arm_config, check_config
+    for name in ("cub", "dogs", "aircraft"):
+        config = module.get_config(name)
+        config.model.pretrained = "resnet101.safetensors"
+        check_config(config)
+        run_config = arm_config(config, "conventional", 0)
+        settings = evaluator_settings(run_config, "guided_zoom")
+        # The thesis' sizes at 448 px: 150-px patches, 85-px squares, the Evidence CNN at 224 from the same weights.
+        assert gze.pool_sizes(settings, 448, 448) == {"patch": 150, "erase": 85, "output": 224}
+        assert settings.evidence_pretrained == "resnet101.safetensors" and settings.ceb_layer == "layer3/0"
+        evidence = gze.evidence_config(run_config, settings, tmp_path / "pool.npz")
+        assert (evidence.dataset.name, evidence.dataset.image_size, evidence.model.name) == ("npz", None, "resnet101")
+        assert evidence.dataset.data_dir == str((tmp_path / "pool.npz").absolute())
+        assert (evidence.optimizer.name, evidence.batch_size, evidence.num_steps) == ("sgd", 64, 30_000)
+        assert tuple(evidence.schemes) == () and tuple(evidence.evaluators) == ()
+    with pytest.raises(ValueError, match="cub"):
+        module.get_config("birds")
