@@ -288,6 +288,64 @@ def test_decision_refinement_against_hand_computation():
                                output_size=1)
 
 
+def test_evidence_patches_are_the_ungated_rounds():
+    # Algorithm 2's zoom: the same patches and peaks as Algorithm 1's, every round kept (nothing is gated at test
+    # time, even for images the conventional CNN gets wrong after an erasure).
+    images = _dot_images()
+    labels = jnp.zeros(len(_EVIDENCE), jnp.int32)
+    kwargs = dict(patch_size=5, erase_size=3, output_size=5)
+    pool = gz.evidence_pool(_dot_grounding, _dot_logits, images, labels, **kwargs)
+    zoom = jax.jit(functools.partial(gz.evidence_patches, _dot_grounding, num_erasures=2, **kwargs))(images, labels)
+    np.testing.assert_array_equal(zoom.valid, np.ones((3, 5), bool))
+    np.testing.assert_array_equal(zoom.peaks, pool.peaks)
+    np.testing.assert_array_equal(zoom.peaks[:, 0], _DOTS)
+    np.testing.assert_allclose(zoom.patches, pool.patches, atol=1e-6)
+    np.testing.assert_array_equal(zoom.rounds, [0, 1, 2])
+    with pytest.raises(ValueError, match="num_erasures"):
+        gz.evidence_patches(_dot_grounding, images, labels, num_erasures=-1, **kwargs)
+
+
+def test_class_evidence_by_hand():
+    # 2 rounds x 3 pairs of 1x1 patches whose value is an id; the "Evidence CNN" is the table log P[id].
+    table = _evidence_table()
+    ids = np.array([[1, 2, 3], [4, 5, 6]], np.float32)
+    patches = jnp.asarray(ids[:, :, None, None, None])
+    evidence_fn = lambda p: jnp.log(jnp.asarray(table))[jnp.round(p[:, 0, 0, 0]).astype(jnp.int32)]
+    targets = np.array([3, 0, 2])
+    evidence, predicted = gz.class_evidence(evidence_fn, patches, targets)
+    expected = np.array([[table[int(ids[l, j]), targets[j]] for l in range(2)] for j in range(3)])
+    np.testing.assert_allclose(evidence, expected, atol=1e-6)
+    np.testing.assert_array_equal(predicted, table[ids.astype(int)].argmax(-1).T)
+    logits, _ = gz.class_evidence(evidence_fn, patches, targets, score="logit")
+    np.testing.assert_allclose(logits, np.log(expected), atol=1e-5)
+    with pytest.raises(ValueError, match="targets"):
+        gz.class_evidence(evidence_fn, patches, targets[:2])
+    with pytest.raises(ValueError, match="score"):
+        gz.class_evidence(evidence_fn, patches, targets, score="rank")
+
+
+def test_refined_classes_for_each_k():
+    top_classes = jnp.array([[4, 1, 7, 2], [0, 3, 5, 6]])
+    scores = jnp.array([[0.5, 0.7, 0.9, 0.1], [0.6, 0.6, 0.2, 0.8]])
+    np.testing.assert_array_equal(gz.refined_classes(top_classes, scores, 1), [4, 0])
+    np.testing.assert_array_equal(gz.refined_classes(top_classes, scores, 2), [1, 0])  # tie: the more probable
+    np.testing.assert_array_equal(gz.refined_classes(top_classes, scores, 3), [7, 0])
+    np.testing.assert_array_equal(gz.refined_classes(top_classes, scores, 4), [7, 6])
+    with pytest.raises(ValueError, match="k=5"):
+        gz.refined_classes(top_classes, scores, 5)
+    # A class's score does not depend on k: refining over K classes and keeping the first k equals refining over k.
+    ids = (1 + np.arange(36, dtype=np.float32)).reshape(1, 6, 6, 1)
+    images = jnp.asarray(np.repeat(ids, 2, axis=0))
+    conventional = jnp.log(jnp.array([[0.1, 0.45, 0.15, 0.3], [0.4, 0.35, 0.05, 0.2]]))
+    table = _evidence_table()
+    evidence_fn = lambda p: jnp.log(jnp.asarray(table))[jnp.round(p[:, 0, 0, 0]).astype(jnp.int32)]
+    refine = functools.partial(gz.decision_refinement, _place_grounding, lambda x: conventional, evidence_fn, images,
+                               patch_size=1, erase_size=1, output_size=1)
+    full = refine(k=4)
+    for k in (1, 2, 3):
+        np.testing.assert_array_equal(gz.refined_classes(full.top_classes, full.scores, k), refine(k=k).classes)
+
+
 def test_top_k_correct():
     logits = jnp.array([[0.1, 0.5, 0.4], [0.9, 0.0, 0.1]])
     np.testing.assert_array_equal(gz.top_k_correct(logits, jnp.array([2, 2]), 1), [False, False])
@@ -375,6 +433,9 @@ def test_pool_archive_roundtrip_through_the_npz_source(tmp_path):
     _write(path, [("train", first, [0, 1, 2], [0, 1, 2], [0, 0, 0], [5, 5, 5]),
                   ("train", second, [2, 2], [0, 0], [1, 1], [6, 7])])
     assert sorted(p.name for p in path.parent.iterdir()) == ["gz.npz"]  # no temporary files left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, readable as the umask allows
     source = get_source("npz", "train", path)
     assert len(source) == 5 and source.class_names == ("a", "b", "c")
     expected = np.round(np.concatenate([first, second]) * 255) / 255

@@ -249,3 +249,15 @@ def celeba_attention_config() -> ml_collections.ConfigDict:
     c.region_mass = evaluator_section("region_mass", examples=2000, attributes=(0, 1, 2), batch_size=50)
     c.training_curves = evaluator_section("training_curves", metrics=("loss", "accuracy"))
     return c
+
+
+def guided_zoom_config() -> ml_collections.ConfigDict:
+    """Guided Zoom (Bargal 2019, Ch. 6): plain training of the conventional CNN (one arm), then the ``guided_zoom``
+    evaluator (evidence pools GZ and EGZ, Evidence CNNs, decision refinement at k = 3 and 5) at the thesis'
+    defaults (weights 0.4 / (0.3, 0.2, 0.1), L = 2, softmax scores, released code's border truncation)."""
+    c = default_config()
+    c.evaluators = ("guided_zoom",)
+    c.guided_zoom = evaluator_section("guided_zoom")
+    c.experiment.arms = (("conventional", {}),)
+    c.experiment.title = "Guided Zoom and Ensemble Guided Zoom (Bargal 2019, Ch. 6)"
+    return c

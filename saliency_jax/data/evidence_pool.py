@@ -38,6 +38,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import uuid
 import zipfile
 from collections.abc import Sequence
 from typing import Any
@@ -248,11 +249,11 @@ class EvidencePoolWriter:
             raise ValueError(f"no patches were added to {self.path}; nothing written")
         for f in self._files.values():
             f.close()
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        tmp = pathlib.Path(tmp_name)
+        # A unique name created here (not mkstemp's, which is mode 0600): the archive gets the umask's permissions.
+        tmp = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex}.tmp"
         try:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with open(tmp, "xb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED,
+                                                       allowZip64=True) as archive:
                 for split in SPLITS:
                     n = self._counts[split]
                     for field, dtype in POOL_FIELDS.items():

@@ -91,16 +91,20 @@ __all__ = [
     "PATCH_RATIO",
     "RESAMPLING",
     "Refinement",
+    "SCORES",
+    "class_evidence",
     "contrastive_eb_grounding",
     "crop_patches",
     "decision_refinement",
     "ensemble_evidence_pool",
     "erase_squares",
+    "evidence_patches",
     "evidence_pool",
     "grad_cam_grounding",
     "patch_boxes",
     "peak_locations",
     "pixels",
+    "refined_classes",
     "refinement_scores",
     "rise_grounding",
     "top_k_correct",
@@ -602,9 +606,76 @@ def refinement_scores(conventional: Array, evidence: Array, conventional_weight:
                                                              jnp.asarray(ws, jnp.float32))
 
 
+#: How the conventional and Evidence CNNs' outputs are scored in Algorithm 2.
+SCORES: tuple[str, ...] = ("probability", "logit")
+
+
 def _scores(logits: Array, score: str) -> Array:
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1) if score == "probability" else logits.astype(
         jnp.float32)
+
+
+def evidence_patches(grounding: Grounding, images: Array, targets: Array, *, num_erasures: int,
+                     patch_size: int | tuple[int, int], erase_size: int | tuple[int, int],
+                     output_size: int | tuple[int, int], originals: Array | None = None, border: str = "truncate",
+                     method: str = "cubic", fill: float | Array = 0.0) -> EvidencePool:
+    """Algorithm 2, lines 5 and 9-10: the evidence of class ``targets[i]`` in image ``i`` and its erased successors.
+
+    The same zoom as :func:`evidence_pool` (map of the target class, peak, patch cut from ``originals``, cumulative
+    erasing), but nothing is gated: at test time every (image, class) pair gets ``L + 1`` patches. Pass each test
+    image once per top-``k`` class (``jnp.repeat(images, k, axis=0)`` with the flattened top classes) to get
+    Algorithm 2's ``batch x k`` pairs in one call.
+
+    Args:
+      grounding: ``(images, targets) -> maps``; the method the Evidence CNN's pool was built with.
+      images: [n, h, w, channels] float32 as the conventional CNN sees them.
+      targets: int [n] the class whose evidence is sought for each image.
+      num_erasures: ``L`` (rounds ``0 .. L``).
+      patch_size, erase_size, output_size, originals, border, method, fill: as :func:`evidence_pool`.
+
+    Returns:
+      :class:`EvidencePool` with ``R = L + 1`` rows, all valid, ``rounds = [0, .., L]``, ``methods = 0``.
+
+    Raises:
+      ValueError: bad shapes, sizes, ``num_erasures``, ``border`` or ``method``.
+      TypeError: non-float images or non-integer targets.
+    """
+    targets, originals = _pool_setup(images, targets, originals, num_erasures, border, method)
+    zoom = _zoom_rounds(grounding, None, images, originals, targets, num_erasures + 1, jnp.ones(targets.shape, bool),
+                        patch_size=patch_size, erase_size=erase_size, output_size=output_size, border=border,
+                        method=method, fill=fill)
+    rounds = jnp.arange(num_erasures + 1, dtype=jnp.int32)
+    return EvidencePool(zoom.patches, zoom.alive, zoom.peaks, zoom.boxes, rounds, jnp.zeros_like(rounds))
+
+
+def class_evidence(evidence_logits_fn: LogitsFn, patches: Array, targets: Array,
+                   score: str = "probability") -> tuple[Array, Array]:
+    """Algorithm 2, lines 6-7 and 11-12: the Evidence CNN's score ``v_l[t]`` of each pair's class on its patches.
+
+    Args:
+      evidence_logits_fn: the Evidence CNN ``patches [m, out_h, out_w, channels] -> logits [m, num_classes]``.
+      patches: [R, n, out_h, out_w, channels] float32 (:attr:`EvidencePool.patches` of :func:`evidence_patches`);
+        all ``R n`` patches go through the Evidence CNN in one call.
+      targets: int [n] the class of each pair.
+      score: ``"probability"`` (softmax) or ``"logit"``.
+
+    Returns:
+      ``(evidence, predicted)``: float32 [n, R] ``p_ev,l(t)`` and int32 [n, R] the Evidence CNN's top class on each
+      patch (its accuracy on patches of the true class is a diagnostic of the Evidence CNN).
+
+    Raises:
+      ValueError: bad shapes or ``score``.
+    """
+    _check_choice(score, SCORES, "score")
+    patches = jnp.asarray(patches)
+    if patches.ndim != 5:
+        raise ValueError(f"patches must be [rounds, n, height, width, channels]; got shape {tuple(patches.shape)}")
+    num_rounds, n = patches.shape[:2]
+    targets = _check_labels(targets, n, "targets")
+    logits = evidence_logits_fn(patches.reshape(num_rounds * n, *patches.shape[2:]))
+    values = _scores(logits, score).reshape(num_rounds, n, -1)
+    picked = jnp.take_along_axis(values, jnp.broadcast_to(targets[None, :, None], (num_rounds, n, 1)), axis=-1)
+    return picked[..., 0].T, jnp.argmax(values, axis=-1).T.astype(jnp.int32)
 
 
 def decision_refinement(grounding: Grounding, logits_fn: LogitsFn, evidence_logits_fn: LogitsFn, images: Array, *,
@@ -616,9 +687,11 @@ def decision_refinement(grounding: Grounding, logits_fn: LogitsFn, evidence_logi
     """Algorithm 2 (Decision Refinement) for a test batch: all ``batch x k`` (image, class) pairs at once.
 
     For each top-``k`` class ``t``: the map of ``t``, its peak, the patch (from ``originals``) and, for
-    ``l = 1 .. L``, the same after erasing the previous peaks (cumulatively, never gated); the ``(L + 1) batch k``
-    patches go through the Evidence CNN in one call; the scores of :func:`refinement_scores` pick the refined class.
-    ``L = len(evidence_weights) - 1``.
+    ``l = 1 .. L``, the same after erasing the previous peaks (cumulatively, never gated; :func:`evidence_patches`);
+    the ``(L + 1) batch k`` patches go through the Evidence CNN in one call (:func:`class_evidence`); the scores of
+    :func:`refinement_scores` pick the refined class. ``L = len(evidence_weights) - 1``. A class's score does not
+    depend on ``k``, so the refined class for any ``k' < k`` is the top class at the argmax of
+    ``scores[:, :k']`` (:func:`refined_classes`).
 
     Args:
       grounding: ``(images, targets) -> maps``; the method the Evidence CNN's pool was built with.
@@ -642,7 +715,7 @@ def decision_refinement(grounding: Grounding, logits_fn: LogitsFn, evidence_logi
     originals = _check_originals(images, originals)
     _check_choice(border, BORDERS, "border")
     _check_choice(method, RESAMPLING, "method")
-    _check_choice(score, ("probability", "logit"), "score")
+    _check_choice(score, SCORES, "score")
     w, ws = _check_weights(conventional_weight, evidence_weights)
     batch = images.shape[0]
     conventional = _scores(logits_fn(images), score)
@@ -652,17 +725,39 @@ def decision_refinement(grounding: Grounding, logits_fn: LogitsFn, evidence_logi
         raise ValueError(f"k={k} exceeds the number of classes {num_classes}")
     top_scores, top_classes = jax.lax.top_k(conventional, k)  # [batch, k], most probable first
     targets = top_classes.reshape(-1).astype(jnp.int32)  # pair (b, j) at row b * k + j
-    zoom = _zoom_rounds(grounding, None, jnp.repeat(images, k, axis=0), jnp.repeat(originals, k, axis=0), targets,
-                        len(ws), jnp.ones(targets.shape, bool), patch_size=patch_size, erase_size=erase_size,
-                        output_size=output_size, border=border, method=method, fill=fill)
-    patches = zoom.patches.reshape(-1, *zoom.patches.shape[2:])  # [(L + 1) * batch * k, oh, ow, c]
-    evidence_all = _scores(evidence_logits_fn(patches), score).reshape(len(ws), batch * k, -1)
-    evidence = jnp.take_along_axis(evidence_all, jnp.broadcast_to(targets[None, :, None], (len(ws), batch * k, 1)),
-                                   axis=-1)[..., 0]  # [L + 1, batch * k]
-    evidence = jnp.transpose(evidence.reshape(len(ws), batch, k), (1, 2, 0))
+    zoom = evidence_patches(grounding, jnp.repeat(images, k, axis=0), targets, num_erasures=len(ws) - 1,
+                            patch_size=patch_size, erase_size=erase_size, output_size=output_size,
+                            originals=jnp.repeat(originals, k, axis=0), border=border, method=method, fill=fill)
+    evidence, _ = class_evidence(evidence_logits_fn, zoom.patches, targets, score)
+    evidence = evidence.reshape(batch, k, len(ws))
     scores = refinement_scores(top_scores, evidence, w, ws)
-    refined = jnp.take_along_axis(top_classes, jnp.argmax(scores, axis=-1)[:, None], axis=-1)[:, 0]
-    return Refinement(refined.astype(jnp.int32), top_classes.astype(jnp.int32), scores, top_scores, evidence)
+    return Refinement(refined_classes(top_classes, scores, k), top_classes.astype(jnp.int32), scores, top_scores,
+                      evidence)
+
+
+def refined_classes(top_classes: Array, scores: Array, k: int) -> Array:
+    """Algorithm 2, line 13 for the first ``k`` top classes: ``c_ref = argmax over c_1 .. c_k of tot[c]``.
+
+    Args:
+      top_classes: int [batch, K] the conventional CNN's top classes, most probable first (``K >= k``).
+      scores: float [batch, K] ``tot`` of each (:func:`refinement_scores`).
+      k: how many of the top classes compete, ``1 <= k <= K`` (ties: the more probable class).
+
+    Returns:
+      int32 [batch] refined classes.
+
+    Raises:
+      ValueError: mismatched shapes or ``k`` out of range.
+    """
+    top_classes, scores = jnp.asarray(top_classes), jnp.asarray(scores)
+    if top_classes.ndim != 2 or scores.shape != top_classes.shape:
+        raise ValueError(f"top_classes and scores must both be [batch, K]; got {tuple(top_classes.shape)} and "
+                         f"{tuple(scores.shape)}")
+    k = _check_count(k, "k", 1)
+    if k > top_classes.shape[1]:
+        raise ValueError(f"k={k} exceeds the {top_classes.shape[1]} top classes given")
+    best = jnp.argmax(scores[:, :k], axis=-1)
+    return jnp.take_along_axis(top_classes[:, :k], best[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def top_k_correct(logits: Array, labels: Array, k: int) -> Array:

@@ -17,6 +17,7 @@ from saliency_jax.evaluators.hnc import negative_cams_evaluator
 from saliency_jax.evaluators.temporal_grounding import temporal_grounding_evaluator
 from saliency_jax.evaluators.attention_guidance import (cooccurrence_accuracy_evaluator, decoy_agreement_evaluator,
                                                         region_mass_evaluator, split_accuracy_evaluator)
+from saliency_jax.evaluators.guided_zoom import guided_zoom_evaluator
 
 __all__ = [
     "Evaluator",
@@ -34,6 +35,7 @@ __all__ = [
     "random_erasing_evaluator",
     "fgsm_evaluator",
     "negative_cams_evaluator",
+    "guided_zoom_evaluator",
     "saliency_maps_evaluator",
     "training_curves_evaluator",
     "utilization_evaluator",

@@ -1,0 +1,173 @@
+"""Tests of the ``"guided_zoom"`` evaluator (saliency_jax.evaluators.guided_zoom) through the experiment runner.
+
+The end-to-end test runs the CIFAR-10 config's ``:runlocal`` variant (the embedded digits) and recomputes the
+refined accuracy independently with :func:`saliency_jax.evaluation.guided_zoom.decision_refinement` one ``k`` at a
+time on the restored conventional and Evidence CNNs; the rerun test checks that pools and Evidence CNNs are reused
+when only the refinement changes and rebuilt when a pool setting changes; the resize test checks that the
+conventional CNN's view made from the originals is, pixel for pixel, what its training pipeline fed it.
+"""
+
+import functools
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saliency_jax import data as data_lib
+from saliency_jax import train as train_lib
+from saliency_jax.evaluation import guided_zoom as gz
+from saliency_jax.evaluators import ExperimentData, build_evaluators, settings_section
+from saliency_jax.evaluators import guided_zoom as gze
+from saliency_jax.experiment import evaluate_run, run_experiment
+from saliency_jax.saliency import linen_layer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _runlocal():
+    spec = importlib.util.spec_from_file_location("guided_zoom_cifar10",
+                                                  REPO / "experiments/configs/guided_zoom_cifar10.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("runlocal")
+
+
+def test_conventional_view_is_the_training_pipelines_resize(tmp_path):
+    # A CIFAR-like archive: 32-px uint8 originals; the run trains on them downsampled to 16 px by the source.
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), y_train=np.arange(6) % 3,
+             x_test=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8), y_test=np.array([0, 1]))
+    trained_on = data_lib.get_source("npz", "train", path, image_size=16)
+    batch = next(iter(data_lib.make_eval_batches(trained_on, None, batch_size=6)))
+    config = _runlocal()
+    config.dataset.name, config.dataset.data_dir, config.dataset.image_size = "npz", str(path), 16
+    data = ExperimentData(config)
+    originals = gze.native_source(data, config, "train")
+    assert gze.native_source(data, config, "train") is originals  # read once per experiment
+    native = next(iter(data_lib.make_eval_batches(originals, None, batch_size=6)))["image"]
+    assert native.shape == (6, 32, 32, 3)
+    np.testing.assert_array_equal(gze.conventional_images(native, 16), batch["image"])
+    np.testing.assert_array_equal(gze.conventional_images(native, None), native)
+    # Originals resized to a size other than the run's input would not give the trained-on pixels: refused.
+    with pytest.raises(ValueError, match="original_size"):
+        gze.native_source(data, config, "train", original_size=24)
+    assert gze.native_source(data, config, "test", original_size=16)[0]["image"].shape == (16, 16, 3)
+
+
+def test_settings_are_checked_before_training():
+    config = _runlocal()
+    for field, value, match in (("pools", ("GZ", "ZG"), "pools"), ("border", "wrap", "border"),
+                                ("ks", (0,), "ks"), ("patch_ratio", 1.5, "patch_ratio"),
+                                ("ensemble_test_grounding", "LRP", "ensemble_test_grounding"),
+                                ("evidence_steps", 0, "evidence_steps")):
+        bad = config.copy_and_resolve_references()
+        bad.guided_zoom[field] = value
+        with pytest.raises(ValueError, match=match):
+            build_evaluators(bad)
+    section = settings_section("guided_zoom", border="shift")
+    assert section.border == "shift" and tuple(section.pools) == ("GZ", "EGZ")
+
+
+def _restore(config, workdir):
+    return train_lib.train(config, workdir, progress=False)  # a finished run: restored, not retrained
+
+
+def test_runlocal_end_to_end_and_pool_reuse(tmp_path):
+    config = _runlocal()
+    out = run_experiment(config, tmp_path, progress=False)
+    metrics = out["runs"]["conventional"][0]["metrics"]["guided_zoom"]
+    settings = gze.GuidedZoomSettings.from_mapping(config.guided_zoom)
+    assert metrics["examples"] == 40 and metrics["pool_examples"] == 48
+    assert metrics["sizes"] == {"patch": 4, "erase": 4, "output": 8}  # 0.5 of the 8-px digits; 0.25 of 16 px
+    assert set(metrics["conventional"]) == {"top1", "top3", "top5"}
+    assert metrics["conventional"]["top1"] <= metrics["conventional"]["top3"] <= metrics["conventional"]["top5"]
+    for pool in ("GZ", "EGZ"):
+        assert set(metrics["refined"][pool]) == {"3", "5"}
+        ev = metrics["evidence"][pool]
+        assert set(ev["test_patch_accuracy"]) == {"l0", "l1", "l2"} and ev["steps"] == 4
+    # The pools on disk: GZ has every image's round 0 (released code) and fewer later rounds; EGZ one patch per
+    # image and method.
+    root = tmp_path / "conventional" / "seed0" / "guided_zoom"
+    gz_pool = np.load(next(root.glob("pool_gz-*.npz")))
+    assert (gz_pool["round_train"] == 0).sum() == 48 and gz_pool["x_train"].shape[1:] == (8, 8, 1)
+    assert metrics["evidence"]["GZ"]["patches"] == len(gz_pool["y_train"])
+    egz_pool = np.load(next(root.glob("pool_egz-*.npz")))
+    assert list(egz_pool["method_names"]) == ["cEB", "Grad-CAM", "RISE"]
+    np.testing.assert_array_equal(np.bincount(egz_pool["method_train"]), [48, 48, 48])
+    # The EGZ pool's cEB patches are GZ's round-0 patches (the same map, peak and crop).
+    np.testing.assert_array_equal(egz_pool["x_train"][egz_pool["method_train"] == 0],
+                                  gz_pool["x_train"][gz_pool["round_train"] == 0])
+    report = (tmp_path / "report.md").read_text()
+    assert "| conventional | GZ |" in report and "GZ k=3" in report and "EGZ k=5" in report
+    assert (tmp_path / "guided_zoom_pool_gz.png").stat().st_size > 1000
+    assert (tmp_path / "guided_zoom_pool_egz.png").stat().st_size > 1000
+
+    # Independent recomputation of the refined top-1, one k at a time, with the library's Algorithm 2.
+    run_dir = tmp_path / "conventional" / "seed0"
+    run = _restore(config, run_dir)
+    evidence_dir = next(root.glob("evidence_gz-*"))
+    evidence = _restore(gze.evidence_config(config, settings, next(root.glob("pool_gz-*.npz"))), evidence_dir)
+    test = data_lib.get_source("digits", "test", image_size=16)  # what the CNN sees (the pipeline's resize)
+    originals = data_lib.get_source("digits", "test")
+    idx = np.sort(np.random.default_rng(0).choice(len(test), 40, replace=False))
+    images = jnp.asarray(np.stack([test[int(i)]["image"] for i in idx]))
+    natives = jnp.asarray(np.stack([originals[int(i)]["image"] for i in idx]))
+    labels = np.array([int(test[int(i)]["label"]) for i in idx])
+    ceb = gz.contrastive_eb_grounding(linen_layer(run.model, run.variables, "conv2", train=False))
+    evidence_fn = lambda p: evidence.model.apply(evidence.variables, jnp.round(jnp.clip(p, 0, 1) * 255) / 255,
+                                                 train=False)
+    for k in (3, 5):
+        refined = gz.decision_refinement(ceb, functools.partial(run.model.apply, run.variables, train=False),
+                                         evidence_fn, images, k=k, patch_size=4, erase_size=4, output_size=8,
+                                         originals=natives, border="shift")
+        assert metrics["refined"]["GZ"][str(k)] == pytest.approx(np.mean(np.asarray(refined.classes) == labels))
+    logits = run.model.apply(run.variables, images, train=False)
+    assert metrics["conventional"]["top1"] == pytest.approx(np.mean(np.asarray(logits).argmax(-1) == labels))
+
+    # Rerun with another refinement (k): the evaluation runs again, the pools and Evidence CNNs are reused.
+    stamps = {p.name: p.stat().st_mtime_ns for p in root.glob("pool_*")}
+    checkpoints = sorted(str(p.relative_to(root)) for p in root.glob("evidence_*/checkpoints/*"))
+    config.guided_zoom.ks = (2, 3)
+    record = evaluate_run(run, build_evaluators(config), ExperimentData(config), arm="conventional")
+    again = record.metrics["guided_zoom"]
+    assert set(again["refined"]["GZ"]) == {"2", "3"}
+    assert again["refined"]["GZ"]["3"] == metrics["refined"]["GZ"]["3"]
+    assert {p.name: p.stat().st_mtime_ns for p in root.glob("pool_*")} == stamps
+    assert sorted(str(p.relative_to(root)) for p in root.glob("evidence_*/checkpoints/*")) == checkpoints
+    assert json.loads((run_dir / "run.json").read_text())["evaluations"]["guided_zoom"]["settings"]["ks"] == [2, 3]
+    # A pool setting changes (the border): that pool is rebuilt under a new name; the other is reused.
+    config.guided_zoom.border = "truncate"
+    config.guided_zoom.pools = ("GZ",)
+    evaluate_run(run, build_evaluators(config), ExperimentData(config), arm="conventional")
+    assert len(list(root.glob("pool_gz-*.npz"))) == 2 and len(list(root.glob("pool_egz-*.npz"))) == 1
+    assert not list(root.glob(".*"))  # no temporary files left
+
+
+def test_fine_grained_configs_and_the_evidence_cnns_config(tmp_path):
+    spec = importlib.util.spec_from_file_location("guided_zoom_fine_grained",
+                                                  REPO / "experiments/configs/guided_zoom_fine_grained.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from saliency_jax.evaluators import evaluator_settings
+    from saliency_jax.experiment import arm_config, check_config
+    for name in ("cub", "dogs", "aircraft"):
+        config = module.get_config(name)
+        config.model.pretrained = "resnet101.safetensors"
+        check_config(config)
+        run_config = arm_config(config, "conventional", 0)
+        settings = evaluator_settings(run_config, "guided_zoom")
+        # The thesis' sizes at 448 px: 150-px patches, 85-px squares, the Evidence CNN at 224 from the same weights.
+        assert gze.pool_sizes(settings, 448, 448) == {"patch": 150, "erase": 85, "output": 224}
+        assert settings.evidence_pretrained == "resnet101.safetensors" and settings.ceb_layer == "layer3/0"
+        evidence = gze.evidence_config(run_config, settings, tmp_path / "pool.npz")
+        assert (evidence.dataset.name, evidence.dataset.image_size, evidence.model.name) == ("npz", None, "resnet101")
+        assert evidence.dataset.data_dir == str((tmp_path / "pool.npz").absolute())
+        assert (evidence.optimizer.name, evidence.batch_size, evidence.num_steps) == ("sgd", 64, 30_000)
+        assert tuple(evidence.schemes) == () and tuple(evidence.evaluators) == ()
+    with pytest.raises(ValueError, match="cub"):
+        module.get_config("birds")
