@@ -3,7 +3,8 @@
 An experiment config (``experiments/configs/*.py``) is a run config plus ``experiment.arms``: ``(arm name,
 overrides)`` pairs, the overrides nested like the config (``{"schemes": ("distraction",), "distraction": {"fill":
 "zero"}}``). Every arm is trained ``experiment.repeats`` times with seeds ``seed, seed + 1, ...`` (the same seeds for
-every arm, so arms differ only by their overrides) by :func:`saliency_jax.train.train`; each evaluator of
+every arm, so arms differ only by their overrides) by the trainer ``config.trainer`` names
+(:mod:`saliency_jax.trainers`; ``"supervised"`` is :func:`saliency_jax.train.train`); each evaluator of
 ``config.evaluators`` (:mod:`saliency_jax.evaluators`) then takes the trained run as ``train`` returned it and
 gives its metrics; finally each writes its section of ``report.md`` and its figures from the metrics of all runs.
 
@@ -27,6 +28,7 @@ import numpy as np
 from saliency_jax import evaluation
 from saliency_jax import evaluators as evaluators_lib
 from saliency_jax import train as train_lib
+from saliency_jax import trainers
 from saliency_jax import training
 from saliency_jax.config import apply_overrides
 from saliency_jax.evaluators.base import ReportContext, RunRecord, settings_dict
@@ -49,10 +51,11 @@ def arm_config(config: ml_collections.ConfigDict, arm: str, repeat: int) -> ml_c
 
 
 def check_config(config: ml_collections.ConfigDict) -> list[str]:
-    """Validates every arm's schemes and evaluators before anything is trained; returns the arm names.
+    """Validates every arm's trainer (its settings, e.g. the schemes) and evaluators before anything is trained;
+    returns the arm names.
 
     Raises:
-      ValueError: no arms, or an arm whose schemes / evaluators / settings are wrong (the arm is named).
+      ValueError: no arms, or an arm whose trainer / schemes / evaluators / settings are wrong (the arm is named).
       KeyError: an arm override naming an unknown field.
     """
     arms = [name for name, _ in config.experiment.arms]
@@ -63,7 +66,7 @@ def check_config(config: ml_collections.ConfigDict) -> list[str]:
     for arm in arms:
         cfg = arm_config(config, arm, 0)
         try:
-            training.build_scheme(cfg, train_lib.model_layers(cfg))
+            trainers.check_trainer(cfg)
             evaluators_lib.build_evaluators(cfg)
         except ValueError as e:
             raise ValueError(f"arm {arm!r}: {e}") from e
@@ -154,7 +157,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     for repeat in range(config.experiment.repeats):
         for arm in arms:
             cfg = arm_config(config, arm, repeat)
-            result = train_lib.train(cfg, workdir / arm / f"seed{cfg.seed}", progress=progress)
+            trainer = trainers.get_trainer(cfg.get("trainer", "supervised"))
+            result = trainer.train(cfg, workdir / arm / f"seed{cfg.seed}", progress=progress)
             record = evaluate_run(result, evaluators_lib.build_evaluators(cfg), data, arm=arm)
             runs[arm].append(record)
             if is_main:
@@ -186,6 +190,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
 
 
 def _describe_schemes(cfg: ml_collections.ConfigDict) -> str:
+    if cfg.get("trainer", "supervised") != "supervised":
+        return f"trainer {cfg.trainer}"
     names = training.scheme.scheme_list(cfg.get("schemes"))
     if not names:
         return "plain training"
@@ -218,8 +224,9 @@ def _report(config, arms, runs, out, sections) -> str:
         f"{out['train_seconds'] / 60:.1f} min, evaluation {out['eval_seconds'] / 60:.1f} min (runs restored from an "
         "earlier launch count the times of that launch).",
         "",
-        f"Optimizer {config.optimizer.name} lr {config.optimizer.learning_rate}, batch {config.batch_size}, loss "
-        f"{config.get('loss', 'softmax_cross_entropy')}.",
+        (f"Optimizer {config.optimizer.name} lr {config.optimizer.learning_rate}, batch {config.batch_size}, loss "
+         f"{config.get('loss', 'softmax_cross_entropy')}." if config.get("trainer", "supervised") == "supervised" else
+         f"Trainer {config.trainer} (its settings are in each run's config.json), batch {config.batch_size}."),
         "",
         "| arm | training scheme | overrides |",
         "| --- | --- | --- |",

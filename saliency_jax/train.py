@@ -56,6 +56,12 @@ __all__ = [
     "train",
     "build_model",
     "load_sources",
+    "make_train_input",
+    "num_train_steps",
+    "evaluate_accuracy",
+    "checkpoint_manager",
+    "restore_checkpoint",
+    "MetricWriter",
 ]
 
 
@@ -179,6 +185,19 @@ def load_sources(config: ml_collections.ConfigDict):
     if oversample:
         train_idx = data_lib.oversample(train_idx, train_source.labels, {int(k): int(v) for k, v in oversample.items()})
     return train_source, train_idx, val_idx, test_source
+
+
+def make_train_input(config: ml_collections.ConfigDict, train_source, train_indices) -> grain.IterDataset:
+    """The training batches of a config: :func:`saliency_jax.data.make_train_dataset` over ``train_source[
+    train_indices]`` with ``config.batch_size`` (global), ``config.seed``, ``config.dataset``'s ``image_size``,
+    ``augment``, ``read_threads`` and ``prefetch``, this process's shard. ``iter()`` of it is the loop's checkpointable
+    data iterator."""
+    return data_lib.make_train_dataset(
+        train_source, train_indices, batch_size=config.batch_size, seed=config.seed,
+        image_size=config.dataset.get("image_size"), augment_kwargs=dict(config.dataset.get("augment") or {}),
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        read_options=grain.ReadOptions(num_threads=config.dataset.get("read_threads", 2),
+                                       prefetch_buffer_size=config.dataset.get("prefetch", 256)))
 
 
 def check_batch(batch: dict[str, np.ndarray], num_classes: int, where: str = "batch", *,
@@ -548,13 +567,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
         total_steps = 0
     else:
         train_source, train_idx, val_idx, _ = load_sources(config)
-        dataset = data_lib.make_train_dataset(
-            train_source, train_idx, batch_size=config.batch_size, seed=config.seed,
-            image_size=config.dataset.get("image_size"), augment_kwargs=dict(config.dataset.get("augment") or {}),
-            shard_index=jax.process_index(), shard_count=jax.process_count(),
-            read_options=grain.ReadOptions(num_threads=config.dataset.get("read_threads", 2),
-                                           prefetch_buffer_size=config.dataset.get("prefetch", 256)))
-        iterator = iter(dataset)
+        iterator = iter(make_train_input(config, train_source, train_idx))
         total_steps = num_train_steps(config, len(train_idx))
         num_classes = train_source.num_classes
         image_shape = data_lib.image_shape(train_source, config.dataset.get("image_size"))
@@ -632,6 +645,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
     mngr.close()
     writer.close()
     return result(state=state, history=history, train_seconds=time.time() - t0 if total_steps > start else 0.0)
+
+
+# The loop's checkpoint and metric-log pieces, public for the trainers forked beside this loop
+# (:mod:`saliency_jax.trainers`): ``checkpoint_manager(workdir, config)`` (items ``state`` and ``data``: the state
+# pytree and the grain iterator), ``restore_checkpoint(mngr, state, iterator, workdir) -> (state, iterator)`` (any
+# state pytree; the latest step, if any), ``MetricWriter(workdir, enabled)`` (``metrics.jsonl``).
+checkpoint_manager = _checkpoint_manager
+restore_checkpoint = _restore
+MetricWriter = _MetricWriter
 
 
 def evaluate_accuracy(model, state: TrainState, source, indices, config, mesh) -> float:

@@ -14,6 +14,7 @@ from saliency_jax.evaluators.figures import read_metrics_log, saliency_maps_eval
 from saliency_jax.evaluators.utilization import compression_evaluator, utilization_evaluator
 from saliency_jax.evaluators.pointing_game import pointing_game_evaluator
 from saliency_jax.evaluators.hnc import negative_cams_evaluator
+from saliency_jax.evaluators.backgrounds import backgrounds_evaluator
 
 __all__ = [
     "Evaluator",
@@ -36,5 +37,6 @@ __all__ = [
     "utilization_evaluator",
     "compression_evaluator",
     "pointing_game_evaluator",
+    "backgrounds_evaluator",
     "read_metrics_log",
 ]
