@@ -8,6 +8,7 @@ from the cache must equal it), and NumPy (scipy dilation + a linear model) for t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import sys
@@ -30,6 +31,7 @@ from saliency_jax.evaluators import ExperimentData, ReportContext, RunRecord, bu
 from saliency_jax.evaluators import backgrounds as bg_eval
 from saliency_jax.evaluators import settings_section as evaluator_section
 from saliency_jax.models import AttentionCNN, VanillaCNN
+from saliency_jax.models import background_invariance as bim
 from saliency_jax.trainers import background_invariance as tb
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -325,12 +327,7 @@ def test_backgrounds_evaluator_table_on_a_fixed_linear_model(tmp_path):
 
 
 def test_runlocal_experiment_end_to_end(tmp_path):
-    sys.path.insert(0, str(REPO / "experiments" / "configs"))
-    try:
-        import background_invariance_mnist as config_module
-    finally:
-        sys.path.pop(0)
-    config = config_module.get_config("runlocal")
+    config = load_config("background_invariance_mnist").get_config("runlocal")
     out = experiment.run_experiment(config, tmp_path, progress=False)
     arms = ["vanilla", "attention", "proposal", "proposal_glr1e-5"]
     assert out["arms"] == arms
@@ -347,3 +344,30 @@ def test_runlocal_experiment_end_to_end(tmp_path):
     first = [json.loads(line) for line in (tmp_path / "attention" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     vanilla = [json.loads(line) for line in (tmp_path / "vanilla" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert first[:len(vanilla)] == vanilla
+
+
+def load_config(name):
+    sys.path.insert(0, str(REPO / "experiments" / "configs"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / "configs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    return module
+
+
+def test_configs_check_and_the_folder_config_builds_the_vgg_plan():
+    mnist = load_config("background_invariance_mnist").get_config()
+    assert experiment.check_config(mnist) == ["vanilla", "attention", "proposal", "proposal_glr1e-5"]
+    assert mnist.background_invariance.batch_size == mnist.batch_size == 64
+    folder = load_config("background_invariance_folder").get_config()
+    assert experiment.check_config(folder) == ["vanilla", "proposal"]
+    cfg = experiment.arm_config(folder, "proposal", 0)
+    settings = tb.check(cfg)
+    plan = tb.build_plan(cfg, settings, 5, (128, 128, 3), 80)
+    assert [(p.name, p.end - p.begin) for p in plan.phases] == [("classifier", 1000), ("mask", 1000),
+                                                                 ("adversarial", 1000)]  # 100 epochs of 80 / 8
+    assert type(plan.models.classifier).__name__ == "VGG" and not settings.penalise_brightness(3)
+    assert bim.background_noise_shape((128, 128, 3), settings.tiles) == (2, 2, 48)
+    assert settings.classifier_learning_rate == settings.generator_learning_rate == 1e-5
