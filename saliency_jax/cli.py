@@ -1,7 +1,7 @@
 """Command line: ``saliency-jax {train,experiment,config} --config=CONFIG.py[:ARG] [--workdir=DIR] [--config.FIELD=VALUE]``.
 
-* ``train`` trains one model from the config (resuming from ``workdir`` if it holds checkpoints), runs the
-  evaluators of ``config.evaluators`` on it and prints their scalar metrics.
+* ``train`` trains one model from the config with the trainer ``config.trainer`` names (resuming from ``workdir`` if
+  it holds checkpoints), runs the evaluators of ``config.evaluators`` on it and prints their scalar metrics.
 * ``experiment`` trains every arm x repeat of ``config.experiment`` with the same seeds, runs the evaluators on each
   run and writes ``report.md``, ``metrics.json`` and the figures into ``workdir``.
 * ``config`` prints every field of the config (after the overrides) with its type and value: what
@@ -177,11 +177,12 @@ def _run(command: str, rest: list[str]) -> None:
     logging.info("devices: %s", jax.devices())
     try:
         if command == "train":
-            from saliency_jax import evaluators, experiment, train
+            from saliency_jax import evaluators, experiment, trainers
 
             config = FLAGS.config
             experiment.check_config(config)
-            result = train.train(config, FLAGS.workdir, progress=FLAGS.progress)
+            trainer = trainers.get_trainer(config.get("trainer", "supervised"))
+            result = trainer.train(config, FLAGS.workdir, progress=FLAGS.progress)
             record = experiment.evaluate_run(result, evaluators.build_evaluators(config),
                                              evaluators.ExperimentData(config))
             if jax.process_index() == 0:

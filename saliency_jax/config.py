@@ -92,7 +92,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     Returns:
       A ``ConfigDict`` with sections ``dataset``, ``model``, ``optimizer``, ``experiment`` and the loop's scalars:
-      ``loss`` (the classification loss), ``schemes`` (the training schemes in chain order; ``()`` = plain training;
+      ``trainer`` (the loop that trains a run: a name registered in :mod:`saliency_jax.trainers`), ``loss`` (the
+      classification loss), ``schemes`` (the training schemes in chain order; ``()`` = plain training;
       each listed scheme needs its section), ``evaluators`` (run after training by ``saliency-jax train|experiment``;
       each may have its section). Experiment configs override what they need.
     """
@@ -119,6 +120,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adam", learning_rate=5e-5, b1=0.9, b2=0.999, eps=7e-7, momentum=0.9, weight_decay=0.0,
         lr_boundaries=[], lr_scales=[]))
+    # The training loop (saliency_jax.trainers): "supervised" = saliency_jax.train.train, the generic loop; a method
+    # whose loop differs (several models, min-max) names its own, e.g. "background_invariance".
+    c.trainer = "supervised"
     c.loss = "softmax_cross_entropy"
     c.classification_weight = 1.0  # the classification loss's weight in the total (w_a of attention guidance)
     c.schemes = ()

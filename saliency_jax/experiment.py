@@ -3,7 +3,8 @@
 An experiment config (``experiments/configs/*.py``) is a run config plus ``experiment.arms``: ``(arm name,
 overrides)`` pairs, the overrides nested like the config (``{"schemes": ("distraction",), "distraction": {"fill":
 "zero"}}``). Every arm is trained ``experiment.repeats`` times with seeds ``seed, seed + 1, ...`` (the same seeds for
-every arm, so arms differ only by their overrides) by :func:`saliency_jax.train.train`; each evaluator of
+every arm, so arms differ only by their overrides) by the trainer ``config.trainer`` names
+(:mod:`saliency_jax.trainers`; ``"supervised"`` is :func:`saliency_jax.train.train`); each evaluator of
 ``config.evaluators`` (:mod:`saliency_jax.evaluators`) then takes the trained run as ``train`` returned it and
 gives its metrics; finally each writes its section of ``report.md`` and its figures from the metrics of all runs.
 
@@ -27,6 +28,7 @@ import numpy as np
 from saliency_jax import evaluation
 from saliency_jax import evaluators as evaluators_lib
 from saliency_jax import train as train_lib
+from saliency_jax import trainers
 from saliency_jax import training
 from saliency_jax.config import ConfigError, apply_overrides
 from saliency_jax.evaluators.base import ReportContext, RunRecord, settings_dict
@@ -51,13 +53,13 @@ def arm_config(config: ml_collections.ConfigDict, arm: str, repeat: int) -> ml_c
 def check_config(config: ml_collections.ConfigDict) -> list[str]:
     """Validates every arm before anything is trained; returns the arm names.
 
-    Per arm: the loop fields (:func:`saliency_jax.train.check_run_config`), the schemes and evaluators, and - once
-    per distinct dataset and model - the train and test sources against each other and the model on their shape
-    (:func:`saliency_jax.train.validate_run`).
+    Per arm: its trainer's settings (:func:`saliency_jax.trainers.check_trainer`: for the generic loop the loop
+    fields, the schemes and - once per distinct dataset and model - the train and test sources against each other
+    and the model on their shape, :func:`saliency_jax.train.validate_run`) and its evaluators.
 
     Raises:
       ConfigError: (a ``ValueError``) no arms, a repeated arm name, or an arm that cannot run (the arm is named).
-      ValueError: an arm whose schemes / evaluators / settings are wrong (the arm is named).
+      ValueError: an arm whose trainer / schemes / evaluators / settings are wrong (the arm is named).
       KeyError: an arm override naming an unknown field.
     """
     arms = [name for name, _ in config.experiment.arms]
@@ -71,12 +73,8 @@ def check_config(config: ml_collections.ConfigDict) -> list[str]:
         what = json.dumps({k: cfg.get(k) and cfg[k].to_dict() for k in ("dataset", "model")}, sort_keys=True,
                           default=str)
         try:
-            if what in validated:
-                train_lib.check_run_config(cfg)
-                training.build_scheme(cfg, train_lib.model_layers(cfg))
-            else:
-                train_lib.validate_run(cfg)
-                validated.add(what)
+            trainers.check_trainer(cfg, data_validated=what in validated)
+            validated.add(what)
             evaluators_lib.build_evaluators(cfg)
         except ValueError as e:
             error = type(e) if isinstance(e, ConfigError) else ValueError
@@ -168,7 +166,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     for repeat in range(config.experiment.repeats):
         for arm in arms:
             cfg = arm_config(config, arm, repeat)
-            result = train_lib.train(cfg, workdir / arm / f"seed{cfg.seed}", progress=progress)
+            trainer = trainers.get_trainer(cfg.get("trainer", "supervised"))
+            result = trainer.train(cfg, workdir / arm / f"seed{cfg.seed}", progress=progress)
             record = evaluate_run(result, evaluators_lib.build_evaluators(cfg), data, arm=arm)
             runs[arm].append(record)
             if is_main:
@@ -200,6 +199,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
 
 
 def _describe_schemes(cfg: ml_collections.ConfigDict) -> str:
+    if cfg.get("trainer", "supervised") != "supervised":
+        return f"trainer {cfg.trainer}"
     names = training.scheme.scheme_list(cfg.get("schemes"))
     if not names:
         return "plain training"
@@ -232,8 +233,9 @@ def _report(config, arms, runs, out, sections) -> str:
         f"{out['train_seconds'] / 60:.1f} min, evaluation {out['eval_seconds'] / 60:.1f} min (runs restored from an "
         "earlier launch count the times of that launch).",
         "",
-        f"Optimizer {config.optimizer.name} lr {config.optimizer.learning_rate}, batch {config.batch_size}, loss "
-        f"{config.get('loss', 'softmax_cross_entropy')}.",
+        (f"Optimizer {config.optimizer.name} lr {config.optimizer.learning_rate}, batch {config.batch_size}, loss "
+         f"{config.get('loss', 'softmax_cross_entropy')}." if config.get("trainer", "supervised") == "supervised" else
+         f"Trainer {config.trainer} (its settings are in each run's config.json), batch {config.batch_size}."),
         "",
         "| arm | training scheme | overrides |",
         "| --- | --- | --- |",

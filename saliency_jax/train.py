@@ -63,6 +63,12 @@ __all__ = [
     "train",
     "build_model",
     "load_sources",
+    "make_train_input",
+    "num_train_steps",
+    "evaluate_accuracy",
+    "checkpoint_manager",
+    "restore_checkpoint",
+    "MetricWriter",
 ]
 
 
@@ -186,6 +192,19 @@ def load_sources(config: ml_collections.ConfigDict):
     if oversample:
         train_idx = data_lib.oversample(train_idx, train_source.labels, {int(k): int(v) for k, v in oversample.items()})
     return train_source, train_idx, val_idx, test_source
+
+
+def make_train_input(config: ml_collections.ConfigDict, train_source, train_indices) -> grain.IterDataset:
+    """The training batches of a config: :func:`saliency_jax.data.make_train_dataset` over ``train_source[
+    train_indices]`` with ``config.batch_size`` (global), ``config.seed``, ``config.dataset``'s ``image_size``,
+    ``augment``, ``read_threads`` and ``prefetch``, this process's shard. ``iter()`` of it is the loop's checkpointable
+    data iterator."""
+    return data_lib.make_train_dataset(
+        train_source, train_indices, batch_size=config.batch_size, seed=config.seed,
+        image_size=config.dataset.get("image_size"), augment_kwargs=dict(config.dataset.get("augment") or {}),
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        read_options=grain.ReadOptions(num_threads=config.dataset.get("read_threads", 2),
+                                       prefetch_buffer_size=config.dataset.get("prefetch", 256)))
 
 
 def check_batch(batch: dict[str, np.ndarray], num_classes: int, where: str = "batch", *,
@@ -668,13 +687,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
     else:
         train_source, train_idx, val_idx, test_source = load_sources(config)
         image_shape, num_classes = check_sources(config, train_source, test_source, multi_label=multi_label)
-        dataset = data_lib.make_train_dataset(
-            train_source, train_idx, batch_size=config.batch_size, seed=config.seed,
-            image_size=config.dataset.get("image_size"), augment_kwargs=dict(config.dataset.get("augment") or {}),
-            shard_index=jax.process_index(), shard_count=jax.process_count(),
-            read_options=grain.ReadOptions(num_threads=config.dataset.get("read_threads", 2),
-                                           prefetch_buffer_size=config.dataset.get("prefetch", 256)))
-        iterator = iter(dataset)
+        iterator = iter(make_train_input(config, train_source, train_idx))
         total_steps = num_train_steps(config, len(train_idx))
 
     # Resume checks, before anything is compiled: this launch against the workdir's latest checkpoint.
@@ -790,6 +803,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
         if writer is not None:
             writer.close()
     return result(state=state, history=history, train_seconds=time.time() - t0 if total_steps > start else 0.0)
+
+
+# The loop's checkpoint and metric-log pieces that the trainers forked beside it (:mod:`saliency_jax.trainers`)
+# reuse are in :mod:`saliency_jax.workdirs`: ``Checkpoints`` (verified steps), ``MetricsLog``, ``check_resume``,
+# ``record_launch``.
 
 
 def evaluate_accuracy(model, state: TrainState, source, indices, config, mesh) -> float:

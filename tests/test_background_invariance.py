@@ -20,6 +20,7 @@ import scipy.ndimage
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from saliency_jax import models
+from saliency_jax.data import get_source
 from saliency_jax.evaluation import backgrounds as bg
 from saliency_jax.models import background_invariance as bim
 from saliency_jax.saliency import grad_cam, linen_layer
@@ -638,3 +639,9 @@ def test_load_mnist_padded(tmp_path):
     assert item["image"].shape == (32, 32, 1) and int(item["label"]) == 3
     np.testing.assert_array_equal(item["image"][2:30, 2:30, 0], images[1] / np.float32(255))
     assert item["image"][:2].max() == 0 and item["image"][:, 30:].max() == 0
+    # The same source through the spec the configs name.
+    spec = get_source("mnist32", "test", data_dir=tmp_path)
+    assert spec.name == src.name == "mnist32/test"
+    np.testing.assert_array_equal(spec.images, src.images)
+    with pytest.raises(ValueError, match="pad"):
+        bg.load_mnist_padded(tmp_path, "test", pad=-1)

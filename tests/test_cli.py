@@ -93,10 +93,15 @@ def test_every_field_whose_value_is_none_can_be_set_from_the_command_line(spec):
     config = _parse(["x", f"--config={spec}"])
     nones = [key for key, value in _leaves(config) if value is None]
     for key in nones:
-        node = _parse(["x", f"--config={spec}", f"--config.{key}=7"])  # raised for image_size=None on 60896ce
+        *path, leaf = key.split(".")
+        parent = config
+        for part in path:
+            parent = parent[part]
+        value, expected = ("true", "True") if parent.get_type(leaf) is bool else ("7", "7")
+        node = _parse(["x", f"--config={spec}", f"--config.{key}={value}"])  # raised for image_size=None on 60896ce
         for part in key.split("."):
             node = node[part]
-        assert str(node) == "7", key
+        assert str(node) == expected, key
 
 
 def test_settings_sections_give_typed_placeholders_for_none_defaults():

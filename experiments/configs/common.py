@@ -261,3 +261,33 @@ def guided_zoom_config() -> ml_collections.ConfigDict:
     c.experiment.arms = (("conventional", {}),)
     c.experiment.title = "Guided Zoom and Ensemble Guided Zoom (Bargal 2019, Ch. 6)"
     return c
+
+
+def background_invariance_config() -> ml_collections.ConfigDict:
+    """Background invariance (Cruz & Cardoso): the ``background_invariance`` trainer with its section at the authors'
+    settings (area 0.2, TV 0.1, Otsu, U-Net masks, adversarial backgrounds in 2x2 tiles, Adam 1e-3 / 1e-5 / 1e-5), no
+    training scheme, and the MNIST background protocol (``"backgrounds"``: Table 1 shape) with the training curves.
+    ``background_invariance.batch_size`` follows ``config.batch_size`` (a reference, so a command-line override of
+    ``--config.batch_size`` changes both). The configs set the dataset, the budget and the arms."""
+    from saliency_jax.trainers.background_invariance import settings_section as trainer_section
+
+    c = default_config()
+    c.trainer = "background_invariance"
+    c.schemes = ()
+    c.model.name = "vanilla_cnn"
+    c.model.kwargs = {}
+    c.background_invariance = trainer_section()
+    c.background_invariance.batch_size = c.get_ref("batch_size")
+    c.evaluators = ("backgrounds", "training_curves")
+    c.backgrounds = evaluator_section("backgrounds")
+    c.training_curves = evaluator_section("training_curves")
+    c.experiment.title = "Background invariance by adversarial backgrounds (Cruz & Cardoso)"
+    return c
+
+
+#: Table 1 of Cruz & Cardoso (poster), accuracy in % on clean, stripes, checkerboard, border, circles, clock, random.
+BACKGROUND_INVARIANCE_TABLE1 = (
+    ("Vanilla CNN (paper)", (97.3, 38.0, 24.3, 61.4, 32.9, 19.7, 11.2)),
+    ("Attention (paper)", (93.4, 28.1, 26.8, 57.3, 40.1, 29.3, 25.1)),
+    ("Proposal (paper)", (94.9, 92.3, 76.8, 93.1, 93.7, 70.8, 86.2)),
+)

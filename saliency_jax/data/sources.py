@@ -86,7 +86,7 @@ DIGITS_SPLIT_SEED = 0
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 """File extensions (case-insensitive) read by :func:`load_image_folder`."""
 
-SOURCE_SPECS = ("digits", "mnist", "npz", "cifar10", "folder", "decoy_mnist", "clean_mnist", "celeba",
+SOURCE_SPECS = ("digits", "mnist", "mnist32", "npz", "cifar10", "folder", "decoy_mnist", "clean_mnist", "celeba",
                 "tfds:<name>", "mnist_clips", "digits_clips")
 """Spec strings understood by :func:`get_source`."""
 
@@ -376,6 +376,7 @@ def load_mnist(
     split: str,
     *,
     image_size: int | None = None,
+    pad: int = 0,
 ) -> ImageSource:
     """MNIST from the four standard IDX files (LeCun et al. 1998).
 
@@ -387,18 +388,26 @@ def load_mnist(
         data_dir: directory holding the files (gzip-compressed or not).
         split: "train" (60000 images) or "test" (10000 images, ``t10k``).
         image_size: optional resize of every item (bilinear).
+        pad: zero pixels added on each side of every digit (``pad=2`` gives
+            the 32x32 digits of Cruz & Cardoso's background protocol,
+            ``np.pad(X, 2)`` in their ``mydatasets.mnist``: the digit keeps its
+            pixels, unlike a resize); the source is then named
+            ``mnist{28 + 2 pad}/<split>``.
 
     Returns:
-        ImageSource with images [n, 28, 28, 1] uint8 (items float32 in [0, 1])
-        and labels int32 [n] in [0, 10).
+        ImageSource with images [n, 28 + 2 pad, 28 + 2 pad, 1] uint8 (items
+        float32 in [0, 1]) and labels int32 [n] in [0, 10).
 
     Raises:
         FileNotFoundError: ``data_dir`` or one of the two files is missing
             (names the path).
         ValueError: unknown split, bad magic number, truncated payload, image
-            and label counts differ, or corrupt gzip (names the file).
+            and label counts differ, corrupt gzip (names the file), or a
+            negative ``pad``.
     """
     _check_split(split, "load_mnist")
+    if isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or pad < 0:
+        raise ValueError(f"load_mnist: pad must be an int >= 0, got {pad!r}.")
     directory = pathlib.Path(data_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"MNIST directory not found: {directory}")
@@ -417,12 +426,15 @@ def load_mnist(
             f"MNIST labels in {labels_path} must lie in [0, 10), got max"
             f" {int(labels.max())}."
         )
+    images = images[..., None]
+    if pad:
+        images = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     return ImageSource(
-        images=images[..., None],
+        images=images,
         labels=labels.astype(np.int32),
         num_classes=10,
         class_names=_default_class_names(10),
-        name=f"mnist/{split}",
+        name=f"mnist{images.shape[1]}/{split}" if pad else f"mnist/{split}",
         image_size=image_size,
     )
 
@@ -909,6 +921,9 @@ def get_source(
 
     * ``"digits"``: :func:`load_digits` (``data_dir`` unused).
     * ``"mnist"``: :func:`load_mnist`; ``data_dir`` holds the IDX files.
+    * ``"mnist32"``: :func:`load_mnist` with ``pad=2``: the digits
+        zero-padded to 32x32 (Cruz & Cardoso's background protocol), not
+        resized.
     * ``"npz"``: :func:`load_npz`; ``data_dir`` is the ``.npz`` file.
     * ``"cifar10"``: :func:`load_npz` with ``CIFAR10_CLASSES``; ``data_dir`` is
         the ``.npz`` file or a directory holding ``cifar10.npz``.
@@ -1011,6 +1026,10 @@ def _get_source(spec, split, data_dir, image_size, options):
     if spec == "mnist":
         return load_mnist(
             _require_data_dir(spec, data_dir), split, image_size=image_size
+        )
+    if spec == "mnist32":
+        return load_mnist(
+            _require_data_dir(spec, data_dir), split, image_size=image_size, pad=2
         )
     if spec == "npz":
         return load_npz(

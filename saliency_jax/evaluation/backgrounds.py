@@ -430,7 +430,9 @@ def load_mnist_padded(data_dir: str | os.PathLike[str], split: str, *, pad: int 
     """MNIST digits zero-padded to 32x32 (``mydatasets.mnist``: ``np.pad(X, 2)``, then ``/ 255``).
 
     :func:`saliency_jax.data.load_mnist` with ``image_size=32`` would stretch the digits by bilinear resizing; the
-    protocol pads instead, so the digit keeps its pixels and the border stays black.
+    protocol pads instead, so the digit keeps its pixels and the border stays black. The same as
+    ``load_mnist(data_dir, split, pad=pad)`` and, for ``pad=2``, the source spec ``"mnist32"`` of
+    :func:`saliency_jax.data.get_source` (what the experiment configs name).
 
     Args:
       data_dir: folder with the four IDX files.
@@ -446,7 +448,4 @@ def load_mnist_padded(data_dir: str | os.PathLike[str], split: str, *, pad: int 
     """
     if int(pad) < 0:
         raise ValueError(f"pad must be >= 0; got {pad}")
-    src = load_mnist(data_dir, split)
-    images = np.pad(src.images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    return ImageSource(images=images, labels=src.labels, num_classes=src.num_classes, class_names=src.class_names,
-                       name=f"mnist{images.shape[1]}/{split}")
+    return load_mnist(data_dir, split, pad=int(pad))

@@ -18,6 +18,7 @@ from saliency_jax.evaluators.temporal_grounding import temporal_grounding_evalua
 from saliency_jax.evaluators.attention_guidance import (cooccurrence_accuracy_evaluator, decoy_agreement_evaluator,
                                                         region_mass_evaluator, split_accuracy_evaluator)
 from saliency_jax.evaluators.guided_zoom import guided_zoom_evaluator
+from saliency_jax.evaluators.backgrounds import backgrounds_evaluator
 
 __all__ = [
     "Evaluator",
@@ -46,5 +47,6 @@ __all__ = [
     "split_accuracy_evaluator",
     "decoy_agreement_evaluator",
     "cooccurrence_accuracy_evaluator",
+    "backgrounds_evaluator",
     "read_metrics_log",
 ]

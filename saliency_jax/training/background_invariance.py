@@ -140,9 +140,9 @@ class BackgroundInvarianceConfig:
     generator_learning_rate: float = 1e-5
     adam_eps: float = 1e-7
     batch_size: int = 8
-    classifier_epochs: float = 100
-    mask_epochs: float = 100
-    adversarial_epochs: float = 100
+    classifier_epochs: float = 100.0
+    mask_epochs: float = 100.0
+    adversarial_epochs: float = 100.0
 
     def __post_init__(self):
         if not 0.0 < self.area < 1.0:
