@@ -3,7 +3,7 @@ r"""Spatiotemporal grounding on synthetic moving-MNIST clips (Bargal 2019, Ch. 7
 A small CNN-LSTM (:class:`saliency_jax.models.CNNLSTM`: 3 conv layers of 8/16/32 channels, ``fc`` 64 units,
 a ReLU-LSTM of 64 units, a classifier at every step, and the single-frame classifier on ``fc``) is trained on
 single-digit clips from the MNIST **train** digits (16 frames of 48 x 48 px, the digit moving at 1-3 px per frame
-and bouncing, 6 static clutter fragments of other digits) with the cross-entropy at every LSTM step plus the frame
+and bouncing, 4 static 10-px clutter fragments of other digits) with the cross-entropy at every LSTM step plus the frame
 classifier's (``frame_classifier`` scheme), Adam 1e-3, batch 32, no augmentation. The ``temporal_grounding``
 evaluator then grounds the ground-truth class of clips built from the MNIST **test** digits (fixed seed, the same
 for every run):
