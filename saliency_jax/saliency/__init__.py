@@ -62,3 +62,23 @@ from saliency_jax.saliency.recurrent import (
     temporal_localization_known_length,
     temporal_normalization,
 )
+from saliency_jax.saliency.views import (
+    ModelView,
+    as_view,
+    function_view,
+    linen_view,
+    nnx_layer,
+    nnx_paths,
+    nnx_view,
+    reshaped_layer,
+    token_grid,
+)
+from saliency_jax.saliency.methods import (
+    METHODS,
+    Explanation,
+    Method,
+    cosine_similarity,
+    region_score,
+    saliency_map,
+    weighted_outputs,
+)
