@@ -431,3 +431,62 @@ def test_reshaped_layer_model_equals_reshaped_view():
     want = jax.jit(lambda x: saliency_map("grad_cam", view, x, 1))(VIT_IMAGES)
     np.testing.assert_allclose(jax.jit(lambda x: saliency_map("grad_cam", split, x, 1))(VIT_IMAGES), want,
                                rtol=1e-6, atol=1e-7)
+
+
+class NNXViTBlock(nnx.Module):
+    def __init__(self, dim, heads, rngs):
+        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=heads, in_features=dim, decode=False, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.mlp1 = nnx.Linear(dim, 2 * dim, rngs=rngs)
+        self.mlp2 = nnx.Linear(2 * dim, dim, rngs=rngs)
+
+    def __call__(self, x):
+        y = self.norm1(x)
+        x = x + self.attn(y, y)
+        return x + self.mlp2(nnx.gelu(self.mlp1(self.norm2(x))))
+
+
+class NNXViT(nnx.Module):
+    """The same architecture as TinyViT, written in NNX (its own random weights)."""
+
+    def __init__(self, rngs, num_classes=3, dim=8, patch=4, tokens=10):
+        self.embed = nnx.Conv(3, dim, (patch, patch), strides=(patch, patch), rngs=rngs)
+        self.cls = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, dim)))
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, tokens, dim)))
+        self.blocks = nnx.List([NNXViTBlock(dim, 2, rngs) for _ in range(2)])
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.embed(x)
+        b, h, w, d = x.shape
+        x = jnp.concatenate([jnp.broadcast_to(self.cls[...], (b, 1, d)), x.reshape(b, h * w, d)], axis=1)
+        x = x + self.pos[...]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+def test_nnx_vit_grad_cam_on_token_grid_matches_numpy_under_jit():
+    vit = NNXViT(nnx.Rngs(8))
+    view = nnx_view(vit, "blocks/1/norm1", reshape=token_grid(1))
+    out = jax.jit(lambda x: saliency_map("grad_cam", view, x, TARGETS, normalize=False, return_extras=True))(
+        VIT_IMAGES)
+    assert out.maps.shape == (2, 12, 12) and out.extras["layer_map"].shape == (2, 3, 3)
+    lm = nnx_layer(vit, "blocks/1/norm1")
+    _, tokens = jax.jit(lm)(VIT_IMAGES)
+
+    def score(p):
+        return jnp.sum(jnp.take_along_axis(lm(VIT_IMAGES, p)[0], TARGETS[:, None], axis=1))
+
+    grads = np.asarray(jax.jit(jax.grad(score))(jnp.zeros(tokens.shape)))
+    a = np.asarray(tokens)[:, 1:].reshape(2, 3, 3, -1)
+    g = grads[:, 1:].reshape(2, 3, 3, -1)
+    want = np.maximum(np.einsum("bhwc,bc->bhw", a, g.mean(axis=(1, 2))), 0)
+    np.testing.assert_allclose(out.extras["layer_map"], want, rtol=1e-4, atol=1e-6)
+    # Without the reshape, the token layer is refused with a pointer to token_grid; EB refuses attention.
+    with pytest.raises(ValueError, match="token_grid"):
+        saliency_map("grad_cam", nnx_view(vit, "blocks/1/norm1"), VIT_IMAGES, TARGETS)
+    with pytest.raises(UnsupportedOperationError):
+        saliency_map("excitation_backprop", view, VIT_IMAGES, TARGETS)

@@ -204,23 +204,34 @@ def _resize(layer_map: Array, images: Array) -> Array:
     return resize_maps(layer_map, images.shape[1:3])
 
 
+def _spatial_layer(view: ModelView, method: str, images: Array):
+    """The view's layer model, checked to give [batch, h, w, channels] activations (tokens need a reshape)."""
+    lm = view.require_layer(method)
+    check_images(images)
+    shape = lm.activation_shape(images).shape
+    if len(shape) == 3:
+        raise ValueError(f"{method} needs spatial activations [batch, h, w, channels]; layer {lm.layer!r} gives "
+                         f"{tuple(shape)} (transformer tokens?): build the view with reshape=token_grid("
+                         "num_prefix_tokens=1)")
+    return lm
+
+
 def _grad_cam_method(view, images, targets, *, score="logit", weighting="plain", relu=True):
-    lm = view.require_layer("grad_cam")
+    lm = _spatial_layer(view, "grad_cam", images)
     layer_map = _grad_cam.grad_cam(lm, images, targets, score=score, weighting=weighting, relu=relu, resize=False,
                                    normalize=False)
     return _resize(layer_map, images), {"layer_map": layer_map}
 
 
 def _grad_cam_plus_plus_method(view, images, targets, *, score="logit", relu=True, eps=1e-6):
-    lm = view.require_layer("grad_cam_plus_plus")
+    lm = _spatial_layer(view, "grad_cam_plus_plus", images)
     layer_map = _cam.grad_cam_plus_plus(lm, images, targets, score=score, relu=relu, resize=False, normalize=False,
                                         eps=eps)
     return _resize(layer_map, images), {"layer_map": layer_map}
 
 
 def _cam_method(view, images, targets, *, classifier, relu=False):
-    lm = view.require_layer("cam")
-    check_images(images)
+    lm = _spatial_layer(view, "cam", images)
     if isinstance(classifier, str):
         if view.variables is None:
             raise ValueError("classifier given as a module path needs a linen_view; pass classifier=(kernel, bias)")
@@ -257,7 +268,7 @@ def _excitation(contrastive: bool):
     name = "contrastive_excitation_backprop" if contrastive else "excitation_backprop"
 
     def method(view, images, targets, *, prior=None):
-        lm = view.require_layer(name)
+        lm = _spatial_layer(view, name, images)
         if callable(targets):
             if prior is not None:
                 raise ValueError("give either a target function or prior=, not both")
