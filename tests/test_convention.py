@@ -22,6 +22,7 @@ from saliency_jax.saliency import (
     grad_cam_plus_plus,
     gradient_x_input,
     guided_backprop,
+    integrated_gradients,
     linen_class_activation_map,
     linen_layer,
     linen_view,
@@ -143,6 +144,7 @@ def views():
 OPTIONS = {
     "rise": dict(key=KEY, num_masks=32, grid_size=2, masks_per_step=16),
     "smooth_grad": dict(key=KEY, num_samples=4, samples_per_step=2),
+    "integrated_gradients": dict(num_steps=8, steps_per_chunk=4),
 }
 
 
@@ -168,6 +170,8 @@ def low_level(method):
         "vanilla_gradient": lambda: vanilla_gradient(logits_fn, x, t, normalize=True),
         "gradient_x_input": lambda: gradient_x_input(logits_fn, x, t, normalize=True),
         "guided_backprop": lambda: guided_backprop(logits_fn, x, t, normalize=True),
+        "integrated_gradients":
+            lambda: integrated_gradients(logits_fn, x, t, num_steps=8, steps_per_chunk=4, normalize=True),
         "smooth_grad": lambda: normalize_maps(reduce_attribution(smooth_grad(
             functools.partial(vanilla_gradient, logits_fn, reduction="none"), KEY, x, t, num_samples=4,
             samples_per_step=2))),
@@ -233,8 +237,28 @@ def test_vanilla_gradient_hand_reference():
     np.testing.assert_allclose(out.maps, np.abs(A * W[:, 0] / 16.0).sum(-1), rtol=1e-5, atol=1e-7)
 
 
+def test_integrated_gradients_references():
+    """Linear model: exact ``(x - x') * w``; a smooth model: the Riemann sum written as a loop, and completeness."""
+    x = jnp.asarray(A)
+    linear = lambda im: jnp.mean(im, axis=(1, 2)) @ W  # noqa: E731
+    ig = integrated_gradients(linear, x, 1, baseline=0.5, num_steps=3, reduction="none")
+    np.testing.assert_allclose(ig, (A - 0.5) * W[:, 1] / 16.0, rtol=1e-5, atol=1e-7)
+
+    V = jnp.asarray(0.1 * np.random.default_rng(9).normal(size=(4 * 4 * 3, 2)), jnp.float32)
+    smooth = lambda im: jnp.tanh(im.reshape(im.shape[0], -1) @ V)  # noqa: E731
+    t = jnp.array([0, 1])
+    ig = integrated_gradients(smooth, x, t, num_steps=16, steps_per_chunk=5, reduction="none")
+    total = 0.0
+    for k in range(1, 17):
+        total = total + jax.grad(lambda im: jnp.sum(jnp.take_along_axis(smooth(im), t[:, None], 1)))(x * k / 16)
+    np.testing.assert_allclose(ig, A * np.asarray(total) / 16, rtol=1e-4, atol=1e-6)
+    many = integrated_gradients(smooth, x, t, num_steps=400, steps_per_chunk=100, reduction="none")
+    gap = np.take_along_axis(np.asarray(smooth(x)), np.asarray(t)[:, None], 1)[:, 0]  # S(x) - S(0), S(0) = 0
+    np.testing.assert_allclose(np.asarray(many).reshape(2, -1).sum(1), gap, rtol=1e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("method", ["grad_cam", "grad_cam_plus_plus", "vanilla_gradient", "gradient_x_input",
-                                    "guided_backprop", "rise", "smooth_grad", "excitation_backprop",
+                                    "guided_backprop", "integrated_gradients", "rise", "smooth_grad", "excitation_backprop",
                                     "contrastive_excitation_backprop"])
 def test_class_target_function_equals_class_indices(method):
     """``target(out) = out[b, t_b]`` is the class logit: the same maps as the class indices (RISE with its
@@ -402,7 +426,7 @@ def test_vit_grad_cam_on_token_grid_matches_numpy():
 
 
 @pytest.mark.parametrize("method", ["grad_cam", "grad_cam_plus_plus", "vanilla_gradient", "gradient_x_input",
-                                    "smooth_grad", "rise"])
+                                    "integrated_gradients", "smooth_grad", "rise"])
 def test_vit_methods_that_apply(method):
     view = linen_view(VIT, VIT_VARIABLES, VIT_LAYER, reshape=token_grid(1))
     maps = jax.jit(lambda x, t: saliency_map(method, view, x, t, **OPTIONS.get(method, {})))(VIT_IMAGES, TARGETS)

@@ -34,6 +34,7 @@ from saliency_jax.saliency.gradients import (
     GuidedBackpropError,
     gradient_x_input,
     guided_backprop,
+    integrated_gradients,
     reduce_attribution,
     smooth_grad,
     vanilla_gradient,

@@ -17,8 +17,8 @@ Every method of :data:`METHODS` takes the same arguments and returns maps of one
 
 Target functions per method:
 
-* gradient methods (Grad-CAM, Grad-CAM++, gradients, guided backprop, SmoothGrad) and RISE differentiate / average
-  the score ``target(outputs)`` itself (``score`` must then be left at or set to ``"logit"``: the function is the
+* gradient methods (Grad-CAM, Grad-CAM++, gradients, guided backprop, integrated gradients, SmoothGrad) and RISE
+  differentiate / average the score ``target(outputs)`` itself (``score`` must then be left at or set to ``"logit"``: the function is the
   score);
 * Excitation Backprop and contrastive EB propagate a top-down *prior over the outputs* (Zhang et al. 2016, Eq. 4):
   a target function is accepted when it is linear in the outputs - then the prior is its coefficient vector per
@@ -280,11 +280,11 @@ def _excitation(contrastive: bool):
 
 
 def _input_gradient(low):
-    def method(view, images, targets, *, score="logit", reduction="abs_sum"):
+    def method(view, images, targets, *, score="logit", reduction="abs_sum", **options):
         if reduction == "none":
             raise ValueError("saliency_map returns [batch, height, width] maps; the unreduced attribution is "
                              "extras['attribution'] (return_extras=True)")
-        attribution = low(view.output_fn, images, targets, score=score, reduction="none")
+        attribution = low(view.output_fn, images, targets, score=score, reduction="none", **options)
         return _gradients.reduce_attribution(attribution, reduction), {"attribution": attribution}
 
     return method
@@ -297,7 +297,7 @@ def _rise_method(view, images, targets, *, key, num_masks=4000, grid_size=7, p=0
     return maps, {}
 
 
-_GRADIENT_FAMILY = ("vanilla_gradient", "gradient_x_input", "guided_backprop")
+_GRADIENT_FAMILY = ("vanilla_gradient", "gradient_x_input", "guided_backprop", "integrated_gradients")
 
 
 def _smooth_grad_method(view, images, targets, *, key, base="vanilla_gradient", num_samples=50, noise_level=0.15,
@@ -339,6 +339,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "1 forward + 1 backward"),
     Method("guided_backprop", _input_gradient(_gradients.guided_backprop), "Springenberg et al., ICLR-W 2015",
            "none (ReLU network)", "1 forward + 1 backward"),
+    Method("integrated_gradients", _input_gradient(_gradients.integrated_gradients), "Sundararajan et al., ICML "
+           "2017", "none", "num_steps forwards + backwards"),
     Method("smooth_grad", _smooth_grad_method, "Smilkov et al., 2017", "as its base method",
            "num_samples x base", needs_key=True),
     Method("rise", _rise_method, "Petsiuk et al., BMVC 2018", "none (black box)", "num_masks forwards",
@@ -354,7 +356,7 @@ def saliency_map(method: str, view: Any, images: Array, targets: Array | int | T
     Args:
       method: a key of :data:`METHODS` (``"grad_cam"``, ``"grad_cam_plus_plus"``, ``"cam"``,
         ``"excitation_backprop"``, ``"contrastive_excitation_backprop"``, ``"vanilla_gradient"``,
-        ``"gradient_x_input"``, ``"guided_backprop"``, ``"smooth_grad"``, ``"rise"``).
+        ``"gradient_x_input"``, ``"guided_backprop"``, ``"integrated_gradients"``, ``"smooth_grad"``, ``"rise"``).
       view: a :class:`~saliency_jax.saliency.views.ModelView` (with a layer for the layer methods), a
         ``LayerModel`` or a function ``images -> logits`` (:func:`~saliency_jax.saliency.views.as_view`).
       images: [batch, height, width, channels] float.
