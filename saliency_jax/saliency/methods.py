@@ -378,6 +378,15 @@ def saliency_map(method: str, view: Any, images: Array, targets: Array | int | T
         (CAM; a non-linear one for EB); a target function with ``score="softmax"``; ``key`` missing for a random
         method; and whatever the low-level function raises (bad shapes, targets, unsupported EB operations).
       TypeError: a view that cannot be built; unknown options.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from saliency_jax.saliency import function_view, saliency_map
+      >>> w = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+      >>> view = function_view(None, w, features_fn=lambda p, x: x, head_fn=lambda p, a: a.mean((1, 2)) @ p)
+      >>> images = jnp.ones((4, 5, 5, 3))
+      >>> [saliency_map(m, view, images, 1).shape for m in ("grad_cam", "excitation_backprop", "vanilla_gradient")]
+      [(4, 5, 5), (4, 5, 5), (4, 5, 5)]
     """
     if method not in METHODS:
         raise KeyError(f"unknown saliency method {method!r}; METHODS: {sorted(METHODS)}")
