@@ -258,8 +258,8 @@ def test_integrated_gradients_references():
 
 
 @pytest.mark.parametrize("method", ["grad_cam", "grad_cam_plus_plus", "vanilla_gradient", "gradient_x_input",
-                                    "guided_backprop", "integrated_gradients", "rise", "smooth_grad", "excitation_backprop",
-                                    "contrastive_excitation_backprop"])
+                                    "guided_backprop", "integrated_gradients", "rise", "smooth_grad",
+                                    "excitation_backprop", "contrastive_excitation_backprop"])
 def test_class_target_function_equals_class_indices(method):
     """``target(out) = out[b, t_b]`` is the class logit: the same maps as the class indices (RISE with its
     logit score, since a target function is the score)."""
@@ -348,6 +348,16 @@ def test_nnx_layer_leaves_the_module_unchanged_and_checks_paths():
     np.testing.assert_allclose(act, pre, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="submodule paths"):
         nnx_layer(NNX, "block3")
+    # An activation applied as a function: "block2/conv+relu" is block2's output, exactly, under jit too.
+    relu_model = nnx_layer(NNX, "block2/conv+relu")
+    logits2, act2 = jax.jit(relu_model)(IMAGES)
+    np.testing.assert_allclose(act2, np.maximum(pre, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits2, logits, rtol=1e-6, atol=1e-7)
+    view = nnx_view(NNX, "block2/conv+relu")
+    np.testing.assert_allclose(saliency_map("grad_cam", view, IMAGES, TARGETS),
+                               saliency_map("grad_cam", nnx_view(NNX, "block2"), IMAGES, TARGETS), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="not 'tanh'"):
+        nnx_layer(NNX, "block2/conv+tanh")(IMAGES)
 
     class Twice(nnx.Module):
         def __init__(self):

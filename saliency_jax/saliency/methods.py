@@ -18,8 +18,8 @@ Every method of :data:`METHODS` takes the same arguments and returns maps of one
 Target functions per method:
 
 * gradient methods (Grad-CAM, Grad-CAM++, gradients, guided backprop, integrated gradients, SmoothGrad) and RISE
-  differentiate / average the score ``target(outputs)`` itself (``score`` must then be left at or set to ``"logit"``: the function is the
-  score);
+  differentiate / average the score ``target(outputs)`` itself (``score`` must then be left at or set to
+  ``"logit"``: the function is the score);
 * Excitation Backprop and contrastive EB propagate a top-down *prior over the outputs* (Zhang et al. 2016, Eq. 4):
   a target function is accepted when it is linear in the outputs - then the prior is its coefficient vector per
   example, ``prior[b] = d target_b / d outputs[b]`` (a constant term is dropped, as EB ignores biases) - and

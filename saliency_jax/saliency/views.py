@@ -12,7 +12,7 @@ Constructors:
 * :func:`linen_view` - an unmodified Flax linen module, the layer named by its path (as
   :func:`~saliency_jax.saliency.core.linen_layer`: ``"layer4"``, ``"block3/conv"``, ``"Conv_2+relu"``);
 * :func:`nnx_view` - an unmodified ``flax.nnx.Module``, the layer named by its attribute path (``"conv3"``,
-  ``"blocks/1/norm1"``; :func:`nnx_layer`);
+  ``"blocks/1/norm1"``, ``"conv3+relu"``; :func:`nnx_layer`);
 * :func:`function_view` - a pure function ``apply_fn(params, images) -> logits`` and, for the layer methods, the
   user's split ``features_fn(params, images) -> activations`` / ``head_fn(params, activations) -> logits``;
 * :func:`as_view` - turns a view, a :class:`LayerModel` or a plain ``images -> logits`` function into a view.
@@ -34,7 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from saliency_jax.saliency.core import LayerModel, linen_layer, split_layer
+from saliency_jax.saliency._jaxpr import evaluate_jaxpr
+from saliency_jax.saliency.core import LayerModel, _bind, _layer_tag_p, _split_path, _tap_vars, linen_layer, split_layer
 
 Array = jax.Array
 
@@ -271,14 +272,16 @@ def nnx_layer(module, layer: str, *, method: str = "__call__") -> LayerModel:
     Each call merges a fresh copy of the module (``nnx.split`` once, ``nnx.merge`` per call) and gives that copy's
     submodule a ``__call__`` that records its output and adds the perturbation to it; the caller's module is never
     changed, and the function is pure (jittable, differentiable; module state updates of the copy, e.g. batch norm
-    statistics in train mode, are discarded).
+    statistics in train mode, are discarded). ``"PATH+ACT"`` (the output of an activation applied as a function to
+    the submodule's output, ``nnx.relu(self.conv(x))``: ``"conv+relu"``) is reached as for linen
+    (:mod:`saliency_jax.saliency.core`): the copy is traced to a jaxpr with the submodule's output tagged, and
+    evaluated again with the activation's value exposed.
 
     Args:
       module: an NNX module ``module(images) -> logits [batch, num_classes]`` (put it in inference mode first:
         ``nnx.view(module, deterministic=True, use_running_average=True)`` or ``module.eval()``).
       layer: the submodule's attribute path, ``"/"``-joined (``"conv3"``, ``"blocks/1/norm1"``; list items by
-        index); :func:`nnx_paths` lists them. Activations applied as functions (``nnx.relu(self.conv(x))``) are not
-        layers: name the submodule (the ``"PATH+ACT"`` paths of linen are linen-only).
+        index), optionally ``"+ACT"`` (``"conv3+relu"``); :func:`nnx_paths` lists the submodule paths.
       method: the module's method that computes the logits.
 
     Returns:
@@ -286,37 +289,59 @@ def nnx_layer(module, layer: str, *, method: str = "__call__") -> LayerModel:
 
     Raises:
       ValueError: (at once) an unknown path, naming the available ones; (when called) a layer that is not called
-        exactly once, or that returns something other than one array.
+        exactly once, that returns something other than one array, or (``+ACT``) whose output is not consumed by
+        exactly the named activation.
     """
     nnx = _nnx()
     if not isinstance(module, nnx.Module):
         raise TypeError(f"module must be a flax.nnx.Module; got {type(module).__name__}")
-    if not isinstance(layer, str) or not layer or "+" in layer:
-        raise ValueError(f"an NNX layer path is a '/'-joined submodule path such as 'conv3' or 'blocks/1'; got "
-                         f"{layer!r}")
+    base, act = _split_path(layer)
     paths = nnx_paths(module)
-    if layer not in paths:
-        raise ValueError(f"layer {layer!r} not found in {type(module).__name__}; submodule paths: {paths}")
+    if base not in paths:
+        raise ValueError(f"layer {base!r} not found in {type(module).__name__}; submodule paths: {paths}")
     graphdef, state = nnx.split(module)
 
-    def fn(images, perturbation):
+    def run(images, on_output):
         copy = nnx.merge(graphdef, state)
-        sub = next(node for path, node in nnx.iter_graph(copy) if _path_key(path) == layer)
+        sub = next(node for path, node in nnx.iter_graph(copy) if _path_key(path) == base)
         seen = []
 
         def tap(out):
             if not isinstance(out, jax.Array):
-                raise ValueError(f"layer {layer!r} returns {type(out).__name__}, not a single array; name a "
+                raise ValueError(f"layer {base!r} returns {type(out).__name__}, not a single array; name a "
                                  "submodule whose __call__ returns one activation tensor")
             seen.append(out)
-            return out + perturbation
+            return on_output(out)
 
         object.__setattr__(sub, "_saliency_tap", tap)
         object.__setattr__(sub, "__class__", _tapped_class(type(sub)))
         logits = getattr(copy, method)(images)
         if len(seen) != 1:
-            raise ValueError(f"layer {layer!r} was called {len(seen)} times; name a layer that runs once")
+            raise ValueError(f"layer {base!r} was called {len(seen)} times; name a layer that runs once")
         return logits, seen[0]
+
+    def fn(images, perturbation):
+        if act is None:
+            return run(images, lambda out: out + perturbation)
+        # The activation applied to the submodule's output as a function: tag the output, trace, find the
+        # activation consuming it, and evaluate the jaxpr again exposing (and perturbing) its value.
+        closed, out_shape = jax.make_jaxpr(
+            lambda x: run(x, lambda out: _layer_tag_p.bind(out, index=0))[0], return_shape=True)(images)
+        taps = _tap_vars(closed.jaxpr, {0: layer})
+        exposed = []
+
+        def eval_equation(eqn, values, _):
+            outs = [values[0]] if eqn.primitive is _layer_tag_p else _bind(eqn, values)
+            for i, v in enumerate(eqn.outvars):
+                if v in taps:
+                    exposed.append(outs[i])
+                    outs[i] = outs[i] + perturbation
+            return outs, [None] * len(outs)
+
+        flat = jax.tree.leaves(images)
+        outs, _ = evaluate_jaxpr(closed.jaxpr, closed.consts, None, flat, [None] * len(flat), eval_equation,
+                                 literal_tag=lambda _: None)
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs), exposed[0]
 
     return LayerModel(fn=fn, layer=layer)
 
