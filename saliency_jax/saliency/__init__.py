@@ -2,6 +2,10 @@
 
 This package knows nothing of training; :mod:`saliency_jax.training` builds on it.
 
+One call for every method: ``saliency_map(name, view, images, targets)`` (:mod:`saliency_jax.saliency.methods`,
+registry :data:`METHODS`) on a view of a linen module, an NNX module or a pure function
+(:mod:`saliency_jax.saliency.views`); the per-method functions below remain the low-level API.
+
 Bad inputs (:mod:`saliency_jax.saliency.core`): a target class outside ``[0, num_classes)`` or a NaN / inf pixel
 raises for concrete inputs; under ``jax.jit`` the maps of those examples are NaN, and :func:`checked` runs a
 transform under ``jax.experimental.checkify`` to raise instead.

@@ -27,6 +27,10 @@ Target functions per method:
   ``prior=`` array if that is what you mean;
 * CAM is defined per class and takes class indices only.
 
+SmoothGrad (``"smooth_grad"``, option ``base=`` any deterministic method) averages the base method's raw maps over
+noisy copies - for the input-gradient bases the raw attribution, reduced over channels afterwards, as PAIR saliency
+does - and normalises the average.
+
 The low-level functions (``grad_cam(layer_model, ...)``, ``excitation_backprop(...)``, ``vanilla_gradient(
 logits_fn, ...)``, ...) remain the API underneath with their own defaults; :func:`saliency_map` gives the same
 numbers (tests compare them).
