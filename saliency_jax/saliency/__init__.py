@@ -2,6 +2,10 @@
 
 This package knows nothing of training; :mod:`saliency_jax.training` builds on it.
 
+One call for every method: ``saliency_map(name, view, images, targets)`` (:mod:`saliency_jax.saliency.methods`,
+registry :data:`METHODS`) on a view of a linen module, an NNX module or a pure function
+(:mod:`saliency_jax.saliency.views`); the per-method functions below remain the low-level API.
+
 Bad inputs (:mod:`saliency_jax.saliency.core`): a target class outside ``[0, num_classes)`` or a NaN / inf pixel
 raises for concrete inputs; under ``jax.jit`` the maps of those examples are NaN, and :func:`checked` runs a
 transform under ``jax.experimental.checkify`` to raise instead.
@@ -34,6 +38,7 @@ from saliency_jax.saliency.gradients import (
     GuidedBackpropError,
     gradient_x_input,
     guided_backprop,
+    integrated_gradients,
     reduce_attribution,
     smooth_grad,
     vanilla_gradient,
@@ -61,4 +66,24 @@ from saliency_jax.saliency.recurrent import (
     temporal_localization,
     temporal_localization_known_length,
     temporal_normalization,
+)
+from saliency_jax.saliency.views import (
+    ModelView,
+    as_view,
+    function_view,
+    linen_view,
+    nnx_layer,
+    nnx_paths,
+    nnx_view,
+    reshaped_layer,
+    token_grid,
+)
+from saliency_jax.saliency.methods import (
+    METHODS,
+    Explanation,
+    Method,
+    cosine_similarity,
+    region_score,
+    saliency_map,
+    weighted_outputs,
 )

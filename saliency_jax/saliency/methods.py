@@ -1,0 +1,427 @@
+"""One calling convention for every saliency method: ``saliency_map(name, view, images, targets)``.
+
+Every method of :data:`METHODS` takes the same arguments and returns maps of one shape:
+
+* ``view``: a :class:`~saliency_jax.saliency.views.ModelView` (:func:`~saliency_jax.saliency.views.linen_view`,
+  :func:`~saliency_jax.saliency.views.nnx_view`, :func:`~saliency_jax.saliency.views.function_view`), or anything
+  :func:`~saliency_jax.saliency.views.as_view` accepts (a ``LayerModel``, a function ``images -> logits``);
+* ``images``: [batch, height, width, channels] float;
+* ``targets``: what to explain per example - ``None`` (the predicted class), an ``int`` class for all examples,
+  int [batch] classes, or a **target function** ``target(outputs) -> [batch]`` score of the model's outputs (a
+  multi-label combination, a segmentation region's score, an embedding similarity; like pytorch-grad-cam's target
+  objects; :func:`weighted_outputs`, :func:`region_score`, :func:`cosine_similarity` build common ones);
+* result: float32 maps ``[batch, height, width]`` at the input resolution (layer maps are resized bilinearly),
+  min-max normalised per example to [0, 1] unless ``normalize=False``. ``return_extras=True`` returns an
+  :class:`Explanation` with the method's extras (Excitation Backprop's ``probability``, the layer-resolution map,
+  the unreduced input attribution, ...).
+
+Target functions per method:
+
+* gradient methods (Grad-CAM, Grad-CAM++, gradients, guided backprop, integrated gradients, SmoothGrad) and RISE
+  differentiate / average the score ``target(outputs)`` itself (``score`` must then be left at or set to
+  ``"logit"``: the function is the score);
+* Excitation Backprop and contrastive EB propagate a top-down *prior over the outputs* (Zhang et al. 2016, Eq. 4):
+  a target function is accepted when it is linear in the outputs - then the prior is its coefficient vector per
+  example, ``prior[b] = d target_b / d outputs[b]`` (a constant term is dropped, as EB ignores biases) - and
+  raises ``ValueError`` otherwise (softmax, products, norms). Give a non-linear combination as an explicit
+  ``prior=`` array if that is what you mean;
+* CAM is defined per class and takes class indices only.
+
+SmoothGrad (``"smooth_grad"``, option ``base=`` any deterministic method) averages the base method's raw maps over
+noisy copies - for the input-gradient bases the raw attribution, reduced over channels afterwards, as PAIR saliency
+does - and normalises the average.
+
+The low-level functions (``grad_cam(layer_model, ...)``, ``excitation_backprop(...)``, ``vanilla_gradient(
+logits_fn, ...)``, ...) remain the API underneath with their own defaults; :func:`saliency_map` gives the same
+numbers (tests compare them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+import importlib
+
+# Submodules by path: the package namespace binds some of these names to the functions they define.
+_cam = importlib.import_module("saliency_jax.saliency.cam")
+_eb = importlib.import_module("saliency_jax.saliency.excitation_backprop")
+_gradients = importlib.import_module("saliency_jax.saliency.gradients")
+_grad_cam = importlib.import_module("saliency_jax.saliency.grad_cam")
+_rise = importlib.import_module("saliency_jax.saliency.rise")
+from saliency_jax.saliency.core import (
+    at_least_float32,
+    check_images,
+    invalid_examples,
+    mark_invalid,
+    normalize_maps,
+    resize_maps,
+    resolve_targets,
+)
+from saliency_jax.saliency.views import ModelView, as_view
+
+Array = jax.Array
+Target = Callable[[Array], Array]
+
+__all__ = [
+    "METHODS",
+    "Explanation",
+    "Method",
+    "cosine_similarity",
+    "region_score",
+    "saliency_map",
+    "weighted_outputs",
+]
+
+
+class Explanation(NamedTuple):
+    """What :func:`saliency_map` returns with ``return_extras=True``.
+
+    Attributes:
+      maps: float32 [batch, height, width] (normalised to [0, 1] per example when ``normalize``).
+      extras: method-specific arrays, e.g. ``"layer_map"`` [batch, h, w] (the map at the layer's resolution, before
+        resizing and normalising), ``"probability"`` [batch, h, w, channels] (EB's marginal winning probabilities),
+        ``"attribution"`` [batch, height, width, channels] (an input-gradient method's unreduced attribution).
+    """
+
+    maps: Array
+    extras: dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registered saliency method.
+
+    Attributes:
+      name: its key in :data:`METHODS`.
+      fn: ``fn(view, images, targets, **options) -> (maps [batch, height, width] float32 unnormalised, extras)``.
+      paper: the source.
+      layer: what it needs of the model (``"none"``: only ``output_fn``; ``"spatial layer"``: a layer
+        ``[batch, h, w, channels]`` or tokens reshaped to a grid).
+      cost: forward / backward passes per batch.
+      targets: ``"score"`` (any target function), ``"linear"`` (class indices, or a target function linear in
+        the outputs, turned into EB's prior) or ``"class"`` (class indices only).
+      needs_key: whether it is random (takes ``key=``).
+    """
+
+    name: str
+    fn: Callable[..., tuple[Array, dict[str, Array]]]
+    paper: str
+    layer: str
+    cost: str
+    targets: str = "score"
+    needs_key: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Target functions.
+
+
+def weighted_outputs(weights: Array) -> Target:
+    """``target(outputs) = sum_k weights[k] * outputs[:, k]`` - e.g. a multi-label attribute set (linear: EB too).
+
+    Args:
+      weights: [num_outputs] or [batch, num_outputs] float.
+    """
+    weights = jnp.asarray(weights)
+
+    def target(outputs):
+        return jnp.sum(outputs * weights.astype(outputs.dtype), axis=-1)
+
+    return target
+
+
+def region_score(mask: Array, class_index: int) -> Target:
+    """Segmentation target: the sum of ``outputs[b, y, x, class_index]`` over a region (pytorch-grad-cam's
+    ``SemanticSegmentationTarget``). Linear: EB too, if the model's outputs are ``[batch, num_outputs]``.
+
+    Args:
+      mask: [height, width] or [batch, height, width] float / bool, the region (1 inside).
+      class_index: the segmentation class.
+    """
+    mask = jnp.asarray(mask)
+
+    def target(outputs):
+        if outputs.ndim != 4:
+            raise ValueError(f"region_score needs segmentation outputs [batch, h, w, classes]; got shape "
+                             f"{tuple(outputs.shape)}")
+        return jnp.sum(outputs[..., class_index] * mask.astype(outputs.dtype), axis=(-2, -1))
+
+    return target
+
+
+def cosine_similarity(reference: Array) -> Target:
+    """Embedding target: cosine similarity of each output embedding to ``reference`` (pytorch-grad-cam's
+    ``SimilarityToConceptTarget``). Not linear: gradient methods and RISE only.
+
+    Args:
+      reference: [dim] or [batch, dim] float.
+    """
+    reference = jnp.asarray(reference)
+
+    def target(outputs):
+        ref = reference.astype(outputs.dtype)
+        num = jnp.sum(outputs * ref, axis=-1)
+        den = jnp.linalg.norm(outputs, axis=-1) * jnp.linalg.norm(ref, axis=-1) + 1e-12
+        return num / den
+
+    return target
+
+
+def _score_column(target: Target, outputs: Array) -> Array:
+    """``target(outputs)`` checked to be [batch] and returned as a one-output column [batch, 1]."""
+    score = target(outputs)
+    batch = outputs.shape[0]
+    if getattr(score, "shape", None) != (batch,):
+        raise ValueError(f"a target function must return one score per example [batch={batch}]; got shape "
+                         f"{getattr(score, 'shape', type(score).__name__)}")
+    return at_least_float32(score)[:, None]
+
+
+def _linear_prior(target: Target, view: ModelView, images: Array) -> Array:
+    """EB's top-down prior for a target function linear in the outputs: its coefficients per example."""
+    shape = jax.eval_shape(view.output_fn, images)
+    try:
+        score_shape = jax.eval_shape(target, shape)
+        if score_shape.shape != (images.shape[0],):
+            raise ValueError(f"a target function must return [batch={images.shape[0]}]; got {score_shape.shape}")
+        transpose = jax.linear_transpose(target, shape)
+        (prior,) = transpose(jnp.ones(score_shape.shape, score_shape.dtype))
+    except ValueError:
+        raise
+    except Exception as e:  # jax raises several error types for a function that is not linear
+        raise ValueError(
+            "Excitation Backprop propagates a top-down prior over the outputs, so a target function must be linear "
+            "in the outputs (e.g. weighted_outputs); this one is not (softmax, products, norms ...). Pass targets "
+            f"as classes or an explicit prior= [batch, num_outputs] instead. ({type(e).__name__}: {e})") from e
+    return prior
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Methods.
+
+
+def _resize(layer_map: Array, images: Array) -> Array:
+    return resize_maps(layer_map, images.shape[1:3])
+
+
+def _spatial_layer(view: ModelView, method: str, images: Array):
+    """The view's layer model, checked to give [batch, h, w, channels] activations (tokens need a reshape)."""
+    lm = view.require_layer(method)
+    check_images(images)
+    shape = lm.activation_shape(images).shape
+    if len(shape) == 3:
+        raise ValueError(f"{method} needs spatial activations [batch, h, w, channels]; layer {lm.layer!r} gives "
+                         f"{tuple(shape)} (transformer tokens?): build the view with reshape=token_grid("
+                         "num_prefix_tokens=1)")
+    return lm
+
+
+def _grad_cam_method(view, images, targets, *, score="logit", weighting="plain", relu=True):
+    lm = _spatial_layer(view, "grad_cam", images)
+    layer_map = _grad_cam.grad_cam(lm, images, targets, score=score, weighting=weighting, relu=relu, resize=False,
+                                   normalize=False)
+    return _resize(layer_map, images), {"layer_map": layer_map}
+
+
+def _grad_cam_plus_plus_method(view, images, targets, *, score="logit", relu=True, eps=1e-6):
+    lm = _spatial_layer(view, "grad_cam_plus_plus", images)
+    layer_map = _cam.grad_cam_plus_plus(lm, images, targets, score=score, relu=relu, resize=False, normalize=False,
+                                        eps=eps)
+    return _resize(layer_map, images), {"layer_map": layer_map}
+
+
+def _cam_method(view, images, targets, *, classifier, relu=False):
+    lm = _spatial_layer(view, "cam", images)
+    if isinstance(classifier, str):
+        if view.variables is None:
+            raise ValueError("classifier given as a module path needs a linen_view; pass classifier=(kernel, bias)")
+        kernel, bias = _cam.classifier_params(view.variables, classifier)
+    else:
+        kernel, bias = classifier
+    logits, features = lm(images)
+    if features.ndim != 4:
+        raise ValueError(f"CAM needs spatial features [batch, h, w, channels] at layer {lm.layer!r}; got "
+                         f"{tuple(features.shape)}")
+    kernel = _cam._classifier_matrix(kernel, features.shape[-1])
+    pooled = jnp.mean(at_least_float32(features), axis=(1, 2)) @ at_least_float32(kernel)
+    if bias is not None:
+        pooled = pooled + at_least_float32(jnp.asarray(bias))
+    if getattr(logits, "shape", None) != pooled.shape:
+        raise ValueError(f"CAM: the model's outputs {getattr(logits, 'shape', None)} are not the classifier applied "
+                         f"to the pooled features of {lm.layer!r} {pooled.shape}")
+    f_np, p_np = _cam._concrete(logits), _cam._concrete(pooled)
+    if f_np is not None and p_np is not None:
+        import numpy as np
+
+        tol = 1e-4 * max(1.0, float(np.abs(f_np).max()))
+        if not np.allclose(f_np, p_np, rtol=1e-3, atol=tol):
+            raise ValueError(f"CAM needs a global-average-pooling network: the logits are not classifier(mean of "
+                             f"{lm.layer!r}) (max difference {float(np.abs(f_np - p_np).max()):.3g})")
+    classes = resolve_targets(targets, logits)
+    layer_map = _cam.class_activation_map(features, kernel, bias, classes, relu=relu)
+    layer_map = mark_invalid(layer_map, invalid_examples(images=images))
+    return _resize(layer_map, images), {"layer_map": layer_map}
+
+
+def _excitation(contrastive: bool):
+    low = _eb.contrastive_excitation_backprop if contrastive else _eb.excitation_backprop
+    name = "contrastive_excitation_backprop" if contrastive else "excitation_backprop"
+
+    def method(view, images, targets, *, prior=None):
+        lm = _spatial_layer(view, name, images)
+        if callable(targets):
+            if prior is not None:
+                raise ValueError("give either a target function or prior=, not both")
+            prior, targets = _linear_prior(targets, view, images), None
+        result = low(lm, images, targets, prior=prior)
+        return _resize(result.saliency, images), {"layer_map": result.saliency, "probability": result.probability}
+
+    return method
+
+
+def _input_gradient(low):
+    def method(view, images, targets, *, score="logit", reduction="abs_sum", **options):
+        if reduction == "none":
+            raise ValueError("saliency_map returns [batch, height, width] maps; the unreduced attribution is "
+                             "extras['attribution'] (return_extras=True)")
+        attribution = low(view.output_fn, images, targets, score=score, reduction="none", **options)
+        return _gradients.reduce_attribution(attribution, reduction), {"attribution": attribution}
+
+    return method
+
+
+def _rise_method(view, images, targets, *, key, num_masks=4000, grid_size=7, p=0.5, score="softmax",
+                 masks_per_step=100):
+    maps = _rise.rise(view.output_fn, key, images, targets, num_masks=num_masks, grid_size=grid_size, p=p,
+                      score=score, masks_per_step=masks_per_step)
+    return maps, {}
+
+
+_GRADIENT_FAMILY = ("vanilla_gradient", "gradient_x_input", "guided_backprop", "integrated_gradients")
+
+
+def _smooth_grad_method(view, images, targets, *, key, base="vanilla_gradient", num_samples=50, noise_level=0.15,
+                        magnitude=False, samples_per_step=10, **base_options):
+    if base not in METHODS or METHODS[base].needs_key:
+        raise ValueError(f"smooth_grad averages a deterministic method of METHODS; got base={base!r}")
+    base_fn = METHODS[base].fn
+    if base in _GRADIENT_FAMILY:  # average the raw attribution, then reduce (PAIR saliency, Smilkov et al.)
+        reduction = base_options.pop("reduction", "abs_sum")
+
+        def method(x, t):
+            return base_fn(view, x, t, **base_options)[1]["attribution"]
+
+        raw = _gradients.smooth_grad(method, key, images, targets, num_samples=num_samples, noise_level=noise_level,
+                                     magnitude=magnitude, samples_per_step=samples_per_step)
+        return _gradients.reduce_attribution(raw, reduction), {"attribution": raw}
+
+    def method(x, t):
+        return base_fn(view, x, t, **base_options)[0]
+
+    maps = _gradients.smooth_grad(method, key, images, targets, num_samples=num_samples, noise_level=noise_level,
+                                  magnitude=magnitude, samples_per_step=samples_per_step)
+    return maps, {}
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("grad_cam", _grad_cam_method, "Selvaraju et al., ICCV 2017", "spatial layer", "1 forward + 1 backward"),
+    Method("grad_cam_plus_plus", _grad_cam_plus_plus_method, "Chattopadhyay et al., WACV 2018", "spatial layer",
+           "1 forward + 1 backward"),
+    Method("cam", _cam_method, "Zhou et al., CVPR 2016", "spatial layer pooled into a dense classifier (classifier=)",
+           "1 forward", targets="class"),
+    Method("excitation_backprop", _excitation(False), "Zhang et al., ECCV 2016", "spatial layer (EB-supported "
+           "ops above it)", "1 forward + 1 backward", targets="linear"),
+    Method("contrastive_excitation_backprop", _excitation(True), "Zhang et al., ECCV 2016", "spatial layer "
+           "(EB-supported ops above it)", "1 forward + 1 backward", targets="linear"),
+    Method("vanilla_gradient", _input_gradient(_gradients.vanilla_gradient), "Simonyan et al., ICLR-W 2014",
+           "none", "1 forward + 1 backward"),
+    Method("gradient_x_input", _input_gradient(_gradients.gradient_x_input), "Shrikumar et al., 2016", "none",
+           "1 forward + 1 backward"),
+    Method("guided_backprop", _input_gradient(_gradients.guided_backprop), "Springenberg et al., ICLR-W 2015",
+           "none (ReLU network)", "1 forward + 1 backward"),
+    Method("integrated_gradients", _input_gradient(_gradients.integrated_gradients), "Sundararajan et al., ICML "
+           "2017", "none", "num_steps forwards + backwards"),
+    Method("smooth_grad", _smooth_grad_method, "Smilkov et al., 2017", "as its base method",
+           "num_samples x base", needs_key=True),
+    Method("rise", _rise_method, "Petsiuk et al., BMVC 2018", "none (black box)", "num_masks forwards",
+           needs_key=True),
+]}
+
+
+def saliency_map(method: str, view: Any, images: Array, targets: Array | int | Target | None = None, *,
+                 normalize: bool = True, return_extras: bool = False, key: Array | None = None,
+                 **options) -> Array | Explanation:
+    """Saliency maps of any registered method, called one way (switching method = changing ``method``).
+
+    Args:
+      method: a key of :data:`METHODS` (``"grad_cam"``, ``"grad_cam_plus_plus"``, ``"cam"``,
+        ``"excitation_backprop"``, ``"contrastive_excitation_backprop"``, ``"vanilla_gradient"``,
+        ``"gradient_x_input"``, ``"guided_backprop"``, ``"integrated_gradients"``, ``"smooth_grad"``, ``"rise"``).
+      view: a :class:`~saliency_jax.saliency.views.ModelView` (with a layer for the layer methods), a
+        ``LayerModel`` or a function ``images -> logits`` (:func:`~saliency_jax.saliency.views.as_view`).
+      images: [batch, height, width, channels] float.
+      targets: ``None`` (predicted class), ``int``, int [batch], or a function ``outputs -> [batch]`` (see the
+        module docstring for which methods accept which).
+      normalize: per-example min-max normalisation to [0, 1] (the same default for every method).
+      return_extras: return an :class:`Explanation` ``(maps, extras)`` instead of the maps.
+      key: a PRNG key, required by the random methods (``"smooth_grad"``, ``"rise"``).
+      **options: the method's own options, as its low-level function names them (``score``, ``weighting``,
+        ``relu``, ``reduction``, ``prior``, ``num_masks``, ``classifier``, ``base`` for SmoothGrad, ...).
+
+    Returns:
+      float32 maps [batch, height, width] (or an :class:`Explanation`). Under ``jit``, all-NaN maps for examples
+      with a NaN / inf pixel or an out-of-range target class.
+
+    Raises:
+      KeyError: an unknown method (the message lists :data:`METHODS`).
+      ValueError: the view has no layer for a layer method; a target function where the method cannot take it
+        (CAM; a non-linear one for EB); a target function with ``score="softmax"``; ``key`` missing for a random
+        method; and whatever the low-level function raises (bad shapes, targets, unsupported EB operations).
+      TypeError: a view that cannot be built; unknown options.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from saliency_jax.saliency import function_view, saliency_map
+      >>> w = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+      >>> view = function_view(None, w, features_fn=lambda p, x: x, head_fn=lambda p, a: a.mean((1, 2)) @ p)
+      >>> images = jnp.ones((4, 5, 5, 3))
+      >>> [saliency_map(m, view, images, 1).shape for m in ("grad_cam", "excitation_backprop", "vanilla_gradient")]
+      [(4, 5, 5), (4, 5, 5), (4, 5, 5)]
+    """
+    if method not in METHODS:
+        raise KeyError(f"unknown saliency method {method!r}; METHODS: {sorted(METHODS)}")
+    spec = METHODS[method]
+    view = as_view(view)
+    check_images(images)
+    if spec.needs_key:
+        if key is None:
+            raise ValueError(f"{method} is random: pass key=jax.random.key(...)")
+        options["key"] = key
+    elif key is not None:
+        raise ValueError(f"{method} is deterministic and takes no key")
+    kind = spec.targets
+    if method == "smooth_grad":
+        base = options.get("base", "vanilla_gradient")
+        kind = METHODS[base].targets if base in METHODS else kind
+    if callable(targets):
+        if kind == "class":
+            raise ValueError(f"{method} explains one class per example: targets must be class indices, not a "
+                             "function")
+        if kind == "score":
+            score = options.get("score", "logit")
+            if score != "logit":
+                raise ValueError(f"a target function is the score itself; {method} cannot also take "
+                                 f"score={score!r}")
+            options["score"] = "logit"
+            target = targets
+            view = view.map_outputs(lambda out: _score_column(target, out))
+            targets = 0
+    maps, extras = spec.fn(view, images, targets, **options)
+    maps = at_least_float32(maps)
+    if normalize:
+        maps = normalize_maps(maps)
+    return Explanation(maps, extras) if return_extras else maps

@@ -1,0 +1,395 @@
+"""One view of a model for every saliency method: a linen module, an NNX module or a pure function.
+
+A :class:`ModelView` bundles what the methods of :mod:`saliency_jax.saliency.methods` need:
+
+* ``output_fn(images) -> outputs [batch, num_outputs]`` (logits, or any output a target function scores) for the
+  input-space methods (gradients, guided backprop, SmoothGrad, RISE);
+* optionally the network split at one layer, a :class:`~saliency_jax.saliency.core.LayerModel`, for the layer
+  methods (Grad-CAM, Grad-CAM++, CAM, Excitation Backprop, contrastive EB).
+
+Constructors:
+
+* :func:`linen_view` - an unmodified Flax linen module, the layer named by its path (as
+  :func:`~saliency_jax.saliency.core.linen_layer`: ``"layer4"``, ``"block3/conv"``, ``"Conv_2+relu"``);
+* :func:`nnx_view` - an unmodified ``flax.nnx.Module``, the layer named by its attribute path (``"conv3"``,
+  ``"blocks/1/norm1"``, ``"conv3+relu"``; :func:`nnx_layer`);
+* :func:`function_view` - a pure function ``apply_fn(params, images) -> logits`` and, for the layer methods, the
+  user's split ``features_fn(params, images) -> activations`` / ``head_fn(params, activations) -> logits``;
+* :func:`as_view` - turns a view, a :class:`LayerModel` or a plain ``images -> logits`` function into a view.
+
+Transformers: token activations ``[batch, tokens, dim]`` become a grid ``[batch, h, w, dim]`` with
+``reshape=token_grid(num_prefix_tokens=1)`` (the class token dropped), like pytorch-grad-cam's
+``reshape_transform``. The reshape must be linear (a slice and reshape): the view adds the layer perturbation on
+the grid and maps it back onto the tokens with the reshape's transpose (``jax.linear_transpose``), so the gradient
+(or Excitation Backprop signal) at the grid is exactly the reshaped one at the tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from saliency_jax.saliency._jaxpr import evaluate_jaxpr
+from saliency_jax.saliency.core import LayerModel, _bind, _layer_tag_p, _split_path, _tap_vars, linen_layer, split_layer
+
+Array = jax.Array
+
+__all__ = [
+    "ModelView",
+    "as_view",
+    "function_view",
+    "linen_view",
+    "nnx_layer",
+    "nnx_paths",
+    "nnx_view",
+    "reshaped_layer",
+    "token_grid",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelView:
+    """A model as every saliency method of :func:`~saliency_jax.saliency.methods.saliency_map` takes it.
+
+    Attributes:
+      output_fn: ``images [batch, height, width, channels] -> outputs [batch, num_outputs]`` (logits), in inference
+        mode.
+      layer_model: the network split at the layer the layer methods explain, or None (then only the input-space
+        methods apply).
+      variables: the linen variables (a linen view only; lets CAM find its classifier by module path).
+    """
+
+    output_fn: Callable[[Array], Array]
+    layer_model: LayerModel | None = None
+    variables: Any = None
+
+    @property
+    def layer(self) -> str | None:
+        """The explained layer's name, or None."""
+        return None if self.layer_model is None else self.layer_model.layer
+
+    def require_layer(self, method: str) -> LayerModel:
+        """The :class:`LayerModel`; raises ``ValueError`` naming ``method`` if the view has no layer."""
+        if self.layer_model is None:
+            raise ValueError(f"{method} explains a layer, but this view has none: build it with a layer "
+                             "(linen_view(..., layer='conv3'), nnx_view(..., layer='conv3'), or function_view(..., "
+                             "features_fn=..., head_fn=...))")
+        return self.layer_model
+
+    def map_outputs(self, fn: Callable[[Array], Array]) -> "ModelView":
+        """The same view with every output replaced by ``fn(outputs)`` (layer activations unchanged)."""
+        lm = self.layer_model
+        new_lm = None
+        if lm is not None:
+            def layer_fn(images, perturbation, _fn=lm.fn):
+                out, act = _fn(images, perturbation)
+                return fn(out), act
+
+            new_lm = LayerModel(fn=layer_fn, layer=lm.layer)
+        return ModelView(output_fn=lambda x: fn(self.output_fn(x)), layer_model=new_lm, variables=self.variables)
+
+
+def token_grid(num_prefix_tokens: int = 1, grid_size: tuple[int, int] | None = None) -> Callable[[Array], Array]:
+    """A reshape of transformer token activations to a spatial grid (pytorch-grad-cam's ``reshape_transform``).
+
+    Args:
+      num_prefix_tokens: leading tokens that are not image patches (1 for a ViT's class token; 0 for none); they
+        are dropped.
+      grid_size: (h, w) patches per column / row; None for a square grid (``h = w = sqrt(tokens -
+        num_prefix_tokens)``).
+
+    Returns:
+      ``reshape(activations [batch, tokens, dim]) -> [batch, h, w, dim]``; it raises ``ValueError`` (when called)
+      if the activations are not rank 3 or the patch tokens do not fill the grid.
+    """
+    if num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be >= 0; got {num_prefix_tokens}")
+
+    def reshape(activations: Array) -> Array:
+        if activations.ndim != 3:
+            raise ValueError(f"token_grid takes token activations [batch, tokens, dim]; got shape "
+                             f"{tuple(activations.shape)}")
+        batch, tokens, dim = activations.shape
+        patches = tokens - num_prefix_tokens
+        if grid_size is None:
+            side = math.isqrt(max(patches, 0))
+            h, w = side, side
+        else:
+            h, w = grid_size
+        if patches <= 0 or h * w != patches:
+            raise ValueError(f"{tokens} tokens minus {num_prefix_tokens} prefix tokens = {patches} patch tokens do "
+                             f"not fill a {h}x{w} grid; pass grid_size=(h, w)")
+        return activations[:, num_prefix_tokens:, :].reshape(batch, h, w, dim)
+
+    return reshape
+
+
+def reshaped_layer(model: LayerModel, reshape: Callable[[Array], Array]) -> LayerModel:
+    """``model`` with its layer's activations seen through a linear ``reshape`` (e.g. :func:`token_grid`).
+
+    The perturbation is given in the reshaped space and added to the original activations through the transpose of
+    ``reshape``, so gradients / EB signals with respect to it are the reshaped gradients at the original layer.
+
+    Args:
+      model: the network split at a layer.
+      reshape: a linear function of the activations (slicing, reshaping, transposing).
+
+    Returns:
+      A :class:`LayerModel` whose activations are ``reshape(activations)``.
+
+    Raises:
+      ValueError: (when called) if ``reshape`` is not linear.
+    """
+
+    def fn(images, perturbation):
+        def run(p_original):
+            return model.fn(images, p_original)
+
+        shape = jax.eval_shape(lambda x: model.fn(x, jnp.zeros((), x.dtype))[1], images)
+        perturbation = jnp.broadcast_to(perturbation, jax.eval_shape(reshape, shape).shape)
+        try:
+            (p_original,) = jax.linear_transpose(reshape, shape)(perturbation.astype(shape.dtype))
+        except Exception as e:  # jax raises various error types for non-linear functions
+            raise ValueError(f"the reshape of layer {model.layer!r} must be linear (slice / reshape / transpose of "
+                             f"the activations): {type(e).__name__}: {e}") from e
+        out, activations = run(p_original)
+        return out, reshape(activations)
+
+    return LayerModel(fn=fn, layer=model.layer)
+
+
+def _maybe_reshape(model: LayerModel | None, reshape) -> LayerModel | None:
+    if model is None or reshape is None:
+        return model
+    return reshaped_layer(model, reshape)
+
+
+def linen_view(module: nn.Module, variables: Any, layer: str | None = None, *,
+               reshape: Callable[[Array], Array] | None = None, **apply_kwargs) -> ModelView:
+    """A view of an unmodified Flax linen module.
+
+    Args:
+      module: a ``flax.linen.Module`` whose ``apply(variables, images, **apply_kwargs)`` returns logits
+        ``[batch, num_classes]``.
+      variables: its variables (``{"params": ..., "batch_stats": ...}``).
+      layer: the path of the layer the layer methods explain (see :func:`~saliency_jax.saliency.core.linen_layer`),
+        or None for the input-space methods only.
+      reshape: optional linear map of the layer's activations to ``[batch, h, w, channels]`` (e.g.
+        ``token_grid(1)`` for a ViT's tokens).
+      **apply_kwargs: forwarded to ``module.apply`` (``train=False`` for our models). With ``mutable=[...]`` the
+        updated collections are discarded.
+
+    Returns:
+      A :class:`ModelView`.
+    """
+    mutable = bool(apply_kwargs.get("mutable"))
+
+    def output_fn(images):
+        out = module.apply(variables, images, **apply_kwargs)
+        return out[0] if mutable else out
+
+    lm = None if layer is None else linen_layer(module, variables, layer, **apply_kwargs)
+    return ModelView(output_fn=output_fn, layer_model=_maybe_reshape(lm, reshape), variables=variables)
+
+
+def function_view(apply_fn: Callable[[Any, Array], Array] | None, params: Any, *,
+                  features_fn: Callable[[Any, Array], Array] | None = None,
+                  head_fn: Callable[[Any, Array], Array] | None = None, layer: str = "features",
+                  reshape: Callable[[Array], Array] | None = None) -> ModelView:
+    """A view of a pure function ``apply_fn(params, images) -> logits``, split by the user for the layer methods.
+
+    Args:
+      apply_fn: ``(params, images [batch, height, width, channels]) -> logits [batch, num_classes]``; None to use
+        ``head_fn(params, features_fn(params, images))``.
+      params: the parameters (any pytree; traced parameters carry gradients through the maps).
+      features_fn: ``(params, images) -> activations [batch, ...]``, the network up to the explained layer.
+      head_fn: ``(params, activations) -> logits``, the rest; ``head_fn(p, features_fn(p, x))`` must equal
+        ``apply_fn(p, x)``.
+      layer: a name for the split point (messages).
+      reshape: optional linear map of the activations to ``[batch, h, w, channels]`` (:func:`token_grid`).
+
+    Returns:
+      A :class:`ModelView`.
+
+    Raises:
+      ValueError: if only one of ``features_fn`` / ``head_fn`` is given, or neither nor ``apply_fn``.
+    """
+    if (features_fn is None) != (head_fn is None):
+        raise ValueError("give both features_fn and head_fn (the split at the explained layer), or neither")
+    lm = None
+    if features_fn is not None:
+        lm = split_layer(lambda x: features_fn(params, x), lambda a: head_fn(params, a), layer=layer)
+    if apply_fn is None:
+        if lm is None:
+            raise ValueError("give apply_fn, or features_fn and head_fn")
+        output_fn = lambda x: lm(x)[0]  # noqa: E731
+    else:
+        output_fn = lambda x: apply_fn(params, x)  # noqa: E731
+    return ModelView(output_fn=output_fn, layer_model=_maybe_reshape(lm, reshape))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NNX: a layer of an unmodified module, reached by attribute path.
+
+
+def _nnx():
+    from flax import nnx
+    return nnx
+
+
+def _path_key(path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def nnx_paths(module) -> list[str]:
+    """The ``"/"``-joined attribute paths of every submodule of an NNX module (as :func:`nnx_layer` accepts them)."""
+    nnx = _nnx()
+    return [_path_key(path) for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Module) and path]
+
+
+_TAPPED: dict[type, type] = {}
+
+
+def _tapped_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``__call__`` hands its output to the instance's ``_saliency_tap``."""
+    if cls not in _TAPPED:
+        def __call__(self, *args, **kwargs):
+            out = cls.__call__(self, *args, **kwargs)
+            return self._saliency_tap(out)
+
+        _TAPPED[cls] = type(f"Tapped{cls.__name__}", (cls,), {"__call__": __call__, "__module__": cls.__module__})
+    return _TAPPED[cls]
+
+
+def nnx_layer(module, layer: str, *, method: str = "__call__") -> LayerModel:
+    """Splits an unmodified ``flax.nnx.Module`` at the submodule ``layer``.
+
+    Each call merges a fresh copy of the module (``nnx.split`` once, ``nnx.merge`` per call) and gives that copy's
+    submodule a ``__call__`` that records its output and adds the perturbation to it; the caller's module is never
+    changed, and the function is pure (jittable, differentiable; module state updates of the copy, e.g. batch norm
+    statistics in train mode, are discarded). ``"PATH+ACT"`` (the output of an activation applied as a function to
+    the submodule's output, ``nnx.relu(self.conv(x))``: ``"conv+relu"``) is reached as for linen
+    (:mod:`saliency_jax.saliency.core`): the copy is traced to a jaxpr with the submodule's output tagged, and
+    evaluated again with the activation's value exposed.
+
+    Args:
+      module: an NNX module ``module(images) -> logits [batch, num_classes]`` (put it in inference mode first:
+        ``nnx.view(module, deterministic=True, use_running_average=True)`` or ``module.eval()``).
+      layer: the submodule's attribute path, ``"/"``-joined (``"conv3"``, ``"blocks/1/norm1"``; list items by
+        index), optionally ``"+ACT"`` (``"conv3+relu"``); :func:`nnx_paths` lists the submodule paths.
+      method: the module's method that computes the logits.
+
+    Returns:
+      A :class:`~saliency_jax.saliency.core.LayerModel`.
+
+    Raises:
+      ValueError: (at once) an unknown path, naming the available ones; (when called) a layer that is not called
+        exactly once, that returns something other than one array, or (``+ACT``) whose output is not consumed by
+        exactly the named activation.
+    """
+    nnx = _nnx()
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"module must be a flax.nnx.Module; got {type(module).__name__}")
+    base, act = _split_path(layer)
+    paths = nnx_paths(module)
+    if base not in paths:
+        raise ValueError(f"layer {base!r} not found in {type(module).__name__}; submodule paths: {paths}")
+    graphdef, state = nnx.split(module)
+
+    def run(images, on_output):
+        copy = nnx.merge(graphdef, state)
+        sub = next(node for path, node in nnx.iter_graph(copy) if _path_key(path) == base)
+        seen = []
+
+        def tap(out):
+            if not isinstance(out, jax.Array):
+                raise ValueError(f"layer {base!r} returns {type(out).__name__}, not a single array; name a "
+                                 "submodule whose __call__ returns one activation tensor")
+            seen.append(out)
+            return on_output(out)
+
+        object.__setattr__(sub, "_saliency_tap", tap)
+        object.__setattr__(sub, "__class__", _tapped_class(type(sub)))
+        logits = getattr(copy, method)(images)
+        if len(seen) != 1:
+            raise ValueError(f"layer {base!r} was called {len(seen)} times; name a layer that runs once")
+        return logits, seen[0]
+
+    def fn(images, perturbation):
+        if act is None:
+            return run(images, lambda out: out + perturbation)
+        # The activation applied to the submodule's output as a function: tag the output, trace, find the
+        # activation consuming it, and evaluate the jaxpr again exposing (and perturbing) its value.
+        closed, out_shape = jax.make_jaxpr(
+            lambda x: run(x, lambda out: _layer_tag_p.bind(out, index=0))[0], return_shape=True)(images)
+        taps = _tap_vars(closed.jaxpr, {0: layer})
+        exposed = []
+
+        def eval_equation(eqn, values, _):
+            outs = [values[0]] if eqn.primitive is _layer_tag_p else _bind(eqn, values)
+            for i, v in enumerate(eqn.outvars):
+                if v in taps:
+                    exposed.append(outs[i])
+                    outs[i] = outs[i] + perturbation
+            return outs, [None] * len(outs)
+
+        flat = jax.tree.leaves(images)
+        outs, _ = evaluate_jaxpr(closed.jaxpr, closed.consts, None, flat, [None] * len(flat), eval_equation,
+                                 literal_tag=lambda _: None)
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs), exposed[0]
+
+    return LayerModel(fn=fn, layer=layer)
+
+
+def nnx_view(module, layer: str | None = None, *, reshape: Callable[[Array], Array] | None = None,
+             method: str = "__call__") -> ModelView:
+    """A view of an unmodified ``flax.nnx.Module`` (in inference mode), the layer by attribute path.
+
+    Args:
+      module: the NNX module, ``module(images) -> logits [batch, num_classes]``.
+      layer: the submodule path the layer methods explain (:func:`nnx_layer`), or None.
+      reshape: optional linear map of the layer's activations to ``[batch, h, w, channels]`` (:func:`token_grid`).
+      method: the module's method that computes the logits.
+
+    Returns:
+      A :class:`ModelView`; its functions merge a copy of the module per call, leaving ``module`` unchanged.
+    """
+    nnx = _nnx()
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"module must be a flax.nnx.Module; got {type(module).__name__}")
+    graphdef, state = nnx.split(module)
+
+    def output_fn(images):
+        return getattr(nnx.merge(graphdef, state), method)(images)
+
+    lm = None if layer is None else nnx_layer(module, layer, method=method)
+    return ModelView(output_fn=output_fn, layer_model=_maybe_reshape(lm, reshape))
+
+
+def as_view(model) -> ModelView:
+    """A :class:`ModelView` from a view, a :class:`LayerModel`, or a function ``images -> logits``.
+
+    Raises:
+      TypeError: for anything else (linen / NNX modules need :func:`linen_view` / :func:`nnx_view`).
+    """
+    if isinstance(model, ModelView):
+        return model
+    if isinstance(model, LayerModel):
+        return ModelView(output_fn=lambda x: model(x)[0], layer_model=model)
+    if isinstance(model, nn.Module):
+        raise TypeError("a linen module needs its variables: use linen_view(module, variables, layer, train=False)")
+    try:
+        nnx = _nnx()
+        if isinstance(model, nnx.Module):
+            return nnx_view(model)
+    except ImportError:  # pragma: no cover
+        pass
+    if callable(model):
+        return ModelView(output_fn=model)
+    raise TypeError(f"cannot view {type(model).__name__} as a model: pass a ModelView (linen_view, nnx_view, "
+                    "function_view), a LayerModel, or a function images -> logits")
