@@ -86,6 +86,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Image, Markdown, display
 
+import saliency_jax
 from saliency_jax import data, experiment, train, training
 from saliency_jax.evaluators.figures import grad_cam_maps
 
@@ -139,8 +140,9 @@ display(Image(filename=str(WORKDIR / "training_curves.png")))
 # %% [markdown]
 # ## Exploration: what the distraction step feeds the network
 #
-# `run_experiment` returns metrics, not the trained models. `train.train` on the arm's config and run folder gets
-# one back: it resumes from the checkpoint the experiment wrote at the last step, so it trains nothing. Below, for
+# `run_experiment` returns metrics, not the trained models. `saliency_jax.load` on an arm's run folder gets one
+# back (model, variables and config, from the checkpoint the experiment wrote at the last step): nothing is
+# trained. Below, for
 # a few test images: the Grad-CAM map of the ground-truth class with the trained 0-occlusion model (the map the
 # train step computes: `grad_cam_maps` with the scheme's score and weighting), and the image after
 # `training.occlude` with the paper's threshold and each fill — what the network is trained on when the step's
@@ -150,7 +152,7 @@ display(Image(filename=str(WORKDIR / "training_curves.png")))
 # %% tags=["exploration"]
 ARM, NUM_EXAMPLES = "0-occlusion", 5
 arm_config = experiment.arm_config(config, ARM, 0)
-result = train.train(arm_config, WORKDIR / ARM / f"seed{arm_config.seed}", progress=False)
+result = saliency_jax.load(WORKDIR / ARM / f"seed{arm_config.seed}")  # .model, .variables, .config
 
 test_source = data.get_source(config.dataset.name, "test", data_dir=config.dataset.get("data_dir"),
                               image_size=config.dataset.get("image_size"))

@@ -73,6 +73,7 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
+import saliency_jax
 from saliency_jax import data, experiment, saliency, train
 
 if REPO_DIR is None:  # Run from a checkout: the config files sit beside the package.
@@ -86,8 +87,8 @@ print("devices:", jax.devices())
 # `distraction_digits.py:runlocal` selects on the command line), and its `baseline` arm: the small CNN
 # (`conv1`-`conv3`, each conv + batch norm + ReLU, max pooling between them, global average pooling, `fc`) trained
 # plainly. The run folder is the one `saliency-jax experiment --config experiments/configs/distraction_digits.py
-# --workdir runs/digits` gives that arm: `train.train` resumes from its checkpoints, so after the experiment (or a
-# first run of this notebook) nothing is trained again.
+# --workdir runs/digits` gives that arm: after the experiment (or a first run of this notebook) `saliency_jax.load`
+# reads the trained model back from it and nothing is trained again; otherwise `train.train` trains it there.
 
 # %%
 CONFIG_PATH = REPO_DIR / "experiments" / "configs" / "distraction_digits.py"
@@ -102,7 +103,13 @@ WORKDIR = pathlib.Path("runs/digits_runlocal" if QUICK else "runs/digits") / ARM
 print(f"config {CONFIG_PATH}{':runlocal' if QUICK else ''}, arm {ARM!r} "
       f"(training schemes: {tuple(arm_config.schemes) or 'none'}), {arm_config.num_steps} steps -> {WORKDIR.resolve()}")
 
-result = train.train(arm_config, WORKDIR, progress=False)
+try:
+    result = saliency_jax.load(WORKDIR)  # a finished run: model, variables and config from its last checkpoint
+    finished = int(result.state.step) == arm_config.num_steps
+except FileNotFoundError:
+    finished = False
+if not finished:
+    result = train.train(arm_config, WORKDIR, progress=False)  # trains (or resumes an unfinished run)
 model, variables = result.model, result.state.variables()
 
 # %% [markdown]
