@@ -15,6 +15,8 @@
 # %% [markdown]
 # # Playing to distraction: the digits comparison
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/saliency-jax/saliency_jax/blob/main/colabs/distraction_digits.ipynb)
+#
 # **Distraction training** (Morales, Talavera, Remeseiro, *Playing to distraction: towards a robust training of CNN
 # classifiers through visual explanation techniques*, Neural Computing and Applications 2021, Algorithm 1) hides
 # from the network what it currently looks at. At every training step, with probability `p = 0.25`, the Grad-CAM
@@ -56,25 +58,41 @@ IN_COLAB = "google.colab" in sys.modules
 
 # %% [markdown]
 # On Colab, the next cell fetches the repository (the config file lives in its `experiments/configs/`) and installs
-# the package with its dependencies; run locally, it does nothing (install with `pip install -e .` from the
-# repository first). Set `REPO_URL` to the repository this notebook comes from.
+# the package and its dependencies **around Colab's own JAX** (built for the runtime's GPU or TPU): the package
+# without dependencies, then every dependency but `jax` with `jax` and `jaxlib` pinned to the installed versions,
+# so that pip never replaces them. `REPO_URL` and `REPO_REF` are form fields: point them at your fork or branch.
+# Run locally, the cell does nothing (install with `pip install -e .` from the repository first).
 
 # %%
 import pathlib
 import subprocess
 
+REPO_URL = "https://github.com/saliency-jax/saliency_jax"  # @param {type:"string"}
+REPO_REF = "main"  # @param {type:"string"}
+
 REPO_DIR = None
 if IN_COLAB:
-    import os
+    import importlib.metadata
+    import re
+    import tomllib
 
-    # The git URL of your saliency_jax clone (this project publishes no fixed URL).
-    REPO_URL = os.environ.get("SALIENCY_JAX_REPO", "")
-    if not REPO_URL:
-        raise ValueError("set REPO_URL (or the SALIENCY_JAX_REPO environment variable) to the git URL of saliency_jax")
-    REPO_DIR = pathlib.Path("/content/saliency_jax_repo")
+    REPO_DIR = pathlib.Path("/content/saliency_jax")
     if not REPO_DIR.exists():
-        subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, str(REPO_DIR)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", str(REPO_DIR)], check=True)
+        subprocess.run(["git", "clone", "-q", "--depth", "1", "--branch", REPO_REF, REPO_URL, str(REPO_DIR)],
+                       check=True)
+    installed = {}
+    for package in ("jax", "jaxlib"):
+        try:
+            installed[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    pins = REPO_DIR / "colab_constraints.txt"
+    pins.write_text("".join(f"{package}=={version}\n" for package, version in installed.items()))
+    requirements = tomllib.loads((REPO_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
+    requirements = [r for r in requirements if not re.match(r"jax(lib)?\b", r)]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", str(REPO_DIR)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", str(pins), *requirements], check=True)
+    print("installed saliency_jax from", REPO_URL, REPO_REF, "keeping", installed)
 
 # %%
 import importlib.util

@@ -33,6 +33,11 @@ def get_config(arg: str | None = None):
     c.log_every = 100
     c.checkpoint_every = 600
     c.experiment.repeats = 1
+    # Faithfulness of every method's maps (deletion / insertion AUC, cascading randomisation): does distraction
+    # training change how faithful the maps are? EB and cEB at conv2 (16x16), as the methods notebook.
+    c.evaluators = (*c.evaluators, "faithfulness")
+    c.faithfulness = common.evaluator_section(
+        "faithfulness", layers={"excitation_backprop": "conv2", "contrastive_excitation_backprop": "conv2"})
     if arg == "runlocal":
         c.model.kwargs = {"widths": (4, 8, 8)}
         c.num_steps = 12
@@ -41,6 +46,7 @@ def get_config(arg: str | None = None):
         c.batch_size = 8
         c.eval_batch_size = 64
         c.saliency_maps.examples = 3
+        c.evaluators = tuple(e for e in c.evaluators if e != "faithfulness")  # its compilations would dominate
         c.experiment.arms = (common.DISTRACTION_ARMS[0],
                              ("0-occlusion", {"schemes": ("distraction",),
                                               "distraction": {"fill": "zero", "probability": 0.5}}))
