@@ -31,7 +31,8 @@
 # with 0-, R- and 1-occlusion, with the same seeds. Every arm is tested on the clean test set and under Random
 # Erasing (Zhong et al. 2020; the paper's Table 4). It shows
 #
-# 1. the report the experiment writes: the tables shaped like the paper's Tables 1, 3 and 4 and the salient area;
+# 1. the report the experiment writes: the tables shaped like the paper's Tables 1, 3 and 4, the salient area, and
+#    the faithfulness of each saliency method's maps (deletion / insertion AUC, model randomisation) per arm;
 # 2. the figures: each arm's Grad-CAM maps on the same test images (the paper's Figs. 2-3) and the training curves;
 # 3. an exploration: the Grad-CAM maps of one trained arm and what the training step feeds the network when it
 #    occludes them.
@@ -42,7 +43,8 @@
 # %% [markdown]
 # ## Setup
 #
-# `QUICK = False` runs the full digits comparison (4 arms x 1,200 steps; a few minutes on CPU, about 3 on 2 cores).
+# `QUICK = False` runs the full digits comparison (4 arms x 1,200 steps, about 3 minutes on 2 cores, and the
+# faithfulness evaluation, about 1 more minute per arm).
 # `QUICK = True` runs the config's tiny `:runlocal` variant (2 arms x 12 steps, untrained-looking results; under a
 # minute) — the tests force it with the environment variable `SALIENCY_JAX_QUICK=1`.
 
@@ -134,8 +136,9 @@ print("arms:", [name for name, _ in config.experiment.arms], "| steps per arm:",
 # ## Run the comparison
 #
 # `run_experiment` trains every arm (resuming from the checkpoints in `WORKDIR`, so a rerun skips finished arms),
-# runs the config's evaluators on each (clean and randomly erased test metrics, Grad-CAM maps, training curves) and
-# writes `report.md`, `metrics.json`, `saliency_maps.png` and `training_curves.png`.
+# runs the config's evaluators on each (clean and randomly erased test metrics, Grad-CAM maps, training curves,
+# faithfulness of the saliency methods) and writes `report.md`, `metrics.json`, `saliency_maps.png` and
+# `training_curves.png`.
 
 # %%
 metrics = experiment.run_experiment(config, WORKDIR)
