@@ -129,7 +129,7 @@ config = config_module.get_config("runlocal" if QUICK else None)
 
 # The command line's default workdir for the full run: a finished `saliency-jax experiment` run is reused.
 WORKDIR = pathlib.Path("runs/digits_runlocal" if QUICK else "runs/digits")
-print(f"config {CONFIG_PATH}{':runlocal' if QUICK else ''} -> workdir {WORKDIR.resolve()}")
+print(f"config {CONFIG_PATH.relative_to(REPO_DIR)}{':runlocal' if QUICK else ''} -> workdir {WORKDIR}")
 print("arms:", [name for name, _ in config.experiment.arms], "| steps per arm:", config.num_steps)
 
 # %% [markdown]

@@ -118,8 +118,8 @@ config = config_module.get_config("runlocal" if QUICK else None)
 ARM = "baseline"
 arm_config = experiment.arm_config(config, ARM, 0)
 WORKDIR = pathlib.Path("runs/digits_runlocal" if QUICK else "runs/digits") / ARM / f"seed{arm_config.seed}"
-print(f"config {CONFIG_PATH}{':runlocal' if QUICK else ''}, arm {ARM!r} "
-      f"(training schemes: {tuple(arm_config.schemes) or 'none'}), {arm_config.num_steps} steps -> {WORKDIR.resolve()}")
+print(f"config {CONFIG_PATH.relative_to(REPO_DIR)}{':runlocal' if QUICK else ''}, arm {ARM!r} "
+      f"(training schemes: {tuple(arm_config.schemes) or 'none'}), {arm_config.num_steps} steps -> {WORKDIR}")
 
 try:
     result = saliency_jax.load(WORKDIR)  # a finished run: model, variables and config from its last checkpoint
