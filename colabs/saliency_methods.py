@@ -256,3 +256,29 @@ for i in range(NUM_EXAMPLES):
                           fontsize=9)
 fig.tight_layout()
 plt.show()
+
+# %% [markdown]
+# ## How faithful is each map?
+#
+# The measures of the experiment runner's `faithfulness` evaluator (which the digits experiment reports per arm, on
+# test images spread over the split), here on this model and the first test images: **deletion** AUC (Petsiuk et al. 2018: the predicted class's probability as
+# the most salient pixels are set to 0; lower is better), **insertion** AUC (pixels put back into a blurred canvas;
+# higher is better), and the rank correlation of `|map|` with the trained model's once every layer is
+# re-initialised (Adebayo et al. 2018, cascading randomisation; near 0 means the map depends on what the model
+# learnt). Digits have no known object region, so the relevance mass is not reported.
+
+# %% tags=["faithfulness"]
+from saliency_jax.evaluators import faithfulness as faithfulness_lib
+
+FAITHFULNESS_EXAMPLES = 32 if QUICK else 256
+faithfulness_batch = next(iter(data.make_eval_batches(
+    test_source, np.arange(FAITHFULNESS_EXAMPLES), batch_size=FAITHFULNESS_EXAMPLES, image_size=image_size)))
+faithfulness_settings = faithfulness_lib.FaithfulnessSettings(randomization_examples=16 if QUICK else 64)
+random_params = model.init(jax.random.key(arm_config.seed + 1), faithfulness_batch["image"][:1], train=False)["params"]
+scores = faithfulness_lib.evaluate_faithfulness(
+    model, variables, faithfulness_batch["image"], faithfulness_settings, random_params=random_params,
+    layers={"grad_cam": "conv3", "excitation_backprop": "conv2", "contrastive_excitation_backprop": "conv2"})
+print(f"{'method':32s} {'deletion AUC':>13s} {'insertion AUC':>14s} {'rank corr. (random)':>20s}")
+for method, s in scores.items():
+    print(f"{method:32s} {s['deletion_auc']:13.3f} {s['insertion_auc']:14.3f} "
+          f"{s['randomization']['spearman_abs'][-1]:20.3f}")
