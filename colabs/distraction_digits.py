@@ -15,6 +15,8 @@
 # %% [markdown]
 # # Playing to distraction: the digits comparison
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/saliency-jax/saliency_jax/blob/main/colabs/distraction_digits.ipynb)
+#
 # **Distraction training** (Morales, Talavera, Remeseiro, *Playing to distraction: towards a robust training of CNN
 # classifiers through visual explanation techniques*, Neural Computing and Applications 2021, Algorithm 1) hides
 # from the network what it currently looks at. At every training step, with probability `p = 0.25`, the Grad-CAM
@@ -29,7 +31,8 @@
 # with 0-, R- and 1-occlusion, with the same seeds. Every arm is tested on the clean test set and under Random
 # Erasing (Zhong et al. 2020; the paper's Table 4). It shows
 #
-# 1. the report the experiment writes: the tables shaped like the paper's Tables 1, 3 and 4 and the salient area;
+# 1. the report the experiment writes: the tables shaped like the paper's Tables 1, 3 and 4, the salient area, and
+#    the faithfulness of each saliency method's maps (deletion / insertion AUC, model randomisation) per arm;
 # 2. the figures: each arm's Grad-CAM maps on the same test images (the paper's Figs. 2-3) and the training curves;
 # 3. an exploration: the Grad-CAM maps of one trained arm and what the training step feeds the network when it
 #    occludes them.
@@ -40,7 +43,8 @@
 # %% [markdown]
 # ## Setup
 #
-# `QUICK = False` runs the full digits comparison (4 arms x 1,200 steps; a few minutes on CPU, about 3 on 2 cores).
+# `QUICK = False` runs the full digits comparison (4 arms x 1,200 steps, about 3 minutes on 2 cores, and the
+# faithfulness evaluation, about 1 more minute per arm).
 # `QUICK = True` runs the config's tiny `:runlocal` variant (2 arms x 12 steps, untrained-looking results; under a
 # minute) — the tests force it with the environment variable `SALIENCY_JAX_QUICK=1`.
 
@@ -56,25 +60,41 @@ IN_COLAB = "google.colab" in sys.modules
 
 # %% [markdown]
 # On Colab, the next cell fetches the repository (the config file lives in its `experiments/configs/`) and installs
-# the package with its dependencies; run locally, it does nothing (install with `pip install -e .` from the
-# repository first). Set `REPO_URL` to the repository this notebook comes from.
+# the package and its dependencies **around Colab's own JAX** (built for the runtime's GPU or TPU): the package
+# without dependencies, then every dependency but `jax` with `jax` and `jaxlib` pinned to the installed versions,
+# so that pip never replaces them. `REPO_URL` and `REPO_REF` are form fields: point them at your fork or branch.
+# Run locally, the cell does nothing (install with `pip install -e .` from the repository first).
 
 # %%
 import pathlib
 import subprocess
 
+REPO_URL = "https://github.com/saliency-jax/saliency_jax"  # @param {type:"string"}
+REPO_REF = "main"  # @param {type:"string"}
+
 REPO_DIR = None
 if IN_COLAB:
-    import os
+    import importlib.metadata
+    import re
+    import tomllib
 
-    # The git URL of your saliency_jax clone (this project publishes no fixed URL).
-    REPO_URL = os.environ.get("SALIENCY_JAX_REPO", "")
-    if not REPO_URL:
-        raise ValueError("set REPO_URL (or the SALIENCY_JAX_REPO environment variable) to the git URL of saliency_jax")
-    REPO_DIR = pathlib.Path("/content/saliency_jax_repo")
+    REPO_DIR = pathlib.Path("/content/saliency_jax")
     if not REPO_DIR.exists():
-        subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, str(REPO_DIR)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", str(REPO_DIR)], check=True)
+        subprocess.run(["git", "clone", "-q", "--depth", "1", "--branch", REPO_REF, REPO_URL, str(REPO_DIR)],
+                       check=True)
+    installed = {}
+    for package in ("jax", "jaxlib"):
+        try:
+            installed[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    pins = REPO_DIR / "colab_constraints.txt"
+    pins.write_text("".join(f"{package}=={version}\n" for package, version in installed.items()))
+    requirements = tomllib.loads((REPO_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
+    requirements = [r for r in requirements if not re.match(r"jax(lib)?\b", r)]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", str(REPO_DIR)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", str(pins), *requirements], check=True)
+    print("installed saliency_jax from", REPO_URL, REPO_REF, "keeping", installed)
 
 # %%
 import importlib.util
@@ -86,6 +106,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Image, Markdown, display
 
+import saliency_jax
 from saliency_jax import data, experiment, train, training
 from saliency_jax.evaluators.figures import grad_cam_maps
 
@@ -108,15 +129,16 @@ config = config_module.get_config("runlocal" if QUICK else None)
 
 # The command line's default workdir for the full run: a finished `saliency-jax experiment` run is reused.
 WORKDIR = pathlib.Path("runs/digits_runlocal" if QUICK else "runs/digits")
-print(f"config {CONFIG_PATH}{':runlocal' if QUICK else ''} -> workdir {WORKDIR.resolve()}")
+print(f"config {CONFIG_PATH.relative_to(REPO_DIR)}{':runlocal' if QUICK else ''} -> workdir {WORKDIR}")
 print("arms:", [name for name, _ in config.experiment.arms], "| steps per arm:", config.num_steps)
 
 # %% [markdown]
 # ## Run the comparison
 #
 # `run_experiment` trains every arm (resuming from the checkpoints in `WORKDIR`, so a rerun skips finished arms),
-# runs the config's evaluators on each (clean and randomly erased test metrics, Grad-CAM maps, training curves) and
-# writes `report.md`, `metrics.json`, `saliency_maps.png` and `training_curves.png`.
+# runs the config's evaluators on each (clean and randomly erased test metrics, Grad-CAM maps, training curves,
+# faithfulness of the saliency methods) and writes `report.md`, `metrics.json`, `saliency_maps.png` and
+# `training_curves.png`.
 
 # %%
 metrics = experiment.run_experiment(config, WORKDIR)
@@ -139,8 +161,9 @@ display(Image(filename=str(WORKDIR / "training_curves.png")))
 # %% [markdown]
 # ## Exploration: what the distraction step feeds the network
 #
-# `run_experiment` returns metrics, not the trained models. `train.train` on the arm's config and run folder gets
-# one back: it resumes from the checkpoint the experiment wrote at the last step, so it trains nothing. Below, for
+# `run_experiment` returns metrics, not the trained models. `saliency_jax.load` on an arm's run folder gets one
+# back (model, variables and config, from the checkpoint the experiment wrote at the last step): nothing is
+# trained. Below, for
 # a few test images: the Grad-CAM map of the ground-truth class with the trained 0-occlusion model (the map the
 # train step computes: `grad_cam_maps` with the scheme's score and weighting), and the image after
 # `training.occlude` with the paper's threshold and each fill — what the network is trained on when the step's
@@ -150,7 +173,7 @@ display(Image(filename=str(WORKDIR / "training_curves.png")))
 # %% tags=["exploration"]
 ARM, NUM_EXAMPLES = "0-occlusion", 5
 arm_config = experiment.arm_config(config, ARM, 0)
-result = train.train(arm_config, WORKDIR / ARM / f"seed{arm_config.seed}", progress=False)
+result = saliency_jax.load(WORKDIR / ARM / f"seed{arm_config.seed}")  # .model, .variables, .config
 
 test_source = data.get_source(config.dataset.name, "test", data_dir=config.dataset.get("data_dir"),
                               image_size=config.dataset.get("image_size"))

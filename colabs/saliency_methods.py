@@ -15,6 +15,8 @@
 # %% [markdown]
 # # Saliency methods side by side
 #
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/saliency-jax/saliency_jax/blob/main/colabs/saliency_methods.ipynb)
+#
 # A small CNN trained on scikit-learn's bundled handwritten digits (8x8, upsampled to 32x32; no download), then
 # explained with every saliency method of `saliency_jax.saliency` on the same few test images: vanilla gradient,
 # guided backprop, Grad-CAM, Grad-CAM++, Excitation Backprop, contrastive Excitation Backprop and RISE, in one
@@ -45,25 +47,41 @@ IN_COLAB = "google.colab" in sys.modules
 
 # %% [markdown]
 # On Colab, the next cell fetches the repository (the config file lives in its `experiments/configs/`) and installs
-# the package with its dependencies; run locally, it does nothing (install with `pip install -e .` from the
-# repository first). Set `REPO_URL` to the repository this notebook comes from.
+# the package and its dependencies **around Colab's own JAX** (built for the runtime's GPU or TPU): the package
+# without dependencies, then every dependency but `jax` with `jax` and `jaxlib` pinned to the installed versions,
+# so that pip never replaces them. `REPO_URL` and `REPO_REF` are form fields: point them at your fork or branch.
+# Run locally, the cell does nothing (install with `pip install -e .` from the repository first).
 
 # %%
 import pathlib
 import subprocess
 
+REPO_URL = "https://github.com/saliency-jax/saliency_jax"  # @param {type:"string"}
+REPO_REF = "main"  # @param {type:"string"}
+
 REPO_DIR = None
 if IN_COLAB:
-    import os
+    import importlib.metadata
+    import re
+    import tomllib
 
-    # The git URL of your saliency_jax clone (this project publishes no fixed URL).
-    REPO_URL = os.environ.get("SALIENCY_JAX_REPO", "")
-    if not REPO_URL:
-        raise ValueError("set REPO_URL (or the SALIENCY_JAX_REPO environment variable) to the git URL of saliency_jax")
-    REPO_DIR = pathlib.Path("/content/saliency_jax_repo")
+    REPO_DIR = pathlib.Path("/content/saliency_jax")
     if not REPO_DIR.exists():
-        subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, str(REPO_DIR)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", str(REPO_DIR)], check=True)
+        subprocess.run(["git", "clone", "-q", "--depth", "1", "--branch", REPO_REF, REPO_URL, str(REPO_DIR)],
+                       check=True)
+    installed = {}
+    for package in ("jax", "jaxlib"):
+        try:
+            installed[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    pins = REPO_DIR / "colab_constraints.txt"
+    pins.write_text("".join(f"{package}=={version}\n" for package, version in installed.items()))
+    requirements = tomllib.loads((REPO_DIR / "pyproject.toml").read_text())["project"]["dependencies"]
+    requirements = [r for r in requirements if not re.match(r"jax(lib)?\b", r)]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", str(REPO_DIR)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", str(pins), *requirements], check=True)
+    print("installed saliency_jax from", REPO_URL, REPO_REF, "keeping", installed)
 
 # %%
 import functools
@@ -73,6 +91,7 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
+import saliency_jax
 from saliency_jax import data, experiment, saliency, train
 
 if REPO_DIR is None:  # Run from a checkout: the config files sit beside the package.
@@ -86,8 +105,8 @@ print("devices:", jax.devices())
 # `distraction_digits.py:runlocal` selects on the command line), and its `baseline` arm: the small CNN
 # (`conv1`-`conv3`, each conv + batch norm + ReLU, max pooling between them, global average pooling, `fc`) trained
 # plainly. The run folder is the one `saliency-jax experiment --config experiments/configs/distraction_digits.py
-# --workdir runs/digits` gives that arm: `train.train` resumes from its checkpoints, so after the experiment (or a
-# first run of this notebook) nothing is trained again.
+# --workdir runs/digits` gives that arm: after the experiment (or a first run of this notebook) `saliency_jax.load`
+# reads the trained model back from it and nothing is trained again; otherwise `train.train` trains it there.
 
 # %%
 CONFIG_PATH = REPO_DIR / "experiments" / "configs" / "distraction_digits.py"
@@ -99,10 +118,16 @@ config = config_module.get_config("runlocal" if QUICK else None)
 ARM = "baseline"
 arm_config = experiment.arm_config(config, ARM, 0)
 WORKDIR = pathlib.Path("runs/digits_runlocal" if QUICK else "runs/digits") / ARM / f"seed{arm_config.seed}"
-print(f"config {CONFIG_PATH}{':runlocal' if QUICK else ''}, arm {ARM!r} "
-      f"(training schemes: {tuple(arm_config.schemes) or 'none'}), {arm_config.num_steps} steps -> {WORKDIR.resolve()}")
+print(f"config {CONFIG_PATH.relative_to(REPO_DIR)}{':runlocal' if QUICK else ''}, arm {ARM!r} "
+      f"(training schemes: {tuple(arm_config.schemes) or 'none'}), {arm_config.num_steps} steps -> {WORKDIR}")
 
-result = train.train(arm_config, WORKDIR, progress=False)
+try:
+    result = saliency_jax.load(WORKDIR)  # a finished run: model, variables and config from its last checkpoint
+    finished = int(result.state.step) == arm_config.num_steps
+except FileNotFoundError:
+    finished = False
+if not finished:
+    result = train.train(arm_config, WORKDIR, progress=False)  # trains (or resumes an unfinished run)
 model, variables = result.model, result.state.variables()
 
 # %% [markdown]
@@ -231,3 +256,29 @@ for i in range(NUM_EXAMPLES):
                           fontsize=9)
 fig.tight_layout()
 plt.show()
+
+# %% [markdown]
+# ## How faithful is each map?
+#
+# The measures of the experiment runner's `faithfulness` evaluator (which the digits experiment reports per arm, on
+# test images spread over the split), here on this model and the first test images: **deletion** AUC (Petsiuk et al. 2018: the predicted class's probability as
+# the most salient pixels are set to 0; lower is better), **insertion** AUC (pixels put back into a blurred canvas;
+# higher is better), and the rank correlation of `|map|` with the trained model's once every layer is
+# re-initialised (Adebayo et al. 2018, cascading randomisation; near 0 means the map depends on what the model
+# learnt). Digits have no known object region, so the relevance mass is not reported.
+
+# %% tags=["faithfulness"]
+from saliency_jax.evaluators import faithfulness as faithfulness_lib
+
+FAITHFULNESS_EXAMPLES = 32 if QUICK else 256
+faithfulness_batch = next(iter(data.make_eval_batches(
+    test_source, np.arange(FAITHFULNESS_EXAMPLES), batch_size=FAITHFULNESS_EXAMPLES, image_size=image_size)))
+faithfulness_settings = faithfulness_lib.FaithfulnessSettings(randomization_examples=16 if QUICK else 64)
+random_params = model.init(jax.random.key(arm_config.seed + 1), faithfulness_batch["image"][:1], train=False)["params"]
+scores = faithfulness_lib.evaluate_faithfulness(
+    model, variables, faithfulness_batch["image"], faithfulness_settings, random_params=random_params,
+    layers={"grad_cam": "conv3", "excitation_backprop": "conv2", "contrastive_excitation_backprop": "conv2"})
+print(f"{'method':32s} {'deletion AUC':>13s} {'insertion AUC':>14s} {'rank corr. (random)':>20s}")
+for method, s in scores.items():
+    print(f"{method:32s} {s['deletion_auc']:13.3f} {s['insertion_auc']:14.3f} "
+          f"{s['randomization']['spearman_abs'][-1]:20.3f}")

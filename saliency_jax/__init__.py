@@ -11,3 +11,13 @@ Subpackages (dependencies point one way, top to bottom):
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # ``saliency_jax.load(workdir)`` (saliency_jax/runs.py), imported on first use so that ``import saliency_jax``
+    # stays light.
+    if name == "load":
+        from saliency_jax.runs import load
+
+        return load
+    raise AttributeError(f"module 'saliency_jax' has no attribute {name!r}")

@@ -167,7 +167,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         for arm in arms:
             cfg = arm_config(config, arm, repeat)
             trainer = trainers.get_trainer(cfg.get("trainer", "supervised"))
-            result = trainer.train(cfg, workdir / arm / f"seed{cfg.seed}", progress=progress)
+            result = trainer.train(cfg, workdir / arm / f"seed{cfg.seed}",
+                                   progress=f"{arm} seed{cfg.seed}" if progress else False)
             record = evaluate_run(result, evaluators_lib.build_evaluators(cfg), data, arm=arm)
             runs[arm].append(record)
             if is_main:

@@ -621,7 +621,8 @@ def _mean_metrics(pending: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([float(m[k]) for m in pending])) for k in keys}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True) -> TrainResult:
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool | str = True,
+          ) -> TrainResult:
     """Trains one model from a config, resuming from ``workdir`` if it holds checkpoints.
 
     With ``num_steps = 0`` and ``num_epochs = 0`` nothing is trained (the weights-only mode): the model is built
@@ -644,7 +645,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
         ``batch_size``, ``num_steps`` / ``num_epochs``, ``log_every``, ``checkpoint_every``, ``eval_every``,
         ``restore_fallback``, ``allow_config_change``.
       workdir: output folder: ``checkpoints/`` (orbax), ``metrics.jsonl``, ``config.json``, ``launches.jsonl``.
-      progress: show a tqdm progress bar (process 0 only).
+      progress: show a tqdm progress bar (process 0 only); a string shows it under that name (the experiment runner
+        passes ``"<arm> seed<k>"``), True under the workdir's name.
 
     Returns:
       A :class:`TrainResult`.
@@ -758,7 +760,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
         # Loop.
         history: list[dict[str, float]] = []
         key = jax.random.key(config.seed + 1)
-        pbar = tqdm(total=total_steps, initial=start, disable=not (progress and is_main), desc=workdir.name,
+        pbar = tqdm(total=total_steps, initial=start, disable=not (progress and is_main), desc=progress if isinstance(progress, str) else workdir.name,
                     dynamic_ncols=True, leave=False)
         pending: list[dict[str, Any]] = list(log_state.pending)
         last_log = log_state.last_log_step

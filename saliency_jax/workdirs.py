@@ -56,6 +56,8 @@ __all__ = [
     "Checkpoints",
     "state_checksums",
     "MetricsLog",
+    "read_tensorboard_scalars",
+    "tensorboard_image_tags",
     "NON_TRAJECTORY_FIELDS",
     "trajectory_differences",
     "check_resume",
@@ -364,22 +366,39 @@ class Checkpoints:
 
 
 class MetricsLog:
-    """``workdir/metrics.jsonl`` (and TensorBoard event files if ``tensorboardX`` is installed), process 0 only."""
+    """``workdir/metrics.jsonl`` and TensorBoard event files in ``workdir/tensorboard/``, process 0 only.
+
+    The event files are written with ``tensorboardX`` (a core dependency): the writer the issue suggests, CLU's
+    ``metric_writers`` (as the flax examples use), imports TensorFlow for its summary writer and so cannot write event
+    files in an environment without TensorFlow, as this package's is; ``tensorboardX`` writes the same event-file
+    format with only protobuf and NumPy. Point TensorBoard at the workdir (``tensorboard --logdir WORKDIR``).
+
+    A launch that resumes (after :meth:`rewind`) opens its event file with ``purge_step`` = the first step it will
+    log, so TensorBoard drops the events a killed launch wrote after its checkpoint, as ``metrics.jsonl`` does.
+
+    Args:
+      workdir: the run's folder.
+      enabled: write anything at all (False on processes other than 0).
+    """
 
     def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
         self.enabled = enabled
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.tensorboard_dir = pathlib.Path(workdir) / "tensorboard"
         self.tb = None
-        if enabled:
-            try:
-                from tensorboardX import SummaryWriter  # optional
-                self.tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
-            except ImportError:
-                pass
+        self._purge_step: int | None = None
+
+    def _writer(self):
+        if self.tb is None:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step)
+        return self.tb
 
     def rewind(self, step: int) -> int:
         """Drops every line after ``step`` (lines written after the checkpoint a launch resumes from, and a previous
         launch's last line off the ``log_every`` grid). Returns the number of lines dropped."""
+        self._purge_step = step + 1
         if not self.enabled or not self.path.exists():
             return 0
         kept, dropped = [], 0
@@ -400,17 +419,87 @@ class MetricsLog:
         return dropped
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        """Appends ``{"step": step, **metrics}`` to ``metrics.jsonl`` and each metric as a TensorBoard scalar."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
+        tb = self._writer()
+        for k, v in metrics.items():
+            tb.add_scalar(k, float(v), step)
+        tb.flush()
+
+    def write_images(self, step: int, tag: str, images: Any) -> None:
+        """Writes images to TensorBoard under ``tag``.
+
+        Args:
+          step: the training step they belong to.
+          tag: TensorBoard tag (e.g. ``"saliency_maps/grad_cam"``).
+          images: [n, height, width, 3] (or 1 channel) float in [0, 1].
+
+        Raises:
+          ValueError: if ``images`` is not [n, height, width, 1 or 3].
+        """
+        if not self.enabled:
+            return
+        images = np.asarray(images, np.float32)
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"write_images({tag!r}): images must be [n, height, width, 1 or 3], got {images.shape}")
+        tb = self._writer()
+        tb.add_images(tag, np.clip(images, 0.0, 1.0), step, dataformats="NHWC")
+        tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+
+
+def _tensorboard_events(workdir: str | os.PathLike):
+    """The ``Event`` protobufs of ``workdir/tensorboard/events.out.tfevents.*``, in file order.
+
+    Reads the TFRecord framing (length [uint64], its CRC, the record, its CRC) and parses each record with
+    ``tensorboardX``'s ``Event`` message (the writer has no reader of its own; TensorBoard's ``event_accumulator``
+    would need the ``tensorboard`` package).
+    """
+    from tensorboardX.proto import event_pb2
+
+    folder = pathlib.Path(workdir, "tensorboard")
+    files = sorted(folder.glob("events.out.tfevents.*"))
+    if not files:
+        raise FileNotFoundError(f"no TensorBoard event files in {folder}")
+    for file in files:
+        data, pos = file.read_bytes(), 0
+        while pos + 12 <= len(data):
+            length = int(np.frombuffer(data[pos:pos + 8], "<u8")[0])
+            yield event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+
+
+def read_tensorboard_scalars(workdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of a run's TensorBoard event files: ``{tag: [(step, value), ...]}`` in file order.
+
+    ``purge_step`` markers are not applied (this returns what the files hold, as written).
+
+    Raises:
+      FileNotFoundError: if ``workdir/tensorboard`` has no event file.
+    """
+    out: dict[str, list[tuple[int, float]]] = {}
+    for event in _tensorboard_events(workdir):
+        for value in event.summary.value:
+            if value.WhichOneof("value") == "simple_value":
+                out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))
+    return out
+
+
+def tensorboard_image_tags(workdir: str | os.PathLike) -> list[str]:
+    """The tags of the images in a run's TensorBoard event files, in file order.
+
+    Raises:
+      FileNotFoundError: if ``workdir/tensorboard`` has no event file.
+    """
+    return [v.tag for event in _tensorboard_events(workdir) for v in event.summary.value
+            if v.WhichOneof("value") == "image"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

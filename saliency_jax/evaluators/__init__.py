@@ -19,6 +19,7 @@ from saliency_jax.evaluators.attention_guidance import (cooccurrence_accuracy_ev
                                                         region_mass_evaluator, split_accuracy_evaluator)
 from saliency_jax.evaluators.guided_zoom import guided_zoom_evaluator
 from saliency_jax.evaluators.backgrounds import backgrounds_evaluator
+from saliency_jax.evaluators.faithfulness import faithfulness_evaluator
 
 __all__ = [
     "Evaluator",
@@ -48,5 +49,6 @@ __all__ = [
     "decoy_agreement_evaluator",
     "cooccurrence_accuracy_evaluator",
     "backgrounds_evaluator",
+    "faithfulness_evaluator",
     "read_metrics_log",
 ]

@@ -13,6 +13,7 @@ import numpy as np
 from saliency_jax import data as data_lib
 from saliency_jax import evaluation
 from saliency_jax import train as train_lib
+from saliency_jax import workdirs
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
 from saliency_jax.saliency import grad_cam, linen_layer
 
@@ -79,7 +80,8 @@ class SaliencyMapsSettings(EvaluatorSettings):
 def saliency_maps_evaluator(settings: SaliencyMapsSettings) -> Evaluator:
     """Grad-CAM maps of the ground-truth class on the figure's test images at ``config.model``'s Grad-CAM layer; the
     mean salient area (fraction of pixels above ``threshold``); the figure of inputs and every arm's maps (first
-    repeat) side by side."""
+    repeat) side by side. The overlays (:func:`saliency_jax.evaluation.overlay`) also go to the run's TensorBoard log
+    (``workdir/tensorboard``, tag ``saliency_maps/grad_cam``, at the final step)."""
 
     def evaluate(run, data):
         images, labels, source = _figure_examples(data, run.config, settings.examples)
@@ -90,6 +92,12 @@ def saliency_maps_evaluator(settings: SaliencyMapsSettings) -> Evaluator:
         names = getattr(source, "class_names", None)
         np.savez_compressed(run.workdir / "saliency_maps.npz", maps=maps, images=images, labels=labels,
                             names=np.asarray([names[int(y)] if names else str(y) for y in labels]))
+        # The overlays also go to the run's TensorBoard log, at its final step.
+        log = workdirs.MetricsLog(run.workdir, enabled=jax.process_index() == 0)
+        try:
+            log.write_images(int(run.state.step), "saliency_maps/grad_cam", evaluation.overlay(images, maps))
+        finally:
+            log.close()
         return {"salient_area": float(np.mean(maps > settings.threshold)), "layer": layer}
 
     def report(ctx: ReportContext) -> Section:

@@ -7,8 +7,9 @@ the generic loop as big_vision's ``trainers/proj/*/train.py`` are beside its ``t
 input pipeline, checkpointing and metric log (the public pieces of :mod:`saliency_jax.train`) and returns the same
 :class:`saliency_jax.train.TrainResult`, so the runner and every evaluator stay unchanged.
 
-A trainer is ``train(config, workdir, *, progress=True) -> TrainResult`` with ``check(config)`` validating its
-settings before anything is trained (raising ``ValueError``); it is registered with :func:`register_trainer`.
+A trainer is ``train(config, workdir, *, progress=True) -> TrainResult`` (``progress``: a progress bar, named by
+it when a string) with ``check(config)`` validating its settings before anything is trained (raising
+``ValueError``); it is registered with :func:`register_trainer`.
 Registered: ``"supervised"`` (the generic loop) and ``"background_invariance"``
 (:mod:`saliency_jax.trainers.background_invariance`, Cruz & Cardoso's three phases and the Attention baseline).
 """

@@ -591,7 +591,7 @@ def write_figures(workdir: pathlib.Path, final_preview: Mapping[str, np.ndarray]
 # Loop.
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool | str = True
           ) -> BackgroundInvarianceResult:
     """Trains one run of the method in ``config.background_invariance``, resuming from ``workdir``'s checkpoints.
 
@@ -607,7 +607,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
         (``num_steps`` / ``num_epochs`` are not read: each phase has its epochs).
       workdir: output folder: ``checkpoints/``, ``metrics.jsonl`` (each record with its ``phase`` index),
         ``config.json``, ``previews.npz`` and the figures.
-      progress: tqdm progress bar (process 0 only).
+      progress: tqdm progress bar (process 0 only); a string names it (as :func:`saliency_jax.train.train`).
 
     Returns:
       A :class:`BackgroundInvarianceResult`: ``model`` and ``state`` are the final classifier (the AttentionCNN for
@@ -737,7 +737,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
         writer = workdirs.MetricsLog(workdir, is_main)
         history: list[dict[str, float]] = []
         key = jax.random.key(config.seed + 1)
-        pbar = tqdm(total=total, initial=start, disable=not (progress and is_main), desc=workdir.name,
+        pbar = tqdm(total=total, initial=start, disable=not (progress and is_main), desc=progress if isinstance(progress, str) else workdir.name,
                     dynamic_ncols=True, leave=False)
         t0 = time.time()
         for phase, key_desc, roles in zip(phases, keys, roles_after):
