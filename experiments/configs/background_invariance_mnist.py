@@ -17,8 +17,8 @@ The phase cache (``background_invariance.phase_cache``) trains phase 1 once per 
 once per seed for both proposals.
 
 Budget (reduced, to fit a shared 2-core CPU; the authors run 100 epochs of batch 8 per phase): batch 64; phase 1
-{CLASSIFIER_EPOCHS} epoch(s), phase 2 {MASK_EPOCHS} epoch(s), phase 3 and the attention stage 2 {ADVERSARIAL_EPOCHS}
-epoch(s); U-Net learning rate {MASK_LR} instead of the code's 1e-5 (at 1e-5 the U-Net barely moves in a fraction of an
+1 epoch, phase 2 0.25 epoch, phase 3 and the attention stage 2 0.6 epoch (``CLASSIFIER_EPOCHS``, ``MASK_EPOCHS``,
+``ADVERSARIAL_EPOCHS`` below); U-Net learning rate 1e-3 (``MASK_LR``) instead of the code's 1e-5 (at 1e-5 the U-Net barely moves in a fraction of an
 epoch); no augmentation (the code's Keras generator also flips, rotates, shifts and shears); 2 seeds.
 
 Generator learning rate: the code's 1e-5 (``mymodels.gen``) is the ``proposal_glr1e-5`` arm; the ``proposal`` arm
@@ -29,7 +29,23 @@ Command (from the repository root):
   nice -n 5 saliency-jax experiment --config experiments/configs/background_invariance_mnist.py \
       --workdir runs/background_invariance_mnist
 
-Measured: see MEASURED below (filled in from the run).
+Measured (2 seeds, mean ± sample std, accuracy in %; shared 2-core CPU at load 8-20, about 95 min of training and
+evaluation for the 8 runs):
+
+=================  ==========  ==========  ==========  ==========  ==========  ==========  ==========
+arm                clean       stripes     checker     border      circles     clock       random
+=================  ==========  ==========  ==========  ==========  ==========  ==========  ==========
+vanilla            98.8 ± 0.1  53.4 ± 0.9  39.3 ± 9.7  85.2 ± 2.1  77.7 ± 3.7  62.6 ± 4.2  77.7 ± 4.2
+attention          94.5 ± 1.5  14.5 ± 0.5  11.7 ± 2.7  30.5 ± 8.2  20.2 ± 11   14.7 ± 6.3  22.5 ± 11
+proposal           97.3 ± 0.2  88.7 ± 5.4  95.4 ± 0.7  95.2 ± 0.9  92.5 ± 2.3  91.1 ± 1.7  95.2 ± 0.1
+proposal_glr1e-5   98.3 ± 0.2  43.0 ± 19   48.7 ± 23   92.0 ± 1.9  76.2 ± 2.5  60.7 ± 20   81.6 ± 4.5
+=================  ==========  ==========  ==========  ==========  ==========  ==========  ==========
+
+The proposal (generator at 1e-3) is robust on every background (mean 93.0 against the poster's 85.5) with clean
+accuracy 97.3, 1.5 points under this vanilla CNN's 98.8; at the code's generator rate 1e-5 the backgrounds stay
+nearly uniform within this budget and robustness is close to the vanilla CNN's. The vanilla CNN here is more
+robust than the poster's (66.0 mean against 31.2): one epoch at batch 64, no augmentation. The Attention baseline
+falls well below both here (the poster has it near the vanilla CNN); not investigated further.
 """
 
 import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file

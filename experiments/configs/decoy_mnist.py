@@ -24,14 +24,29 @@ test images), ``saliency_maps`` (the figure: Grad-CAM of every arm on the same t
 weights), ``training_curves``.
 
 Arguments: none = the comparison; ``sweep`` = the guidance arm at w_g in {0.1, 1, 10} and, as an ablation, with
-HiResCAM maps instead of Grad-CAM (``weighting="hirescam"``), one seed;
+HiResCAM maps instead of Grad-CAM (``weighting="hirescam"``), 2 seeds;
 ``runlocal`` = tiny variant on Decoy "MNIST" made from scikit-learn's bundled digits (no files), used by tests.
 
 Command (from the repository root):
   saliency-jax experiment --config experiments/configs/decoy_mnist.py --workdir runs/decoy_mnist
   saliency-jax experiment --config experiments/configs/decoy_mnist.py:sweep --workdir runs/decoy_mnist_sweep
 
-Measured: see ``MEASURED`` below (filled in from the runs).
+Measured (2000 steps, 2 seeds, mean ± sample std; shared 2-core CPU at load 8-20, 76 min for the comparison):
+
+=========  ==============  ==============  ===============  ==================
+arm        test accuracy   train accuracy  Grad-CAM mass S  Grad-CAM mass A
+=========  ==============  ==============  ===============  ==================
+plain      0.776 ± 0.032   0.994 ± 0.000   0.217 ± 0.004    0.018 ± 0.004
+rrr        0.988 ± 0.003   0.986 ± 0.007   0.251 ± 0.009    0.009 ± 0.000
+guidance   0.836 ± 0.030   0.989 ± 0.002   0.617 ± 0.014    0.000 ± 0.000
+clean      0.989 ± 0.001   0.989 ± 0.001   0.220 ± 0.001    0.014 ± 0.000
+=========  ==============  ==============  ===============  ==================
+
+Sweep (``:sweep``): test accuracy at w_g = 0.1 / 1 / 10: 0.811 ± 0.034 / 0.836 ± 0.030 / 0.948 ± 0.042; HiResCAM
+maps at w_g = 1: 0.841 ± 0.066. The guidance loss pulls the Grad-CAM mass onto the digit (0.6 of it inside S for
+every w_g) but at w_g = 1 leaves most of the decoy reliance in place; at w_g = 10 it comes within 4 points of RRR
+(whose penalty acts on the input gradient, where the patch is). Grad-CAM at the last conv layer of a flatten +
+dense head shows little mass on the patch even for the plain model that relies on it.
 """
 
 import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
@@ -48,9 +63,6 @@ ARMS = (
 #: The w_g values of the sweep (``:sweep``).
 SWEEP_W_G = (0.1, 1.0, 10.0)
 
-MEASURED = ""
-
-
 def get_config(arg: str | None = None):
     c = common.decoy_mnist_config()
     c.experiment.arms = ARMS
@@ -65,7 +77,6 @@ def get_config(arg: str | None = None):
         # head cannot hide a corner patch from (Grad-CAM averages the gradient over the map first).
         c.experiment.arms += (("guidance hirescam", {"schemes": ("attention_guidance",),
                                                      "attention_guidance": {"weighting": "hirescam"}}),)
-        c.experiment.repeats = 1
         c.experiment.title = "Decoy MNIST: sweep of the guidance weight w_g"
     elif arg == "runlocal":
         common.runlocal_decoy(c)
