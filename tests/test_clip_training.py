@@ -316,6 +316,8 @@ def test_grounding_figures_check_their_inputs(tmp_path):
 # The runlocal experiment.
 
 
+# The whole runner on clips (~90 s on 2 cores); the evaluator and clip training have their own fast tests.
+@pytest.mark.slow
 def test_grounding_runlocal_experiment(tmp_path):
     from saliency_jax.experiment import run_experiment
 

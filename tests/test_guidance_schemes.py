@@ -494,6 +494,9 @@ def load_config(name, arg=None):
     return module.get_config(arg)
 
 
+# The whole Decoy MNIST comparison at runlocal scale (~190 s on 2 cores); schemes, sources and evaluators have fast
+# tests.
+@pytest.mark.slow
 def test_decoy_mnist_runlocal_experiment_end_to_end(tmp_path):
     config = load_config("decoy_mnist", "runlocal")
     out = run_experiment(config, tmp_path, progress=False)

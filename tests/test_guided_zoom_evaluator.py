@@ -77,6 +77,8 @@ def _restore(config, workdir):
     return train_lib.train(config, workdir, progress=False)  # a finished run: restored, not retrained
 
 
+# Pools, two Evidence CNNs and refinement through the runner (~270 s on 2 cores); the pieces have fast tests.
+@pytest.mark.slow
 def test_runlocal_end_to_end_and_pool_reuse(tmp_path):
     config = _runlocal()
     out = run_experiment(config, tmp_path, progress=False)
@@ -153,13 +155,17 @@ def test_fine_grained_configs_and_the_evidence_cnns_config(tmp_path):
                                                   REPO / "experiments/configs/guided_zoom_fine_grained.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    from saliency_jax.evaluators import evaluator_settings
+    from saliency_jax import trainers
+    from saliency_jax.evaluators import build_evaluators, evaluator_settings
     from saliency_jax.experiment import arm_config, check_config
     for name in ("cub", "dogs", "aircraft"):
         config = module.get_config(name)
         config.model.pretrained = "resnet101.safetensors"
-        check_config(config)
+        with pytest.raises(FileNotFoundError):  # the runner checks the data exists before anything trains
+            check_config(config)
         run_config = arm_config(config, "conventional", 0)
+        trainers.check_trainer(run_config, data_validated=True)  # the rest of the run's checks, without the data
+        build_evaluators(run_config)
         settings = evaluator_settings(run_config, "guided_zoom")
         # The thesis' sizes at 448 px: 150-px patches, 85-px squares, the Evidence CNN at 224 from the same weights.
         assert gze.pool_sizes(settings, 448, 448) == {"patch": 150, "erase": 85, "output": 224}
