@@ -630,6 +630,22 @@ def _mean_metrics(pending: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([float(m[k]) for m in pending])) for k in keys}
 
 
+@functools.partial(jax.jit, static_argnames=("model", "image_shape"))
+def _jit_init(key, *, model, image_shape):
+    return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+
+def _init_variables(model: nn.Module, image_shape: tuple[int, ...], seed: int):
+    """``model.init`` with ``key(seed)`` on a zero batch of one, jitted once per process for each (model, shape):
+    the arms of an experiment share the compilation (an unhashable module compiles for this call)."""
+    key = jax.random.key(seed)
+    try:
+        hash(model)
+    except TypeError:
+        return jax.jit(functools.partial(_jit_init.__wrapped__, model=model, image_shape=image_shape))(key)
+    return _jit_init(key, model=model, image_shape=image_shape)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True) -> TrainResult:
     """Trains one model from a config, resuming from ``workdir`` if it holds checkpoints.
 
@@ -728,8 +744,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
                             ".safetensors/.npz) to fine-tune from ImageNet as the papers do", config.model.name)
         if pretrained and not os.path.isfile(pretrained):  # before the (slow) initialisation
             raise FileNotFoundError(f"config.model.pretrained: weights file not found: {pretrained!r}")
-        variables = jax.jit(lambda: model.init(jax.random.key(config.seed),
-                                               jnp.zeros((1, *image_shape), jnp.float32), train=False))()
+        variables = _init_variables(model, tuple(image_shape), config.seed)
         if pretrained:
             from saliency_jax.models import weights
             variables = weights.load_pretrained(config.model.name, pretrained, variables,
