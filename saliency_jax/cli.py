@@ -32,7 +32,7 @@ COMMANDS = {
 }
 _USAGE = ("usage: saliency-jax {train,experiment,config} --config=CONFIG.py[:ARG] [--workdir=DIR] "
           "[--config.FIELD=VALUE ...] [--multihost [--coordinator_address=HOST:PORT --num_processes=N "
-          "--process_id=I]] [--noprogress]")
+          "--process_id=I]] [--noprogress] [--compilation_cache=DIR|off]")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config), e.g. "
@@ -46,6 +46,9 @@ flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes
                      "--multihost.")
 flags.DEFINE_list("local_device_ids", None, "Devices this process uses, e.g. 0,1 (env JAX_LOCAL_DEVICE_IDS).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_string("compilation_cache", None, "JAX's persistent compilation cache folder (env "
+                    "SALIENCY_JAX_COMPILATION_CACHE; default ~/.cache/saliency_jax/jax_compilation_cache); 'off' "
+                    "turns it off.")
 
 _FLAG_HELP = [
     ("--config=FILE[:ARG]", "the config file (its get_config(ARG)); e.g. experiments/configs/distraction_digits.py"
@@ -54,6 +57,8 @@ _FLAG_HELP = [
                              "--config.distraction.fill=one); list them with: saliency-jax config --config=FILE"),
     ("--workdir=DIR", "output folder (train, experiment); a rerun resumes from it"),
     ("--[no]progress", "progress bars (default on)"),
+    ("--compilation_cache=DIR|off", "JAX's persistent compilation cache (default on, in "
+                                    "~/.cache/saliency_jax/jax_compilation_cache; env SALIENCY_JAX_COMPILATION_CACHE)"),
     ("--multihost", "call jax.distributed.initialize() first; on TPU VMs, SLURM and Open MPI the cluster is "
                     "detected"),
     ("--coordinator_address=HOST:PORT", "process 0's address, the same on every process (env "
@@ -174,7 +179,13 @@ def _run(command: str, rest: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     if FLAGS.multihost or any(FLAGS[f].present for f in ("coordinator_address", "num_processes", "process_id")):
         _initialize_distributed()
-    logging.info("devices: %s", jax.devices())
+    from saliency_jax import compile_cache
+
+    try:
+        cache = compile_cache.enable_compilation_cache(FLAGS.compilation_cache)
+    except OSError as e:
+        raise _Exit(f"--compilation_cache: {e}") from e
+    logging.info("devices: %s; compilation cache: %s", jax.devices(), cache or "off")
     try:
         if command == "train":
             from saliency_jax import evaluators, experiment, trainers
@@ -190,7 +201,8 @@ def _run(command: str, rest: list[str]) -> None:
         else:
             from saliency_jax import experiment
 
-            experiment.run_experiment(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+            experiment.run_experiment(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress,
+                                      compilation_cache=cache or "off")
             if jax.process_index() == 0:
                 print(f"report: {FLAGS.workdir}/report.md")
     except ConfigError as e:

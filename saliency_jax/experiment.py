@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from saliency_jax import compile_cache
 from saliency_jax import evaluation
 from saliency_jax import evaluators as evaluators_lib
 from saliency_jax import train as train_lib
@@ -141,13 +142,16 @@ def _summary(values: list[Any]):
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True,
-                   ) -> dict[str, Any]:
+                   compilation_cache: str | os.PathLike | None = None) -> dict[str, Any]:
     """Trains every arm x repeat of ``config.experiment``, evaluates each run and writes the report into ``workdir``.
 
     Args:
       config: an experiment config.
       workdir: output folder.
       progress: progress bars.
+      compilation_cache: JAX's persistent compilation cache folder, or ``"off"``; None: the environment variable
+        ``SALIENCY_JAX_COMPILATION_CACHE``, else the folder JAX already uses, else the default folder
+        (:mod:`saliency_jax.compile_cache`). A second launch then reads its compiled programs from disk.
 
     Returns:
       The contents of ``metrics.json``: per arm, per repeat and summarised (mean and sample std) metrics of every
@@ -156,6 +160,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     Raises:
       ValueError / KeyError: as :func:`check_config`, before anything is trained.
     """
+    compile_cache.enable_compilation_cache(compilation_cache)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     arms = check_config(config)

@@ -430,6 +430,15 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
 # Eval.
 
 
+@functools.partial(jax.jit, static_argnames=("model", "transform"))
+def _eval_probs(variables, images, key, *, model, transform):
+    """Class probabilities [b, num_classes] of ``model`` in inference mode on ``images`` (after ``transform``)."""
+    if transform is not None:
+        images = transform(key, images)
+    probs = jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
+    return jnp.mean(probs, axis=1) if probs.ndim == 3 else probs  # sequences: mean over the steps
+
+
 def predict(model: nn.Module, variables: Any, batches: Iterable[dict[str, np.ndarray]], *,
             mesh: jax.sharding.Mesh | None = None,
             transform: Callable[[Array, Array], Array] | None = None, seed: int = 0,
@@ -447,7 +456,9 @@ def predict(model: nn.Module, variables: Any, batches: Iterable[dict[str, np.nda
       mesh: device mesh (default: :func:`make_mesh`).
       transform: optional on-device corruption ``(key, images) -> images`` applied before the model (e.g. random
         erasing); the key of batch ``i`` is ``fold_in(key(seed), i)``, so a test set is corrupted identically for
-        every model.
+        every model. The step is compiled once per process for each (model, transform, batch shape) when both hash
+        (flax modules hash by their fields; give a transform that hashes by value, e.g. a frozen dataclass, to share
+        the compilation between calls), else once per call.
       seed: seed of ``transform``'s keys.
 
     Returns:
@@ -456,13 +467,11 @@ def predict(model: nn.Module, variables: Any, batches: Iterable[dict[str, np.nda
     mesh = mesh or make_mesh()
     data_sharding = NamedSharding(mesh, P("data"))
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
-
-    @jax.jit
-    def eval_step(variables, images, key):
-        if transform is not None:
-            images = transform(key, images)
-        probs = jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
-        return jnp.mean(probs, axis=1) if probs.ndim == 3 else probs  # sequences: mean over the steps
+    try:  # one compilation per (model, transform, shapes) for the whole process: every arm and evaluator shares it
+        hash((model, transform))
+        eval_step = functools.partial(_eval_probs, model=model, transform=transform)
+    except TypeError:  # an unhashable module or transform: compiled for this call
+        eval_step = jax.jit(functools.partial(_eval_probs.__wrapped__, model=model, transform=transform))
 
     base = jax.random.key(seed)
     pi, pc = jax.process_index(), jax.process_count()
@@ -621,6 +630,22 @@ def _mean_metrics(pending: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([float(m[k]) for m in pending])) for k in keys}
 
 
+@functools.partial(jax.jit, static_argnames=("model", "image_shape"))
+def _jit_init(key, *, model, image_shape):
+    return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+
+
+def _init_variables(model: nn.Module, image_shape: tuple[int, ...], seed: int):
+    """``model.init`` with ``key(seed)`` on a zero batch of one, jitted once per process for each (model, shape):
+    the arms of an experiment share the compilation (an unhashable module compiles for this call)."""
+    key = jax.random.key(seed)
+    try:
+        hash(model)
+    except TypeError:
+        return jax.jit(functools.partial(_jit_init.__wrapped__, model=model, image_shape=image_shape))(key)
+    return _jit_init(key, model=model, image_shape=image_shape)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool | str = True,
           ) -> TrainResult:
     """Trains one model from a config, resuming from ``workdir`` if it holds checkpoints.
@@ -721,8 +746,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
                             ".safetensors/.npz) to fine-tune from ImageNet as the papers do", config.model.name)
         if pretrained and not os.path.isfile(pretrained):  # before the (slow) initialisation
             raise FileNotFoundError(f"config.model.pretrained: weights file not found: {pretrained!r}")
-        variables = jax.jit(lambda: model.init(jax.random.key(config.seed),
-                                               jnp.zeros((1, *image_shape), jnp.float32), train=False))()
+        variables = _init_variables(model, tuple(image_shape), config.seed)
         if pretrained:
             from saliency_jax.models import weights
             variables = weights.load_pretrained(config.model.name, pretrained, variables,

@@ -98,14 +98,24 @@ class RandomErasingSettings(EvaluatorSettings):
     seed: int = 1234
 
 
+@dataclasses.dataclass(frozen=True)
+class _Erase:
+    """The on-device erasing ``(key, images) -> images`` of the settings (hashable by value, so that
+    :func:`saliency_jax.train.predict` compiles it once for every arm)."""
+
+    settings: RandomErasingSettings
+
+    def __call__(self, key, images):
+        s = self.settings
+        return evaluation.random_erasing(key, images, probability=s.probability, area_range=tuple(s.area_range),
+                                         aspect_range=tuple(s.aspect_range), fill=s.fill)
+
+
 @register_evaluator("random_erasing", RandomErasingSettings)
 def random_erasing_evaluator(settings: RandomErasingSettings) -> Evaluator:
     """Test-set metrics with every test image randomly erased (Table 4 shape)."""
 
-    def erase(key, images):
-        return evaluation.random_erasing(key, images, probability=settings.probability,
-                                         area_range=tuple(settings.area_range),
-                                         aspect_range=tuple(settings.aspect_range), fill=settings.fill)
+    erase = _Erase(settings)  # hashes by the settings: one compilation for every arm
 
     def evaluate(run, data):
         labels, preds, _, source = test_predictions(run, data, transform=erase, seed=settings.seed)

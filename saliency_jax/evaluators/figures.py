@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -45,9 +46,15 @@ def grad_cam_maps(run: train_lib.TrainResult, images: np.ndarray, labels: np.nda
     Returns:
       float32 [n, height, width] in [0, 1].
     """
-    model = linen_layer(run.model, run.variables, layer, train=False)
-    fn = jax.jit(lambda x, y: grad_cam(model, x, y, score=score, weighting=weighting))
-    return np.asarray(fn(jnp.asarray(images), jnp.asarray(labels)))
+    return np.asarray(_grad_cam_maps(run.variables, jnp.asarray(images), jnp.asarray(labels), module=run.model,
+                                     layer=layer, score=score, weighting=weighting))
+
+
+@functools.partial(jax.jit, static_argnames=("module", "layer", "score", "weighting"))
+def _grad_cam_maps(variables, images, labels, *, module, layer, score, weighting):
+    """Jitted once per process for each (module, layer, settings, shapes): the weights are an argument."""
+    model = linen_layer(module, variables, layer, train=False)
+    return grad_cam(model, images, labels, score=score, weighting=weighting)
 
 
 def _figure_examples(data, config, n: int):

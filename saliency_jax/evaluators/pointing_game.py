@@ -9,8 +9,14 @@ accumulates the per-class hits on all pairs and on the "difficult" subset; the m
 centre, model-free), ``grad_cam``, ``excitation_backprop`` and ``contrastive_excitation_backprop``.
 
 The classes present on an image are explained in batches of ``class_batch`` (the image repeated once per class; the
-last batch padded), so each network compiles once per distinct input shape; resizing the maps to the image and the
-hit test compile once per image size (cheap). The data set is read once per experiment.
+last batch padded), so each network compiles once per distinct input shape. Resizing the image to the network input
+and resizing the maps back to the image with the hit test would compile once per image size (VOC 2007 test has
+hundreds); with ``size_bucket`` (default 128 pixels) the image and its masks are zero-padded to the next multiple of
+it, the resizes use the true size's bilinear weights (those of ``jax.image.resize``: half-pixel centres, no
+antialiasing) and the padding is left out of the argmax, so the hits are those of the unpadded computation and these
+steps compile once per bucket (``size_bucket = 0``: per image size, the unpadded functions). The network itself still
+compiles once per distinct input shape: padding its input would change its maps. The data set is read once per
+experiment.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saliency_jax.evaluation.pointing_game import (PointingGame, hits_at_points, load_difficult_flags,
+from saliency_jax.evaluation.pointing_game import (PointingGame, argmax_points, hits_at_points, load_difficult_flags,
                                                    pointing_game_table, pointing_hits)
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
 from saliency_jax.saliency import (contrastive_excitation_backprop, excitation_backprop, grad_cam, linen_layer,
@@ -50,6 +56,9 @@ class PointingGameSettings(EvaluatorSettings):
       tolerance: hit tolerance in pixels (15).
       input_size: shorter side of the network input, in pixels (0: the original image).
       class_batch: (image, class) maps per network call.
+      size_bucket: image heights and widths are padded up to a multiple of this (pixels) for the resizes and the hit
+        test, so that they compile once per bucket, with the hits unchanged; 0: no padding (one compilation per
+        image size).
       methods: methods to run (:data:`METHODS`).
       layers: ``{"grad_cam": path, "excitation_backprop": path, "contrastive_excitation_backprop": path,
         "contrast": path}``: where each method's maps are taken; ``contrast`` documents the classifier's input (where
@@ -66,6 +75,7 @@ class PointingGameSettings(EvaluatorSettings):
     tolerance: float = 15.0
     input_size: int = 224
     class_batch: int = 1
+    size_bucket: int = 128
     methods: tuple[str, ...] = METHODS
     layers: Any = dataclasses.field(default_factory=dict)
     classifier_input: str = ""
@@ -79,6 +89,8 @@ class PointingGameSettings(EvaluatorSettings):
         object.__setattr__(self, "layers", dict(self.layers or {}))
         if int(self.class_batch) < 1:
             raise ValueError(f"pointing_game.class_batch must be >= 1; got {self.class_batch}")
+        if int(self.size_bucket) < 0:
+            raise ValueError(f"pointing_game.size_bucket must be >= 0 (0: no padding); got {self.size_bucket}")
 
     def check_layers(self) -> None:
         """Raises ValueError if a method has no layer, or cEB's contrast layer is not the classifier's input."""
@@ -160,6 +172,83 @@ def _score(maps, masks, tolerance):
     return pointing_hits(maps, masks, tolerance), jnp.all(jnp.isfinite(maps), axis=(1, 2))
 
 
+def bucket_size(size: int, bucket: int) -> int:
+    """``size`` rounded up to a multiple of ``bucket`` (pixels); ``bucket == 0`` keeps it."""
+    return int(size) if not bucket else int(-(-int(size) // int(bucket)) * int(bucket))
+
+
+def _bilinear_weights(in_size: int, out_size: int, inv_scale, in_valid):
+    """The bilinear resize weights of ``jax.image.resize`` (triangle kernel, half-pixel centres, no antialiasing) for
+    an axis whose first ``in_valid`` of ``in_size`` entries are real (the rest padding, given no weight).
+
+    Args:
+      in_size, out_size: static axis lengths (padded input, padded or true output).
+      inv_scale: float32 scalar ``true input size / true output size`` (as ``jax.image.resize`` computes it: the
+        reciprocal, in float64, of ``output / input``, rounded to float32).
+      in_valid: int32 scalar, the true input size.
+
+    Returns:
+      float32 [in_size, out_size]; output entries past the true output size get no weight (their sample point lies
+      past the input's last pixel).
+    """
+    sample = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * inv_scale - 0.5
+    index = jnp.arange(in_size, dtype=jnp.float32)
+    weights = jnp.maximum(0.0, 1.0 - jnp.abs(sample[None, :] - index[:, None]))
+    weights = jnp.where((index < in_valid)[:, None], weights, 0.0)
+    total = jnp.sum(weights, axis=0, keepdims=True)
+    weights = jnp.where(jnp.abs(total) > 1000.0 * float(np.finfo(np.float32).eps),
+                        weights / jnp.where(total != 0, total, 1.0), 0.0)
+    inside = (sample >= -0.5) & (sample <= in_valid.astype(jnp.float32) - 0.5)
+    return jnp.where(inside[None, :], weights, 0.0)
+
+
+def _inv_scale(in_size: int, out_size: int) -> np.float32:
+    """``jax.image.resize``'s inverse scale of an axis: ``1 / (out / in)`` in float64, then float32."""
+    return np.float32(1.0 / (out_size / in_size))
+
+
+def _resize_hw(x, wy, wx):
+    """``x`` [batch, h, w, ...] resized by the weights ``wy`` [h, H], ``wx`` [w, W] -> [batch, H, W, ...]: the two
+    contractions of ``jax.image.resize`` in its order (height first), so the numbers match it."""
+    dims = (([0], [1]), ([], []))
+    hi = jax.lax.Precision.HIGHEST
+    t = jax.lax.dot_general(wy, x, dims, precision=(hi, hi), preferred_element_type=jnp.float32)  # [H, b, w, ...]
+    t = jax.lax.dot_general(t, wx, (([2], [0]), ([], [])), precision=(hi, hi),
+                            preferred_element_type=jnp.float32)  # [H, b, ..., W]
+    rest = tuple(range(2, t.ndim - 1))
+    return jnp.transpose(t, (1, 0, t.ndim - 1, *rest))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _resize_image_padded(image, hw, input_hw, inv_scales):
+    """The padded image [Hb, Wb, 3] (true size ``hw`` int32 [2]) -> [1, *input_hw, 3], as :func:`_resize_image`."""
+    image = image[None].astype(jnp.float32)
+    wy = _bilinear_weights(image.shape[1], input_hw[0], inv_scales[0], hw[0])
+    wx = _bilinear_weights(image.shape[2], input_hw[1], inv_scales[1], hw[1])
+    return _resize_hw(image, wy, wx)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _score_padded(maps, masks, hw, inv_scales, tolerance):
+    """As :func:`_score` for masks zero-padded to [k, Hb, Wb] (true size ``hw`` int32 [2]): the maps are resized
+    to the true size inside the padded grid and the padding is left out of the argmax (row-major order, and so the
+    first maximum on ties, is kept)."""
+    maps = maps.astype(jnp.float32)
+    hb, wb = masks.shape[1:]
+    wy = _bilinear_weights(maps.shape[1], hb, inv_scales[0], jnp.int32(maps.shape[1]))
+    wx = _bilinear_weights(maps.shape[2], wb, inv_scales[1], jnp.int32(maps.shape[2]))
+    resized = _resize_hw(maps, wy, wx)
+    valid = (jnp.arange(hb) < hw[0])[:, None] & (jnp.arange(wb) < hw[1])[None, :]
+    points = argmax_points(jnp.where(valid[None], resized, -jnp.inf))
+    finite = jnp.all(jnp.isfinite(resized) | ~valid[None], axis=(1, 2))
+    return hits_at_points(points, masks, tolerance), finite
+
+
+def _pad_to(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``x`` zero-padded at the end of every axis to ``shape``."""
+    return np.pad(x, [(0, t - s) for s, t in zip(x.shape, shape)])
+
+
 def load_data(settings: PointingGameSettings):
     """The localisation data set of the settings (VOC 2007 / COCO 2014 class masks).
 
@@ -196,6 +285,7 @@ def run_pointing_game(module, variables, data, settings: PointingGameSettings, *
     methods, tolerance, batch = settings.methods, float(settings.tolerance), int(settings.class_batch)
     games = {m: PointingGame(data.num_classes, class_names=data.class_names, difficult=difficult) for m in methods}
     fns = {m: make_saliency_fn(module, m, settings.layers[m]) for m in methods if m != "center"}
+    bucket = int(settings.size_bucket)
     report_every = max(len(data) // 10, 1)
     for index in range(len(data)):
         item = data[index]
@@ -211,20 +301,33 @@ def run_pointing_game(module, variables, data, settings: PointingGameSettings, *
             games["center"].update(np.asarray(hits_at_points(points, masks, tolerance)), class_ids, image_ids)
         if not fns:
             continue
-        image = _resize_image(item["image"], input_shape(height, width, settings.input_size))
+        input_hw = input_shape(height, width, settings.input_size)
+        grid = (bucket_size(height, bucket), bucket_size(width, bucket))  # the padded (bucket) image size
+        if bucket:
+            hw = np.array([height, width], np.int32)
+            image = _resize_image_padded(_pad_to(np.asarray(item["image"]), (*grid, 3)), hw, input_hw,
+                                         np.array([_inv_scale(height, input_hw[0]), _inv_scale(width, input_hw[1])]))
+        else:
+            image = _resize_image(item["image"], input_hw)
         # The classes in chunks of `batch` (the last padded with its first class and an empty mask), so that the
         # network compiles once per input shape.
         chunks = []
         for lo in range(0, k, batch):
             n = min(batch, k - lo)
             targets = np.concatenate([class_ids[lo:lo + n], np.full(batch - n, class_ids[lo], np.int32)])
-            chunk_masks = np.concatenate([masks[lo:lo + n], np.zeros((batch - n, height, width), bool)])
+            chunk_masks = np.zeros((batch, *grid), bool)
+            chunk_masks[:n, :height, :width] = masks[lo:lo + n]
             chunks.append((n, targets, chunk_masks))
         images = jnp.broadcast_to(image, (batch, *image.shape[1:]))
         for method, fn in fns.items():
             hits, finite = [], []
             for n, targets, chunk_masks in chunks:
-                h, f = _score(fn(variables, images, targets), chunk_masks, tolerance)
+                maps = fn(variables, images, targets)
+                if bucket:  # maps (layer size) -> the true image size inside the padded grid
+                    scales = np.array([_inv_scale(maps.shape[1], height), _inv_scale(maps.shape[2], width)])
+                    h, f = _score_padded(maps, chunk_masks, hw, scales, tolerance)
+                else:
+                    h, f = _score(maps, chunk_masks, tolerance)
                 hits.append(np.asarray(h)[:n])
                 finite.append(np.asarray(f)[:n])
             hits, finite = np.concatenate(hits), np.concatenate(finite)
