@@ -55,6 +55,7 @@ __all__ = [
     "LogState",
     "Checkpoints",
     "state_checksums",
+    "restore_state",
     "MetricsLog",
     "read_tensorboard_scalars",
     "tensorboard_image_tags",
@@ -363,6 +364,25 @@ class Checkpoints:
 
 # ----------------------------------------------------------------------------------------------------------------
 # The metrics log.
+
+
+def restore_state(workdir: str | os.PathLike, step: int, like: Any) -> Any:
+    """The state pytree saved at ``step`` in ``workdir/checkpoints``, verified against its checksums.
+
+    Args:
+      workdir: the run's folder.
+      step: a saved step.
+      like: a pytree with the saved state's structure, shapes, dtypes and shardings (e.g. the final state).
+
+    Raises:
+      CheckpointError: (a ``RuntimeError``) if that checkpoint cannot be read or differs from its checksums (the step
+        and path are named).
+    """
+    ckpt = Checkpoints(workdir, with_data=False)
+    try:
+        return ckpt.restore_step(step, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))[0]
+    finally:
+        ckpt.close()
 
 
 class MetricsLog:

@@ -433,12 +433,7 @@ class BackgroundInvarianceResult(train_lib.TrainResult):
           CheckpointError: (a ``RuntimeError``) if that checkpoint cannot be read or differs from its checksums (the
             step and path are named).
         """
-        ckpt = workdirs.Checkpoints(self.workdir, with_data=False)
-        try:
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.full_state)
-            return ckpt.restore_step(step, abstract)[0]
-        finally:
-            ckpt.close()
+        return workdirs.restore_state(self.workdir, step, self.full_state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
