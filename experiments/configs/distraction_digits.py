@@ -10,7 +10,8 @@ Tiny variant (tests): ``--config experiments/configs/distraction_digits.py:runlo
 Runtime: 2.1 minutes on 2 otherwise idle CPU cores before the faithfulness evaluator was added (128 s wall for the
 whole command, fresh clone); 4 arms x 1 repeat, 1,200 steps of batch 32 each. The faithfulness evaluator (deletion /
 insertion AUC and cascading randomisation of 4 methods on 256 test images) adds about 1 minute per arm: the whole
-command took 8.3 minutes with the machine loaded (load average 13 on 2 cores; not an idle figure).
+command took 4 min 5 s with other jobs on the machine (load average 2.8 -> 5.4 on 2 cores; not an idle figure) after
+the runner's overhead fixes, 8.3 minutes before them at load 13.
 Expected (measured, seed 0): clean / randomly erased test accuracy - baseline 0.987 / 0.307, 0-occlusion
 0.982 / 0.522, R-occlusion 0.978 / 0.569, 1-occlusion 0.989 / 0.500: all arms equal on clean images within a point,
 the occlusion arms far more robust to erasing (one seed; rerun with ``--config.experiment.repeats=3`` for spreads).
