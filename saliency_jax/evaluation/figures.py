@@ -65,6 +65,13 @@ def _prepare_path(path: str | os.PathLike[str]) -> pathlib.Path:
     return out
 
 
+def _save(figure: Figure, path: str | os.PathLike[str], dpi: int) -> pathlib.Path:
+    """Writes ``figure`` as a PNG to ``path`` (creating its folder); returns the path."""
+    out = _prepare_path(path)
+    figure.savefig(out, format="png", dpi=dpi)
+    return out
+
+
 def _colormap(name: Any) -> matplotlib.colors.Colormap:
     try:
         return matplotlib.colormaps[name]
@@ -297,9 +304,7 @@ def saliency_figure(
         bar.ax.tick_params(labelsize=7)
     if title:
         figure.text(0.5, 1.0 - 0.5 * title_h / fig_h, title, ha="center", va="center", fontsize=11)
-    out = _prepare_path(path)
-    figure.savefig(out, format="png", dpi=dpi)
-    return out
+    return _save(figure, path, dpi)
 
 
 def _is_number(value: Any) -> bool:
@@ -412,9 +417,7 @@ def training_curves_figure(
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    out = _prepare_path(path)
-    figure.savefig(out, format="png", dpi=dpi)
-    return out
+    return _save(figure, path, dpi)
 
 
 _ROUND_COLOURS = ("#ff3030", "#30c030", "#3080ff", "#ffb000", "#c040ff", "#00c0c0")
@@ -533,9 +536,7 @@ def evidence_pool_figure(
                 axes.set_title(str(column_titles[r]), fontsize=9)
     if title:
         figure.text(0.5, 1.0 - 0.5 * title_h / fig_h, title, ha="center", va="center", fontsize=11)
-    out = _prepare_path(path)
-    figure.savefig(out, format="png", dpi=dpi)
-    return out
+    return _save(figure, path, dpi)
 
 
 def frame_sums_figure(
@@ -594,9 +595,7 @@ def frame_sums_figure(
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    out = _prepare_path(path)
-    figure.savefig(out, format="png", dpi=dpi)
-    return out
+    return _save(figure, path, dpi)
 
 
 def clip_maps_figure(
@@ -690,6 +689,4 @@ def clip_maps_figure(
     if title:
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    out = _prepare_path(path)
-    figure.savefig(out, format="png", dpi=dpi)
-    return out
+    return _save(figure, path, dpi)
