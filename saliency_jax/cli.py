@@ -188,12 +188,12 @@ def _run(command: str, rest: list[str]) -> None:
     logging.info("devices: %s; compilation cache: %s", jax.devices(), cache or "off")
     try:
         if command == "train":
-            from saliency_jax import evaluators, experiment, trainers
+            from saliency_jax import evaluators, experiment
+            from saliency_jax import train as train_lib
 
             config = FLAGS.config
             experiment.check_config(config)
-            trainer = trainers.get_trainer(config.get("trainer", "supervised"))
-            result = trainer.train(config, FLAGS.workdir, progress=FLAGS.progress)
+            result = train_lib.train(config, FLAGS.workdir, progress=FLAGS.progress)
             record = experiment.evaluate_run(result, evaluators.build_evaluators(config),
                                              evaluators.ExperimentData(config))
             if jax.process_index() == 0:

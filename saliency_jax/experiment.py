@@ -4,7 +4,8 @@ An experiment config (``experiments/configs/*.py``) is a run config plus ``exper
 overrides)`` pairs, the overrides nested like the config (``{"schemes": ("distraction",), "distraction": {"fill":
 "zero"}}``). Every arm is trained ``experiment.repeats`` times with seeds ``seed, seed + 1, ...`` (the same seeds for
 every arm, so arms differ only by their overrides) by the trainer ``config.trainer`` names
-(:mod:`saliency_jax.trainers`; ``"supervised"`` is :func:`saliency_jax.train.train`); each evaluator of
+(:mod:`saliency_jax.trainers`: each builds a plan that :func:`saliency_jax.train.train` runs; ``"supervised"`` is the
+one-phase plan of the config's scheme); each evaluator of
 ``config.evaluators`` (:mod:`saliency_jax.evaluators`) then takes the trained run as ``train`` returned it and
 gives its metrics; finally each writes its section of ``report.md`` and its figures from the metrics of all runs.
 
@@ -29,10 +30,10 @@ from saliency_jax import compile_cache
 from saliency_jax import evaluation
 from saliency_jax import evaluators as evaluators_lib
 from saliency_jax import train as train_lib
-from saliency_jax import trainers
 from saliency_jax import training
 from saliency_jax.config import ConfigError, apply_overrides
 from saliency_jax.evaluators.base import ReportContext, RunRecord, settings_dict
+from saliency_jax.plan import TrainResult
 
 __all__ = ["arm_config", "check_config", "evaluate_run", "run_experiment", "to_jsonable"]
 
@@ -54,9 +55,9 @@ def arm_config(config: ml_collections.ConfigDict, arm: str, repeat: int) -> ml_c
 def check_config(config: ml_collections.ConfigDict) -> list[str]:
     """Validates every arm before anything is trained; returns the arm names.
 
-    Per arm: its trainer's settings (:func:`saliency_jax.trainers.check_trainer`: for the generic loop the loop
-    fields, the schemes and - once per distinct dataset and model - the train and test sources against each other
-    and the model on their shape, :func:`saliency_jax.train.validate_run`) and its evaluators.
+    Per arm: :func:`saliency_jax.train.validate` (the loop fields, the trainer's settings - for supervised training
+    the schemes - and, once per distinct dataset and model, the train and test sources against each other and the
+    model on their shape; every split is read once per process, and training reuses it) and its evaluators.
 
     Raises:
       ConfigError: (a ``ValueError``) no arms, a repeated arm name, or an arm that cannot run (the arm is named).
@@ -74,7 +75,7 @@ def check_config(config: ml_collections.ConfigDict) -> list[str]:
         what = json.dumps({k: cfg.get(k) and cfg[k].to_dict() for k in ("dataset", "model")}, sort_keys=True,
                           default=str)
         try:
-            trainers.check_trainer(cfg, data_validated=what in validated)
+            train_lib.validate(cfg, data=what not in validated)
             validated.add(what)
             evaluators_lib.build_evaluators(cfg)
         except ValueError as e:
@@ -103,7 +104,7 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
         return {}  # a record cut by a crash: evaluate again
 
 
-def evaluate_run(result: train_lib.TrainResult, evaluators: dict[str, evaluators_lib.Evaluator],
+def evaluate_run(result: TrainResult, evaluators: dict[str, evaluators_lib.Evaluator],
                  data: evaluators_lib.ExperimentData, *, arm: str = "run") -> RunRecord:
     """Runs the evaluators on a trained run, reusing evaluations stored in ``run.json`` for the same final step and
     settings; writes ``run.json`` (atomically) and returns the :class:`~saliency_jax.evaluators.RunRecord`."""
@@ -171,9 +172,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     for repeat in range(config.experiment.repeats):
         for arm in arms:
             cfg = arm_config(config, arm, repeat)
-            trainer = trainers.get_trainer(cfg.get("trainer", "supervised"))
-            result = trainer.train(cfg, workdir / arm / f"seed{cfg.seed}",
-                                   progress=f"{arm} seed{cfg.seed}" if progress else False)
+            result = train_lib.train(cfg, workdir / arm / f"seed{cfg.seed}",
+                                     progress=f"{arm} seed{cfg.seed}" if progress else False)
             record = evaluate_run(result, evaluators_lib.build_evaluators(cfg), data, arm=arm)
             runs[arm].append(record)
             if is_main:

@@ -1,8 +1,9 @@
 """Loading a trained run back from its workdir: :func:`load`.
 
 ``saliency_jax.load(workdir)`` rebuilds what :func:`saliency_jax.train.train` returned for a run that has finished
-(or been stopped): the model from ``workdir/config.json`` (as ``train`` builds it), the latest checkpoint's state
-restored and verified against the checksums saved with it (:class:`saliency_jax.workdirs.Checkpoints`). Nothing is
+(or been stopped), whatever plan trained it: the plan from ``workdir/config.json`` (as ``train`` builds it: the
+trainer ``config.trainer`` names), the latest checkpoint's state restored and verified against the checksums saved
+with it (:class:`saliency_jax.workdirs.Checkpoints`), every model of the plan reachable by name. Nothing is
 trained and nothing in the workdir is changed, so notebooks and evaluators can use a run without retraining it.
 """
 
@@ -20,9 +21,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from saliency_jax import data as data_lib
-from saliency_jax import train as train_lib
+from saliency_jax import trainers
 from saliency_jax import workdirs
+from saliency_jax.data import inputs
+from saliency_jax.mesh import make_mesh
+from saliency_jax.plan import TrainResult
 
 __all__ = ["load", "read_config"]
 
@@ -59,29 +62,18 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_tuples(record))
 
 
-def _shapes(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], int]:
-    """(image_shape, num_classes) of the model: from the config where it gives them, else from the train split."""
-    ds = config.dataset
-    num_classes = config.model.get("num_classes")
-    size = ds.get("image_size")
-    if num_classes and size and ds.get("channels"):
-        return (size, size, int(ds.channels)), int(num_classes)
-    source = data_lib.get_source(ds.name, "train", data_dir=ds.get("data_dir"), image_size=size,
-                                 options=ds.get("options"))
-    return tuple(data_lib.image_shape(source, size)), int(num_classes or data_lib.num_classes(source))
+def load(workdir: str | os.PathLike, *, step: int | None = None, fallback: bool = False) -> TrainResult:
+    """A trained run from its workdir: its models, their variables and its config.
 
-
-def load(workdir: str | os.PathLike, *, step: int | None = None, fallback: bool = False,
-         ) -> train_lib.TrainResult:
-    """A trained run from its workdir: the model, its variables and its config.
-
-    The model is rebuilt from ``workdir/config.json`` as :func:`saliency_jax.train.train` builds it (its
-    ``config.model``, with the image shape and number of classes of the run's train split, or of
-    ``config.model.num_classes`` / ``config.dataset.image_size`` and ``channels`` where set); the state of the latest
-    checkpoint (or of ``step``) is restored and verified against its checksums. The workdir is only read.
+    The plan is rebuilt from ``workdir/config.json`` as :func:`saliency_jax.train.train` builds it (the trainer of
+    ``config.trainer``, its models on the run's data's image shape and number of classes, or on
+    ``config.model.num_classes`` / ``config.dataset.image_size`` and ``channels`` for a weights-only run); the state of
+    the latest checkpoint (or of ``step``) is restored and verified against its checksums. The workdir is only read.
 
     >>> run = saliency_jax.load("runs/digits/baseline/seed0")  # doctest: +SKIP
     >>> logits = run.model.apply(run.variables, images, train=False)  # doctest: +SKIP
+    >>> masks = run.models["mask_generator"].apply(  # doctest: +SKIP
+    ...     {"params": run.model_state("mask_generator").params}, images)
 
     Args:
       workdir: the run's folder (``train``'s ``workdir``; an experiment's runs are ``<workdir>/<arm>/seed<k>``).
@@ -90,30 +82,33 @@ def load(workdir: str | os.PathLike, *, step: int | None = None, fallback: bool 
         moved). Without it a damaged checkpoint raises.
 
     Returns:
-      A :class:`saliency_jax.train.TrainResult` as ``train`` returns it: ``.model`` (the linen module),
+      A :class:`saliency_jax.plan.TrainResult` as ``train`` returns it: ``.model`` (the classifier the run returns),
       ``.variables`` (``{"params", "batch_stats"}``, replicated over the local devices), ``.config``, ``.state``
-      (with ``.step``), ``.image_shape``, ``.num_classes``, ``.workdir``; ``.initial_variables`` is the seed's
-      initialisation (None for runs from imported weights: reload them from ``config.model.pretrained``); ``.history``
-      is the ``metrics.jsonl`` log. It can be passed to the evaluators of :mod:`saliency_jax.evaluators`.
+      (with ``.step``), ``.image_shape``, ``.num_classes``, ``.workdir``, ``.models`` / ``.model_state(name)`` (every
+      model of the plan), ``.full_state``; ``.initial_variables`` is the seed's initialisation (None for runs from
+      imported weights: reload them from ``config.model.pretrained``); ``.history`` is the ``metrics.jsonl`` log. It
+      can be passed to the evaluators of :mod:`saliency_jax.evaluators`.
 
     Raises:
       FileNotFoundError: no such workdir, no ``config.json``, or no checkpoint in it (or not ``step``).
-      ValueError: a damaged ``config.json``, or a run of another trainer than the generic loop (``config.trainer``).
+      ValueError: a damaged ``config.json``, or an unknown trainer.
       CheckpointError: (a ``RuntimeError``) the checkpoint is unreadable or differs from its checksums (the step and
         folder are named), and no intact earlier one with ``fallback``.
     """
     workdir = pathlib.Path(workdir)
     config = read_config(workdir)
-    if config.get("trainer", "supervised") != "supervised":
-        raise ValueError(f"load: {workdir} was trained by trainer {config.trainer!r}, whose state is not the generic "
-                         "loop's; load supports runs of saliency_jax.train (config.trainer='supervised')")
     if not (workdir / "checkpoints").is_dir():
         raise FileNotFoundError(f"load: {workdir} has no checkpoints folder (the run never reached a checkpoint)")
-    image_shape, num_classes = _shapes(config)
-    model = train_lib.build_model(config, num_classes)
-    optimizer = train_lib.make_optimizer(config)
-    replicated = NamedSharding(train_lib.make_mesh(), P())
-    shapes = jax.eval_shape(lambda: train_lib.init_state(model, optimizer, image_shape, config.seed))
+    trainer = trainers.get_trainer(config.get("trainer", "supervised"))
+    pretrained = config.model.get("pretrained")
+    build_config = config.copy_and_resolve_references()
+    with build_config.unlocked():
+        build_config.model.pretrained = None  # the checkpoint holds the weights; the file need not exist any more
+        build_config.model.allow_random_init = True
+    data = None if trainer.weights_only(build_config) else inputs.load_run_data(build_config)
+    plan = trainer.build(build_config, data)
+    replicated = NamedSharding(make_mesh(), P())
+    shapes = jax.eval_shape(plan.init_state, plan.variables)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
     ckpt = workdirs.Checkpoints(workdir, with_data=False)
     try:
@@ -125,7 +120,7 @@ def load(workdir: str | os.PathLike, *, step: int | None = None, fallback: bool 
         candidates = [step] if step is not None else steps[::-1]
         for i, s in enumerate(candidates):
             try:
-                state = ckpt.restore_step(s, abstract)[0]
+                full_state = ckpt.restore_step(s, abstract)[0]
                 break
             except workdirs.CheckpointError as e:
                 if not fallback or i == len(candidates) - 1:
@@ -135,10 +130,9 @@ def load(workdir: str | os.PathLike, *, step: int | None = None, fallback: bool 
     finally:
         ckpt.close(quiet=True)
     initial = None
-    if not config.model.get("pretrained"):
-        init = jax.jit(lambda: model.init(jax.random.key(config.seed), jnp.zeros((1, *image_shape), jnp.float32),
-                                          train=False))()
-        initial = jax.device_get({"params": init["params"], "batch_stats": init.get("batch_stats", {})})
+    if not pretrained:
+        first = plan.view(jax.jit(plan.init_state)(plan.variables), plan.final_role)
+        initial = jax.device_get({"params": first.params, "batch_stats": first.batch_stats})
     history = []
     if (workdir / "metrics.jsonl").exists():
         for line in (workdir / "metrics.jsonl").read_text().splitlines():
@@ -146,5 +140,6 @@ def load(workdir: str | os.PathLike, *, step: int | None = None, fallback: bool 
                 history.append(json.loads(line))
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
-    return train_lib.TrainResult(state=state, model=model, history=history, workdir=workdir, config=config,
-                                 initial_variables=initial, image_shape=tuple(image_shape), num_classes=num_classes)
+    return TrainResult(state=plan.view(full_state, plan.final_role), model=plan.final_model, history=history,
+                       workdir=workdir, config=config, initial_variables=initial, image_shape=tuple(plan.image_shape),
+                       num_classes=plan.num_classes, plan=plan, full_state=full_state)

@@ -28,7 +28,8 @@ import numpy as np
 
 from saliency_jax import data as data_lib
 from saliency_jax import evaluation
-from saliency_jax import train as train_lib
+from saliency_jax.evaluation.predict import predict
+from saliency_jax.models.build import model_layers
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
 from saliency_jax.saliency import grad_cam, linen_layer
 
@@ -176,7 +177,7 @@ def region_mass_evaluator(settings: RegionMassSettings) -> Evaluator:
         idx = _subset(len(source), settings.examples, settings.seed)
         batches = data_lib.make_eval_batches(source, idx, batch_size=settings.batch_size,
                                              image_size=config.dataset.get("image_size"))
-        layer = train_lib.model_layers(config).grad_cam_layer
+        layer = model_layers(config).grad_cam_layer
         masses = region_masses(run.model, run.variables, batches, layer=layer, score=settings.score,
                                weighting=settings.weighting, attributes=tuple(settings.attributes))
         out: dict[str, Any] = {"layer": layer, "region": _stats(masses["region"])}
@@ -245,7 +246,7 @@ def split_accuracy_evaluator(settings: SplitAccuracySettings) -> Evaluator:
         idx = _subset(len(source), settings.examples, settings.seed)
         batches = data_lib.make_eval_batches(source, idx, batch_size=config.eval_batch_size,
                                              image_size=ds.get("image_size"), pad_to_multiple_of=jax.device_count())
-        labels, preds, _ = train_lib.predict(run.model, run.variables, batches)
+        labels, preds, _ = predict(run.model, run.variables, batches)
         return {"split": settings.split, "examples": int(len(idx)), "accuracy": float(np.mean(labels == preds))}
 
     def report(ctx: ReportContext) -> Section:

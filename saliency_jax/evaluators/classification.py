@@ -18,7 +18,7 @@ import optax
 
 from saliency_jax import data as data_lib
 from saliency_jax import evaluation
-from saliency_jax import train as train_lib
+from saliency_jax.evaluation.predict import predict
 from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator)
 
 __all__ = ["ClassificationSettings", "RandomErasingSettings", "FGSMSettings", "classification_evaluator",
@@ -46,7 +46,7 @@ def test_predictions(run, data, transform=None, seed: int = 0):
     batches = data_lib.make_eval_batches(source, None, batch_size=config.eval_batch_size,
                                          image_size=config.dataset.get("image_size"),
                                          pad_to_multiple_of=jax.device_count())
-    labels, preds, probs = train_lib.predict(run.model, run.variables, batches, transform=transform, seed=seed)
+    labels, preds, probs = predict(run.model, run.variables, batches, transform=transform, seed=seed)
     return labels, preds, probs, source
 
 

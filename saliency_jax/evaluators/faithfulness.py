@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saliency_jax import data as data_lib
-from saliency_jax import train as train_lib
+from saliency_jax.models.build import model_layers
 from saliency_jax.evaluation import faithfulness as F
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
 from saliency_jax.saliency import (contrastive_excitation_backprop, excitation_backprop, grad_cam, linen_layer, rise,
@@ -215,7 +215,7 @@ def faithfulness_evaluator(settings: FaithfulnessSettings) -> Evaluator:
         regions = batch["region"][:n] if "region" in batch else None
         if regions is not None and regions.ndim != 3:
             regions = None  # several regions per image (templates per attribute): not one known region
-        grad_cam_layer = train_lib.model_layers(run.config).grad_cam_layer
+        grad_cam_layer = model_layers(run.config).grad_cam_layer
         layers = {m: settings.layers.get(m) or grad_cam_layer for m in _LAYER_METHODS}
         random_params = None
         if settings.randomization:

@@ -13,7 +13,8 @@ import numpy as np
 
 from saliency_jax import data as data_lib
 from saliency_jax import evaluation
-from saliency_jax import train as train_lib
+from saliency_jax.models.build import model_layers
+from saliency_jax.plan import TrainResult
 from saliency_jax import workdirs
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
 from saliency_jax.saliency import grad_cam, linen_layer
@@ -32,7 +33,7 @@ def read_metrics_log(workdir) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def grad_cam_maps(run: train_lib.TrainResult, images: np.ndarray, labels: np.ndarray, *, layer: str,
+def grad_cam_maps(run: TrainResult, images: np.ndarray, labels: np.ndarray, *, layer: str,
                   score: str = "softmax", weighting: str = "guided") -> np.ndarray:
     """Grad-CAM maps of the ground-truth classes with a trained run (inference mode).
 
@@ -94,7 +95,7 @@ def saliency_maps_evaluator(settings: SaliencyMapsSettings) -> Evaluator:
         images, labels, source = _figure_examples(data, run.config, settings.examples)
         if not len(images):
             return {"salient_area": None}
-        layer = train_lib.model_layers(run.config).grad_cam_layer
+        layer = model_layers(run.config).grad_cam_layer
         maps = grad_cam_maps(run, images, labels, layer=layer, score=settings.score, weighting=settings.weighting)
         names = getattr(source, "class_names", None)
         np.savez_compressed(run.workdir / "saliency_maps.npz", maps=maps, images=images, labels=labels,
@@ -126,7 +127,7 @@ def saliency_maps_evaluator(settings: SaliencyMapsSettings) -> Evaluator:
         if maps:
             arm = next(iter(maps))
             stored = np.load(first[arm].workdir / "saliency_maps.npz")
-            layer = train_lib.model_layers(first[arm].config).grad_cam_layer
+            layer = model_layers(first[arm].config).grad_cam_layer
             evaluation.saliency_figure(
                 stored["images"], maps, ctx.workdir / "saliency_maps.png", row_labels=[str(n) for n in stored["names"]],
                 title=f"Grad-CAM ({settings.score}, {settings.weighting}) at {layer}, ground-truth class")

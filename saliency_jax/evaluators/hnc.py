@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from saliency_jax import data as data_lib
-from saliency_jax import train as train_lib
+from saliency_jax.models.build import model_layers
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
 from saliency_jax.evaluators.utilization import test_subset
 from saliency_jax.saliency import apply_with_layers, class_activation_maps, classifier_params
@@ -48,7 +48,7 @@ def negative_cams_evaluator(settings: NegativeCamsSettings) -> Evaluator:
 
     def evaluate(run, data):
         config = run.config
-        layers = train_lib.model_layers(config)
+        layers = model_layers(config)
         source = data.test_source(config)
         idx = test_subset(len(source), settings.examples, settings.seed)
         variables = run.variables

@@ -37,6 +37,7 @@ import ml_collections
 import optax
 
 from saliency_jax.config import Settings
+from saliency_jax.models.build import ModelLayers
 from saliency_jax.saliency.core import apply_with_layers
 
 Array = jax.Array
@@ -71,13 +72,17 @@ class StepContext(NamedTuple):
         are the ones ``jax.grad`` differentiates (use them to make a loss term differentiable); in
         ``batch_transform`` they are constants.
       step: int32 scalar, the number of updates done before this step.
-      key: this piece's PRNG key (derived from the run's seed and the step; see :func:`saliency_jax.train.make_train_step`).
+      key: this piece's PRNG key (derived from the run's seed and the step; see
+        :func:`saliency_jax.training.make_train_step`).
+      state: the scheme's own state (``Scheme.init`` / ``Scheme.update``; in a chain, each scheme sees its own);
+        ``None`` for stateless schemes.
     """
 
     model: nn.Module
     variables: Any
     step: Array
     key: Array
+    state: Any = None
 
 
 class Forward(NamedTuple):
@@ -114,12 +119,20 @@ class Scheme(NamedTuple):
       loss: ``(ctx, batch, forward) -> (per_example [batch] float32, metrics)`` or None; the train step adds its
         batch mean to the classification loss.
       layers: paths of the layers whose training-forward activations ``loss`` reads (``Forward.activations``).
+      init: ``variables -> state`` or None: the scheme's state at step 0 (optax's ``init``), for a scheme that keeps
+        something across steps (a curriculum, an adaptive weight, a running average of maps). It lives in the train
+        state (``TrainState.scheme_state``) and its checkpoint; every piece reads it as ``ctx.state``.
+      update: ``(ctx, forward, metrics) -> state`` or None: the next state after the step's update, from the training
+        forward (``Forward``, gradients stopped, with the ``layers`` activations) and the step's metrics; ``ctx.state``
+        is the current state. A step whose update is skipped (non-finite loss) keeps the old state.
     """
 
     batch_transform: BatchTransform | None = None
     forward: ForwardFn | None = None
     loss: LossTerm | None = None
     layers: tuple[str, ...] = ()
+    init: Callable[[Any], Any] | None = None
+    update: Callable[[StepContext, Forward, Metrics], Any] | None = None
 
 
 def _merge_metrics(into: dict, metrics: Mapping[str, Array], where: str) -> None:
@@ -151,6 +164,11 @@ def chain(*schemes: Scheme) -> Scheme:
     Raises:
       ValueError: if more than one scheme contributes a forward pass.
     """
+    schemes = tuple(s for s in schemes if s != Scheme())
+    if len(schemes) == 1:
+        return schemes[0]
+    if any(s.init is not None for s in schemes):
+        schemes = _own_states(schemes)
     transforms = [s.batch_transform for s in schemes if s.batch_transform is not None]
     forwards = [s.forward for s in schemes if s.forward is not None]
     losses = [s.loss for s in schemes if s.loss is not None]
@@ -181,7 +199,30 @@ def chain(*schemes: Scheme) -> Scheme:
                 _merge_metrics(metrics, m, "loss terms")
             return total, metrics
 
-    return Scheme(batch_transform, forwards[0] if forwards else None, loss, layers)
+    stateful = [(i, s) for i, s in enumerate(schemes) if s.init is not None]
+    init = update = None
+    if stateful:
+        def init(variables):
+            return {str(i): s.init(variables) for i, s in stateful}
+
+        def update(ctx, forward, metrics):
+            return {str(i): (s.update(ctx._replace(state=ctx.state[str(i)]), forward, metrics)
+                             if s.update is not None else ctx.state[str(i)]) for i, s in stateful}
+
+    return Scheme(batch_transform, forwards[0] if forwards else None, loss, layers, init, update)
+
+
+def _own_states(schemes: Sequence[Scheme]) -> tuple[Scheme, ...]:
+    """Each scheme's pieces with ``ctx.state`` narrowed to that scheme's entry of the chain's state
+    (``{str(position): state}``)."""
+
+    def narrow(fn, i):
+        if fn is None:
+            return None
+        return lambda ctx, *args: fn(ctx._replace(state=ctx.state[str(i)] if ctx.state else None), *args)
+
+    return tuple(s._replace(batch_transform=narrow(s.batch_transform, i), forward=narrow(s.forward, i),
+                            loss=narrow(s.loss, i)) if s.init is not None else s for i, s in enumerate(schemes))
 
 
 def model_forward(ctx: StepContext, batch: Batch, capture: Sequence[str] = ()) -> Forward:
@@ -286,20 +327,6 @@ def classification_accuracy(name: str, logits: Array, labels: Array) -> Array:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings and the registry.
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelLayers:
-    """The layers of a model that schemes read (one source of truth: ``config.model``).
-
-    Attributes:
-      grad_cam_layer: path of the last convolutional block's (post-activation) output, [batch, h, w, channels]:
-        the Grad-CAM layer and the features that a GAP head pools (CAM, HNC).
-      classifier: module path of the dense layer on the pooled features (CAM's and HNC's kernel and bias).
-    """
-
-    grad_cam_layer: str
-    classifier: str
 
 
 class SchemeSettings(Settings):
