@@ -104,8 +104,9 @@ class Plan:
     Attributes:
       phases: in order; ``phases[-1].end`` is the run's length (no phase: nothing to train, the weights-only mode).
       models: ``{role: linen module}``: every model of the state, by name.
-      variables: the argument of ``init_state``: the first model's initial variables (its random initialisation or
-        imported weights), passed as an argument so that they are not compiled into the program as constants.
+      init_variables: ``() -> variables``, the argument of ``init_state``: the first model's initial variables (its
+        random initialisation or imported weights; called once, by the loop), passed as an argument so that they are
+        not compiled into the program as constants.
       init_state: ``variables -> state``: the initial state (the loop jits it with replicated output).
       view: ``(state, role) -> TrainState``: one model's part of the state as a :class:`TrainState` (its params,
         batch statistics and optimizer state), what evaluators and validation read.
@@ -119,7 +120,7 @@ class Plan:
 
     phases: tuple[Phase, ...]
     models: Mapping[str, nn.Module]
-    variables: Any
+    init_variables: Callable[[], Any]
     init_state: Callable[[Any], Any]
     view: Callable[[Any, str], TrainState]
     image_shape: tuple[int, ...]

@@ -108,7 +108,8 @@ def load(workdir: str | os.PathLike, *, step: int | None = None, fallback: bool 
     data = None if trainer.weights_only(build_config) else inputs.load_run_data(build_config)
     plan = trainer.build(build_config, data)
     replicated = NamedSharding(make_mesh(), P())
-    shapes = jax.eval_shape(plan.init_state, plan.variables)
+    variables = plan.init_variables()
+    shapes = jax.eval_shape(plan.init_state, variables)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
     ckpt = workdirs.Checkpoints(workdir, with_data=False)
     try:
@@ -131,7 +132,7 @@ def load(workdir: str | os.PathLike, *, step: int | None = None, fallback: bool 
         ckpt.close(quiet=True)
     initial = None
     if not pretrained:
-        first = plan.view(jax.jit(plan.init_state)(plan.variables), plan.final_role)
+        first = plan.view(jax.jit(plan.init_state)(variables), plan.final_role)
         initial = jax.device_get({"params": first.params, "batch_stats": first.batch_stats})
     history = []
     if (workdir / "metrics.jsonl").exists():

@@ -259,7 +259,7 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
     data_sharding = NamedSharding(mesh, P("data"))
 
     # Sharding: the initial state, replicated.
-    state = jax.jit(plan.init_state, out_shardings=replicated)(plan.variables)
+    state = jax.jit(plan.init_state, out_shardings=replicated)(plan.init_variables())
     first = plan.view(state, plan.final_role)
     result = functools.partial(TrainResult, model=plan.final_model, workdir=workdir, config=config,
                                initial_variables=jax.device_get({"params": first.params,

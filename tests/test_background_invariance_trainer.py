@@ -26,6 +26,7 @@ from saliency_jax import experiment
 from saliency_jax import train as train_lib
 from saliency_jax import trainers
 from saliency_jax.config import default_config
+from saliency_jax.data.inputs import RunData
 from saliency_jax.evaluation import backgrounds as bg
 from saliency_jax.evaluators import ExperimentData, ReportContext, RunRecord, build_evaluators
 from saliency_jax.evaluators import backgrounds as bg_eval
@@ -33,6 +34,7 @@ from saliency_jax.evaluators import settings_section as evaluator_section
 from saliency_jax.models import AttentionCNN, VanillaCNN
 from saliency_jax.models import background_invariance as bim
 from saliency_jax.trainers import background_invariance as tb
+from saliency_jax.trainers import supervised
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"base_features": 4, "dense_features": 16}
@@ -94,7 +96,7 @@ def xla_cache(tmp_path_factory):
 def straight(tmp_path_factory):
     """One uninterrupted adversarial run: phases 1-3, 3 steps each."""
     workdir = tmp_path_factory.mktemp("straight")
-    return tiny_config(), tb.train(tiny_config(), workdir, progress=False)
+    return tiny_config(), train_lib.train(tiny_config(), workdir, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,10 +113,10 @@ def test_each_phase_is_the_library_step_on_the_loops_batches(straight):
     iterator = iter(train_lib.make_train_input(config, source, train_idx))
     mesh = train_lib.make_mesh()
     repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    classifier = plan.models.classifier
+    classifier = plan.models["classifier"]
     init_key = jax.random.key(config.seed)
     variables = classifier.init(jax.random.split(init_key, 3)[0], np.zeros((1, 16, 16, 1), np.float32))
-    state = jax.jit(lambda v: plan.init(init_key, (16, 16, 1), v), out_shardings=repl)(variables)
+    state = jax.jit(plan.init_state, out_shardings=repl)(variables)
     init = jax.device_get(state)
     snapshots = {}
     for phase in plan.phases:  # jitted as the trainer does, so XLA's cache has the programs
@@ -176,16 +178,16 @@ def test_killed_twice_and_resumed_is_bit_identical(straight, tmp_path, monkeypat
     for step in (5, 8):  # mid phase 2 (last checkpoint 4), then mid phase 3 (last checkpoint 6, the phase-2 end)
         kill_at(monkeypatch, step)
         with pytest.raises(Killed):
-            tb.train(config, workdir, progress=False)
+            train_lib.train(config, workdir, progress=False)
         monkeypatch.undo()
-    resumed = tb.train(config, workdir, progress=False)
+    resumed = train_lib.train(config, workdir, progress=False)
     assert int(resumed.state.step) == 9
     assert_trees_equal(resumed.full_state, run.full_state)
     assert logged_steps(workdir) == logged_steps(run.workdir)  # what the killed launches logged past 4 / 6 is gone
     np.testing.assert_array_equal(np.load(workdir / tb.PREVIEW_FILE)["composite"],
                                   np.load(run.workdir / tb.PREVIEW_FILE)["composite"])
     # A finished run restores without training.
-    again = tb.train(config, workdir, progress=False)
+    again = train_lib.train(config, workdir, progress=False)
     assert again.train_seconds == 0.0
     assert_trees_equal(again.full_state, run.full_state)
 
@@ -193,26 +195,26 @@ def test_killed_twice_and_resumed_is_bit_identical(straight, tmp_path, monkeypat
 def test_phase_cache_gives_the_state_the_phases_compute(straight, tmp_path):
     config, run = straight
     cache = {"phase_cache": str(tmp_path / "cache")}
-    vanilla = tb.train(tiny_config("classifier", **cache), tmp_path / "vanilla", progress=False)
+    vanilla = train_lib.train(tiny_config("classifier", **cache), tmp_path / "vanilla", progress=False)
     assert int(vanilla.state.step) == 3
     entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(entries) == 1 and entries[0].startswith("1-classifier-")
-    proposal = tb.train(tiny_config(**cache), tmp_path / "proposal", progress=False)
+    proposal = train_lib.train(tiny_config(**cache), tmp_path / "proposal", progress=False)
     assert_trees_equal(proposal.full_state, run.full_state)  # phase 1 from the cache, phases 2-3 trained
     assert logged_steps(tmp_path / "proposal") == logged_steps(run.workdir)
     assert sorted(p.name.split("-")[1] for p in (tmp_path / "cache").iterdir()) == ["classifier", "mask"]
     # A phase-3 variant starts after phase 2; another phase-1 setting misses the cache.
-    variant = tb.train(tiny_config(generator_learning_rate=1e-3, **cache), tmp_path / "variant", progress=False)
+    variant = train_lib.train(tiny_config(generator_learning_rate=1e-3, **cache), tmp_path / "variant", progress=False)
     assert_trees_equal(variant.full_state.params["mask_generator"], run.full_state.params["mask_generator"])
     assert not np.array_equal(leaves(variant.full_state.params["background_generator"])[0],
                               leaves(run.full_state.params["background_generator"])[0])
     other = tiny_config(classifier_learning_rate=1e-4, **cache)
-    assert tb._cache_keys(other, tb.build_plan(other, tb.check(other), 10, (16, 16, 1), 24), (16, 16, 1), 10) != \
-        tb._cache_keys(config, run.plan, (16, 16, 1), 10)
+    assert train_lib._cache_keys(tb.build_plan(other, train_lib.validate(other).data)) != \
+        train_lib._cache_keys(run.plan)
 
 
 def test_attention_method_trains_the_crop_branch_on_a_frozen_global_cnn(tmp_path):
-    run = tb.train(tiny_config("attention"), tmp_path / "att", progress=False)
+    run = train_lib.train(tiny_config("attention"), tmp_path / "att", progress=False)
     full = run.full_state
     assert [p.name for p in run.plan.phases] == ["classifier", "attention"]
     assert isinstance(run.model, AttentionCNN) and run.role == "attention"
@@ -247,8 +249,8 @@ def test_settings_are_checked_before_training():
     with pytest.raises(ValueError, match="has no field 'aera'"):
         tb.BackgroundInvarianceTrainerSettings.from_mapping({"aera": 0.3})
     # The runner picks the trainer by name and names the arm on bad settings.
-    assert trainers.get_trainer("background_invariance").train is tb.train
-    assert trainers.get_trainer("supervised").train is train_lib.train
+    assert trainers.get_trainer("background_invariance").build is tb.build_plan
+    assert trainers.get_trainer("supervised").build is supervised.build_plan
     with pytest.raises(ValueError, match="unknown trainer 'background'.*did you mean"):
         trainers.get_trainer("background")
     c.experiment.arms = (("ok", {}), ("broken", {"background_invariance": {"tiles": 0}}))
@@ -362,12 +364,14 @@ def test_configs_check_and_the_folder_config_builds_the_vgg_plan():
     assert experiment.check_config(mnist) == ["vanilla", "attention", "proposal", "proposal_glr1e-5"]
     assert mnist.background_invariance.batch_size == mnist.batch_size == 64
     folder = load_config("background_invariance_folder").get_config()
-    assert experiment.check_config(folder) == ["vanilla", "proposal"]
+    with pytest.raises(ValueError, match="needs data_dir"):  # every trainer's data is checked up front
+        experiment.check_config(folder)
+    assert [name for name, _ in folder.experiment.arms] == ["vanilla", "proposal"]
     cfg = experiment.arm_config(folder, "proposal", 0)
     settings = tb.check(cfg)
-    plan = tb.build_plan(cfg, settings, 5, (128, 128, 3), 80)
+    plan = tb.build_plan(cfg, RunData(None, np.arange(80), np.arange(0), None, (128, 128, 3), 5))
     assert [(p.name, p.end - p.begin) for p in plan.phases] == [("classifier", 1000), ("mask", 1000),
                                                                  ("adversarial", 1000)]  # 100 epochs of 80 / 8
-    assert type(plan.models.classifier).__name__ == "VGG" and not settings.penalise_brightness(3)
+    assert type(plan.models["classifier"]).__name__ == "VGG" and not settings.penalise_brightness(3)
     assert bim.background_noise_shape((128, 128, 3), settings.tiles) == (2, 2, 48)
     assert settings.classifier_learning_rate == settings.generator_learning_rate == 1e-5

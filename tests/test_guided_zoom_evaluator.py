@@ -164,7 +164,7 @@ def test_fine_grained_configs_and_the_evidence_cnns_config(tmp_path):
         with pytest.raises(FileNotFoundError):  # the runner checks the data exists before anything trains
             check_config(config)
         run_config = arm_config(config, "conventional", 0)
-        trainers.check_trainer(run_config, data_validated=True)  # the rest of the run's checks, without the data
+        train_lib.validate(run_config, data=False)  # the rest of the run's checks, without the data
         build_evaluators(run_config)
         settings = evaluator_settings(run_config, "guided_zoom")
         # The thesis' sizes at 448 px: 150-px patches, 85-px squares, the Evidence CNN at 224 from the same weights.

@@ -369,8 +369,8 @@ def build_plan(config: ml_collections.ConfigDict, data) -> Plan:
     adversarial = next((p for p in phases if p.name == "adversarial"), None)
     hooks = _preview_hooks(models, settings, adversarial, data.test_source, config) if adversarial else Hooks()
     return Plan(phases=tuple(phases), models=by_role,
-                variables=classifier_variables(config, classifier, image_shape, jax.random.split(init_key, 3)[0],
-                                               skip_head=True),
+                init_variables=lambda: classifier_variables(config, classifier, image_shape,
+                                                            jax.random.split(init_key, 3)[0], skip_head=True),
                 init_state=init_state, view=classifier_view, image_shape=image_shape, num_classes=num_classes,
                 final_role="attention" if extra else "classifier", log_phase=True, hooks=hooks, cache=cache)
 
@@ -384,7 +384,6 @@ def _preview_hooks(models: bi.BackgroundInvarianceModels, settings: BackgroundIn
                    adversarial: Phase, test_source, config: ml_collections.ConfigDict) -> Hooks:
     """Phase 3's previews (fixed test images and noise key, at fixed steps, kept in ``previews.npz``) and the final
     figures, as the plan's hooks."""
-    images = _preview_images(test_source, config, settings.preview_examples)
     key = jax.random.key(0)
     preview_fn = jax.jit(lambda s, x: bi.phase3_preview(models, s, x, key, settings))
     steps: set[int] = set()
@@ -394,7 +393,11 @@ def _preview_hooks(models: bi.BackgroundInvarianceModels, settings: BackgroundIn
     stored: dict[str, list] = {"steps": [], **{k: [] for k in fields}}
     is_main = jax.process_index() == 0
 
+    images = None
+
     def start(workdir, start_step):
+        nonlocal images
+        images = _preview_images(test_source, config, settings.preview_examples)
         stored.update({"steps": [], **{k: [] for k in fields}})
         path = workdir / PREVIEW_FILE
         if path.exists():

@@ -84,11 +84,11 @@ def build_plan(config: ml_collections.ConfigDict, data) -> Plan:
     image_shape = tuple(int(s) for s in image_shape)
     model = build_model(config, num_classes)
     optimizer = make_optimizer(config)
-    variables = classifier_variables(config, model, image_shape, jax.random.key(config.seed),
-                                     skip_head=data is not None)
     step = make_train_step(model, optimizer, scheme, loss=config.get("loss", "softmax_cross_entropy"),
                            classification_weight=config.get("classification_weight", 1.0))
     phases = (Phase("train", 1, 0, total, step, "classifier", ("classifier",)),) if total else ()
-    return Plan(phases=phases, models={"classifier": model}, variables=variables,
+    return Plan(phases=phases, models={"classifier": model},
+                init_variables=lambda: classifier_variables(config, model, image_shape, jax.random.key(config.seed),
+                                                            skip_head=data is not None),
                 init_state=lambda v: init_state(model, optimizer, image_shape, config.seed, v, scheme),
                 view=lambda state, role: state, image_shape=image_shape, num_classes=int(num_classes))
