@@ -22,7 +22,8 @@ Config idiom (``experiments/configs/``): ``config.schemes`` lists the schemes of
 training); the settings of scheme ``name`` are the section ``config.<name>`` (made with :func:`settings_section`,
 which holds every field at its default so that each can be overridden from the command line). The layers a scheme
 reads come from ``config.model`` (``grad_cam_layer``, ``classifier``; defaults per architecture in
-:data:`saliency_jax.models.MODEL_LAYERS`).
+:data:`saliency_jax.models.GRAD_CAM_LAYER` and :data:`saliency_jax.models.CLASSIFIER`, the metadata of
+:data:`saliency_jax.models.MODELS`).
 """
 
 from __future__ import annotations
