@@ -47,7 +47,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from saliency_jax.config import ConfigError
+from saliency_jax import registry
+from saliency_jax.config import ConfigError, default_config
 
 __all__ = [
     "CheckpointError",
@@ -540,18 +541,12 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _ignored_sections(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
-    """Top-level sections that do not reach the trajectory: evaluators' sections and unused schemes' sections."""
-    from saliency_jax.training import scheme as scheme_lib
-
-    used = set(scheme_lib.scheme_list(old.get("schemes"))) | set(scheme_lib.scheme_list(new.get("schemes")))
-    ignored = set(scheme_lib.scheme_names()) - used
-    try:
-        from saliency_jax import evaluators
-
-        ignored |= set(evaluators.evaluator_names()) - set(scheme_lib.scheme_names())
-    except ImportError:  # pragma: no cover - evaluators are optional for the loop
-        pass
-    return ignored
+    """Top-level sections that do not reach the trajectory: evaluators' sections (the registered ones and those the
+    two configs list) and the sections of registered schemes neither config uses."""
+    schemes = set(registry.TRAINING_SCHEMES.names())
+    used = set(registry.name_list(old.get("schemes"))) | set(registry.name_list(new.get("schemes")))
+    listed = set(registry.name_list(old.get("evaluators"))) | set(registry.name_list(new.get("evaluators")))
+    return (schemes - used) | ((set(registry.EVALUATORS.names()) | listed) - schemes)
 
 
 def trajectory_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -614,7 +609,6 @@ def check_resume(workdir: str | os.PathLike, config: ml_collections.ConfigDict, 
     diffs = trajectory_differences(old, _config_record(config))
     # A field the checkpoint's launch did not know (added to the code since), now at the loop's default, is taken to
     # reproduce that launch's behaviour (new fields default to the old behaviour).
-    from saliency_jax.config import default_config
 
     defaults = _flatten(_config_record(default_config()))
     diffs = [d for d in diffs if not (d[1] == "<absent>" and d[0] in defaults and defaults[d[0]] == d[2])]

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from saliency_jax.data import regions as regions_lib
-from saliency_jax.data import sources
+from saliency_jax.data.core import SOURCES, check_image_size, require_data_dir
 
 __all__ = [
     "CELEBA_FRAME",
@@ -230,7 +230,7 @@ class CelebASource:
         if self.all_attributes.shape != (len(self.filenames), len(self.attribute_names)):
             raise ValueError(f"Source {self.name!r}: all_attributes must be [{len(self.filenames)}, "
                              f"{len(self.attribute_names)}]; got {self.all_attributes.shape}")
-        sources._check_image_size(self.image_size, f"Source {self.name!r}")  # pylint: disable=protected-access
+        check_image_size(self.image_size, f"Source {self.name!r}")
         columns = [self.attribute_names.index(a) for a in self.attributes]
         object.__setattr__(self, "labels", self.all_attributes[:, columns].astype(np.int32))
         if self.region_templates is not None:
@@ -379,3 +379,13 @@ def cooccurrence_subset(source: CelebASource, attribute: str, cooccurring: str |
     present = source.all_attributes[:, source.attribute_names.index(attribute)] == 1
     absent = source.all_attributes[:, source.attribute_names.index(cooccurring)] == 0
     return np.flatnonzero(present & absent).astype(np.int64)
+
+
+@SOURCES.register("celeba", options=("attributes", "region_templates", "frame"), templates=False)
+def _celeba_source(spec, split, data_dir, image_size, **options):
+    """:func:`load_celeba` (multi-label: its ``region_templates`` option is per attribute, not per class)."""
+    if "frame" in options:
+        options["frame"] = tuple(options["frame"])
+    if "attributes" in options:
+        options["attributes"] = tuple(options["attributes"])
+    return load_celeba(require_data_dir(spec, data_dir), split, image_size=image_size, **options)

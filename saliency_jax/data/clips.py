@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from saliency_jax.config import Settings
-from saliency_jax.data.sources import load_digits, load_mnist
+from saliency_jax.data.core import SOURCES
+from saliency_jax.data.mnist import load_digits, load_mnist
 
 __all__ = ["CLIP_SPECS", "LAYOUTS", "ClipSettings", "MovingDigitClips", "box_masks", "clip_source", "collate_clips",
            "ink_boxes"]
@@ -350,3 +351,15 @@ def clip_source(spec: str, split: str, data_dir: str | os.PathLike | None = None
         raise ValueError(f"unknown clip spec {spec!r}; choose from {CLIP_SPECS}")
     return MovingDigitClips(images=digits.images, labels=digits.labels, num_classes=digits.num_classes,
                             **settings.clip_kwargs(split))
+
+
+def _clip_source(spec, split, data_dir, image_size, **options):
+    """:func:`clip_source`; clips are not resized (their frame size is the ``canvas`` option)."""
+    if image_size is not None:
+        raise ValueError(f"get_source({spec!r}): clips are not resized; set image_size None (the frame size is "
+                         f"the clips' canvas option), got {image_size}")
+    return clip_source(spec, split, data_dir, **options)
+
+
+SOURCES.register("mnist_clips", _clip_source, own_options=True)
+SOURCES.register("digits_clips", _clip_source, own_options=True)

@@ -21,6 +21,8 @@ An annotation's ``segmentation`` is one of
 RLE counts alternate runs of 0 and 1, starting with 0, over the mask flattened in **column-major** order.
 A category's mask is the union of the masks of all its annotations (crowd annotations included), as TorchRay's
 ``coco_as_mask``. Category ids (1..90, with gaps) map to contiguous class ids 0..79 in increasing id order.
+
+Registered as the spec ``"coco14"`` of :func:`saliency_jax.data.get_source` (option ``limit``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from saliency_jax.data.core import SOURCES, require_data_dir
 from saliency_jax.data.voc import load_image
 
 __all__ = [
@@ -375,3 +378,12 @@ def load_coco(data_dir: str | os.PathLike, split: str = "val2014", *, limit: int
     """
     data_dir = pathlib.Path(data_dir)
     return load_coco_instances(data_dir / "annotations" / f"instances_{split}.json", data_dir / split, limit=limit)
+
+
+@SOURCES.register("coco14", options=("limit",), templates=False)
+def _coco14_source(spec, split, data_dir, image_size, **options):
+    """:func:`load_coco` of COCO 2014 (``get_source("coco14", "val2014", data_dir, options={"limit": n})``)."""
+    if image_size is not None:
+        raise ValueError(f"get_source({spec!r}): localisation data are not resized (the pointing game resizes each "
+                         f"image itself); set image_size None, got {image_size}")
+    return load_coco(require_data_dir(spec, data_dir), split, **options)

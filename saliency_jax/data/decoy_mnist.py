@@ -30,7 +30,8 @@ from PIL import Image
 from scipy import ndimage
 
 from saliency_jax.data import augment as augment_lib
-from saliency_jax.data import sources
+from saliency_jax.data.core import SOURCES, check_image_size, check_split, require_data_dir
+from saliency_jax.data.mnist import load_digits, load_mnist
 
 __all__ = [
     "PATCH_SIZE",
@@ -44,6 +45,7 @@ __all__ = [
     "digits_as_mnist",
     "BASES",
     "DIGITS_BOX",
+    "DECOY_OPTIONS",
 ]
 
 PATCH_SIZE = 4
@@ -183,7 +185,7 @@ class DecoyMNISTSource:
             raise ValueError(f"DecoyMNISTSource: region_threshold must lie in [0, 255); got {self.region_threshold}")
         if int(self.region_dilation) < 0:
             raise ValueError(f"DecoyMNISTSource: region_dilation must be >= 0; got {self.region_dilation}")
-        sources._check_image_size(self.image_size, f"Source {self.name!r}")  # pylint: disable=protected-access
+        check_image_size(self.image_size, f"Source {self.name!r}")
         object.__setattr__(self, "labels", np.asarray(self.labels, np.int32))
         object.__setattr__(self, "patch_digits", np.asarray(self.patch_digits, np.int32))
         object.__setattr__(self, "corners", np.asarray(self.corners, np.int8))
@@ -232,7 +234,7 @@ def digits_as_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     Raises:
       ValueError: unknown split.
     """
-    digits = sources.load_digits(split)
+    digits = load_digits(split)
     images = np.zeros((len(digits), 28, 28), np.uint8)
     offset = (28 - DIGITS_BOX) // 2
     for i, image in enumerate(digits.images[..., 0]):
@@ -276,10 +278,10 @@ def load_decoy_mnist(data_dir: str | os.PathLike[str] | None, split: str, *, see
     if base == "mnist":
         if data_dir is None:
             raise ValueError("load_decoy_mnist: base='mnist' needs data_dir (the MNIST IDX files)")
-        mnist = sources.load_mnist(data_dir, split)
+        mnist = load_mnist(data_dir, split)
         clean, labels = mnist.images, mnist.labels
     elif base == "digits":
-        sources._check_split(split, "load_decoy_mnist")  # pylint: disable=protected-access
+        check_split(split, "load_decoy_mnist")
         clean, labels = digits_as_mnist(split)
         clean = clean[..., None]
     else:
@@ -290,3 +292,18 @@ def load_decoy_mnist(data_dir: str | os.PathLike[str] | None, split: str, *, see
     return DecoyMNISTSource(images=images, labels=labels, patch_digits=digits, corners=corners,
                             name=f"{prefix}/{split}", region_threshold=region_threshold,
                             region_dilation=region_dilation, image_size=image_size)
+
+
+DECOY_OPTIONS = ("seed", "region_threshold", "region_dilation", "base")
+"""The ``get_source(..., options=)`` keywords of the ``"decoy_mnist"`` and ``"clean_mnist"`` specs."""
+
+
+def _decoy_source(spec, split, data_dir, image_size, **options):
+    """``"decoy_mnist"``: :func:`load_decoy_mnist`; ``"clean_mnist"``: the same with ``decoy=False``."""
+    if options.get("base", "mnist") == "mnist":
+        data_dir = require_data_dir(spec, data_dir)
+    return load_decoy_mnist(data_dir, split, image_size=image_size, decoy=spec == "decoy_mnist", **options)
+
+
+SOURCES.register("decoy_mnist", _decoy_source, options=DECOY_OPTIONS)
+SOURCES.register("clean_mnist", _decoy_source, options=DECOY_OPTIONS)

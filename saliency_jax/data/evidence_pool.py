@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from saliency_jax.data.sources import SPLITS, ImageSource
+from saliency_jax.data.core import SPLITS, ImageSource
 
 __all__ = ["EvidencePoolWriter", "POOL_FIELDS", "load_evidence_pool", "write_evidence_split"]
 

@@ -18,6 +18,8 @@ image (:attr:`VOCAnnotation.class_ids`) when at least one of its boxes is not ma
 includes its difficult boxes too. Classes whose boxes are all difficult are in :attr:`VOCAnnotation.all_class_ids`
 only.
 
+Registered as the spec ``"voc07"`` of :func:`saliency_jax.data.get_source` (option ``limit``).
+
 >>> data = load_voc("data/VOCdevkit/VOC2007", split="test")            # doctest: +SKIP
 >>> item = data[0]; item["image"].shape, item["class_masks"].shape       # doctest: +SKIP
 ((375, 500, 3), (20, 375, 500))
@@ -33,6 +35,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from saliency_jax.data.core import SOURCES, require_data_dir
 
 __all__ = [
     "VOC_CLASSES",
@@ -359,3 +363,12 @@ def load_voc(data_dir: str | os.PathLike, split: str = "test", *, year: str = "2
         ids = ids[:limit]
     annotations = [parse_voc_xml(root / "Annotations" / f"{image_id}.xml") for image_id in ids]
     return VOCPointingData(root, split, annotations)
+
+
+@SOURCES.register("voc07", options=("limit",), templates=False)
+def _voc07_source(spec, split, data_dir, image_size, **options):
+    """:func:`load_voc` of VOC 2007 (``get_source("voc07", split, data_dir, options={"limit": n})``)."""
+    if image_size is not None:
+        raise ValueError(f"get_source({spec!r}): localisation data are not resized (the pointing game resizes each "
+                         f"image itself); set image_size None, got {image_size}")
+    return load_voc(require_data_dir(spec, data_dir), split, year="2007", **options)

@@ -5,8 +5,8 @@ Section``) and the registry; each other module here registers its evaluators und
 below. ``config.evaluators`` lists the ones a run uses, in report order.
 """
 
-from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ExperimentData, ReportContext, RunRecord,
-                                          Section, build_evaluators, evaluator_names, evaluator_settings,
+from saliency_jax.evaluators.base import (EVALUATORS, Evaluator, EvaluatorSettings, ExperimentData, ReportContext,
+                                          RunRecord, Section, build_evaluators, evaluator_names, evaluator_settings,
                                           register_evaluator, settings_section)
 from saliency_jax.evaluators.classification import (classification_evaluator, fgsm_evaluator,
                                                     random_erasing_evaluator)
@@ -22,6 +22,7 @@ from saliency_jax.evaluators.backgrounds import backgrounds_evaluator
 from saliency_jax.evaluators.faithfulness import faithfulness_evaluator
 
 __all__ = [
+    "EVALUATORS",
     "Evaluator",
     "EvaluatorSettings",
     "ExperimentData",

@@ -12,13 +12,13 @@ repeat has run, it writes its section of ``report.md`` (and its figures) from th
 
 Evaluators are listed by name in ``config.evaluators`` (in report order); the settings of evaluator ``name`` are the
 section ``config.<name>`` when the config has one (made with :func:`settings_section`), else its defaults. The
-modules of :mod:`saliency_jax.evaluators` register themselves with :func:`register_evaluator`.
+modules of :mod:`saliency_jax.evaluators` register themselves with :func:`register_evaluator` in :data:`EVALUATORS`
+(a :class:`saliency_jax.registry.Registry`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import pathlib
 from typing import Any, Callable, Mapping, NamedTuple
@@ -27,8 +27,9 @@ import ml_collections
 
 from saliency_jax import data as data_lib
 from saliency_jax.config import Settings
+from saliency_jax.registry import EVALUATORS, name_list
 
-__all__ = ["Evaluator", "Section", "RunRecord", "ReportContext", "ExperimentData", "EvaluatorSettings",
+__all__ = ["Evaluator", "Section", "RunRecord", "ReportContext", "ExperimentData", "EvaluatorSettings", "EVALUATORS",
            "register_evaluator", "build_evaluators", "evaluator_names", "settings_section", "evaluator_settings"]
 
 
@@ -124,35 +125,27 @@ class EvaluatorSettings(Settings):
     :meth:`~saliency_jax.config.Settings.from_mapping`, which rejects unknown fields)."""
 
 
-_REGISTRY: dict[str, tuple[type, Callable[[Any], Evaluator]]] = {}
+#: The evaluators by name: value ``builder(settings) -> Evaluator``, metadata ``settings`` (the evaluator's
+#: :class:`EvaluatorSettings` dataclass). Filled by :func:`register_evaluator`.
+# (EVALUATORS is the shared instance of :mod:`saliency_jax.registry`.)
 
 
 def register_evaluator(name: str, settings: type):
-    """Decorator registering ``builder(settings) -> Evaluator`` under ``name`` (settings: an
-    :class:`EvaluatorSettings` dataclass; ``config.<name>`` holds its fields)."""
+    """Decorator registering ``builder(settings) -> Evaluator`` under ``name`` in :data:`EVALUATORS` (settings: an
+    :class:`EvaluatorSettings` dataclass; ``config.<name>`` holds its fields).
+
+    Raises:
+      TypeError: if ``settings`` is not an :class:`EvaluatorSettings` dataclass.
+      ValueError: if another builder is registered under ``name``.
+    """
     if not (dataclasses.is_dataclass(settings) and issubclass(settings, EvaluatorSettings)):
         raise TypeError(f"settings of evaluator {name!r} must be an EvaluatorSettings dataclass; got {settings}")
-
-    def register(builder):
-        if name in _REGISTRY and _REGISTRY[name][1] is not builder:
-            raise ValueError(f"evaluator {name!r} is registered twice")
-        _REGISTRY[name] = (settings, builder)
-        return builder
-
-    return register
+    return EVALUATORS.register(name, settings=settings)
 
 
 def evaluator_names() -> tuple[str, ...]:
     """The registered evaluator names."""
-    return tuple(_REGISTRY)
-
-
-def _lookup(name: str):
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
-        raise ValueError(f"unknown evaluator {name!r}" + (f"; did you mean {close}?" if close else "")
-                         + f" (registered: {sorted(_REGISTRY)})")
-    return _REGISTRY[name]
+    return EVALUATORS.names()
 
 
 def settings_section(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -161,15 +154,12 @@ def settings_section(name: str, **overrides) -> ml_collections.ConfigDict:
     Raises:
       ValueError: unknown evaluator or field.
     """
-    return _lookup(name)[0].section(**overrides)
+    return EVALUATORS.metadata(name)["settings"].section(**overrides)
 
 
 def evaluator_list(value: Any) -> tuple[str, ...]:
     """``config.evaluators`` as a tuple of names (tuple/list, or a comma-separated string from the command line)."""
-    if value is None:
-        return ()
-    items = [value] if isinstance(value, str) else list(value)
-    return tuple(n.strip() for item in items for n in str(item).split(",") if n.strip())
+    return name_list(value)
 
 
 def evaluator_settings(config: ml_collections.ConfigDict, name: str):
@@ -178,7 +168,7 @@ def evaluator_settings(config: ml_collections.ConfigDict, name: str):
     Raises:
       ValueError: unknown evaluator or field.
     """
-    cls, _ = _lookup(name)
+    cls = EVALUATORS.metadata(name)["settings"]
     try:
         return cls.from_mapping(config[name] if name in config else None)
     except (TypeError, ValueError) as e:
@@ -194,7 +184,7 @@ def build_evaluators(config: ml_collections.ConfigDict) -> dict[str, Evaluator]:
     names = evaluator_list(config.get("evaluators"))
     if len(set(names)) != len(names):
         raise ValueError(f"config.evaluators lists an evaluator twice: {names}")
-    return {name: _lookup(name)[1](evaluator_settings(config, name)) for name in names}
+    return {name: EVALUATORS.get(name)(evaluator_settings(config, name)) for name in names}
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:

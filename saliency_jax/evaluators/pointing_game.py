@@ -32,12 +32,17 @@ import numpy as np
 
 from saliency_jax.evaluation.pointing_game import (PointingGame, argmax_points, hits_at_points, load_difficult_flags,
                                                    pointing_game_table, pointing_hits)
+from saliency_jax import data as data_lib
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
+from saliency_jax.registry import name_list
 from saliency_jax.saliency import (contrastive_excitation_backprop, excitation_backprop, grad_cam, linen_layer,
                                    resize_maps)
 
 __all__ = ["METHODS", "PointingGameSettings", "pointing_game_evaluator", "input_shape", "make_saliency_fn",
            "run_pointing_game"]
+
+#: The localisation data sets the pointing game reads (specs of :func:`saliency_jax.data.get_source`).
+DATASETS = ("voc07", "coco14")
 
 #: Methods the pointing game knows, in table order.
 METHODS = ("center", "grad_cam", "excitation_backprop", "contrastive_excitation_backprop")
@@ -81,7 +86,7 @@ class PointingGameSettings(EvaluatorSettings):
     classifier_input: str = ""
 
     def __post_init__(self):
-        methods = _names(self.methods)
+        methods = name_list(self.methods)
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise ValueError(f"pointing_game.methods must name some of {METHODS}; got {self.methods!r}")
@@ -101,11 +106,6 @@ class PointingGameSettings(EvaluatorSettings):
                 and self.layers.get("contrast") != self.classifier_input):
             raise ValueError(f"contrastive EB contrasts at the classifier's input ({self.classifier_input!r}); "
                              f"pointing_game.layers.contrast is {self.layers.get('contrast')!r}")
-
-
-def _names(value: Any) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else list(value)
-    return tuple(n.strip() for item in items for n in str(item).split(",") if n.strip())
 
 
 def input_shape(height: int, width: int, input_size: int) -> tuple[int, int]:
@@ -250,18 +250,16 @@ def _pad_to(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def load_data(settings: PointingGameSettings):
-    """The localisation data set of the settings (VOC 2007 / COCO 2014 class masks).
+    """The localisation data set of the settings (VOC 2007 / COCO 2014 class masks), through
+    :func:`saliency_jax.data.get_source` (specs ``"voc07"``, ``"coco14"``).
 
     Raises:
       ValueError: unknown data set; FileNotFoundError: missing files.
     """
-    if settings.dataset == "voc07":
-        from saliency_jax.data.voc import load_voc
-        return load_voc(settings.data_dir, settings.split, limit=settings.limit or None)
-    if settings.dataset == "coco14":
-        from saliency_jax.data.coco import load_coco
-        return load_coco(settings.data_dir, settings.split, limit=settings.limit or None)
-    raise ValueError(f"unknown pointing-game dataset {settings.dataset!r}; expected 'voc07' or 'coco14'")
+    if settings.dataset not in DATASETS:
+        raise ValueError(f"unknown pointing-game dataset {settings.dataset!r}; expected 'voc07' or 'coco14'")
+    return data_lib.get_source(settings.dataset, settings.split, data_dir=settings.data_dir,
+                               options={"limit": settings.limit or None})
 
 
 def run_pointing_game(module, variables, data, settings: PointingGameSettings, *, difficult=None,

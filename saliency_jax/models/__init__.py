@@ -1,9 +1,10 @@
 """Flax linen models used by the experiments; every layer a saliency method needs is a named submodule.
 
-``get_model(name, num_classes)`` builds one; ``GRAD_CAM_LAYER[name]`` is the module path of its last convolutional
-layer (post-ReLU), the layer Grad-CAM explains by default, and ``CLASSIFIER[name]`` the module path of its output
-dense layer (for the GAP networks: the classifier on the pooled features, which CAM and the HNC loss read). A run's
-config takes both from here unless ``config.model.grad_cam_layer`` / ``config.model.classifier`` say otherwise.
+Every architecture is registered in :data:`MODELS` (a :class:`saliency_jax.registry.Registry`) with its default
+layers; ``get_model(name, num_classes)`` builds one; ``GRAD_CAM_LAYER[name]`` is the module path of its last
+convolutional layer (post-ReLU), the layer Grad-CAM explains by default, and ``CLASSIFIER[name]`` the module path of
+its output dense layer (for the GAP networks: the classifier on the pooled features, which CAM and the HNC loss read).
+A run's config takes both from here unless ``config.model.grad_cam_layer`` / ``config.model.classifier`` say otherwise.
 ``"cnn_lstm"`` is a clip classifier (clips [batch, time, height, width, channels] -> logits [batch, time,
 num_classes]; see :mod:`saliency_jax.models.cnn_lstm`).
 """
@@ -20,51 +21,47 @@ from saliency_jax.models.cnn_lstm import CNNLSTM, ReLULSTMCell
 from saliency_jax.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
 from saliency_jax.models.small_cnn import SmallCNN
 from saliency_jax.models.vgg import VGG16
+from saliency_jax.registry import MODELS
 
 __all__ = ["AlexNet", "AttentionCNN", "BackgroundGenerator", "CNN2", "CNNLSTM", "ReLULSTMCell", "SmallCNN", "ResNet18",
-           "ResNet34", "ResNet50", "ResNet101", "ResNet152", "UNet", "VanillaCNN", "VGG16", "get_model",
-           "GRAD_CAM_LAYER", "CLASSIFIER", "MODEL_NAMES"]
+           "ResNet34", "ResNet50", "ResNet101", "ResNet152", "UNet", "VanillaCNN", "VGG16", "MODELS",
+           "get_model", "GRAD_CAM_LAYER", "CLASSIFIER", "MODEL_NAMES"]
 
-GRAD_CAM_LAYER = {
-    "small_cnn": "conv3",
-    "resnet18": "layer4",
-    "resnet34": "layer4",
-    "resnet50": "layer4",
-    "resnet101": "layer4",
-    "resnet152": "layer4",
-    "vgg16": "relu5_3",
-    "cnn2": "relu_conv3",
-    "alexnet": "relu5",
-    "cnn_lstm": "conv3",
-    # Cruz & Cardoso's classifier and the Attention baseline at 32 px (background_invariance.grad_cam_layer(size)
-    # gives the path for other sizes).
-    "vanilla_cnn": "relu3",
-    "attention_cnn": "local_cnn/relu3",
-}
+#: The architectures by name: value the linen module class (built as ``cls(num_classes=..., **kwargs)``), metadata
+#: ``grad_cam_layer`` (module path of the last convolutional layer, post-ReLU) and ``classifier`` (module path of the
+#: output dense layer).
+# (MODELS is the shared instance of :mod:`saliency_jax.registry`.)
 
-CLASSIFIER = {
-    "small_cnn": "fc",
-    "resnet18": "fc",
-    "resnet34": "fc",
-    "resnet50": "fc",
-    "resnet101": "fc",
-    "resnet152": "fc",
-    "vgg16": "fc8",
-    "cnn2": "fc3",
-    "alexnet": "fc8",
-    "cnn_lstm": "classifier",
-    "vanilla_cnn": "fc2",  # flatten + dense head: no CAM / HNC (not a global-average-pooling network)
-    "attention_cnn": "classifier",
-}
+MODELS.register("small_cnn", SmallCNN, grad_cam_layer="conv3", classifier="fc")
+MODELS.register("resnet18", ResNet18, grad_cam_layer="layer4", classifier="fc")
+MODELS.register("resnet34", ResNet34, grad_cam_layer="layer4", classifier="fc")
+MODELS.register("resnet50", ResNet50, grad_cam_layer="layer4", classifier="fc")
+MODELS.register("resnet101", ResNet101, grad_cam_layer="layer4", classifier="fc")
+MODELS.register("resnet152", ResNet152, grad_cam_layer="layer4", classifier="fc")
+MODELS.register("vgg16", VGG16, grad_cam_layer="relu5_3", classifier="fc8")
+MODELS.register("cnn2", CNN2, grad_cam_layer="relu_conv3", classifier="fc3")
+MODELS.register("alexnet", AlexNet, grad_cam_layer="relu5", classifier="fc8")
+MODELS.register("cnn_lstm", CNNLSTM, grad_cam_layer="conv3", classifier="classifier")
+# Cruz & Cardoso's classifier and the Attention baseline: layers at 32 px (background_invariance.grad_cam_layer(size)
+# gives the path for other sizes); vanilla_cnn has a flatten + dense head: no CAM / HNC (not a GAP network).
+MODELS.register("vanilla_cnn", VanillaCNN, grad_cam_layer="relu3", classifier="fc2")
+MODELS.register("attention_cnn", AttentionCNN, grad_cam_layer="local_cnn/relu3", classifier="classifier")
 
-MODEL_NAMES = tuple(GRAD_CAM_LAYER)
+#: ``{name: Grad-CAM layer path}`` of every registered architecture (a live read-only view of :data:`MODELS`).
+GRAD_CAM_LAYER = MODELS.view("grad_cam_layer")
+
+#: ``{name: classifier module path}`` of every registered architecture (a live read-only view of :data:`MODELS`).
+CLASSIFIER = MODELS.view("classifier")
+
+#: The names of the built-in architectures, in registration order.
+MODEL_NAMES = MODELS.names()
 
 
 def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Builds a model by name.
 
     Args:
-      name: one of :data:`MODEL_NAMES`.
+      name: one of :data:`MODEL_NAMES` (a name registered in :data:`MODELS`).
       num_classes: size of the classifier output.
       **kwargs: forwarded to the model's constructor.
 
@@ -74,24 +71,6 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
       [batch, time, num_classes]).
 
     Raises:
-      ValueError: on an unknown name.
+      ValueError: on an unknown name (``unknown model 'x'; did you mean [...]? (registered: [...])``).
     """
-    if name == "small_cnn":
-        return SmallCNN(num_classes=num_classes, **kwargs)
-    resnets = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50, "resnet101": ResNet101,
-               "resnet152": ResNet152}
-    if name in resnets:
-        return resnets[name](num_classes=num_classes, **kwargs)
-    if name == "cnn2":
-        return CNN2(num_classes=num_classes, **kwargs)
-    if name == "vgg16":
-        return VGG16(num_classes=num_classes, **kwargs)
-    if name == "alexnet":
-        return AlexNet(num_classes=num_classes, **kwargs)
-    if name == "cnn_lstm":
-        return CNNLSTM(num_classes=num_classes, **kwargs)
-    if name == "vanilla_cnn":
-        return VanillaCNN(num_classes=num_classes, **kwargs)
-    if name == "attention_cnn":
-        return AttentionCNN(num_classes=num_classes, **kwargs)
-    raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
+    return MODELS.get(name)(num_classes=num_classes, **kwargs)

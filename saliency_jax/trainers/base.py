@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import os
@@ -15,6 +14,7 @@ import ml_collections
 
 from saliency_jax.models import weights
 from saliency_jax.plan import Plan
+from saliency_jax.registry import TRAINERS
 
 __all__ = ["Trainer", "register_trainer", "get_trainer", "trainer_names", "classifier_variables"]
 
@@ -41,19 +41,18 @@ class Trainer(NamedTuple):
     weights_only: Callable[[ml_collections.ConfigDict], bool] = _never
 
 
-_REGISTRY: dict[str, Trainer] = {}
-
-
 def register_trainer(name: str, *, check, classifier, weights_only=_never):
-    """Decorator registering a plan builder ``build(config, data) -> Plan`` under ``name``.
+    """Decorator registering a plan builder ``build(config, data) -> Plan`` under ``name`` (in
+    :data:`saliency_jax.registry.TRAINERS`).
 
     Raises:
       ValueError: if another builder is already registered under ``name``.
     """
     def register(build):
-        if name in _REGISTRY and _REGISTRY[name].build is not build:
+        if name in TRAINERS and TRAINERS.get(name).build is not build:
             raise ValueError(f"trainer {name!r} is registered twice")
-        _REGISTRY[name] = Trainer(build, check, classifier, weights_only)
+        if name not in TRAINERS:
+            TRAINERS.register(name, Trainer(build, check, classifier, weights_only))
         return build
 
     return register
@@ -61,7 +60,7 @@ def register_trainer(name: str, *, check, classifier, weights_only=_never):
 
 def trainer_names() -> tuple[str, ...]:
     """The registered trainer names."""
-    return tuple(_REGISTRY)
+    return tuple(TRAINERS.names())
 
 
 def get_trainer(name: str) -> Trainer:
@@ -70,11 +69,7 @@ def get_trainer(name: str) -> Trainer:
     Raises:
       ValueError: on an unknown name (naming the close ones and the registered ones).
     """
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
-        raise ValueError(f"unknown trainer {name!r}" + (f"; did you mean {close}?" if close else "")
-                         + f" (registered: {sorted(_REGISTRY)})")
-    return _REGISTRY[name]
+    return TRAINERS.get(str(name))
 
 
 #: Architectures the papers fine-tune from ImageNet weights (:func:`saliency_jax.models.weights.load_pretrained`):

@@ -5,8 +5,8 @@
 module here is one scheme, registered under its config name when imported below.
 """
 
-from saliency_jax.training.scheme import (CLASSIFICATION_LOSSES, Forward, ModelLayers, Scheme, SchemeSettings,
-                                          StepContext, build_scheme, chain, classification_accuracy,
+from saliency_jax.training.scheme import (CLASSIFICATION_LOSSES, TRAINING_SCHEMES, Forward, ModelLayers, Scheme,
+                                          SchemeSettings, StepContext, build_scheme, chain, classification_accuracy,
                                           classification_loss, model_forward, register_scheme, scheme_names,
                                           settings_section)
 from saliency_jax.training.distraction import FILL_MODES, DistractionConfig, distract, distraction_scheme, occlude

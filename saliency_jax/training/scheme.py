@@ -13,21 +13,22 @@ optional:
 
 Every piece also returns scalar metrics that reach ``metrics.jsonl``. :func:`chain` composes schemes into one
 (distraction + HNC in one run); the train step (:func:`saliency_jax.train.make_train_step`) takes one scheme and
-knows none by name. Schemes are built from a config through :func:`build_scheme` and the registry that the scheme
-modules fill with :func:`register_scheme`; each scheme's settings are a frozen dataclass deriving from
+knows none by name. Schemes are built from a config through :func:`build_scheme` and the registry
+:data:`TRAINING_SCHEMES` (a :class:`saliency_jax.registry.Registry`) that the scheme modules fill with
+:func:`register_scheme`; each scheme's settings are a frozen dataclass deriving from
 :class:`SchemeSettings`, whose :meth:`SchemeSettings.from_mapping` rejects unknown fields.
 
 Config idiom (``experiments/configs/``): ``config.schemes`` lists the schemes of a run in chain order (``()`` = plain
 training); the settings of scheme ``name`` are the section ``config.<name>`` (made with :func:`settings_section`,
 which holds every field at its default so that each can be overridden from the command line). The layers a scheme
 reads come from ``config.model`` (``grad_cam_layer``, ``classifier``; defaults per architecture in
-:data:`saliency_jax.models.MODEL_LAYERS`).
+:data:`saliency_jax.models.GRAD_CAM_LAYER` and :data:`saliency_jax.models.CLASSIFIER`, the metadata of
+:data:`saliency_jax.models.MODELS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -38,6 +39,7 @@ import optax
 
 from saliency_jax.config import Settings
 from saliency_jax.models.build import ModelLayers
+from saliency_jax.registry import TRAINING_SCHEMES, name_list
 from saliency_jax.saliency.core import apply_with_layers
 
 Array = jax.Array
@@ -52,10 +54,12 @@ __all__ = [
     "ModelLayers",
     "chain",
     "model_forward",
+    "TRAINING_SCHEMES",
     "register_scheme",
     "build_scheme",
     "scheme_settings",
     "scheme_names",
+    "scheme_list",
     "settings_section",
     "CLASSIFICATION_LOSSES",
     "classification_accuracy",
@@ -334,40 +338,28 @@ class SchemeSettings(Settings):
     from the config section, rejecting unknown fields."""
 
 
-_REGISTRY: dict[str, tuple[type, Callable[[Any, ModelLayers], Scheme]]] = {}
+#: The training schemes by name: value ``builder(settings, layers) -> Scheme``, metadata ``settings`` (the scheme's
+#: :class:`SchemeSettings` dataclass). Filled by :func:`register_scheme`.
+# (TRAINING_SCHEMES is the shared instance of :mod:`saliency_jax.registry`.)
 
 
 def register_scheme(name: str, settings: type):
-    """Decorator registering ``builder(settings, layers) -> Scheme`` under ``name``.
+    """Decorator registering ``builder(settings, layers) -> Scheme`` under ``name`` (in :data:`TRAINING_SCHEMES`).
 
     ``settings`` is the scheme's settings dataclass (a :class:`SchemeSettings`); ``config.<name>`` holds its fields.
 
     Raises:
-      ValueError: if ``name`` is registered twice.
+      TypeError: if ``settings`` is not a :class:`SchemeSettings` dataclass.
+      ValueError: if another builder is registered under ``name``.
     """
     if not (dataclasses.is_dataclass(settings) and issubclass(settings, SchemeSettings)):
         raise TypeError(f"settings of scheme {name!r} must be a SchemeSettings dataclass; got {settings}")
-
-    def register(builder):
-        if name in _REGISTRY and _REGISTRY[name][1] is not builder:
-            raise ValueError(f"training scheme {name!r} is registered twice")
-        _REGISTRY[name] = (settings, builder)
-        return builder
-
-    return register
+    return TRAINING_SCHEMES.register(name, settings=settings)
 
 
 def scheme_names() -> tuple[str, ...]:
     """The registered scheme names."""
-    return tuple(_REGISTRY)
-
-
-def _lookup(name: str):
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
-        raise ValueError(f"unknown training scheme {name!r}" + (f"; did you mean {close}?" if close else "")
-                         + f" (registered: {sorted(_REGISTRY)})")
-    return _REGISTRY[name]
+    return TRAINING_SCHEMES.names()
 
 
 def settings_section(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -376,15 +368,12 @@ def settings_section(name: str, **overrides) -> ml_collections.ConfigDict:
     Raises:
       ValueError: unknown scheme or field.
     """
-    return _lookup(name)[0].section(**overrides)
+    return TRAINING_SCHEMES.metadata(name)["settings"].section(**overrides)
 
 
 def scheme_list(value: Any) -> tuple[str, ...]:
     """``config.schemes`` as a tuple of names (a tuple/list, or a comma-separated string from the command line)."""
-    if value is None:
-        return ()
-    items = [value] if isinstance(value, str) else list(value)
-    return tuple(n.strip() for item in items for n in str(item).split(",") if n.strip())
+    return name_list(value)
 
 
 def scheme_settings(config: ml_collections.ConfigDict, name: str):
@@ -393,7 +382,7 @@ def scheme_settings(config: ml_collections.ConfigDict, name: str):
     Raises:
       ValueError: unknown scheme, missing section, unknown field or bad settings (naming the section).
     """
-    cls, _ = _lookup(name)
+    cls = TRAINING_SCHEMES.metadata(name)["settings"]
     if name not in config:
         raise ValueError(f"config.schemes lists {name!r} but the config has no section config.{name} (add "
                          f"saliency_jax.training.settings_section({name!r}))")
@@ -420,4 +409,4 @@ def build_scheme(config: ml_collections.ConfigDict, layers: ModelLayers) -> Sche
     names = scheme_list(config.get("schemes"))
     if len(set(names)) != len(names):
         raise ValueError(f"config.schemes lists a scheme twice: {names}")
-    return chain(*[_lookup(name)[1](scheme_settings(config, name), layers) for name in names])
+    return chain(*[TRAINING_SCHEMES.get(name)(scheme_settings(config, name), layers) for name in names])
