@@ -16,6 +16,7 @@ and ``workdir/metrics.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -119,7 +120,12 @@ def evaluate_run(result: TrainResult, evaluators: dict[str, evaluators_lib.Evalu
             metrics[name], seconds[name] = old[name]["metrics"], old[name]["seconds"]
         else:
             t0 = time.time()
-            metrics[name] = to_jsonable(evaluator.evaluate(result, data))
+            run = result
+            if evaluator.stages is not None:  # models the evaluator needs, trained through the one loop
+                stages = evaluator.stages(result, data)
+                run = dataclasses.replace(result, stages={
+                    n: train_lib.train(s.config, s.workdir, progress=f"{arm} {n}") for n, s in stages.items()})
+            metrics[name] = to_jsonable(evaluator.evaluate(run, data))
             seconds[name] = time.time() - t0
         evaluations[name] = {"settings": settings, "metrics": metrics[name], "seconds": seconds[name]}
     train_seconds = result.train_seconds or (stored.get("train_seconds", 0.0) if stored.get("step") == step else 0.0)

@@ -161,6 +161,8 @@ class TrainResult:
       plan: the :class:`Plan` that trained it (None for a run built by hand).
       full_state: the plan's whole state (every model's parameters and optimizer state); ``state`` is its view of
         ``plan.final_role``.
+      stages: ``{name: TrainResult}``: the runs an evaluator's stages trained for it
+        (:class:`saliency_jax.evaluators.Stage`), as its ``evaluate`` sees the run; empty otherwise.
     """
 
     state: TrainState
@@ -174,6 +176,7 @@ class TrainResult:
     train_seconds: float = 0.0
     plan: Plan | None = None
     full_state: Any = None
+    stages: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def variables(self) -> dict[str, Any]:

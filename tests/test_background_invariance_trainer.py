@@ -375,3 +375,15 @@ def test_configs_check_and_the_folder_config_builds_the_vgg_plan():
     assert type(plan.models["classifier"]).__name__ == "VGG" and not settings.penalise_brightness(3)
     assert bim.background_noise_shape((128, 128, 3), settings.tiles) == (2, 2, 48)
     assert settings.classifier_learning_rate == settings.generator_learning_rate == 1e-5
+
+
+def test_load_returns_every_model_of_the_plan(straight):
+    from saliency_jax.runs import load
+
+    _, run = straight
+    loaded = load(run.workdir)
+    assert sorted(loaded.models) == ["background_generator", "classifier", "mask_generator"]
+    assert_trees_equal(loaded.full_state, run.full_state)
+    assert_trees_equal(loaded.state.params, run.state.params)
+    assert_trees_equal(loaded.model_state("mask_generator").params, run.full_state.params["mask_generator"])
+    assert isinstance(loaded.model, VanillaCNN) and loaded.role == "classifier"

@@ -28,6 +28,7 @@ import numpy as np
 
 from saliency_jax import data as data_lib
 from saliency_jax import evaluation
+from saliency_jax.data import celeba
 from saliency_jax.evaluation.predict import predict
 from saliency_jax.models.build import model_layers
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
@@ -387,7 +388,6 @@ def cooccurrence_accuracy_evaluator(settings: CooccurrenceAccuracySettings) -> E
         source = data.test_source(config)
         if not hasattr(source, "all_attributes"):
             raise ValueError(f"cooccurrence_accuracy needs CelebA test data (a CelebASource); got {source!r}")
-        from saliency_jax.data import celeba  # pylint: disable=g-import-not-at-top
 
         pairs = settings.pairs or {a: celeba.COOCCURRENCE_PAIRS[a] for a in source.attributes
                                    if a in celeba.COOCCURRENCE_PAIRS}

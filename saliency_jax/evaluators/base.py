@@ -26,10 +26,11 @@ from typing import Any, Callable, Mapping, NamedTuple
 import ml_collections
 
 from saliency_jax import data as data_lib
+from saliency_jax.data import inputs
 from saliency_jax.config import Settings
 from saliency_jax.registry import EVALUATORS, name_list
 
-__all__ = ["Evaluator", "Section", "RunRecord", "ReportContext", "ExperimentData", "EvaluatorSettings", "EVALUATORS",
+__all__ = ["Evaluator", "Stage", "Section", "RunRecord", "ReportContext", "ExperimentData", "EvaluatorSettings", "EVALUATORS",
            "register_evaluator", "build_evaluators", "evaluator_names", "settings_section", "evaluator_settings"]
 
 
@@ -85,11 +86,28 @@ class ReportContext:
                 if any(evaluator in r.metrics for r in self.runs[a])}
 
 
+class Stage(NamedTuple):
+    """A model an evaluator needs trained before it evaluates (Guided Zoom's Evidence CNNs): the runner trains it
+    through the one loop (:func:`saliency_jax.train.train`, resuming from ``workdir``) and hands the trained run to
+    ``evaluate`` as ``run.stages[name]``; the evaluator itself never trains.
+
+    Attributes:
+      config: the stage's run config.
+      workdir: its folder (inside the run's workdir).
+    """
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+
+
 class Evaluator(NamedTuple):
-    """An evaluator: ``evaluate(run, data) -> metrics`` and an optional ``report(context) -> Section | None``."""
+    """An evaluator: ``evaluate(run, data) -> metrics``, an optional ``report(context) -> Section | None`` and
+    optional ``stages(run, data) -> {name: Stage}``: models to train first (their runs reach ``evaluate`` as
+    ``run.stages``)."""
 
     evaluate: Callable[[Any, "ExperimentData"], dict[str, Any]]
     report: Callable[[ReportContext], Section | None] | None = None
+    stages: Callable[[Any, "ExperimentData"], dict[str, Stage]] | None = None
 
 
 class ExperimentData:
@@ -110,14 +128,9 @@ class ExperimentData:
         return self._cache[key]
 
     def test_source(self, config: ml_collections.ConfigDict):
-        """The test split of a run's dataset (``config.dataset``), read once per distinct dataset."""
-        ds = config.dataset
-        options = ds.get("options")
-        options = options.to_dict() if hasattr(options, "to_dict") else dict(options or {})
-        key = ("test_source", ds.name, ds.get("data_dir"), ds.get("image_size"),
-               json.dumps(options, sort_keys=True, default=str))
-        return self.cached(key, lambda: data_lib.get_source(ds.name, "test", data_dir=ds.get("data_dir"),
-                                                            image_size=ds.get("image_size"), options=options))
+        """The test split of a run's dataset (``config.dataset``), read once per process
+        (:func:`saliency_jax.data.inputs.read_split`: the split training validated)."""
+        return inputs.read_split(config.dataset, "test")
 
 
 class EvaluatorSettings(Settings):

@@ -57,12 +57,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from saliency_jax import data as data_lib
-from saliency_jax import train as train_lib
+from saliency_jax.data import inputs
+from saliency_jax.evaluation.predict import evaluate_accuracy
 from saliency_jax.data import augment
 from saliency_jax.data.evidence_pool import EvidencePoolWriter
 from saliency_jax.evaluation import guided_zoom as gz
 from saliency_jax.evaluation.figures import evidence_pool_figure
-from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
+from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, Stage,
+                                          register_evaluator)
+from saliency_jax.models.build import model_layers
 from saliency_jax.saliency import linen_layer
 
 __all__ = ["CEB_LAYERS", "GROUNDINGS", "POOLS", "GuidedZoomSettings", "conventional_images", "evidence_config",
@@ -432,7 +435,7 @@ def _layers(run, settings: GuidedZoomSettings) -> dict[str, str]:
     if not ceb:
         raise ValueError(f"guided_zoom.ceb_layer: no default cEB layer for model {name!r}; set it (a middle layer, "
                          "e.g. 'layer3/0' of a ResNet)")
-    return {"cEB": ceb, "Grad-CAM": settings.grad_cam_layer or train_lib.model_layers(run.config).grad_cam_layer}
+    return {"cEB": ceb, "Grad-CAM": settings.grad_cam_layer or model_layers(run.config).grad_cam_layer}
 
 
 @register_evaluator("guided_zoom", GuidedZoomSettings)
@@ -441,7 +444,9 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
     ks = tuple(sorted(set(int(k) for k in settings.ks)))
     num_rounds = len(settings.evidence_weights)  # L + 1 at test time
 
-    def evaluate(run, data):
+    def prepare(run, data):
+        """What steps 1-2 need, from the trained run: the pools' paths (reused when their fingerprint matches) and
+        the Evidence CNNs' configs and workdirs."""
         config = run.config
         image_size = config.dataset.get("image_size")
         layers = _layers(run, settings)
@@ -454,50 +459,71 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
                 != tuple(run.image_shape):
             raise ValueError(f"guided_zoom: the conventional view of the {original_shape} originals does not match "
                              f"the run's input {tuple(run.image_shape)}")
-        num_classes = run.num_classes
-        if max(ks) > num_classes:
-            raise ValueError(f"guided_zoom.ks: k={max(ks)} exceeds the {num_classes} classes")
+        if max(ks) > run.num_classes:
+            raise ValueError(f"guided_zoom.ks: k={max(ks)} exceeds the {run.num_classes} classes")
         sizes = pool_sizes(settings, original_shape[0], run.image_shape[0])
         batch_size = settings.batch_size or config.eval_batch_size
         logits_fn = functools.partial(run.model.apply, run.variables, train=False)
         groundings = _grounding_fns(run, settings, layers, logits_fn)
-        seconds: dict[str, float] = {}
-
-        # 1. Evidence pools of the training images (reused when their fingerprint matches).
-        _, train_idx, _, _ = train_lib.load_sources(config)
+        _, train_idx, _, _ = inputs.load_sources(config)
         pool_indices = _subset(np.asarray(train_idx), settings.pool_examples, settings.seed)
         weights = _weights_digest(run.variables)
         root = run.workdir / "guided_zoom"
         prints = {name: _pool_fingerprint(name, settings, config, layers, weights, sizes, pool_indices)
                   for name in settings.pools}
         paths = {name: root / f"pool_{name.lower()}-{_digest(prints[name])}.npz" for name in settings.pools}
-        metas = {name: _read_json(paths[name].with_suffix(".json")) for name in settings.pools}
-        missing = {name: paths[name] for name in settings.pools
-                   if not paths[name].is_file() or metas[name].get("fingerprint") != prints[name]}
-        pool_fns = _pool_functions(settings, groundings, logits_fn, sizes)
-        if missing:
-            t0 = time.time()
-            _write_pools(missing, pool_fns, train_native, pool_indices, image_size, batch_size, class_names)
-            elapsed = time.time() - t0
-            for name, path in missing.items():
-                metas[name] = {"fingerprint": prints[name], "stats": _pool_stats(path), "seconds": elapsed,
-                               "written_together": sorted(missing)}
-                _write_json(path.with_suffix(".json"), metas[name])
-        seconds["pool"] = float(sum({tuple(m["written_together"]): m["seconds"] for m in metas.values()}.values()))
-
-        # 2. The Evidence CNNs.
-        evidence_runs, evidence_metrics = {}, {}
+        stages = {}
         for name in settings.pools:
             cfg = evidence_config(config, settings, paths[name])
             fields = {k: cfg[k].to_dict() if isinstance(cfg[k], ml_collections.ConfigDict) else cfg[k]
                       for k in ("model", "optimizer", "dataset", "num_steps", "batch_size", "seed", "loss")}
-            workdir = root / f"evidence_{name.lower()}-{_digest([prints[name], fields])}"
+            stages[f"evidence_{name}"] = Stage(cfg, root / f"evidence_{name.lower()}-{_digest([prints[name], fields])}")
+        return dict(image_size=image_size, test_native=test_native, train_native=train_native,
+                    class_names=class_names, sizes=sizes, batch_size=batch_size, logits_fn=logits_fn,
+                    groundings=groundings, pool_indices=pool_indices, prints=prints, paths=paths, stages=stages)
+
+    def stages(run, data):
+        """Step 1, the evidence pools of the training images (written unless their fingerprint matches), and the
+        Evidence CNNs to train on them: one :class:`~saliency_jax.evaluators.base.Stage` per pool, which the runner
+        trains through the one loop before :func:`evaluate` runs."""
+        p = prepare(run, data)
+        metas = {name: _read_json(p["paths"][name].with_suffix(".json")) for name in settings.pools}
+        missing = {name: p["paths"][name] for name in settings.pools
+                   if not p["paths"][name].is_file() or metas[name].get("fingerprint") != p["prints"][name]}
+        if missing:
             t0 = time.time()
-            result = train_lib.train(cfg, workdir)
-            seconds[f"evidence_{name}"] = result.train_seconds or (time.time() - t0)
-            source, _, val_idx, _ = train_lib.load_sources(cfg)
-            val_accuracy = (train_lib.evaluate_accuracy(result.model, result.state, source, val_idx, cfg,
-                                                        train_lib.make_mesh()) if len(val_idx) else None)
+            _write_pools(missing, _pool_functions(settings, p["groundings"], p["logits_fn"], p["sizes"]),
+                         p["train_native"], p["pool_indices"], p["image_size"], p["batch_size"], p["class_names"])
+            elapsed = time.time() - t0
+            for name, path in missing.items():
+                _write_json(path.with_suffix(".json"), {"fingerprint": p["prints"][name], "stats": _pool_stats(path),
+                                                         "seconds": elapsed, "written_together": sorted(missing)})
+        return p["stages"]
+
+    def evaluate(run, data):
+        config = run.config
+        p = prepare(run, data)
+        image_size, test_native, sizes = p["image_size"], p["test_native"], p["sizes"]
+        batch_size, logits_fn, groundings, num_classes = p["batch_size"], p["logits_fn"], p["groundings"], \
+            run.num_classes
+        metas = {name: _read_json(p["paths"][name].with_suffix(".json")) for name in settings.pools}
+        trained = getattr(run, "stages", None) or {}
+        absent = [n for n in p["stages"] if n not in trained or metas[n[len("evidence_"):]].get("fingerprint")
+                  != p["prints"][n[len("evidence_"):]]]
+        if absent:
+            raise ValueError(f"guided_zoom: the stages {absent} (pools and Evidence CNNs) were not run for this model: "
+                             "evaluate through saliency_jax.experiment.evaluate_run, which trains them first")
+        seconds: dict[str, float] = {}
+        seconds["pool"] = float(sum({tuple(m["written_together"]): m["seconds"] for m in metas.values()}.values()))
+
+        # 2. The Evidence CNNs (trained by the runner through the one loop: run.stages).
+        evidence_runs, evidence_metrics = {}, {}
+        for name in settings.pools:
+            result = trained[f"evidence_{name}"]
+            seconds[f"evidence_{name}"] = result.train_seconds
+            source, _, val_idx, _ = inputs.load_sources(result.config)
+            val_accuracy = (evaluate_accuracy(result.model, result.state, source, val_idx, result.config)
+                            if len(val_idx) else None)
             evidence_runs[name] = result
             evidence_metrics[name] = {**metas[name]["stats"], "val_accuracy": val_accuracy,
                                       "steps": int(result.state.step)}
@@ -545,7 +571,7 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
     def report(ctx: ReportContext) -> Section | None:
         return _report(ctx, settings, ks)
 
-    return Evaluator(evaluate, report)
+    return Evaluator(evaluate, report, stages)
 
 
 def _top_ks(ks, num_classes) -> tuple[int, ...]:
