@@ -119,3 +119,40 @@ def test_faithfulness_settings_reject_bad_values():
         FaithfulnessSettings(layers={"gradient": "fc"})
     with pytest.raises(ValueError, match="insertion_substrate"):
         FaithfulnessSettings(insertion_substrate="noise")
+
+
+def test_method_maps_are_the_registrys_saliency_map_exactly():
+    """Every method's maps are saliency_map of its registry method on a linen view (unnormalised), and equal, element
+    for element, the low-level calls the evaluator made before it went through the registry."""
+    from saliency_jax.evaluators.faithfulness import FAITHFULNESS_METHODS, method_maps_fn
+    from saliency_jax.models import SmallCNN
+    from saliency_jax.saliency import (METHODS, contrastive_excitation_backprop, excitation_backprop, grad_cam,
+                                       linen_layer, linen_view, rise, saliency_map, vanilla_gradient)
+
+    module = SmallCNN(num_classes=3, widths=(2, 3, 4), use_batchnorm=False)
+    images = jax.random.uniform(jax.random.key(0), (3, 8, 8, 3))
+    variables = module.init(jax.random.key(1), images)
+    targets = jax.numpy.array([0, 2, 1], jax.numpy.int32)
+    f = lambda x: module.apply(variables, x, train=False)  # noqa: E731
+    lm = linen_layer(module, variables, "conv2", train=False)
+    before = {  # the evaluator's former private table
+        "gradient": lambda x, t: vanilla_gradient(f, x, t),
+        "grad_cam": lambda x, t: grad_cam(lm, x, t, normalize=False),
+        "excitation_backprop": lambda x, t: excitation_backprop(lm, x, t, resize=True, normalize=False).saliency,
+        "contrastive_excitation_backprop": lambda x, t: contrastive_excitation_backprop(
+            lm, x, t, resize=True, normalize=False).saliency,
+        "rise": lambda x, t: rise(f, jax.random.key(0), x, t, num_masks=500, grid_size=7),
+    }
+    assert set(before) == set(FAITHFULNESS_METHODS)
+    for method, (name, options) in FAITHFULNESS_METHODS.items():
+        assert name in METHODS
+        got = jax.jit(method_maps_fn(module, method, "conv2"))(variables, images, targets)
+        key = jax.random.key(0) if METHODS[name].needs_key else None
+        view = linen_view(module, variables, "conv2", train=False)
+        registry = jax.jit(lambda x, t: saliency_map(name, view, x, t, normalize=False, key=key, **options))
+        want = registry(images, targets)
+        assert got.dtype == np.float32 and got.shape == (3, 8, 8)
+        np.testing.assert_array_equal(got, want, err_msg=method)
+        np.testing.assert_array_equal(got, jax.jit(before[method])(images, targets), err_msg=method)
+    with pytest.raises(ValueError, match="unknown method"):
+        method_maps_fn(module, "gradcam", "conv2")

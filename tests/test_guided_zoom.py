@@ -18,7 +18,8 @@ from saliency_jax.data import evidence_pool as ep
 from saliency_jax.data.sources import get_source
 from saliency_jax.evaluation import guided_zoom as gz
 from saliency_jax.models import SmallCNN
-from saliency_jax.saliency import linen_layer
+from saliency_jax.saliency import (contrastive_excitation_backprop, grad_cam, linen_layer, linen_view, rise,
+                                   saliency_map)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -414,6 +415,42 @@ def test_batched_pool_equals_per_image_reference():
     # The case exercises every rule: images kept for 3, 2 and 1 rounds among the correctly classified ones.
     kept = {"".join(str(int(v)) for v in valid[:, b]) for b in np.nonzero(labels == predicted)[0]}
     assert {"111", "110", "100"} <= kept
+
+
+def test_groundings_are_the_registrys_saliency_map_exactly():
+    """cEB / Grad-CAM groundings are saliency_map's layer-resolution map, RISE its maps (unnormalised), on a layer
+    model or a view alike, and equal element for element the low-level calls they made before the registry."""
+    model, variables, logits_fn, images, _ = _small_cnn(3)
+    targets = jnp.array([0, 3, 1], jnp.int32)
+    lm = linen_layer(model, variables, "conv2", train=False)
+    view = linen_view(model, variables, "conv2", train=False)
+    key = jax.random.key(5)
+
+    def layer_map(method, **options):
+        return jax.jit(lambda x, t: saliency_map(method, view, x, t, normalize=False, return_extras=True,
+                                                 **options).extras["layer_map"])(images, targets)
+
+    cases = [
+        (gz.contrastive_eb_grounding, layer_map("contrastive_excitation_backprop"),
+         lambda x, t: contrastive_excitation_backprop(lm, x, t).saliency),
+        (functools.partial(gz.grad_cam_grounding, score="softmax", weighting="guided"),
+         layer_map("grad_cam", score="softmax", weighting="guided"),
+         lambda x, t: grad_cam(lm, x, t, score="softmax", weighting="guided", resize=False, normalize=False)),
+    ]
+    for make, want, before in cases:
+        for model_form in (lm, view):
+            got = jax.jit(make(model_form))(images, targets)
+            assert got.shape == (3, 8, 8)
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(want, jax.jit(before)(images, targets))
+    options = dict(num_masks=40, grid_size=4, p=0.4, masks_per_step=20)
+    registry = jax.jit(lambda x, t: saliency_map("rise", view, x, t, normalize=False, key=key, **options))
+    want = registry(images, targets)
+    for model_form in (logits_fn, view):
+        np.testing.assert_array_equal(jax.jit(gz.rise_grounding(model_form, key, **options))(images, targets), want)
+    np.testing.assert_array_equal(want, jax.jit(lambda x, t: rise(logits_fn, key, x, t, **options))(images, targets))
+    with pytest.raises(ValueError, match="has none"):
+        gz.contrastive_eb_grounding(logits_fn)(images, targets)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -177,3 +177,28 @@ def test_fine_grained_configs_and_the_evidence_cnns_config(tmp_path):
         assert tuple(evidence.schemes) == () and tuple(evidence.evaluators) == ()
     with pytest.raises(ValueError, match="cub"):
         module.get_config("birds")
+
+
+def test_grounding_fns_are_the_registrys_saliency_map():
+    """The evaluator's groundings are saliency_map of cEB / Grad-CAM (layer-resolution map) and RISE (masks from the
+    settings' seed) on views of the run's model, element for element."""
+    import types
+
+    from saliency_jax.models import SmallCNN
+    from saliency_jax.saliency import linen_view, saliency_map
+
+    model = SmallCNN(num_classes=4, widths=(2, 3, 4), use_batchnorm=False)
+    images = jax.random.uniform(jax.random.key(0), (3, 8, 8, 3))
+    variables = model.init(jax.random.key(1), images)
+    targets = jnp.array([0, 3, 1], jnp.int32)
+    settings = gze.GuidedZoomSettings(rise_masks=40, rise_grid=4, rise_masks_per_step=20, seed=7)
+    layers = {"cEB": "conv2", "Grad-CAM": "conv3"}
+    groundings = gze._grounding_fns(types.SimpleNamespace(model=model, variables=variables), settings, layers)
+    assert tuple(groundings) == gze.GROUNDINGS
+    for name, method in (("cEB", "contrastive_excitation_backprop"), ("Grad-CAM", "grad_cam")):
+        view = linen_view(model, variables, layers[name], train=False)
+        want = saliency_map(method, view, images, targets, normalize=False, return_extras=True).extras["layer_map"]
+        np.testing.assert_array_equal(groundings[name](images, targets), want, err_msg=name)
+    want = saliency_map("rise", linen_view(model, variables, train=False), images, targets, normalize=False,
+                        key=jax.random.key(7), num_masks=40, grid_size=4, masks_per_step=20)
+    np.testing.assert_array_equal(groundings["RISE"](images, targets), want)

@@ -594,3 +594,36 @@ def test_runner_checks_contrast_layer(tmp_path):
     config.experiment.arms = (("vgg16", override),)
     with pytest.raises(ValueError, match="relu7"):
         run_experiment(config, tmp_path / "out", progress=False)
+
+
+def test_saliency_fn_is_the_registrys_layer_map_exactly():
+    """The runner's maps are saliency_map's layer-resolution map (extras["layer_map"], unnormalised) on a linen view,
+    equal element for element to the low-level calls the runner made before it went through the registry."""
+    from saliency_jax.evaluators import pointing_game as pge
+    from saliency_jax.models import SmallCNN
+    from saliency_jax.saliency import (contrastive_excitation_backprop, excitation_backprop, grad_cam, linen_layer,
+                                       linen_view, saliency_map)
+
+    module = SmallCNN(num_classes=3, widths=(2, 3, 4), use_batchnorm=False)
+    images = jax.random.uniform(jax.random.key(0), (3, 12, 16, 3))
+    variables = module.init(jax.random.key(1), images)
+    targets = jnp.array([0, 2, 1], jnp.int32)
+    before = {  # the runner's former private table
+        "grad_cam": lambda m, x, t: grad_cam(m, x, t, resize=False, normalize=False),
+        "excitation_backprop": lambda m, x, t: excitation_backprop(m, x, t, resize=False, normalize=False).saliency,
+        "contrastive_excitation_backprop": lambda m, x, t: contrastive_excitation_backprop(
+            m, x, t, resize=False, normalize=False).saliency,
+    }
+    assert set(before) == set(pge.METHODS[1:]) and pge.METHODS[0] == "center"
+    for method, low in before.items():
+        got = pge.make_saliency_fn(module, method, "conv2")(variables, images, targets)
+        view = linen_view(module, variables, "conv2", train=False)
+        want = jax.jit(lambda x, t, method=method: saliency_map(method, view, x, t, normalize=False,
+                                                                return_extras=True).extras["layer_map"])
+        assert got.shape == (3, 6, 8)
+        np.testing.assert_array_equal(got, want(images, targets), err_msg=method)
+        lm = linen_layer(module, variables, "conv2", train=False)
+        np.testing.assert_array_equal(got, jax.jit(lambda x, t, low=low: low(lm, x, t))(images, targets),
+                                      err_msg=method)
+    with pytest.raises(ValueError, match="unknown method"):
+        pge.make_saliency_fn(module, "center", "conv2")

@@ -23,7 +23,8 @@ from saliency_jax.evaluation.temporal_grounding import (
     temporal_iou,
 )
 from saliency_jax.models import CNNLSTM, ReLULSTMCell, get_model
-from saliency_jax.saliency import UnsupportedOperationError, with_excitation_rules
+from saliency_jax.saliency import (UnsupportedOperationError, contrastive_excitation_backprop, excitation_backprop,
+                                   linen_layer, linen_view, saliency_map, vanilla_gradient, with_excitation_rules)
 from saliency_jax.saliency.recurrent import (
     clip_prior,
     contrastive_recurrent_excitation_backprop,
@@ -432,6 +433,38 @@ def test_recurrent_gradient_is_the_gradient_through_time(cnn_lstm):
     close(bp.frame_sums, grad.sum((2, 3, 4)))
     assert np.all(np.asarray(bp.saliency)[:, 2] == 0)  # the logit at step 1 does not see frame 2
     assert recurrent_gradient(fn, clips, 0).saliency.shape == (2, 3, 16, 16)
+
+
+def test_frame_baselines_are_the_registrys_saliency_map_exactly(cnn_lstm):
+    """EB / cEB / BP per frame are saliency_map on a view of the single-frame classifier (EB: the layer map; cEB: the
+    signed channel sum of its probability; BP: max |gradient| over channels), element for element, and equal the
+    low-level calls they made before the registry."""
+    model, variables, clips = cnn_lstm
+    labels = jnp.array([1, 3], jnp.int32)
+    out = clip_groundings(model, variables, {"image": clips, "label": labels}, methods=("eb", "ceb", "bp"))
+    frames, frame_labels = clips.reshape(6, *clips.shape[2:]), jnp.repeat(labels, 3)
+    view = linen_view(model, variables, "conv3", method="frame_logits")
+    lm = linen_layer(model, variables, "conv3", method="frame_logits")
+    logits_fn = lambda x: model.apply(variables, x, method="frame_logits")  # noqa: E731
+
+    @jax.jit
+    def registry(x, t):
+        eb = saliency_map("excitation_backprop", view, x, t, normalize=False, return_extras=True)
+        ceb = saliency_map("contrastive_excitation_backprop", view, x, t, normalize=False, return_extras=True)
+        bp = saliency_map("vanilla_gradient", view, x, t, normalize=False, reduction="max_abs")
+        return {"eb": eb.extras["layer_map"], "ceb": jnp.sum(ceb.extras["probability"], -1), "bp": bp}
+
+    @jax.jit
+    def before(x, t):
+        return {"eb": excitation_backprop(lm, x, t).saliency,
+                "ceb": jnp.sum(contrastive_excitation_backprop(lm, x, t).probability.astype(jnp.float32), -1),
+                "bp": vanilla_gradient(logits_fn, x, t, reduction="max_abs")}
+
+    want, old = registry(frames, frame_labels), before(frames, frame_labels)
+    for method in ("eb", "ceb", "bp"):
+        got = out[method].saliency
+        np.testing.assert_array_equal(got, want[method].reshape(got.shape), err_msg=method)
+        np.testing.assert_array_equal(want[method], old[method], err_msg=method)
 
 
 def test_clip_prior_and_bad_inputs(cnn_lstm):

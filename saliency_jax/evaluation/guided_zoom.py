@@ -51,8 +51,9 @@ footprint at 16 px; 2 x 2 cells of a stride-2 cEB map), Evidence CNN input 16 (n
 
 Everything is pure and jittable; one call handles a whole batch (per-example windows are ``dynamic_slice``-s under
 ``vmap``, resampling is two small per-example interpolation matrices), the ``L + 1`` rounds are unrolled, and
-Algorithm 2 processes the ``batch x k`` (image, class) pairs as one batch. The map function is a parameter (see
-:func:`contrastive_eb_grounding`, :func:`grad_cam_grounding`, :func:`rise_grounding`).
+Algorithm 2 processes the ``batch x k`` (image, class) pairs as one batch. The map function is a parameter: any
+method of :data:`saliency_jax.saliency.METHODS` through :func:`saliency_grounding`, or the thesis' three,
+:func:`contrastive_eb_grounding`, :func:`grad_cam_grounding` and :func:`rise_grounding`.
 """
 
 from __future__ import annotations
@@ -68,9 +69,8 @@ import numpy as np
 
 from saliency_jax.evaluation.pointing_game import argmax_points
 from saliency_jax.saliency.core import LayerModel, resize_maps
-from saliency_jax.saliency.excitation_backprop import contrastive_excitation_backprop
-from saliency_jax.saliency.grad_cam import grad_cam
-from saliency_jax.saliency.rise import rise
+from saliency_jax.saliency.methods import saliency_map
+from saliency_jax.saliency.views import ModelView
 
 Array = jax.Array
 
@@ -107,6 +107,7 @@ __all__ = [
     "refined_classes",
     "refinement_scores",
     "rise_grounding",
+    "saliency_grounding",
     "top_k_correct",
 ]
 
@@ -789,56 +790,73 @@ def top_k_correct(logits: Array, labels: Array, k: int) -> Array:
 # Grounding methods (the map function of Algorithms 1 and 2).
 
 
-def contrastive_eb_grounding(model: LayerModel) -> Grounding:
+def saliency_grounding(method: str, view: ModelView | LayerModel | LogitsFn, *, key: Array | None = None,
+                       **options) -> Grounding:
+    """A grounding from any method of :data:`saliency_jax.saliency.METHODS`, called through
+    :func:`~saliency_jax.saliency.saliency_map`.
+
+    Args:
+      method: a key of ``saliency.METHODS`` (``"contrastive_excitation_backprop"``, ``"grad_cam"``, ``"rise"``, ...).
+      view: the conventional CNN: a :class:`~saliency_jax.saliency.views.ModelView` (``linen_view(module,
+        variables, layer, train=False)``), a :class:`~saliency_jax.saliency.core.LayerModel` split at the saliency
+        layer, or a function ``images -> logits`` (input-space methods).
+      key: the PRNG key of a random method (RISE); the same key, hence the same masks, serves every call, so the
+        grounding is deterministic.
+      **options: the method's options (``score``, ``weighting``, ``num_masks``, ...).
+
+    Returns:
+      A :data:`Grounding` giving unnormalised maps (the peak is unchanged): at the layer's resolution [n, h', w'] for
+      a layer method (``extras["layer_map"]``), at the input resolution [n, h, w] otherwise.
+    """
+    def grounding(images: Array, targets: Array) -> Array:
+        maps, extras = saliency_map(method, view, images, targets, normalize=False, return_extras=True, key=key,
+                                    **options)
+        return extras.get("layer_map", maps)
+
+    return grounding
+
+
+def contrastive_eb_grounding(model: ModelView | LayerModel) -> Grounding:
     """Guided Zoom's grounding: contrastive Excitation Backprop (Sec. 6.1.1) at ``model``'s layer.
 
     The released code takes cEB at ``res4a`` of ResNet-101 (a middle layer, stride 16) for 448-pixel inputs.
 
     Args:
       model: the conventional CNN split at the saliency layer (``linen_layer(module, variables, layer,
-        train=False)``).
+        train=False)``, or a view with that layer).
 
     Returns:
-      A :data:`Grounding` giving cEB maps [n, h', w'] at the layer's resolution.
+      A :data:`Grounding` giving cEB maps [n, h', w'] at the layer's resolution (:func:`saliency_grounding`).
     """
-    def grounding(images: Array, targets: Array) -> Array:
-        return contrastive_excitation_backprop(model, images, targets).saliency
-
-    return grounding
+    return saliency_grounding("contrastive_excitation_backprop", model)
 
 
-def grad_cam_grounding(model: LayerModel, *, score: str = "logit", weighting: str = "plain") -> Grounding:
+def grad_cam_grounding(model: ModelView | LayerModel, *, score: str = "logit", weighting: str = "plain") -> Grounding:
     """Grad-CAM grounding (Ensemble Guided Zoom; released code: last conv block, logit score, plain weights, ReLU).
 
     Args:
-      model: the conventional CNN split at the Grad-CAM layer.
+      model: the conventional CNN split at the Grad-CAM layer (a ``LayerModel`` or a view with that layer).
       score, weighting: as :func:`saliency_jax.saliency.grad_cam`.
 
     Returns:
       A :data:`Grounding` giving Grad-CAM maps at the layer's resolution (not normalised: the peak is unchanged).
     """
-    def grounding(images: Array, targets: Array) -> Array:
-        return grad_cam(model, images, targets, score=score, weighting=weighting, resize=False, normalize=False)
-
-    return grounding
+    return saliency_grounding("grad_cam", model, score=score, weighting=weighting)
 
 
-def rise_grounding(logits_fn: LogitsFn, key: Array, *, num_masks: int = 1000, grid_size: int = 8, p: float = 0.5,
-                   masks_per_step: int = 100) -> Grounding:
+def rise_grounding(logits_fn: LogitsFn | ModelView, key: Array, *, num_masks: int = 1000, grid_size: int = 8,
+                   p: float = 0.5, masks_per_step: int = 100) -> Grounding:
     """RISE grounding (Ensemble Guided Zoom); released code: 1000 masks, 8 x 8 grid, p = 0.5, softmax score.
 
     The same ``key`` (hence the same masks) serves every call, so the grounding is deterministic.
 
     Args:
-      logits_fn: the conventional CNN ``images -> logits``.
+      logits_fn: the conventional CNN ``images -> logits`` (or a view of it).
       key: a JAX PRNG key.
       num_masks, grid_size, p, masks_per_step: as :func:`saliency_jax.saliency.rise`.
 
     Returns:
       A :data:`Grounding` giving RISE maps [n, h, w].
     """
-    def grounding(images: Array, targets: Array) -> Array:
-        return rise(logits_fn, key, images, targets, num_masks=num_masks, grid_size=grid_size, p=p,
-                    masks_per_step=masks_per_step)
-
-    return grounding
+    return saliency_grounding("rise", logits_fn, key=key, num_masks=num_masks, grid_size=grid_size, p=p,
+                              masks_per_step=masks_per_step)

@@ -7,10 +7,12 @@ For a clip model with the :class:`saliency_jax.models.CNNLSTM` interface - ``app
 
 * :func:`clip_groundings` - the per-frame maps and map sums of every method, for the ground-truth class, in one
   jitted call: ``"eb"``, ``"ceb"``, ``"bp"`` treat every frame as an independent image (the single-frame CNN:
-  Excitation Backprop, contrastive EB, the gradient; Sec. 7.4.1 "Baselines"); ``"eb_r"``, ``"ceb_r"``,
+  Excitation Backprop, contrastive EB, the gradient; Sec. 7.4.1 "Baselines"), computed by
+  :func:`~saliency_jax.saliency.saliency_map` on a view of the single-frame classifier; ``"eb_r"``, ``"ceb_r"``,
   ``"bp_r"`` explain the class at one time step of the recurrent model through time
-  (:mod:`saliency_jax.saliency.recurrent`); ``"probability"`` is the softmax probability of the class at every
-  step.
+  (:mod:`saliency_jax.saliency.recurrent`: clips [batch, time, ...] in, maps [batch, time, h, w] out, outside
+  ``saliency_map``'s one-image convention, so called directly); ``"probability"`` is the softmax probability of the
+  class at every step.
 * Table 7.1 shape - :func:`pointing_game_clips` (= :func:`clip_groundings` + :func:`clip_pointing_hits`): the
   pointing game (Zhang et al. 2016) on every frame that shows the ground-truth digit, against its box;
   :func:`pointing_accuracy` gives the mean over classes of the hit rates.
@@ -37,9 +39,7 @@ import numpy as np
 
 from saliency_jax.data.clips import box_masks
 from saliency_jax.evaluation.pointing_game import pointing_hits
-from saliency_jax.saliency.core import linen_layer
-from saliency_jax.saliency.excitation_backprop import contrastive_excitation_backprop, excitation_backprop
-from saliency_jax.saliency.gradients import vanilla_gradient
+from saliency_jax.saliency.methods import saliency_map
 from saliency_jax.saliency.recurrent import (
     RecurrentMaps,
     contrastive_recurrent_excitation_backprop,
@@ -49,6 +49,7 @@ from saliency_jax.saliency.recurrent import (
     temporal_localization,
     temporal_localization_known_length,
 )
+from saliency_jax.saliency.views import linen_view
 
 Array = jax.Array
 
@@ -69,7 +70,8 @@ __all__ = [
 POINTING_METHODS = ("eb", "eb_r", "ceb", "ceb_r", "bp", "bp_r")
 DETECTION_METHODS = ("probability", "eb_r", "ceb_r")
 GROUNDING_METHODS = POINTING_METHODS + ("probability",)
-_FRAME_METHODS = ("eb", "ceb", "bp")
+#: The frame-wise baselines and the key of :data:`saliency_jax.saliency.METHODS` each one's maps come from.
+_FRAME_METHODS = {"eb": "excitation_backprop", "ceb": "contrastive_excitation_backprop", "bp": "vanilla_gradient"}
 
 #: Pointing-game tolerance in pixels for 64 px canvases: the thesis's 15 px at 320 x 240 frames is ~4.7 % of the
 #: width, ~3 px here.
@@ -93,6 +95,7 @@ def _groundings(model, variables, clips, labels, *, layer, boundary, methods, ti
         logits = clip_model(clips)
         probs = jax.nn.softmax(logits, axis=-1)
         out["probability"] = jnp.take_along_axis(probs, labels[:, None, None], axis=-1)[..., 0]
+    # The -R methods explain a clip through time (saliency.recurrent); the frame-wise ones go through saliency_map.
     if "eb_r" in methods:
         r = recurrent_excitation_backprop(clip_model, clips, labels, time_step=time_step, cell_rule=cell_rule)
         out["eb_r"] = RecurrentMaps(r.saliency, r.frame_sums)
@@ -105,20 +108,23 @@ def _groundings(model, variables, clips, labels, *, layer, boundary, methods, ti
     if any(m in methods for m in _FRAME_METHODS):
         frames = clips.reshape(batch * time, *clips.shape[2:])
         frame_labels = jnp.repeat(labels, time)
-        frame_model = linen_layer(model, variables, layer, method="frame_logits")
+        frame_view = linen_view(model, variables, layer, method="frame_logits")
+
+        def explain(method, **options):
+            return saliency_map(_FRAME_METHODS[method], frame_view, frames, frame_labels, normalize=False,
+                                return_extras=True, **options)
 
         def per_clip(maps):
             maps = maps.reshape(batch, time, *maps.shape[1:])
             return RecurrentMaps(maps, jnp.sum(maps, axis=(2, 3)))
 
-        if "eb" in methods:
-            out["eb"] = per_clip(excitation_backprop(frame_model, frames, frame_labels).saliency)
+        if "eb" in methods:  # at the layer's resolution
+            out["eb"] = per_clip(explain("eb").extras["layer_map"])
         if "ceb" in methods:  # signed channel sum (the displayed cEB map clamps it at 0; the argmax is the same)
-            p = contrastive_excitation_backprop(frame_model, frames, frame_labels).probability
+            p = explain("ceb").extras["probability"]
             out["ceb"] = per_clip(jnp.sum(p.astype(jnp.float32), axis=-1))
-        if "bp" in methods:
-            logits_fn = functools.partial(model.apply, variables, method="frame_logits")
-            out["bp"] = per_clip(vanilla_gradient(logits_fn, frames, frame_labels, reduction="max_abs"))
+        if "bp" in methods:  # at the pixels, the largest |gradient| over the channels
+            out["bp"] = per_clip(explain("bp", reduction="max_abs").maps)
     return out
 
 

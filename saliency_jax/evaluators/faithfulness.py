@@ -1,8 +1,9 @@
 r"""Faithfulness of every saliency method on a trained run, as an evaluator: ``"faithfulness"``.
 
 For ``examples`` test images (spread evenly over the test split, the same for every arm), each method of
-``methods`` explains the class the trained model predicts, and :mod:`saliency_jax.evaluation.faithfulness` scores
-the maps:
+``methods`` explains the class the trained model predicts (:func:`saliency_jax.saliency.saliency_map` of its
+registry method, unnormalised: :data:`FAITHFULNESS_METHODS`), and :mod:`saliency_jax.evaluation.faithfulness`
+scores the maps:
 
 * **deletion** and **insertion** AUC (Petsiuk et al., BMVC 2018, Sec. 4.1): the predicted class's probability as
   the most salient pixels are removed (replaced by ``deletion_substrate``) or inserted into a blurred canvas; lower
@@ -34,40 +35,26 @@ from saliency_jax import data as data_lib
 from saliency_jax.models.build import model_layers
 from saliency_jax.evaluation import faithfulness as F
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
-from saliency_jax.saliency import (contrastive_excitation_backprop, excitation_backprop, grad_cam, linen_layer, rise,
-                                   vanilla_gradient)
+from saliency_jax.saliency import METHODS, linen_view, saliency_map
 
 __all__ = ["FAITHFULNESS_METHODS", "FaithfulnessSettings", "faithfulness_evaluator", "method_maps_fn",
            "evaluate_faithfulness"]
 
-
-def _layer_method(fn):
-    """A method on the model split at a layer: ``(module, variables, layer, images, targets) -> maps``."""
-    def maps(module, variables, layer, images, targets):
-        return fn(linen_layer(module, variables, layer, train=False), images, targets)
-    return maps
-
-
-def _input_method(fn):
-    """A method on the function images -> logits."""
-    def maps(module, variables, layer, images, targets):
-        return fn(functools.partial(module.apply, variables, train=False), images, targets)
-    return maps
-
-
-#: The methods the evaluator knows: name -> ``(module, variables, layer, images, targets) -> maps [batch, h, w]``
-#: float32 at the image resolution, not normalised (only their order and positive mass are used). ``layer`` is the
-#: method's layer (:class:`FaithfulnessSettings` ``layers``; ignored by input-space methods).
-FAITHFULNESS_METHODS: dict[str, Callable[..., jax.Array]] = {
-    "gradient": _input_method(lambda f, x, t: vanilla_gradient(f, x, t)),
-    "grad_cam": _layer_method(lambda m, x, t: grad_cam(m, x, t, normalize=False)),
-    "excitation_backprop": _layer_method(
-        lambda m, x, t: excitation_backprop(m, x, t, resize=True, normalize=False).saliency),
-    "contrastive_excitation_backprop": _layer_method(
-        lambda m, x, t: contrastive_excitation_backprop(m, x, t, resize=True, normalize=False).saliency),
-    "rise": _input_method(lambda f, x, t: rise(f, jax.random.key(0), x, t, num_masks=500, grid_size=7)),
+#: The methods the evaluator offers: its name -> ``(key of saliency.METHODS, options)``; the maps are
+#: :func:`~saliency_jax.saliency.saliency_map` of that method with those options on ``linen_view(module, variables,
+#: layer, train=False)``, not normalised (only their order and positive mass are used). RISE draws its masks from
+#: ``jax.random.key(0)``.
+FAITHFULNESS_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gradient": ("vanilla_gradient", {}),
+    "grad_cam": ("grad_cam", {}),
+    "excitation_backprop": ("excitation_backprop", {}),
+    "contrastive_excitation_backprop": ("contrastive_excitation_backprop", {}),
+    "rise": ("rise", {"num_masks": 500, "grid_size": 7}),
 }
-_LAYER_METHODS = ("grad_cam", "excitation_backprop", "contrastive_excitation_backprop")
+#: The methods that explain a layer (:class:`FaithfulnessSettings` ``layers``); the others take the pixels.
+_LAYER_METHODS = tuple(m for m, (name, _) in FAITHFULNESS_METHODS.items()
+                       if METHODS[name].layer.startswith("spatial layer"))
+_RISE_SEED = 0
 _LABELS = {"gradient": "gradient", "grad_cam": "Grad-CAM", "excitation_backprop": "EB",
            "contrastive_excitation_backprop": "cEB", "rise": "RISE"}
 
@@ -121,15 +108,31 @@ class FaithfulnessSettings(EvaluatorSettings):
 
 
 def method_maps_fn(module, method: str, layer: str | None) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """``(variables, images, targets) -> maps [batch, height, width]`` float32 of one method (not jitted).
+    """One method's maps: :func:`~saliency_jax.saliency.saliency_map` through a linen view (not jitted).
+
+    Args:
+      module: the linen model (``apply(variables, images, train=False) -> logits``).
+      method: a key of :data:`FAITHFULNESS_METHODS`.
+      layer: the method's layer path (ignored by the input-space methods).
+
+    Returns:
+      ``(variables, images [batch, height, width, channels], targets int [batch]) -> maps [batch, height, width]``
+      float32 at the image resolution, not normalised.
 
     Raises:
       ValueError: an unknown method.
     """
     if method not in FAITHFULNESS_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {tuple(FAITHFULNESS_METHODS)}")
-    fn = FAITHFULNESS_METHODS[method]
-    return lambda variables, images, targets: fn(module, variables, layer, images, targets).astype(jnp.float32)
+    name, options = FAITHFULNESS_METHODS[method]
+    layer = layer if method in _LAYER_METHODS else None
+
+    def maps(variables, images, targets):
+        key = jax.random.key(_RISE_SEED) if METHODS[name].needs_key else None
+        view = linen_view(module, variables, layer, train=False)
+        return saliency_map(name, view, images, targets, normalize=False, key=key, **options).astype(jnp.float32)
+
+    return maps
 
 
 def _default_layers(params: Any) -> tuple[str, ...]:

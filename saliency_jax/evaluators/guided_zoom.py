@@ -66,7 +66,7 @@ from saliency_jax.evaluation.figures import evidence_pool_figure
 from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, Stage,
                                           register_evaluator)
 from saliency_jax.models.build import model_layers
-from saliency_jax.saliency import linen_layer
+from saliency_jax.saliency import linen_view
 
 __all__ = ["CEB_LAYERS", "GROUNDINGS", "POOLS", "GuidedZoomSettings", "conventional_images", "evidence_config",
            "guided_zoom_evaluator", "native_source", "pool_sizes"]
@@ -75,6 +75,10 @@ __all__ = ["CEB_LAYERS", "GROUNDINGS", "POOLS", "GuidedZoomSettings", "conventio
 POOLS: tuple[str, ...] = ("GZ", "EGZ")
 #: Grounding methods, in Ensemble Guided Zoom's pool order (Eq. 6.1); the names stored in the pool archives.
 GROUNDINGS: tuple[str, ...] = ("cEB", "Grad-CAM", "RISE")
+#: The key of :data:`saliency_jax.saliency.METHODS` each grounding computes its maps with
+#: (:func:`saliency_jax.evaluation.guided_zoom.saliency_grounding`).
+_GROUNDING_METHODS: dict[str, str] = {"cEB": "contrastive_excitation_backprop", "Grad-CAM": "grad_cam",
+                                      "RISE": "rise"}
 #: Default cEB layer per architecture: a middle layer (the released code reads ResNet-101's ``res4a``, the first
 #: block of stage 4 = ``layer3/0`` here, stride 16); ``conv2`` (stride 2) for the small CNN.
 CEB_LAYERS: dict[str, str] = {
@@ -351,15 +355,16 @@ def _write_json(path: pathlib.Path, value: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _grounding_fns(run, settings: GuidedZoomSettings, layers: dict[str, str], logits_fn) -> dict[str, Any]:
-    variables = run.variables
-    return {
-        "cEB": gz.contrastive_eb_grounding(linen_layer(run.model, variables, layers["cEB"], train=False)),
-        "Grad-CAM": gz.grad_cam_grounding(linen_layer(run.model, variables, layers["Grad-CAM"], train=False)),
-        "RISE": gz.rise_grounding(logits_fn, jax.random.key(settings.seed), num_masks=settings.rise_masks,
-                                  grid_size=settings.rise_grid, p=settings.rise_p,
-                                  masks_per_step=settings.rise_masks_per_step),
-    }
+def _grounding_fns(run, settings: GuidedZoomSettings, layers: dict[str, str]) -> dict[str, Any]:
+    """``{grounding: Grounding}`` on views of the run's model: cEB and Grad-CAM at ``layers[name]``; RISE (masks
+    from ``settings.seed``) on the logits."""
+    options = {"RISE": dict(key=jax.random.key(settings.seed), num_masks=settings.rise_masks,
+                            grid_size=settings.rise_grid, p=settings.rise_p,
+                            masks_per_step=settings.rise_masks_per_step)}
+    return {name: gz.saliency_grounding(_GROUNDING_METHODS[name],
+                                        linen_view(run.model, run.variables, layers.get(name), train=False),
+                                        **options.get(name, {}))
+            for name in GROUNDINGS}
 
 
 def _pool_functions(settings: GuidedZoomSettings, groundings, logits_fn, sizes) -> dict[str, Any]:
@@ -464,7 +469,7 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
         sizes = pool_sizes(settings, original_shape[0], run.image_shape[0])
         batch_size = settings.batch_size or config.eval_batch_size
         logits_fn = functools.partial(run.model.apply, run.variables, train=False)
-        groundings = _grounding_fns(run, settings, layers, logits_fn)
+        groundings = _grounding_fns(run, settings, layers)
         _, train_idx, _, _ = inputs.load_sources(config)
         pool_indices = _subset(np.asarray(train_idx), settings.pool_examples, settings.seed)
         weights = _weights_digest(run.variables)

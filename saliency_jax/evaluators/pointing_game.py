@@ -35,8 +35,7 @@ from saliency_jax.evaluation.pointing_game import (PointingGame, argmax_points, 
 from saliency_jax import data as data_lib
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
 from saliency_jax.registry import name_list
-from saliency_jax.saliency import (contrastive_excitation_backprop, excitation_backprop, grad_cam, linen_layer,
-                                   resize_maps)
+from saliency_jax.saliency import linen_view, resize_maps, saliency_map
 
 __all__ = ["METHODS", "PointingGameSettings", "pointing_game_evaluator", "input_shape", "make_saliency_fn",
            "run_pointing_game"]
@@ -44,7 +43,8 @@ __all__ = ["METHODS", "PointingGameSettings", "pointing_game_evaluator", "input_
 #: The localisation data sets the pointing game reads (specs of :func:`saliency_jax.data.get_source`).
 DATASETS = ("voc07", "coco14")
 
-#: Methods the pointing game knows, in table order.
+#: Methods the pointing game knows, in table order: ``"center"`` (TorchRay's image-centre baseline, model-free) and
+#: the layer methods of :data:`saliency_jax.saliency.METHODS` it plays (their maps: :func:`make_saliency_fn`).
 METHODS = ("center", "grad_cam", "excitation_backprop", "contrastive_excitation_backprop")
 
 
@@ -123,17 +123,11 @@ def input_shape(height: int, width: int, input_size: int) -> tuple[int, int]:
     return input_size, int(input_size * width / height)
 
 
-_METHOD_FNS: dict[str, Callable] = {
-    "grad_cam": lambda model, images, targets: grad_cam(model, images, targets, resize=False, normalize=False),
-    "excitation_backprop": lambda model, images, targets: excitation_backprop(
-        model, images, targets, resize=False, normalize=False).saliency,
-    "contrastive_excitation_backprop": lambda model, images, targets: contrastive_excitation_backprop(
-        model, images, targets, resize=False, normalize=False).saliency,
-}
-
-
 def make_saliency_fn(module, method: str, layer: str) -> Callable:
     """A jitted function computing one method's maps at the layer's resolution.
+
+    The maps are :func:`~saliency_jax.saliency.saliency_map`'s layer-resolution map (``extras["layer_map"]``, before
+    resizing and normalising) of ``method`` on ``linen_view(module, variables, layer, train=False)``.
 
     Args:
       module: the linen model (``apply(variables, images, train=False) -> logits``).
@@ -149,11 +143,14 @@ def make_saliency_fn(module, method: str, layer: str) -> Callable:
     Raises:
       ValueError: on an unknown method.
     """
-    if method not in _METHOD_FNS:
+    if method not in METHODS[1:]:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS[1:]}")
-    saliency = _METHOD_FNS[method]
-    return jax.jit(lambda variables, images, targets: saliency(
-        linen_layer(module, variables, layer, train=False), images, targets))
+
+    def saliency(variables, images, targets):
+        view = linen_view(module, variables, layer, train=False)
+        return saliency_map(method, view, images, targets, normalize=False, return_extras=True).extras["layer_map"]
+
+    return jax.jit(saliency)
 
 
 @functools.partial(jax.jit, static_argnums=1)
