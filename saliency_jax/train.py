@@ -287,7 +287,7 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
                 f"phases' epochs): the run there is longer than this config describes. Set the length to {latest} "
                 "steps (or more) to use it, or use a fresh workdir")
         workdirs.check_resume(workdir, config, latest)
-        step_fns = {p.index: jax.jit(p.step, in_shardings=(replicated, data_sharding, replicated),
+        step_fns = {p.index: jax.jit(guarded(p.step), in_shardings=(replicated, data_sharding, replicated),
                                      out_shardings=(replicated, replicated), donate_argnums=(0,)) for p in phases}
         enter_fns = {p.index: jax.jit(p.enter, out_shardings=replicated) for p in phases if p.enter is not None}
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
@@ -391,6 +391,26 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
     train_seconds = time.time() - t0 if total > launch_start else 0.0
     return result(state=plan.view(state, plan.final_role), history=history, train_seconds=train_seconds,
                   full_state=state)
+
+
+def guarded(step):
+    """A phase's step with the non-finite guard: when the new state holds a NaN or inf, the old state is kept (only
+    ``step`` advances) and ``update_skipped`` is 1 (else 0), so that no checkpoint ever holds a non-finite array.
+
+    A step that already reports ``update_skipped`` (the generic step of
+    :func:`saliency_jax.training.make_train_step`, which guards on the loss and gradients) is returned as it is.
+    """
+
+    def wrapped(state, batch, key):
+        new, metrics = step(state, batch, key)
+        if "update_skipped" in metrics:
+            return new, metrics
+        leaves = [x for x in jax.tree.leaves(new) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+        kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        return kept.replace(step=new.step), {**metrics, "update_skipped": 1.0 - ok.astype(jnp.float32)}
+
+    return wrapped
 
 
 # ----------------------------------------------------------------------------------------------------------------

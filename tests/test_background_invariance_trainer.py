@@ -387,3 +387,20 @@ def test_load_returns_every_model_of_the_plan(straight):
     assert_trees_equal(loaded.state.params, run.state.params)
     assert_trees_equal(loaded.model_state("mask_generator").params, run.full_state.params["mask_generator"])
     assert isinstance(loaded.model, VanillaCNN) and loaded.role == "classifier"
+
+
+def test_a_diverging_phase_is_stopped_and_no_checkpoint_holds_a_non_finite_array(tmp_path):
+    """Every phase runs under the loop's non-finite guard (phases 2-3 too, which are not the generic step)."""
+    config = tiny_config(mask_learning_rate=1e30, generator_learning_rate=1e30)  # phase 1 healthy, 2 diverges
+    config.log_every, config.checkpoint_every = 3, 1  # a checkpoint at every step, the first log at the phase end
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train_lib.train(config, tmp_path / "run", progress=False)
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps
+    from saliency_jax import workdirs
+
+    like = tb.build_plan(config, train_lib.validate(config).data)
+    abstract = jax.eval_shape(like.init_state, like.init_variables())
+    for step in steps:
+        state = workdirs.restore_state(tmp_path / "run", step, abstract)
+        assert all(np.all(np.isfinite(x)) for x in leaves(state)), f"checkpoint {step} holds a non-finite array"
