@@ -49,6 +49,9 @@ class Phase(NamedTuple):
         one), or None.
       signature: JSON-able description of everything that determines the phase's result from its input state (the
         phase cache's key); None: never cached.
+      guarded: the step guards itself against non-finite updates and reports ``update_skipped`` (the generic step of
+        :func:`saliency_jax.training.make_train_step`). Otherwise the loop guards it: a new state holding NaN or inf
+        is dropped for the old one (``update_skipped`` = 1), so that no checkpoint holds a non-finite array.
     """
 
     name: str
@@ -60,6 +63,7 @@ class Phase(NamedTuple):
     roles: tuple[str, ...]
     enter: Callable[[Any], Any] | None = None
     signature: dict[str, Any] | None = None
+    guarded: bool = False
 
 
 class Hooks(NamedTuple):

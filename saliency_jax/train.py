@@ -47,6 +47,8 @@ from saliency_jax.models.build import build_model, model_layers
 from saliency_jax.plan import Phase, Plan, TrainResult
 from saliency_jax.training.step import TrainState, init_state, make_optimizer, make_train_step
 
+Array = jax.Array
+
 __all__ = [
     "Validated",
     "validate",
@@ -287,8 +289,10 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
                 f"phases' epochs): the run there is longer than this config describes. Set the length to {latest} "
                 "steps (or more) to use it, or use a fresh workdir")
         workdirs.check_resume(workdir, config, latest)
-        step_fns = {p.index: jax.jit(guarded(p.step), in_shardings=(replicated, data_sharding, replicated),
-                                     out_shardings=(replicated, replicated), donate_argnums=(0,)) for p in phases}
+        # A step that guards itself takes the state donated; another keeps the old state for the guard.
+        step_fns = {p.index: jax.jit(p.step, in_shardings=(replicated, data_sharding, replicated),
+                                     out_shardings=(replicated, replicated),
+                                     donate_argnums=(0,) if p.guarded else ()) for p in phases}
         enter_fns = {p.index: jax.jit(p.enter, out_shardings=replicated) for p in phases if p.enter is not None}
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         start, restored, iterator, log_state = ckpt.restore_latest(abstract, iterator,
@@ -336,7 +340,11 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
                 batch = next(iterator)
                 check_batch(batch, plan.num_classes, where=f"train step {step} ({workdir})", multi_label=multi_label)
                 batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch)
-                state, metrics = step_fn(state, batch, key)
+                new_state, metrics = step_fn(state, batch, key)
+                if not phase.guarded:  # the loop's non-finite guard: no NaN ever reaches the state
+                    new_state, skipped = _keep_finite(new_state, state)
+                    metrics = {**metrics, "update_skipped": skipped}
+                state = new_state
                 pending.append(metrics)
                 pbar.update(1)
                 on_grid = step % config.log_every == 0
@@ -393,24 +401,15 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
                   full_state=state)
 
 
-def guarded(step):
-    """A phase's step with the non-finite guard: when the new state holds a NaN or inf, the old state is kept (only
-    ``step`` advances) and ``update_skipped`` is 1 (else 0), so that no checkpoint ever holds a non-finite array.
-
-    A step that already reports ``update_skipped`` (the generic step of
-    :func:`saliency_jax.training.make_train_step`, which guards on the loss and gradients) is returned as it is.
-    """
-
-    def wrapped(state, batch, key):
-        new, metrics = step(state, batch, key)
-        if "update_skipped" in metrics:
-            return new, metrics
-        leaves = [x for x in jax.tree.leaves(new) if jnp.issubdtype(x.dtype, jnp.inexact)]
-        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
-        kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-        return kept.replace(step=new.step), {**metrics, "update_skipped": 1.0 - ok.astype(jnp.float32)}
-
-    return wrapped
+@jax.jit
+def _keep_finite(new: Any, old: Any) -> tuple[Any, Array]:
+    """The non-finite guard of a phase whose step does not guard itself: ``new`` where every floating array of it is
+    finite, else ``old`` with ``new``'s step; and ``update_skipped`` (1.0 when ``old`` was kept). A separate program
+    from the step, so that the step's own computation (and its rounding) is the same with or without the guard."""
+    leaves = [x for x in jax.tree.leaves(new) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    return kept.replace(step=new.step), 1.0 - ok.astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -314,18 +314,18 @@ def build_plan(config: ml_collections.ConfigDict, data) -> Plan:
 
     phases: list[Phase] = []
 
-    def add(name, epochs, step, role, roles, enter=None, signature=None):
+    def add(name, epochs, step, role, roles, enter=None, signature=None, guarded=False):
         begin = phases[-1].end if phases else 0
         end = begin + phase_steps(epochs, num_train, batch)
         if signature is not None:
             signature = {"phase": name, "steps": end - begin, **signature}
-        phases.append(Phase(name, len(phases) + 1, begin, end, step, role, roles, enter, signature))
+        phases.append(Phase(name, len(phases) + 1, begin, end, step, role, roles, enter, signature, guarded))
 
     add("classifier", settings.classifier_epochs, _generic_step_on_role(classifier, optimizers["classifier"],
                                                                         "classifier"),
         "classifier", ("classifier",),
         signature={"model": repr(classifier), "pretrained": str(config.model.get("pretrained") or ""),
-                   "learning_rate": settings.classifier_learning_rate, "adam_eps": settings.adam_eps})
+                   "learning_rate": settings.classifier_learning_rate, "adam_eps": settings.adam_eps}, guarded=True)
     if settings.method == "adversarial":
         if models.mask_generator is not None:
             add("mask", settings.mask_epochs, bi.make_mask_step(models, optimizers, settings), "classifier",
@@ -343,7 +343,7 @@ def build_plan(config: ml_collections.ConfigDict, data) -> Plan:
 
         add("attention", settings.attention_epochs,
             _generic_step_on_role(extra["attention"], optimizers["attention"], "attention"), "attention",
-            ("attention",), enter=enter)
+            ("attention",), enter=enter, guarded=True)
 
     init_key = jax.random.key(config.seed)
 

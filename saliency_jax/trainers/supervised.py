@@ -86,7 +86,7 @@ def build_plan(config: ml_collections.ConfigDict, data) -> Plan:
     optimizer = make_optimizer(config)
     step = make_train_step(model, optimizer, scheme, loss=config.get("loss", "softmax_cross_entropy"),
                            classification_weight=config.get("classification_weight", 1.0))
-    phases = (Phase("train", 1, 0, total, step, "classifier", ("classifier",)),) if total else ()
+    phases = (Phase("train", 1, 0, total, step, "classifier", ("classifier",), guarded=True),) if total else ()
     return Plan(phases=phases, models={"classifier": model},
                 init_variables=lambda: classifier_variables(config, model, image_shape, jax.random.key(config.seed),
                                                             skip_head=data is not None),
