@@ -11,8 +11,12 @@ Runtime: 2.1 minutes on 2 otherwise idle CPU cores before the faithfulness evalu
 whole command, fresh clone); 4 arms x 1 repeat, 1,200 steps of batch 32 each. The faithfulness evaluator (deletion /
 insertion AUC and cascading randomisation of 4 methods on 256 test images) adds about 1 minute per arm: the whole
 command took 4 min 5 s with other jobs on the machine (load average 2.8 -> 5.4 on 2 cores; not an idle figure) after
-the runner's overhead fixes, 8.3 minutes before them at load 13.
-Expected (measured, seed 0): clean / randomly erased test accuracy - baseline 0.987 / 0.307, 0-occlusion
+the runner's overhead fixes, 8.3 minutes before them at load 13. Measured again on 2026-12-07 with nothing else
+running (load 1.5-2.9), ``--compilation_cache=off --noprogress``: 4 min 54 s, and 5 min 3 s for e840573 (before the
+one-loop redesign) right before it; both gave, bit for bit, baseline 0.989 / 0.313, 0-occlusion 0.982 / 0.511,
+R-occlusion 0.971 / 0.578, 1-occlusion 0.982 / 0.529 (tests/data/recorded/digits_quickstart.json; the figures below
+are from an earlier machine and library versions).
+Expected (measured earlier, seed 0): clean / randomly erased test accuracy - baseline 0.987 / 0.307, 0-occlusion
 0.982 / 0.522, R-occlusion 0.978 / 0.569, 1-occlusion 0.989 / 0.500: all arms equal on clean images within a point,
 the occlusion arms far more robust to erasing (one seed; rerun with ``--config.experiment.repeats=3`` for spreads).
 The occlusion arms' numbers moved in the third decimal (erasing: by up to 0.04) when the saliency transforms gained
