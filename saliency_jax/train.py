@@ -20,6 +20,7 @@ step (:func:`validate`), and the generic step never writes NaN into the state.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -27,11 +28,11 @@ import pathlib
 import time
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import grain
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
@@ -417,8 +418,6 @@ def _keep_finite(new: Any, old: Any) -> tuple[Any, Array]:
 
 
 def _digest(parts: Any) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -454,14 +453,10 @@ def _cache_dir(cache: pathlib.Path, phase: Phase, key: dict[str, Any]) -> pathli
 
 
 def _cache_handlers():
-    import grain
-
     return {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
 
 
 def _save_to_cache(plan: Plan, phase: Phase, key, state, iterator, workdir: pathlib.Path, is_main: bool) -> None:
-    import grain
-
     path = _cache_dir(_cache_folder(plan, workdir), phase, key)
     if (path / "key.json").exists():
         return
@@ -482,8 +477,6 @@ def _save_to_cache(plan: Plan, phase: Phase, key, state, iterator, workdir: path
 
 def _load_from_cache(plan: Plan, keys, state, iterator, workdir: pathlib.Path):
     """``(state, iterator, records)`` from the latest complete cache entry matching the plan's phases, or None."""
-    import grain
-
     folder = _cache_folder(plan, workdir)
     for phase, key, roles in reversed(list(zip(plan.phases, keys, _roles_after(plan)))):
         if key is None or phase.end == 0:

@@ -19,13 +19,11 @@ modules of :mod:`saliency_jax.evaluators` register themselves with :func:`regist
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any, Callable, Mapping, NamedTuple
 
 import ml_collections
 
-from saliency_jax import data as data_lib
 from saliency_jax.data import inputs
 from saliency_jax.config import Settings
 from saliency_jax.registry import EVALUATORS, name_list

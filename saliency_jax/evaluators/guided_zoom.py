@@ -506,9 +506,12 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
         return p["stages"]
 
     def evaluate(run, data):
-        config = run.config
         p = prepare(run, data)
         image_size, test_native, sizes = p["image_size"], p["test_native"], p["sizes"]
+        train_native, pool_indices, class_names = p["train_native"], p["pool_indices"], p["class_names"]
+        layers, prints = _layers(run, settings), p["prints"]
+        root = run.workdir / "guided_zoom"
+        pool_fns = _pool_functions(settings, p["groundings"], p["logits_fn"], sizes)
         batch_size, logits_fn, groundings, num_classes = p["batch_size"], p["logits_fn"], p["groundings"], \
             run.num_classes
         metas = {name: _read_json(p["paths"][name].with_suffix(".json")) for name in settings.pools}
