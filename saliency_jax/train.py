@@ -46,6 +46,7 @@ from saliency_jax.evaluation.predict import evaluate_accuracy, predict
 from saliency_jax.mesh import make_mesh
 from saliency_jax.models.build import build_model, model_layers
 from saliency_jax.plan import Phase, Plan, TrainResult
+from saliency_jax.trainers.supervised import num_train_steps
 from saliency_jax.training.step import TrainState, init_state, make_optimizer, make_train_step
 
 Array = jax.Array
@@ -164,13 +165,6 @@ def validate_run(config: ml_collections.ConfigDict) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loop.
-
-
-def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
-    """``config.num_steps`` if positive, else ``ceil(config.num_epochs * num_train_examples / batch_size)``."""
-    if config.get("num_steps", 0):
-        return int(config.num_steps)
-    return int(np.ceil(config.num_epochs * num_train_examples / config.batch_size))
 
 
 def _mean_metrics(pending: list[dict[str, Any]]) -> dict[str, float]:
