@@ -116,7 +116,14 @@ def default_config() -> ml_collections.ConfigDict:
         grad_cam_layer=config_dict.placeholder(str), classifier=config_dict.placeholder(str),
         pretrained="",  # torchvision-named .safetensors / .npz to start from
         num_classes=config_dict.placeholder(int),  # only needed when nothing is trained (num_steps = num_epochs = 0)
-        allow_random_init=False))  # with nothing trained: evaluate a random initialisation (tests only)
+        allow_random_init=False,  # with nothing trained: evaluate a random initialisation (tests only)
+        # Models nobody here wrote (saliency_jax.models.build.trainable_model): a transformer's Grad-CAM layer holds
+        # tokens, read as a grid after dropping num_prefix_tokens (None: the architecture's default, or a spatial
+        # layer); outputs says where the logits are ("0" for (logits, aux), "logits" for an output object; "": the
+        # output is the logits); axis_name binds the axis a BatchNorm reduces over (flax's examples: "batch").
+        num_prefix_tokens=config_dict.placeholder(int), outputs="", axis_name="",
+        # A scheme's map layer smaller than 2x2 gives constant maps (a silent no-op): refused unless this is set.
+        allow_small_grid=False))
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adam", learning_rate=5e-5, b1=0.9, b2=0.999, eps=7e-7, momentum=0.9, weight_decay=0.0,
         lr_boundaries=[], lr_scales=[]))
@@ -135,6 +142,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_steps = 0
     c.num_epochs = 10.0
     c.log_every = 50
+    # The loop warns once when a step's fraction of degenerate saliency maps (metrics *degenerate_maps) exceeds this.
+    c.degenerate_map_warning = 0.5
     c.eval_every = 0
     c.checkpoint_every = 500
     c.keep_checkpoints = 2

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 
 from saliency_jax import workdirs
+from saliency_jax.models.trainable import TrainableModel, as_trainable
 from saliency_jax.training.step import TrainState
 
 Array = jax.Array
@@ -140,9 +141,9 @@ class Plan:
         return self.phases[-1].end if self.phases else 0
 
     @property
-    def final_model(self) -> nn.Module:
-        """The classifier the run returns."""
-        return self.models[self.final_role]
+    def final_model(self) -> TrainableModel:
+        """The classifier the run returns, as a :class:`~saliency_jax.models.trainable.TrainableModel`."""
+        return as_trainable(self.models[self.final_role])
 
 
 @dataclasses.dataclass

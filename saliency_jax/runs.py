@@ -69,7 +69,7 @@ def load(workdir: str | os.PathLike, *, step: int | None = None, fallback: bool 
     the latest checkpoint (or of ``step``) is restored and verified against its checksums. The workdir is only read.
 
     >>> run = saliency_jax.load("runs/digits/baseline/seed0")  # doctest: +SKIP
-    >>> logits = run.model.apply(run.variables, images, train=False)  # doctest: +SKIP
+    >>> logits = run.model.apply(run.variables, images)  # doctest: +SKIP
     >>> masks = run.models["mask_generator"].apply(  # doctest: +SKIP
     ...     {"params": run.model_state("mask_generator").params}, images)
 

@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from saliency_jax import trainers
+from saliency_jax import trainers, training
 from saliency_jax import workdirs
 from saliency_jax.config import ConfigError
 from saliency_jax.data import inputs
@@ -45,6 +45,7 @@ from saliency_jax.data.inputs import check_batch, check_sources, load_sources, m
 from saliency_jax.evaluation.predict import evaluate_accuracy, predict
 from saliency_jax.mesh import make_mesh
 from saliency_jax.models.build import build_model, model_layers
+from saliency_jax.models.trainable import as_trainable
 from saliency_jax.plan import Phase, Plan, TrainResult
 from saliency_jax.trainers.supervised import num_train_steps
 from saliency_jax.training.step import TrainState, init_state, make_optimizer, make_train_step
@@ -144,13 +145,16 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> Validat
     """
     check_run_config(config)
     trainer = trainers.get_trainer(config.get("trainer", "supervised"))
-    trainer.check(config)
+    checked = trainer.check(config)
     if not data or trainer.weights_only(config):
         return Validated(trainer, None)
     run_data = inputs.load_run_data(config)
-    model = trainer.classifier(config, run_data.num_classes)
-    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *run_data.image_shape), jnp.float32),
-                                      train=False))
+    model = as_trainable(trainer.classifier(config, run_data.num_classes))
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *run_data.image_shape), jnp.float32)))
+    if isinstance(checked, training.Scheme):  # a trainer whose phases are the generic step of this scheme
+        training.check_model(model, checked, run_data.image_shape,
+                             multi_label=config.get("loss") == "sigmoid_binary_cross_entropy",
+                             allow_small_grid=bool(config.model.get("allow_small_grid", False)))
     return Validated(trainer, run_data)
 
 
@@ -165,6 +169,22 @@ def validate_run(config: ml_collections.ConfigDict) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loop.
+
+
+def _watch_degenerate(pending: list[dict[str, Any]], warned: set[str], threshold: float, step: int, phase: Phase,
+                      workdir) -> None:
+    """Warns once per metric when a step's fraction of degenerate saliency maps (a metric ending in
+    ``degenerate_maps``: constant or non-finite maps, on which a scheme trains nothing) exceeds ``threshold``."""
+    for name in sorted({k for m in pending for k in m if k.endswith("degenerate_maps")} - warned):
+        worst = max(float(m[name]) for m in pending if name in m)
+        if worst > threshold:
+            warned.add(name)
+            logging.warning(
+                "%s = %.2f at a step before %d (phase %s, %s): that fraction of the scheme's saliency maps is constant "
+                "or non-finite, and the scheme does nothing on those (distraction occludes no pixel, a constant CAM "
+                "gives a constant HNC term). Check the layer (config.model.grad_cam_layer; a 1x1 or 2x2 grid, a "
+                "transformer's patch tokens that do not reach the logits), the model's mode, or the inputs. "
+                "(config.degenerate_map_warning = %.2f)", name, worst, step, phase.name, workdir, threshold)
 
 
 def _mean_metrics(pending: list[dict[str, Any]]) -> dict[str, float]:
@@ -315,6 +335,7 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
 
         # Loop.
         history: list[dict[str, float]] = []
+        warned: set[str] = set()  # the degenerate-map metrics warned about (once each)
         key = jax.random.key(config.seed + 1)
         pbar = tqdm(total=total, initial=start, disable=not (progress and is_main),
                     desc=progress if isinstance(progress, str) else workdir.name, dynamic_ncols=True, leave=False)
@@ -345,6 +366,8 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
                 on_grid = step % config.log_every == 0
                 if on_grid or step == phase.end:
                     summary = _mean_metrics(pending)
+                    _watch_degenerate(pending, warned, float(config.get("degenerate_map_warning", 0.5)), step,
+                                      phase, workdir)
                     if not summary.get("update_skipped", 1.0):  # logged only when a step's update was skipped
                         del summary["update_skipped"]
                     # A phase end closes the logging window; the run's last step off the grid leaves it open for a

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from saliency_jax.data import pipeline
 from saliency_jax.mesh import make_mesh
+from saliency_jax.models.trainable import as_trainable
 
 Array = jax.Array
 
@@ -29,7 +30,7 @@ def _eval_probs(variables, images, key, *, model, transform):
     """Class probabilities [b, num_classes] of ``model`` in inference mode on ``images`` (after ``transform``)."""
     if transform is not None:
         images = transform(key, images)
-    probs = jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
+    probs = jax.nn.softmax(as_trainable(model).apply(variables, images), axis=-1)
     return jnp.mean(probs, axis=1) if probs.ndim == 3 else probs  # sequences: mean over the steps
 
 

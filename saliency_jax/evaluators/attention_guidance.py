@@ -30,6 +30,7 @@ from saliency_jax import data as data_lib
 from saliency_jax import evaluation
 from saliency_jax.data import celeba
 from saliency_jax.evaluation.predict import predict
+from saliency_jax.models.trainable import as_trainable
 from saliency_jax.models.build import model_layers
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
 from saliency_jax.saliency import grad_cam, linen_layer
@@ -179,7 +180,7 @@ def region_mass_evaluator(settings: RegionMassSettings) -> Evaluator:
         batches = data_lib.make_eval_batches(source, idx, batch_size=settings.batch_size,
                                              image_size=config.dataset.get("image_size"))
         layer = model_layers(config).grad_cam_layer
-        masses = region_masses(run.model, run.variables, batches, layer=layer, score=settings.score,
+        masses = region_masses(run.model.require_linen('the attention_guidance evaluator'), run.variables, batches, layer=layer, score=settings.score,
                                weighting=settings.weighting, attributes=tuple(settings.attributes))
         out: dict[str, Any] = {"layer": layer, "region": _stats(masses["region"])}
         if "wrong_region" in masses:
@@ -301,7 +302,7 @@ def decoy_agreement_evaluator(settings: DecoyAgreementSettings) -> Evaluator:
         config = run.config
         source = data.test_source(config)
         idx = _subset(len(source), settings.examples, settings.seed)
-        logits_fn = jax.jit(lambda v, x: jnp.argmax(run.model.apply(v, x, train=False), -1))
+        logits_fn = jax.jit(lambda v, x: jnp.argmax(run.model.apply(v, x), -1))
         labels, decoys, preds = [], [], []
         for batch in data_lib.make_eval_batches(source, idx, batch_size=config.eval_batch_size,
                                                 image_size=config.dataset.get("image_size")):
@@ -363,7 +364,7 @@ def multilabel_predictions(model, variables, source, indices, *, batch_size: int
         np.ndarray, np.ndarray]:
     """``(labels [n, k] int, decisions [n, k] bool)``: multi-hot targets and ``logit > 0`` decisions (inference mode)
     on ``source[indices]``."""
-    logits_fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    logits_fn = jax.jit(lambda v, x: as_trainable(model).apply(v, x))
     labels, decisions = [], []
     for batch in data_lib.make_eval_batches(source, indices, batch_size=batch_size, image_size=image_size):
         keep = np.asarray(batch["mask"]).astype(bool)

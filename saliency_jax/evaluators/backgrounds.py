@@ -108,7 +108,7 @@ def backgrounds_evaluator(settings: BackgroundsSettings) -> Evaluator:
         images, labels = data.cached(("background_test_arrays", ds.name, ds.get("data_dir"), ds.get("image_size"),
                                       settings.examples), lambda: test_arrays(source, config, settings.examples))
         model, variables = run.model, run.variables
-        accuracy = bg.evaluate_backgrounds(lambda x: model.apply(variables, x, train=False), images, labels,
+        accuracy = bg.evaluate_backgrounds(lambda x: model.apply(variables, x), images, labels,
                                            batch_size=settings.batch_size, names=sets)
         return {**accuracy, "examples": int(len(images))}
 

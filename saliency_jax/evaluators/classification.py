@@ -187,7 +187,7 @@ def fgsm_evaluator(settings: FGSMSettings) -> Evaluator:
 
         @jax.jit
         def correct(images, labels, epsilon):
-            logits_fn = lambda x: run.model.apply(variables, x, train=False)  # noqa: E731
+            logits_fn = lambda x: run.model.apply(variables, x)  # noqa: E731
             attacked = fgsm_images(logits_fn, images, labels, epsilon)
             return jnp.argmax(logits_fn(attacked), -1) == labels
 

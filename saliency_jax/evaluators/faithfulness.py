@@ -223,9 +223,9 @@ def faithfulness_evaluator(settings: FaithfulnessSettings) -> Evaluator:
         random_params = None
         if settings.randomization:
             shape = jnp.zeros((1, *images.shape[1:]), jnp.float32)
-            random_params = jax.jit(lambda: run.model.init(jax.random.key(int(run.config.seed) + 1), shape,
+            random_params = jax.jit(lambda: run.model.require_linen('the faithfulness evaluator').init(jax.random.key(int(run.config.seed) + 1), shape,
                                                            train=False)["params"])()
-        metrics = evaluate_faithfulness(run.model, run.variables, images, settings, layers=layers,
+        metrics = evaluate_faithfulness(run.model.require_linen('the faithfulness evaluator'), run.variables, images, settings, layers=layers,
                                         regions=regions, random_params=random_params)
         return {"examples": int(n), "layers": layers, "methods": metrics}
 

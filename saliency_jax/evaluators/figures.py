@@ -47,7 +47,7 @@ def grad_cam_maps(run: TrainResult, images: np.ndarray, labels: np.ndarray, *, l
     Returns:
       float32 [n, height, width] in [0, 1].
     """
-    return np.asarray(_grad_cam_maps(run.variables, jnp.asarray(images), jnp.asarray(labels), module=run.model,
+    return np.asarray(_grad_cam_maps(run.variables, jnp.asarray(images), jnp.asarray(labels), module=run.model.require_linen('the figures evaluator'),
                                      layer=layer, score=score, weighting=weighting))
 
 

@@ -362,7 +362,7 @@ def _grounding_fns(run, settings: GuidedZoomSettings, layers: dict[str, str]) ->
                             grid_size=settings.rise_grid, p=settings.rise_p,
                             masks_per_step=settings.rise_masks_per_step)}
     return {name: gz.saliency_grounding(_GROUNDING_METHODS[name],
-                                        linen_view(run.model, run.variables, layers.get(name), train=False),
+                                        linen_view(run.model.require_linen('Guided Zoom'), run.variables, layers.get(name), train=False),
                                         **options.get(name, {}))
             for name in GROUNDINGS}
 
@@ -468,7 +468,7 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
             raise ValueError(f"guided_zoom.ks: k={max(ks)} exceeds the {run.num_classes} classes")
         sizes = pool_sizes(settings, original_shape[0], run.image_shape[0])
         batch_size = settings.batch_size or config.eval_batch_size
-        logits_fn = functools.partial(run.model.apply, run.variables, train=False)
+        logits_fn = functools.partial(run.model.apply, run.variables)
         groundings = _grounding_fns(run, settings, layers)
         _, train_idx, _, _ = inputs.load_sources(config)
         pool_indices = _subset(np.asarray(train_idx), settings.pool_examples, settings.seed)

@@ -55,7 +55,7 @@ def negative_cams_evaluator(settings: NegativeCamsSettings) -> Evaluator:
 
         @jax.jit
         def stats(images, labels):
-            out = apply_with_layers(run.model, variables, images, capture=(layers.grad_cam_layer,), train=False)
+            out = apply_with_layers(run.model.require_linen('the hnc evaluator'), variables, images, capture=(layers.grad_cam_layer,), train=False)
             features, logits = out.activations[layers.grad_cam_layer], out.output
             cams, _ = negative_cams(features, variables["params"], layers.classifier, logits, labels,
                                     settings.num_negatives)

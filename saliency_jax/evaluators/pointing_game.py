@@ -360,7 +360,7 @@ def pointing_game_evaluator(settings: PointingGameSettings) -> Evaluator:
         if settings.difficult_flags:
             difficult = data.cached(("difficult", settings.difficult_flags),
                                     lambda: load_difficult_flags(settings.difficult_flags, dataset.num_classes))
-        return _jsonable(run_pointing_game(run.model, run.variables, dataset, settings, difficult=difficult))
+        return _jsonable(run_pointing_game(run.model.require_linen('the pointing game'), run.variables, dataset, settings, difficult=difficult))
 
     def report(ctx: ReportContext) -> Section:
         results = {a: v[0] for a, v in ctx.metrics("pointing_game").items()}

@@ -18,13 +18,15 @@ from saliency_jax.models.background_invariance import (AttentionCNN, BackgroundG
                                                         VanillaCNN)
 from saliency_jax.models.cnn2 import CNN2
 from saliency_jax.models.cnn_lstm import CNNLSTM, ReLULSTMCell
+from saliency_jax.models.nnx_models import NNXCNN, NNXViT
 from saliency_jax.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
 from saliency_jax.models.small_cnn import SmallCNN
 from saliency_jax.models.vgg import VGG16
+from saliency_jax.models.vit import ViT
 from saliency_jax.registry import MODELS
 
 __all__ = ["AlexNet", "AttentionCNN", "BackgroundGenerator", "CNN2", "CNNLSTM", "ReLULSTMCell", "SmallCNN", "ResNet18",
-           "ResNet34", "ResNet50", "ResNet101", "ResNet152", "UNet", "VanillaCNN", "VGG16", "MODELS",
+           "ResNet34", "ResNet50", "ResNet101", "ResNet152", "UNet", "VanillaCNN", "VGG16", "ViT", "NNXCNN", "NNXViT", "MODELS",
            "get_model", "GRAD_CAM_LAYER", "CLASSIFIER", "MODEL_NAMES"]
 
 #: The architectures by name: value the linen module class (built as ``cls(num_classes=..., **kwargs)``), metadata
@@ -46,6 +48,13 @@ MODELS.register("cnn_lstm", CNNLSTM, grad_cam_layer="conv3", classifier="classif
 # gives the path for other sizes); vanilla_cnn has a flatten + dense head: no CAM / HNC (not a GAP network).
 MODELS.register("vanilla_cnn", VanillaCNN, grad_cam_layer="relu3", classifier="fc2")
 MODELS.register("attention_cnn", AttentionCNN, grad_cam_layer="local_cnn/relu3", classifier="classifier")
+# Transformers: the Grad-CAM layer holds tokens [batch, tokens, dim], read as a grid after num_prefix_tokens (0: a GAP
+# ViT has no class token); its head on each token is a CAM whose mean is the logit (HNC applies).
+MODELS.register("vit", ViT, grad_cam_layer="encoder_norm", classifier="head", num_prefix_tokens=0)
+# NNX architectures (kind="nnx"): built from the run's seed as cls(num_classes=..., rngs=..., **kwargs); their
+# constructors take the input's channels (and the ViT its image_size) in config.model.kwargs.
+MODELS.register("nnx_cnn", NNXCNN, grad_cam_layer="bn+relu", classifier="head", kind="nnx")
+MODELS.register("nnx_vit", NNXViT, grad_cam_layer="encoder_norm", classifier="head", num_prefix_tokens=0, kind="nnx")
 
 #: ``{name: Grad-CAM layer path}`` of every registered architecture (a live read-only view of :data:`MODELS`).
 GRAD_CAM_LAYER = MODELS.view("grad_cam_layer")
@@ -66,11 +75,15 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
       **kwargs: forwarded to the model's constructor.
 
     Returns:
-      A ``flax.linen.Module`` mapping images [batch, height, width, channels] float32 in [0, 1] to logits
+      A ``flax.linen.Module`` (for an architecture registered with ``kind="nnx"``, the factory ``rngs -> module``
+      that :func:`saliency_jax.models.trainable.nnx_model` takes) mapping images [batch, height, width, channels] float32 in [0, 1] to logits
       [batch, num_classes] (``"cnn_lstm"``: clips [batch, time, height, width, channels] to logits
       [batch, time, num_classes]).
 
     Raises:
       ValueError: on an unknown name (``unknown model 'x'; did you mean [...]? (registered: [...])``).
     """
-    return MODELS.get(name)(num_classes=num_classes, **kwargs)
+    cls = MODELS.get(name)
+    if MODELS.metadata(name).get("kind") == "nnx":  # an NNX class: built from the run's seed by nnx_model
+        return lambda rngs: cls(num_classes=num_classes, rngs=rngs, **kwargs)
+    return cls(num_classes=num_classes, **kwargs)

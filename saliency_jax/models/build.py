@@ -1,38 +1,33 @@
-"""A run config's model: the module it names and the layers schemes and evaluators read from it.
+"""A run config's model: the module it names and the :class:`~saliency_jax.models.trainable.TrainableModel` that
+trains it.
 
-The one place that turns ``config.model`` into a module (:func:`build_model`) and into the layers that maps, schemes
-and evaluators reach (:func:`model_layers`, :class:`ModelLayers`); the train loop, the plan builders, ``load`` and the
-evaluators all go through it.
+The one place that turns ``config.model`` into a module (:func:`build_model`), into the model the train step, the
+schemes and the evaluators take (:func:`trainable_model`), and into its default layers (:func:`model_layers`); the
+train loop, the plan builders, ``load`` and the evaluators all go through it.
+
+``config.model`` fields read here: ``name`` (a name of :data:`saliency_jax.registry.MODELS`: linen classes, and NNX
+classes registered with ``kind="nnx"``), ``kwargs``, ``grad_cam_layer`` / ``classifier`` (defaults from the
+registry), ``num_prefix_tokens`` (a transformer: the Grad-CAM layer holds tokens ``[batch, tokens, dim]``, read as a
+grid after dropping that many leading tokens, :func:`~saliency_jax.saliency.views.token_grid`), ``outputs`` (where the
+logits are in a structured output, :func:`~saliency_jax.models.trainable.select_outputs`) and ``axis_name`` (the axis
+a foreign model's BatchNorm reduces over).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-import flax.linen as nn
 import ml_collections
 
 from saliency_jax import models
+from saliency_jax.models.trainable import ModelLayers, TrainableModel, linen_model, nnx_model
+from saliency_jax.registry import MODELS
+from saliency_jax.saliency.views import token_grid
 
-__all__ = ["ModelLayers", "build_model", "model_layers"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelLayers:
-    """The layers of a model that schemes read (one source of truth: ``config.model``).
-
-    Attributes:
-      grad_cam_layer: path of the last convolutional block's (post-activation) output, [batch, h, w, channels]:
-        the Grad-CAM layer and the features that a GAP head pools (CAM, HNC).
-      classifier: module path of the dense layer on the pooled features (CAM's and HNC's kernel and bias).
-    """
-
-    grad_cam_layer: str
-    classifier: str
+__all__ = ["ModelLayers", "build_model", "model_layers", "trainable_model"]
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    """The linen module named by ``config.model.name`` (kwargs from ``config.model.kwargs``).
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+    """The module named by ``config.model.name`` (kwargs from ``config.model.kwargs``): a linen module, or for an
+    NNX architecture the factory ``rngs -> module``.
 
     Raises:
       ValueError: on an unknown model name.
@@ -55,3 +50,27 @@ def model_layers(config: ml_collections.ConfigDict) -> ModelLayers:
         raise ValueError(f"model {name!r} has no default layers: set config.model.grad_cam_layer (last conv block) "
                          "and config.model.classifier (the dense layer on the pooled features)")
     return ModelLayers(grad_cam_layer=grad_cam, classifier=classifier)
+
+
+def trainable_model(config: ml_collections.ConfigDict, num_classes: int) -> TrainableModel:
+    """The :class:`~saliency_jax.models.trainable.TrainableModel` of ``config.model`` (module docstring).
+
+    Raises:
+      ValueError: an unknown model name; a model without default layers (:func:`model_layers`).
+    """
+    m = config.model
+    layers = model_layers(config)
+    prefix = m.get("num_prefix_tokens", None)
+    if prefix is None:
+        prefix = MODELS.metadata(m.name).get("num_prefix_tokens")
+    reshape = {layers.grad_cam_layer: token_grid(int(prefix))} if prefix is not None else None
+    outputs = m.get("outputs", None)
+    if isinstance(outputs, str) and outputs.isdigit():
+        outputs = int(outputs)
+    axis_name = m.get("axis_name", None) or None
+    module = build_model(config, num_classes)
+    common = dict(grad_cam_layer=layers.grad_cam_layer, classifier=layers.classifier, reshape=reshape,
+                  outputs=outputs if outputs not in ("", None) else None, axis_name=axis_name)
+    if MODELS.metadata(m.name).get("kind") == "nnx":
+        return nnx_model(module, **common)
+    return linen_model(module, **common)

@@ -64,6 +64,7 @@ __all__ = [
     "mark_invalid",
     "checked",
     "normalize_maps",
+    "degenerate_maps",
     "resize_maps",
     "check_images",
     "at_least_float32",
@@ -648,6 +649,27 @@ def at_least_float32(x: Array) -> Array:
     """``x`` in float32, or in its own dtype if that is wider (float64 stays float64: gradient checks in x64)."""
     x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def degenerate_maps(maps: Array) -> Array:
+    """Which maps carry no spatial information: constant over their positions (all zeros - Grad-CAM's after the
+    ReLU when no position has positive evidence, every map of a 1x1 layer - or any other constant) or non-finite
+    anywhere.
+
+    A scheme that occludes, penalises or guides by such a map silently does nothing (distraction occludes every
+    pixel or none; HNC's term is constant), so the schemes log the fraction (``*degenerate_maps`` metrics) and the
+    train loop warns.
+
+    Args:
+      maps: [batch, ...] float (raw or normalised; a normalised constant map is all zeros).
+
+    Returns:
+      bool [batch].
+    """
+    flat = maps.reshape(maps.shape[0], -1)
+    finite = jnp.all(jnp.isfinite(flat), axis=1)
+    constant = jnp.max(flat, axis=1) == jnp.min(flat, axis=1)
+    return ~finite | constant
 
 
 def normalize_maps(maps: Array) -> Array:

@@ -56,6 +56,7 @@ from saliency_jax.saliency.core import (
     at_least_float32,
     check_images,
     invalid_examples,
+    degenerate_maps,
     mark_invalid,
     normalize_maps,
     resize_maps,
@@ -84,7 +85,10 @@ class Explanation(NamedTuple):
       maps: float32 [batch, height, width] (normalised to [0, 1] per example when ``normalize``).
       extras: method-specific arrays, e.g. ``"layer_map"`` [batch, h, w] (the map at the layer's resolution, before
         resizing and normalising), ``"probability"`` [batch, h, w, channels] (EB's marginal winning probabilities),
-        ``"attribution"`` [batch, height, width, channels] (an input-gradient method's unreduced attribution).
+        ``"attribution"`` [batch, height, width, channels] (an input-gradient method's unreduced attribution), and
+        for every method ``"degenerate"`` bool [batch]: the maps that carry no information, constant (e.g. all zeros:
+        no position with positive evidence, or a 1x1 layer) or non-finite
+        (:func:`~saliency_jax.saliency.core.degenerate_maps`).
     """
 
     maps: Array
@@ -422,6 +426,8 @@ def saliency_map(method: str, view: Any, images: Array, targets: Array | int | T
             targets = 0
     maps, extras = spec.fn(view, images, targets, **options)
     maps = at_least_float32(maps)
+    if return_extras:
+        extras = {**extras, "degenerate": degenerate_maps(maps)}
     if normalize:
         maps = normalize_maps(maps)
     return Explanation(maps, extras) if return_extras else maps

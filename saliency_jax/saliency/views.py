@@ -28,14 +28,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from saliency_jax.saliency._jaxpr import evaluate_jaxpr
-from saliency_jax.saliency.core import LayerModel, _bind, _layer_tag_p, _split_path, _tap_vars, linen_layer, split_layer
+from saliency_jax.saliency.core import (LayerModel, LayerOutputs, _bind, _layer_tag_p, _split_path, _tap_vars, linen_layer,
+                                        split_layer)
 
 Array = jax.Array
 
@@ -44,6 +45,7 @@ __all__ = [
     "as_view",
     "function_view",
     "linen_view",
+    "nnx_apply_with_layers",
     "nnx_layer",
     "nnx_paths",
     "nnx_view",
@@ -256,26 +258,137 @@ _TAPPED: dict[type, type] = {}
 
 
 def _tapped_class(cls: type) -> type:
-    """A subclass of ``cls`` whose ``__call__`` hands its output to the instance's ``_saliency_tap``."""
+    """A subclass of ``cls`` whose ``__call__`` returns its first argument when the instance is bypassed
+    (``_saliency_bypass``) and otherwise hands its output to the instance's ``_saliency_tap``."""
     if cls not in _TAPPED:
         def __call__(self, *args, **kwargs):
+            if getattr(self, "_saliency_bypass", False):
+                return args[0]
             out = cls.__call__(self, *args, **kwargs)
-            return self._saliency_tap(out)
+            tap = getattr(self, "_saliency_tap", None)
+            return out if tap is None else tap(out)
 
         _TAPPED[cls] = type(f"Tapped{cls.__name__}", (cls,), {"__call__": __call__, "__module__": cls.__module__})
     return _TAPPED[cls]
+
+
+def nnx_apply_with_layers(make: Callable[[Any], Any], args: Any, images: Array, *, capture: Sequence[str] = (),
+                          replace: Mapping[str, Callable[[Array], Array]] | None = None, bypass: Sequence[str] = (),
+                          method: str = "__call__", collect: Callable[[Any], Any] | None = None) -> LayerOutputs:
+    """Runs an NNX module reading, replacing or bypassing named submodules (the NNX counterpart of
+    :func:`~saliency_jax.saliency.core.apply_with_layers`).
+
+    ``make(args)`` builds a fresh copy of the module (``nnx.merge`` of its states, in the wanted mode); the copy's
+    named submodules get a ``__call__`` that records their output, replaces it, or returns their first argument, and
+    ``getattr(copy, method)(images)`` runs. The caller's module is never changed and the function is pure
+    (jittable, differentiable with respect to every array in ``args`` and ``images``). ``"PATH+ACT"`` paths (the
+    output of an activation applied as a function to a submodule's output, ``nnx.relu(self.conv(x))``:
+    ``"conv+relu"``) are reached as for linen: the run is traced to a jaxpr with the submodule's output tagged and
+    evaluated again with the activation's value exposed (and replaced); the same primitives are bound.
+
+    Args:
+      make: ``args -> module``, a fresh NNX module copy.
+      args: a pytree of arrays ``make`` reads (the states, a PRNG key), passed explicitly so that tracing sees them.
+      images: the module's input [batch, ...].
+      capture: layer paths whose output to return (before any replacement).
+      replace: ``{path: fn}``: the layer's output ``a`` replaced by ``fn(a)``.
+      bypass: submodule paths (no ``+ACT``) run as the identity.
+      method: the module's method that computes the outputs.
+      collect: optional ``module -> pytree of arrays`` read from the copy after the run (e.g. updated batch
+        statistics); then :attr:`LayerOutputs.output` is ``(outputs, collect(copy))``.
+
+    Returns:
+      :class:`~saliency_jax.saliency.core.LayerOutputs` (``inputs`` empty).
+
+    Raises:
+      ValueError: a path that is not a submodule (naming the submodule paths), a layer called more than once or
+        returning something other than one array, or (``+ACT``) whose output is not consumed by exactly the named
+        activation.
+    """
+    nnx = _nnx()
+    capture, replace, bypass = tuple(capture), dict(replace or {}), frozenset(bypass)
+    for layer in bypass:
+        if _split_path(layer)[1] is not None:
+            raise ValueError(f"{layer!r}: bypass takes submodule paths without '+ACTIVATION'")
+    tagged = tuple(dict.fromkeys(p for p in (*capture, *replace) if _split_path(p)[1] is not None))
+    plain_capture = tuple(p for p in capture if p not in tagged)
+    plain_replace = {k: v for k, v in replace.items() if k not in tagged}
+    tag_paths: dict[str, list[int]] = {}
+    for index, layer in enumerate(tagged):
+        tag_paths.setdefault(_split_path(layer)[0], []).append(index)
+    tapped = tuple(dict.fromkeys((*plain_capture, *plain_replace, *tag_paths)))
+
+    def run(args, images):
+        copy = make(args)
+        nodes = {_path_key(path): node for path, node in nnx.iter_graph(copy)
+                 if isinstance(node, nnx.Module) and path}
+        missing = [p for p in (*tapped, *bypass) if p not in nodes]
+        if missing:
+            raise ValueError(f"layer {missing[0]!r} not found in {type(copy).__name__}; submodule paths: "
+                             f"{list(nodes)}")
+        found: dict[str, list] = {}
+        for base in tapped:
+            def tap(out, base=base):
+                if not isinstance(out, jax.Array):
+                    raise ValueError(f"layer {base!r} returns {type(out).__name__}, not a single array; name a "
+                                     "submodule whose __call__ returns one activation tensor")
+                found.setdefault(base, []).append(out)
+                if base in plain_replace:
+                    out = plain_replace[base](out)
+                for index in tag_paths.get(base, ()):
+                    out = _layer_tag_p.bind(out, index=index)
+                return out
+
+            object.__setattr__(nodes[base], "_saliency_tap", tap)
+        for base in bypass:
+            object.__setattr__(nodes[base], "_saliency_bypass", True)
+        for base in (*tapped, *bypass):
+            node = nodes[base]
+            object.__setattr__(node, "__class__", _tapped_class(type(node)))
+        output = getattr(copy, method)(images)
+        for base in tapped:
+            hits = len(found.get(base, []))
+            if hits != 1:
+                raise ValueError(f"layer {base!r} was called {hits} times; name a layer that runs once")
+        if collect is not None:
+            output = (output, collect(copy))
+        return output, {k: found[k][0] for k in plain_capture}
+
+    if not tagged:
+        output, activations = run(args, images)
+        return LayerOutputs(output, activations, {})
+
+    closed, out_shape = jax.make_jaxpr(run, return_shape=True)(args, images)
+    taps = _tap_vars(closed.jaxpr, dict(enumerate(tagged)))
+    exposed: dict[str, Array] = {}
+
+    def eval_equation(eqn, values, _):
+        outs = [values[0]] if eqn.primitive is _layer_tag_p else _bind(eqn, values)
+        for i, v in enumerate(eqn.outvars):
+            layer = taps.get(v)
+            if layer is not None:
+                exposed[layer] = outs[i]
+                if layer in replace:
+                    outs[i] = replace[layer](outs[i])
+        return outs, [None] * len(outs)
+
+    flat = jax.tree.leaves((args, images))
+    outs, _ = evaluate_jaxpr(closed.jaxpr, closed.consts, None, flat, [None] * len(flat), eval_equation,
+                             literal_tag=lambda _: None)
+    output, activations = jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+    activations = {**activations, **exposed}
+    return LayerOutputs(output, {k: activations[k] for k in capture}, {})
 
 
 def nnx_layer(module, layer: str, *, method: str = "__call__") -> LayerModel:
     """Splits an unmodified ``flax.nnx.Module`` at the submodule ``layer``.
 
     Each call merges a fresh copy of the module (``nnx.split`` once, ``nnx.merge`` per call) and gives that copy's
-    submodule a ``__call__`` that records its output and adds the perturbation to it; the caller's module is never
-    changed, and the function is pure (jittable, differentiable; module state updates of the copy, e.g. batch norm
-    statistics in train mode, are discarded). ``"PATH+ACT"`` (the output of an activation applied as a function to
-    the submodule's output, ``nnx.relu(self.conv(x))``: ``"conv+relu"``) is reached as for linen
-    (:mod:`saliency_jax.saliency.core`): the copy is traced to a jaxpr with the submodule's output tagged, and
-    evaluated again with the activation's value exposed.
+    submodule a ``__call__`` that records its output and adds the perturbation to it
+    (:func:`nnx_apply_with_layers`); the caller's module is never changed, and the function is pure (jittable,
+    differentiable; module state updates of the copy, e.g. batch norm statistics in train mode, are discarded).
+    ``"PATH+ACT"`` (the output of an activation applied as a function to the submodule's output,
+    ``nnx.relu(self.conv(x))``: ``"conv+relu"``) is reached as for linen (:mod:`saliency_jax.saliency.core`).
 
     Args:
       module: an NNX module ``module(images) -> logits [batch, num_classes]`` (put it in inference mode first:
@@ -295,53 +408,16 @@ def nnx_layer(module, layer: str, *, method: str = "__call__") -> LayerModel:
     nnx = _nnx()
     if not isinstance(module, nnx.Module):
         raise TypeError(f"module must be a flax.nnx.Module; got {type(module).__name__}")
-    base, act = _split_path(layer)
+    base, _ = _split_path(layer)
     paths = nnx_paths(module)
     if base not in paths:
         raise ValueError(f"layer {base!r} not found in {type(module).__name__}; submodule paths: {paths}")
     graphdef, state = nnx.split(module)
 
-    def run(images, on_output):
-        copy = nnx.merge(graphdef, state)
-        sub = next(node for path, node in nnx.iter_graph(copy) if _path_key(path) == base)
-        seen = []
-
-        def tap(out):
-            if not isinstance(out, jax.Array):
-                raise ValueError(f"layer {base!r} returns {type(out).__name__}, not a single array; name a "
-                                 "submodule whose __call__ returns one activation tensor")
-            seen.append(out)
-            return on_output(out)
-
-        object.__setattr__(sub, "_saliency_tap", tap)
-        object.__setattr__(sub, "__class__", _tapped_class(type(sub)))
-        logits = getattr(copy, method)(images)
-        if len(seen) != 1:
-            raise ValueError(f"layer {base!r} was called {len(seen)} times; name a layer that runs once")
-        return logits, seen[0]
-
     def fn(images, perturbation):
-        if act is None:
-            return run(images, lambda out: out + perturbation)
-        # The activation applied to the submodule's output as a function: tag the output, trace, find the
-        # activation consuming it, and evaluate the jaxpr again exposing (and perturbing) its value.
-        closed, out_shape = jax.make_jaxpr(
-            lambda x: run(x, lambda out: _layer_tag_p.bind(out, index=0))[0], return_shape=True)(images)
-        taps = _tap_vars(closed.jaxpr, {0: layer})
-        exposed = []
-
-        def eval_equation(eqn, values, _):
-            outs = [values[0]] if eqn.primitive is _layer_tag_p else _bind(eqn, values)
-            for i, v in enumerate(eqn.outvars):
-                if v in taps:
-                    exposed.append(outs[i])
-                    outs[i] = outs[i] + perturbation
-            return outs, [None] * len(outs)
-
-        flat = jax.tree.leaves(images)
-        outs, _ = evaluate_jaxpr(closed.jaxpr, closed.consts, None, flat, [None] * len(flat), eval_equation,
-                                 literal_tag=lambda _: None)
-        return jax.tree.unflatten(jax.tree.structure(out_shape), outs), exposed[0]
+        out = nnx_apply_with_layers(lambda s: nnx.merge(graphdef, s), state, images, capture=(layer,),
+                                    replace={layer: lambda a: a + perturbation}, method=method)
+        return out.output, out.activations[layer]
 
     return LayerModel(fn=fn, layer=layer)
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from saliency_jax.models import weights
+from saliency_jax.models.trainable import as_trainable
 from saliency_jax.plan import Plan
 from saliency_jax.registry import TRAINERS
 
@@ -101,7 +102,7 @@ def classifier_variables(config: ml_collections.ConfigDict, model: nn.Module, im
 
 @functools.partial(jax.jit, static_argnames=("model", "image_shape"))
 def _jit_init(key, *, model, image_shape):
-    return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return as_trainable(model).init(key, jnp.zeros((1, *image_shape), jnp.float32))
 
 
 def _init_variables(model: nn.Module, image_shape: tuple[int, ...], key):

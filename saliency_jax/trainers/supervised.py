@@ -15,7 +15,7 @@ import numpy as np
 
 from saliency_jax import training
 from saliency_jax.config import ConfigError
-from saliency_jax.models.build import build_model, model_layers
+from saliency_jax.models.build import model_layers, trainable_model
 from saliency_jax.plan import Phase, Plan
 from saliency_jax.trainers.base import classifier_variables, register_trainer
 from saliency_jax.training.step import init_state, make_optimizer, make_train_step
@@ -56,7 +56,7 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) 
     return int(np.ceil(config.num_epochs * num_train_examples / config.batch_size))
 
 
-@register_trainer("supervised", check=check, classifier=build_model, weights_only=weights_only)
+@register_trainer("supervised", check=check, classifier=trainable_model, weights_only=weights_only)
 def build_plan(config: ml_collections.ConfigDict, data) -> Plan:
     """The one-phase plan of a config (or the phase-less plan of the weights-only mode).
 
@@ -82,7 +82,7 @@ def build_plan(config: ml_collections.ConfigDict, data) -> Plan:
         image_shape, num_classes = data.image_shape, data.num_classes
         total = num_train_steps(config, len(data.train_indices))
     image_shape = tuple(int(s) for s in image_shape)
-    model = build_model(config, num_classes)
+    model = trainable_model(config, num_classes)
     optimizer = make_optimizer(config)
     step = make_train_step(model, optimizer, scheme, loss=config.get("loss", "softmax_cross_entropy"),
                            classification_weight=config.get("classification_weight", 1.0))

@@ -10,7 +10,8 @@ from saliency_jax.training.scheme import (CLASSIFICATION_LOSSES, TRAINING_SCHEME
                                           SchemeSettings, StepContext, build_scheme, chain, classification_accuracy,
                                           classification_loss, model_forward, register_scheme, scheme_names,
                                           settings_section)
-from saliency_jax.training.step import TrainState, init_state, make_optimizer, make_train_step
+from saliency_jax.models.trainable import TrainableModel, as_trainable, linen_model, nnx_model
+from saliency_jax.training.step import TrainState, check_model, init_state, make_optimizer, make_train_step
 from saliency_jax.training.distraction import FILL_MODES, DistractionConfig, distract, distraction_scheme, occlude
 from saliency_jax.training.excitation_dropout import (RESCALE_MODES, SCHEMES, DropoutConfig, DropoutOutput,
                                                       adaptive_retain_probability, apply_dropout_mask,

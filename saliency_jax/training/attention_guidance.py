@@ -51,9 +51,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from saliency_jax.saliency import (LayerModel, class_scores, grad_cam, linen_layer, normalize_maps, resize_maps,
-                                   resolve_targets)
-from saliency_jax.saliency.core import at_least_float32, check_images
+from saliency_jax.saliency import LayerModel, class_scores, grad_cam, normalize_maps, resize_maps, resolve_targets
+from saliency_jax.saliency.core import at_least_float32, check_images, degenerate_maps
 from saliency_jax.training.scheme import Forward, ModelLayers, Scheme, SchemeSettings, StepContext, register_scheme
 
 Array = jax.Array
@@ -563,18 +562,15 @@ def _batch_field(batch, name: str, scheme: str) -> Array:
     return batch[name]
 
 
-def _apply_kwargs(ctx: StepContext, mode: str) -> dict[str, Any]:
-    """``module.apply`` keywords of a scheme's extra pass in ``mode`` (see :class:`GuidanceConfig`)."""
-    if mode == "train":
-        return dict(train=True, mutable=["batch_stats"], rngs={"dropout": ctx.key})
-    return dict(train=False)
+def _layer_model(ctx: StepContext, variables: Any, layer: str, mode: str) -> LayerModel:
+    """The network split at ``layer`` for a scheme's extra pass in ``mode`` (see :class:`GuidanceConfig`)."""
+    return ctx.model.layer_model(variables, layer, train=mode == "train", rng=ctx.key)
 
 
 def _logits_fn(ctx: StepContext, mode: str) -> Callable[[Array], Array]:
-    kwargs = _apply_kwargs(ctx, mode)
     if mode == "train":
-        return lambda x: ctx.model.apply(ctx.variables, x, **kwargs)[0]
-    return lambda x: ctx.model.apply(ctx.variables, x, **kwargs)
+        return lambda x: ctx.model.forward(ctx.variables, x, rng=ctx.key).logits
+    return lambda x: ctx.model.apply(ctx.variables, x)
 
 
 def _masked_mean(values: Array, weights: Array) -> Array:
@@ -588,7 +584,7 @@ def attention_guidance_scheme(config: GuidanceConfig, layers: ModelLayers) -> Sc
     """Grad-CAM attention guidance (poster, seed 003) as a training scheme: the loss term ``w_g * loss_g``.
 
     Inside ``loss_fn`` the network is split at ``layers.grad_cam_layer`` with the step's *traced* parameters
-    (``linen_layer(ctx.model, ctx.variables, layer)``), so the update differentiates through Grad-CAM's own
+    (``ctx.model.layer_model(ctx.variables, layer)``), so the update differentiates through Grad-CAM's own
     gradient (second order). Single-label batches (``label`` [batch] int): :func:`guidance_loss` with the batch's
     region field ``[batch, height, width]``. Multi-label batches (``label`` [batch, num_classes] multi-hot, with
     ``loss="sigmoid_binary_cross_entropy"``): :func:`multilabel_guidance_loss` over ``config.attributes`` with the
@@ -603,7 +599,8 @@ def attention_guidance_scheme(config: GuidanceConfig, layers: ModelLayers) -> Sc
       ``guidance_loss`` (batch mean of ``loss_g``, unweighted; multi-label: of the examples' means over their
       positive guided attributes) and ``grad_cam_mass_in_region`` (batch mean of the fraction of the normalised
       map ``G``'s mass inside ``S``, :func:`region_mass_fraction`; multi-label: over positive (example, attribute)
-      pairs).
+      pairs) and ``guidance_degenerate_maps`` (fraction of the maps ``G`` that are constant or non-finite, on which
+      the guidance term trains nothing; same averaging).
     """
     layer = layers.grad_cam_layer
 
@@ -619,11 +616,12 @@ def attention_guidance_scheme(config: GuidanceConfig, layers: ModelLayers) -> Sc
     def term(ctx: StepContext, batch):
         images, labels = batch["image"], batch["label"]
         regions = _batch_field(batch, config.region_field, "attention_guidance")
-        layer_model = linen_layer(ctx.model, ctx.variables, layer, **_apply_kwargs(ctx, config.mode))
+        layer_model = _layer_model(ctx, ctx.variables, layer, config.mode)
         if labels.ndim == 1:
             loss_g, maps = _guidance_terms(layer_model, images, labels, regions, epsilon=config.epsilon,
                                            score=config.score, weighting=config.weighting)
             mass = jnp.mean(region_mass_fraction(jax.lax.stop_gradient(maps), regions))
+            degenerate = jnp.mean(degenerate_maps(jax.lax.stop_gradient(maps)).astype(jnp.float32))
         else:
             if config.score != "logit":
                 raise ValueError("attention_guidance: multi-label targets take Grad-CAM on each attribute's logit; "
@@ -635,9 +633,12 @@ def attention_guidance_scheme(config: GuidanceConfig, layers: ModelLayers) -> Sc
             fractions = region_mass_fraction(jax.lax.stop_gradient(maps).reshape(-1, height, width),
                                              regions.reshape(-1, height, width)).reshape(positive.shape)
             mass = _masked_mean(fractions, positive)
-        return config.w_g * loss_g, {"guidance_loss": jnp.mean(loss_g), "grad_cam_mass_in_region": mass}
+            degenerate = _masked_mean(degenerate_maps(jax.lax.stop_gradient(maps).reshape(-1, height, width))
+                                      .astype(jnp.float32).reshape(positive.shape), positive)
+        return config.w_g * loss_g, {"guidance_loss": jnp.mean(loss_g), "grad_cam_mass_in_region": mass,
+                                     "guidance_degenerate_maps": degenerate}
 
-    return Scheme(loss=loss)
+    return Scheme(loss=loss, maps=(layer,))
 
 
 @register_scheme("rrr", RRRConfig)
@@ -676,9 +677,9 @@ def rrr_scheme(config: RRRConfig, layers: ModelLayers) -> Scheme:
                 raise ValueError("rrr: region_mass_metric needs single-label batches (label [batch])")
             regions = _batch_field(batch, "region", "rrr")
             frozen = jax.lax.stop_gradient(ctx.variables)
-            layer_model = linen_layer(ctx.model, frozen, layer, **_apply_kwargs(ctx, config.mode))
+            layer_model = _layer_model(ctx, frozen, layer, config.mode)
             maps = guidance_maps(layer_model, images, labels)
             metrics["grad_cam_mass_in_region"] = jnp.mean(region_mass_fraction(maps, regions))
         return penalty, metrics
 
-    return Scheme(loss=loss)
+    return Scheme(loss=loss, maps=(layer,) if config.region_mass_metric else ())

@@ -20,8 +20,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from saliency_jax.saliency import LayerModel, grad_cam, linen_layer
-from saliency_jax.saliency.core import check_images
+from saliency_jax.saliency import LayerModel, grad_cam
+from saliency_jax.saliency.core import check_images, degenerate_maps
 from saliency_jax.training.scheme import ModelLayers, Scheme, SchemeSettings, register_scheme
 
 Array = jax.Array
@@ -113,7 +113,8 @@ def occlude(images: Array, saliency: Array, threshold: float, fill: Fill = "zero
 
 
 def distract(key: Array, model: LayerModel, images: Array, labels: Array,
-             config: DistractionConfig = DistractionConfig()) -> tuple[Array, Array]:
+             config: DistractionConfig = DistractionConfig(), *, return_degenerate: bool = False,
+             ) -> tuple[Array, Array] | tuple[Array, Array, Array]:
     """Algorithm 1 of Morales et al. 2021 for one mini-batch, inside a jitted step.
 
     Args:
@@ -123,10 +124,12 @@ def distract(key: Array, model: LayerModel, images: Array, labels: Array,
       images: [batch, height, width, channels] float in ``config.data_range``.
       labels: int [batch] ground-truth classes (the Grad-CAM target).
       config: see :class:`DistractionConfig`.
+      return_degenerate: also return the fraction of the batch's Grad-CAM maps that were degenerate (constant or
+        non-finite, :func:`~saliency_jax.saliency.degenerate_maps`; 0 when no map was made), float32 scalar.
 
     Returns:
       ``(images, occluded)``: the mini-batch to train on (gradients do not flow into the masks) and bool [batch],
-      which images were occluded.
+      which images were occluded; ``(images, occluded, degenerate)`` with ``return_degenerate``.
     """
     check_images(images)
     if labels.shape != images.shape[:1]:
@@ -136,14 +139,20 @@ def distract(key: Array, model: LayerModel, images: Array, labels: Array,
     def occluded_batch():
         maps = grad_cam(model, images, labels, score=config.score, weighting=config.weighting,
                         relu=True, resize=True, normalize=True)
-        return jax.lax.stop_gradient(
+        out = jax.lax.stop_gradient(
             occlude(images, maps, config.threshold, config.fill, key=k_fill, data_range=config.data_range))
+        return (out, jnp.mean(degenerate_maps(maps).astype(jnp.float32))) if return_degenerate else out
 
     if config.per_example:
         chosen = jax.random.bernoulli(k_apply, config.probability, images.shape[:1])
-        out = jnp.where(chosen[:, None, None, None], occluded_batch(), images)
-        return out, chosen
+        made = occluded_batch()
+        occluded = made[0] if return_degenerate else made
+        out = jnp.where(chosen[:, None, None, None], occluded, images)
+        return (out, chosen, made[1]) if return_degenerate else (out, chosen)
     apply = jax.random.bernoulli(k_apply, config.probability)
+    if return_degenerate:
+        out, degenerate = jax.lax.cond(apply, occluded_batch, lambda: (images, jnp.zeros((), jnp.float32)))
+        return out, jnp.broadcast_to(apply, images.shape[:1]), degenerate
     out = jax.lax.cond(apply, occluded_batch, lambda: images)
     return out, jnp.broadcast_to(apply, images.shape[:1])
 
@@ -161,13 +170,16 @@ def distraction_scheme(config: DistractionConfig, layers: ModelLayers) -> Scheme
       layers: the model's layers (``grad_cam_layer``: the last convolutional block).
 
     Returns:
-      A :class:`~saliency_jax.training.Scheme` whose batch transform reports the metric ``occluded`` (fraction of
-      the batch occluded).
+      A :class:`~saliency_jax.training.Scheme` whose batch transform reports the metrics ``occluded`` (fraction of
+      the batch occluded) and ``distraction_degenerate_maps`` (fraction of this step's Grad-CAM maps that were
+      constant or non-finite - an all-zero map occludes nothing; 0 on steps that made no map).
     """
 
     def batch_transform(ctx, batch):
-        model = linen_layer(ctx.model, ctx.variables, layers.grad_cam_layer, train=False)
-        images, occluded = distract(ctx.key, model, batch["image"], batch["label"], config)
-        return {**batch, "image": images}, {"occluded": jnp.mean(occluded.astype(jnp.float32))}
+        model = ctx.model.layer_model(ctx.variables, layers.grad_cam_layer)
+        images, occluded, degenerate = distract(ctx.key, model, batch["image"], batch["label"], config,
+                                                return_degenerate=True)
+        return {**batch, "image": images}, {"occluded": jnp.mean(occluded.astype(jnp.float32)),
+                                            "distraction_degenerate_maps": degenerate}
 
-    return Scheme(batch_transform=batch_transform)
+    return Scheme(batch_transform=batch_transform, maps=(layers.grad_cam_layer,))

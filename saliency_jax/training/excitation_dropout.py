@@ -48,14 +48,13 @@ schemes).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saliency_jax.saliency.core import apply_with_layers, linen_head
+from saliency_jax.models.trainable import as_trainable
 from saliency_jax.saliency.excitation_backprop import with_excitation_rules
 from saliency_jax.training.scheme import Forward, ModelLayers, Scheme, SchemeSettings, register_scheme
 
@@ -355,65 +354,63 @@ def dropout_at_layer(key: Array, activations: Array, config: DropoutConfig, *,
 # Flax linen models.
 
 
-def make_dropout_forward(module: nn.Module, config: DropoutConfig, *,
-                         train_kwargs: Mapping[str, Any] | None = None,
-                         eval_kwargs: Mapping[str, Any] | None = None,
-                         mutable: Sequence[str] = ("batch_stats",)):
-    """The training forward pass of a linen module with a dropout scheme at the layer ``config.layer``.
+def make_dropout_forward(model: Any, config: DropoutConfig):
+    """The training forward pass of a model with a dropout scheme at the layer ``config.layer``.
 
-    Drop-in for ``module.apply(variables, images, train=True, mutable=..., rngs=...)`` in a train step (the
-    ``"dropout"`` training scheme wraps it, :func:`dropout_scheme`); works for any linen module whose dropout point
-    is reachable by :func:`~saliency_jax.saliency.apply_with_layers` (a module path, or ``"Dense_0+relu"``).
+    Drop-in for the model's own training forward in a train step (the ``"dropout"`` training scheme wraps it,
+    :func:`dropout_scheme`); works for any model whose dropout point is reachable by layer path
+    (:meth:`~saliency_jax.models.trainable.TrainableModel.forward`: a linen module path or ``"Dense_0+relu"``, an NNX
+    attribute path). Excitation Backprop runs over the inference-mode head above the layer
+    (:meth:`~saliency_jax.models.trainable.TrainableModel.head`); a head with operations EB has no rule for
+    (attention, layer normalisation) raises EB's error naming the operation.
 
     Args:
-      module: the linen module (returns logits [batch, num_classes]).
+      model: a :class:`~saliency_jax.models.trainable.TrainableModel`, or a linen / NNX module (taken with
+        :func:`~saliency_jax.models.trainable.as_trainable`: ``train=True`` / ``train=False`` keywords for linen).
       config: the scheme and the layer.
-      train_kwargs: keyword arguments of the training forward (default ``{"train": True}``).
-      eval_kwargs: keyword arguments of the inference-mode head used by Excitation Backprop (default
-        ``{"train": False}``).
-      mutable: collections the training forward may update.
 
     Returns:
       ``forward(variables, images, labels, key, step, capture=()) -> (logits, updates, activations)``:
       ``images`` [batch, height, width, channels] float32; ``labels`` int [batch] (ground truth, the EB prior);
-      ``key`` this step's PRNG key (``k_model, k_mask = split(key)``: ``k_model`` is the model's ``"dropout"`` rng);
+      ``key`` this step's PRNG key (``k_model, k_mask = split(key)``: ``k_model`` is the model's dropout rng);
       ``step`` int32 scalar; ``capture`` other layer paths to read from the training pass; ``logits`` [batch,
-      num_classes]; ``updates`` the mutable collections plus ``"dropout"``: ``{"mask", "retain", "p_eb"}`` (see
+      num_classes]; ``updates`` the updated batch statistics plus ``"dropout"``: ``{"mask", "retain", "p_eb"}`` (see
       :class:`DropoutOutput`) for inspection; ``activations`` ``{path: array}`` for ``capture``. Jittable; no loop
       over examples.
     """
-    train_kwargs = dict({"train": True} if train_kwargs is None else train_kwargs)
-    eval_kwargs = dict({"train": False} if eval_kwargs is None else eval_kwargs)
-    mutable = list(mutable)
+    model = as_trainable(model)
     layer, bypass = config.layer, config.bypass
-
-    def apply(variables, images, rng, capture, replace):
-        return apply_with_layers(module, variables, images, capture=capture, replace=replace, bypass=bypass,
-                                 mutable=mutable, rngs={"dropout": rng}, **train_kwargs)
 
     def forward(variables, images, labels, key, step, capture=()):
         k_model, k_mask = jax.random.split(key)
+        wants_layer = layer in capture  # a loss term reading the dropout layer gets its activations before the mask
         capture = tuple(c for c in capture if c != layer)
         if config.scheme in _EB_SCHEMES:
             # One forward captures the activations (its head is dead code); EB over the inference-mode head as a
             # function of them; the head runs again in train mode on the masked activations.
-            activations = apply(variables, images, k_model, (layer,), None).activations[layer]
-            head = linen_head(module, jax.lax.stop_gradient(variables), layer, images, **eval_kwargs)
+            activations = model.forward(variables, images, rng=k_model, capture=(layer,),
+                                        bypass=bypass).activations[layer]
+            head = model.head(jax.lax.stop_gradient(variables), layer, images)
             out = dropout_at_layer(k_mask, activations, config, head_fn=head, labels=labels, step=step)
-            run = apply(variables, images, k_model, capture, {layer: lambda _: out.activations})
+            run = model.forward(variables, images, rng=k_model, capture=capture, bypass=bypass,
+                                replace={layer: lambda _: out.activations})
         else:
             holder: dict = {}
 
             def replace(a):
+                holder["original"] = a
                 holder["out"] = dropout_at_layer(k_mask, a, config, step=step)
                 return holder["out"].activations
 
-            run = apply(variables, images, k_model, capture, {layer: replace})
+            run = model.forward(variables, images, rng=k_model, capture=capture, bypass=bypass,
+                                replace={layer: replace})
             out = holder["out"]
-        logits, updates = run.output
-        updates = dict(updates)
+            activations = holder.get("original")
+        updates = dict(run.updates)
         updates["dropout"] = {"mask": out.mask, "retain": out.retain, "p_eb": out.p_eb}
-        return logits, updates, run.activations
+        if wants_layer:
+            return run.logits, updates, {**run.activations, layer: model.reshaped(layer, activations)}
+        return run.logits, updates, run.activations
 
     return forward
 

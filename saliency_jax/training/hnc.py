@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from saliency_jax.saliency.cam import class_activation_maps, classifier_params
+from saliency_jax.saliency.core import degenerate_maps
 from saliency_jax.training.scheme import Forward, ModelLayers, Scheme, SchemeSettings, StepContext, register_scheme
 
 Array = jax.Array
@@ -164,8 +165,9 @@ def hnc_scheme(config: HNCConfig, layers: ModelLayers) -> Scheme:
 
     Returns:
       A :class:`~saliency_jax.training.Scheme` whose loss term is ``weight x HNC`` per example; metrics ``hnc``
-      (the unweighted term, batch mean) and ``negative_cam_peak`` (batch mean of the largest value of the negative
-      CAMs, in logit units).
+      (the unweighted term, batch mean), ``negative_cam_peak`` (batch mean of the largest value of the negative
+      CAMs, in logit units) and ``hnc_degenerate_maps`` (fraction of the negative CAMs that are constant or
+      non-finite: on those the term is constant and trains nothing).
     """
     weight = float(config.weight)
 
@@ -174,6 +176,8 @@ def hnc_scheme(config: HNCConfig, layers: ModelLayers) -> Scheme:
                                 layers.classifier, forward.logits, batch["label"], config.num_negatives)
         term = hnc_loss(cams, config.variant, config.temperature)
         peak = jnp.mean(jnp.max(cams.reshape(*cams.shape[:2], -1), axis=-1))
-        return weight * term, {"hnc": jnp.mean(term), "negative_cam_peak": jax.lax.stop_gradient(peak)}
+        flat = jax.lax.stop_gradient(cams).reshape(-1, *cams.shape[2:])
+        return weight * term, {"hnc": jnp.mean(term), "negative_cam_peak": jax.lax.stop_gradient(peak),
+                               "hnc_degenerate_maps": jnp.mean(degenerate_maps(flat).astype(jnp.float32))}
 
-    return Scheme(loss=loss, layers=(layers.grad_cam_layer,))
+    return Scheme(loss=loss, layers=(layers.grad_cam_layer,), maps=(layers.grad_cam_layer,))

@@ -31,16 +31,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from saliency_jax.config import Settings
-from saliency_jax.models.build import ModelLayers
+from saliency_jax.models.trainable import ModelLayers, TrainableModel
 from saliency_jax.registry import TRAINING_SCHEMES, name_list
-from saliency_jax.saliency.core import apply_with_layers
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -71,7 +69,10 @@ class StepContext(NamedTuple):
     """What every piece of a scheme sees.
 
     Attributes:
-      model: the linen module (``apply(variables, images, train=...) -> logits [batch, num_classes]``).
+      model: the :class:`~saliency_jax.models.trainable.TrainableModel` (a linen or NNX module as pure functions:
+        ``model.forward`` is the training forward, ``model.layer_model(variables, layer)`` the network split at a
+        layer for maps, ``model.apply`` inference). Every layer a scheme reads goes through it, so its ``outputs``
+        selection, token ``reshape`` and bound ``axis_name`` apply.
       variables: ``{"params", "batch_stats"}``, the step's current weights. In ``forward`` and ``loss`` the params
         are the ones ``jax.grad`` differentiates (use them to make a loss term differentiable); in
         ``batch_transform`` they are constants.
@@ -82,7 +83,7 @@ class StepContext(NamedTuple):
         ``None`` for stateless schemes.
     """
 
-    model: nn.Module
+    model: TrainableModel
     variables: Any
     step: Array
     key: Array
@@ -129,6 +130,11 @@ class Scheme(NamedTuple):
       update: ``(ctx, forward, metrics) -> state`` or None: the next state after the step's update, from the training
         forward (``Forward``, gradients stopped, with the ``layers`` activations) and the step's metrics; ``ctx.state``
         is the current state. A step whose update is skipped (non-finite loss) keeps the old state.
+      maps: paths of the layers whose spatial maps the scheme reads (Grad-CAM, CAM). Validation
+        (:func:`saliency_jax.training.check_model`) refuses a layer whose grid is smaller than 2x2, on which every
+        map is constant and the scheme would silently do nothing; a scheme reading maps also reports the fraction of
+        degenerate maps per step (a metric whose name ends in ``degenerate_maps``,
+        :func:`~saliency_jax.saliency.degenerate_maps`), which the train loop watches.
     """
 
     batch_transform: BatchTransform | None = None
@@ -137,6 +143,7 @@ class Scheme(NamedTuple):
     layers: tuple[str, ...] = ()
     init: Callable[[Any], Any] | None = None
     update: Callable[[StepContext, Forward, Metrics], Any] | None = None
+    maps: tuple[str, ...] = ()
 
 
 def _merge_metrics(into: dict, metrics: Mapping[str, Array], where: str) -> None:
@@ -179,6 +186,7 @@ def chain(*schemes: Scheme) -> Scheme:
     if len(forwards) > 1:
         raise ValueError(f"{len(forwards)} chained schemes replace the training forward pass; at most one may")
     layers = tuple(dict.fromkeys(layer for s in schemes for layer in s.layers))
+    maps = tuple(dict.fromkeys(layer for s in schemes for layer in s.maps))
 
     batch_transform = None
     if len(transforms) == 1:
@@ -213,7 +221,7 @@ def chain(*schemes: Scheme) -> Scheme:
             return {str(i): (s.update(ctx._replace(state=ctx.state[str(i)]), forward, metrics)
                              if s.update is not None else ctx.state[str(i)]) for i, s in stateful}
 
-    return Scheme(batch_transform, forwards[0] if forwards else None, loss, layers, init, update)
+    return Scheme(batch_transform, forwards[0] if forwards else None, loss, layers, init, update, maps)
 
 
 def _own_states(schemes: Sequence[Scheme]) -> tuple[Scheme, ...]:
@@ -230,21 +238,20 @@ def _own_states(schemes: Sequence[Scheme]) -> tuple[Scheme, ...]:
 
 
 def model_forward(ctx: StepContext, batch: Batch, capture: Sequence[str] = ()) -> Forward:
-    """The model's own training forward: ``model.apply(variables, images, train=True, mutable=["batch_stats"],
-    rngs={"dropout": ctx.key})``, reading the layers in ``capture`` from the same pass.
+    """The model's own training forward (:meth:`~saliency_jax.models.trainable.TrainableModel.forward`: a linen
+    module's ``apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": ctx.key})``, an NNX
+    module's copy in ``.train()`` mode), reading the layers in ``capture`` from the same pass.
 
     Args:
-      ctx: the step context (``ctx.key`` feeds the model's ``"dropout"`` rng).
+      ctx: the step context (``ctx.key`` feeds the model's dropout).
       batch: ``{"image": [batch, height, width, channels] float32, "label": ...}``.
-      capture: layer paths (:func:`~saliency_jax.saliency.apply_with_layers`).
+      capture: layer paths (a reshaped layer, e.g. a transformer's tokens, comes as its grid).
 
     Returns:
       :class:`Forward` (no metrics).
     """
-    out = apply_with_layers(ctx.model, ctx.variables, batch["image"], capture=capture, train=True,
-                            mutable=["batch_stats"], rngs={"dropout": ctx.key})
-    logits, updates = out.output
-    return Forward(logits, updates, out.activations, {})
+    out = ctx.model.forward(ctx.variables, batch["image"], rng=ctx.key, capture=capture)
+    return Forward(out.logits, out.updates, out.activations, {})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,22 +10,24 @@ name.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.experimental import checkify
 
+from saliency_jax.config import ConfigError
+from saliency_jax.models.trainable import as_trainable
 from saliency_jax.training import scheme as scheme_lib
 from saliency_jax.training.scheme import Scheme, StepContext
 
 Array = jax.Array
 
-__all__ = ["TrainState", "make_optimizer", "init_state", "make_train_step"]
+__all__ = ["TrainState", "make_optimizer", "init_state", "make_train_step", "check_model"]
 
 
 @flax.struct.dataclass
@@ -79,12 +81,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return tx
 
 
-def init_state(model: nn.Module, optimizer: optax.GradientTransformation, image_shape: tuple[int, ...],
+def init_state(model: Any, optimizer: optax.GradientTransformation, image_shape: tuple[int, ...],
                seed: int, variables: Any | None = None, scheme: Scheme = Scheme()) -> TrainState:
     """A fresh :class:`TrainState` (or one built around given ``variables``, e.g. imported weights).
 
     Args:
-      model: the linen module.
+      model: a :class:`~saliency_jax.models.trainable.TrainableModel`, a linen module or an NNX module
+        (:func:`~saliency_jax.models.trainable.as_trainable`); its ``init`` gives the variables.
       optimizer: the optax optimizer.
       image_shape: (height, width, channels) of one input ((time, height, width, channels) of a clip).
       seed: initialisation seed.
@@ -92,7 +95,7 @@ def init_state(model: nn.Module, optimizer: optax.GradientTransformation, image_
       scheme: the training scheme; its ``init(variables)`` gives ``scheme_state`` (``{}`` without one).
     """
     if variables is None:
-        variables = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        variables = as_trainable(model).init(jax.random.key(seed), jnp.zeros((1, *image_shape), jnp.float32))
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     scheme_state = scheme.init({"params": params, "batch_stats": batch_stats}) if scheme.init is not None else {}
@@ -100,7 +103,7 @@ def init_state(model: nn.Module, optimizer: optax.GradientTransformation, image_
                       opt_state=optimizer.init(params), scheme_state=scheme_state)
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, scheme: Scheme = Scheme(), *,
+def make_train_step(model: Any, optimizer: optax.GradientTransformation, scheme: Scheme = Scheme(), *,
                     loss: str = "softmax_cross_entropy", classification_weight: float = 1.0,
                     ) -> Callable[[TrainState, dict[str, Array], Array], tuple[TrainState, dict[str, Array]]]:
     """Builds the (un-jitted) update step ``(state, batch, key) -> (state, metrics)``.
@@ -126,7 +129,10 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
     the host before it reaches the step.
 
     Args:
-      model: linen module ``apply(variables, images, train=...)``; dropout layers draw from rng ``"dropout"``.
+      model: a :class:`~saliency_jax.models.trainable.TrainableModel` (:func:`~saliency_jax.models.trainable.linen_model`,
+        :func:`~saliency_jax.models.trainable.nnx_model`), or a linen module (``apply(variables, images,
+        train=...)``, dropout from rng ``"dropout"``) or NNX module taken as it is
+        (:func:`~saliency_jax.models.trainable.as_trainable`). The step and every scheme reach the model through it.
       optimizer: optax optimizer.
       scheme: the training scheme (:func:`saliency_jax.training.build_scheme`, :func:`saliency_jax.training.chain`);
         ``Scheme()`` is plain training.
@@ -140,6 +146,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
       ValueError: on an unknown loss; (when traced) if two pieces report the same metric, the batch has 0 examples,
         or multi-hot labels do not have the shape [batch, num_classes].
     """
+    model = as_trainable(model)
     base_loss = scheme_lib.classification_loss(loss)
     multi_label = loss == "sigmoid_binary_cross_entropy"
     forward = scheme.forward or scheme_lib.model_forward
@@ -212,3 +219,77 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, s
         return new_state, out
 
     return step
+
+
+def check_model(model: Any, scheme: Scheme, image_shape: tuple[int, ...], *, multi_label: bool = False,
+                allow_small_grid: bool = False) -> None:
+    """Checks, before anything is compiled (traced with ``jax.eval_shape``, no FLOPs), that the model trains with
+    the scheme: its initialisation and training forward run on a batch of two, so do the scheme's batch transform
+    and training forward (distraction's Grad-CAM, Excitation Dropout's Excitation Backprop), and every layer whose
+    maps the scheme reads (``Scheme.maps``) is a spatial grid of at least 2x2.
+
+    Args:
+      model: as :func:`make_train_step` takes it.
+      scheme: the training scheme.
+      image_shape: (height, width, channels) of one input.
+      multi_label: labels are multi-hot [batch, num_classes] (else int [batch]).
+      allow_small_grid: accept a map layer smaller than 2x2 (its maps are constant: distraction occludes all or
+        nothing, the HNC term is constant; the schemes' ``*degenerate_maps`` metrics then read 1).
+
+    Raises:
+      ConfigError: the model's BatchNorm reduces over an axis name nothing binds (the fix: ``axis_name``); a map
+        layer smaller than 2x2; a map layer that is not spatial (a transformer's tokens without
+        ``num_prefix_tokens``).
+      ValueError: as the model's and the scheme's own application (an unknown layer path, an output that is not
+        logits, an operation Excitation Backprop has no rule for).
+    """
+    model = as_trainable(model)
+    images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+    key = jax.random.key(0)
+    try:
+        variables = jax.eval_shape(model.init, key, images)
+        num_classes = jax.eval_shape(model.apply, variables, images).shape[-1]
+        labels = (jax.ShapeDtypeStruct((2, num_classes), jnp.float32) if multi_label
+                  else jax.ShapeDtypeStruct((2,), jnp.int32))
+        jax.eval_shape(lambda v, x: model.forward(v, x, rng=key, capture=scheme.layers), variables, images)
+        _check_map_layers(model, scheme, variables, images, allow_small_grid)
+        scheme_state = jax.eval_shape(scheme.init, variables) if scheme.init is not None else {}
+
+        def pieces(v, x, y, state):
+            ctx = StepContext(model, v, jnp.zeros((), jnp.int32), key, state)
+            batch = {"image": x, "label": y}
+            if scheme.batch_transform is not None:
+                batch, _ = scheme.batch_transform(ctx, batch)
+            if scheme.forward is not None:
+                scheme.forward(ctx, batch, scheme.layers)
+
+        jax.eval_shape(pieces, variables, images, labels, scheme_state)
+    except NameError as e:
+        if "unbound axis name" not in str(e):
+            raise
+        found = re.search(r"unbound axis name:?\s*'?([A-Za-z_][A-Za-z0-9_]*)", str(e))
+        name = found.group(1) if found else "batch"
+        raise ConfigError(
+            f"the model reduces over the axis name {name!r} (a BatchNorm with axis_name={name!r}, as flax's "
+            f"examples write it), which nothing binds inside the train step: set config.model.axis_name={name!r} "
+            f"(linen_model / nnx_model(..., axis_name={name!r})); the step then binds it over the whole global "
+            "batch, the statistics of every device's examples together") from e
+
+
+def _check_map_layers(model, scheme, variables, images, allow_small_grid):
+    """Every layer of ``scheme.maps`` is a spatial grid of at least 2x2 (:func:`check_model`)."""
+    image_shape = images.shape[1:]
+    for layer in scheme.maps:
+        shape = jax.eval_shape(lambda v, x, layer=layer: model.layer_model(v, layer)(x)[1], variables, images).shape
+        if len(shape) != 4:
+            raise ConfigError(
+                f"the scheme reads spatial maps at layer {layer!r}, whose activations are {tuple(shape)}, not [batch, "
+                "h, w, channels]: name a spatial layer (config.model.grad_cam_layer), or for a transformer's tokens "
+                "[batch, tokens, dim] set config.model.num_prefix_tokens (tokens before the patches, 1 for a class "
+                "token) so that they are read as a grid")
+        if min(shape[1:3]) < 2 and not allow_small_grid:
+            raise ConfigError(
+                f"layer {layer!r} is a {shape[1]}x{shape[2]} grid at {tuple(image_shape)} inputs: every map there is "
+                "constant (Grad-CAM all zeros after its ReLU, every CAM flat), so the scheme would train exactly as "
+                "without it. Name an earlier layer (config.model.grad_cam_layer), feed larger images, or set "
+                "config.model.allow_small_grid=True to train anyway")
