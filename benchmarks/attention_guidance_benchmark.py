@@ -35,7 +35,6 @@ import numpy as np
 import optax
 
 from saliency_jax import models
-from saliency_jax.saliency import linen_layer
 from saliency_jax.train import init_state, make_train_step
 from saliency_jax.training import ModelLayers, Scheme, build_scheme, settings_section
 from saliency_jax.training import attention_guidance as ag
@@ -54,7 +53,7 @@ def first_order_guidance(layers: ModelLayers) -> Scheme:
     def loss(ctx, batch, forward):
         del forward
         frozen = jax.lax.stop_gradient(ctx.variables)
-        layer_model = linen_layer(ctx.model, frozen, layers.grad_cam_layer, train=False)
+        layer_model = ctx.model.layer_model(frozen, layers.grad_cam_layer)
         return ag.guidance_loss(layer_model, batch["image"], batch["label"], batch["region"]), {}
 
     return Scheme(loss=loss)

@@ -128,7 +128,7 @@ except FileNotFoundError:
     finished = False
 if not finished:
     result = train.train(arm_config, WORKDIR, progress=False)  # trains (or resumes an unfinished run)
-model, variables = result.model, result.state.variables()
+model, variables = result.model.module, result.state.variables()  # the linen module (result.model: its TrainableModel)
 
 # %% [markdown]
 # ## The test images

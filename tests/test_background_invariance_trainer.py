@@ -138,7 +138,7 @@ def test_each_phase_is_the_library_step_on_the_loops_batches(straight):
     assert changed(at[6], at[9]) == {"classifier", "background_generator"}
     assert_trees_equal(at[6], snapshots["mask"])
     # The result is the classifier, in the generic loop's form, usable by any evaluator.
-    assert isinstance(run, train_lib.TrainResult) and isinstance(run.model, VanillaCNN)
+    assert isinstance(run, train_lib.TrainResult) and isinstance(run.model.module, VanillaCNN)
     assert_trees_equal(run.state.params, full.params["classifier"])
     assert_trees_equal(run.restore(6).params, at[6].params["classifier"])
     logits = run.model.apply(run.variables, np.zeros((2, 16, 16, 1), np.float32))
@@ -217,7 +217,7 @@ def test_attention_method_trains_the_crop_branch_on_a_frozen_global_cnn(tmp_path
     run = train_lib.train(tiny_config("attention"), tmp_path / "att", progress=False)
     full = run.full_state
     assert [p.name for p in run.plan.phases] == ["classifier", "attention"]
-    assert isinstance(run.model, AttentionCNN) and run.role == "attention"
+    assert isinstance(run.model.module, AttentionCNN) and run.role == "attention"
     # The global CNN is phase 1's classifier, copied when stage 2 began and frozen since.
     assert_trees_equal(full.params["attention"]["global_cnn"], full.params["classifier"])
     assert_trees_equal(run.restore_full(3).params["classifier"], full.params["classifier"])
@@ -390,7 +390,7 @@ def test_load_returns_every_model_of_the_plan(straight):
     assert_trees_equal(loaded.full_state, run.full_state)
     assert_trees_equal(loaded.state.params, run.state.params)
     assert_trees_equal(loaded.model_state("mask_generator").params, run.full_state.params["mask_generator"])
-    assert isinstance(loaded.model, VanillaCNN) and loaded.role == "classifier"
+    assert isinstance(loaded.model.module, VanillaCNN) and loaded.role == "classifier"
 
 
 def test_a_diverging_phase_is_stopped_and_no_checkpoint_holds_a_non_finite_array(tmp_path):

@@ -43,8 +43,8 @@ def test_load_returns_the_trained_model_variables_and_config(trained):
     _same(run.variables, trained.variables)
     _same(run.initial_variables, trained.initial_variables)
     x = np.random.default_rng(0).uniform(size=(3, *run.image_shape)).astype(np.float32)
-    np.testing.assert_allclose(run.model.apply(run.variables, x, train=False),
-                               trained.model.apply(trained.variables, x, train=False), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(run.model.apply(run.variables, x),
+                               trained.model.apply(trained.variables, x), rtol=1e-6, atol=1e-6)
     assert [r["step"] for r in run.history] == [2, 4, 6]
     _same(saliency_jax.load(trained.workdir, step=3).variables, trained.restore(3).variables())
 

@@ -561,7 +561,7 @@ def test_runner_maps_match_per_example_reference(tmp_path):
 
     cfg = arm_config(config, "vgg16", 0)
     run = train.train(cfg, tmp_path / "again", progress=False)
-    module, variables = run.model, run.variables
+    module, variables = run.model.module, run.variables
     saliency_fns = {
         "grad_cam": lambda m, x, c: grad_cam(m, x, c, resize=False, normalize=False),
         "excitation_backprop": lambda m, x, c: excitation_backprop(m, x, c).saliency,

@@ -17,7 +17,7 @@ from saliency_jax.models.build import model_layers
 from saliency_jax.plan import TrainResult
 from saliency_jax import workdirs
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
-from saliency_jax.saliency import grad_cam, linen_layer
+from saliency_jax.saliency import grad_cam
 
 __all__ = ["SaliencyMapsSettings", "TrainingCurvesSettings", "saliency_maps_evaluator", "training_curves_evaluator",
            "grad_cam_maps", "read_metrics_log"]
@@ -47,15 +47,14 @@ def grad_cam_maps(run: TrainResult, images: np.ndarray, labels: np.ndarray, *, l
     Returns:
       float32 [n, height, width] in [0, 1].
     """
-    return np.asarray(_grad_cam_maps(run.variables, jnp.asarray(images), jnp.asarray(labels), module=run.model.require_linen('the figures evaluator'),
+    return np.asarray(_grad_cam_maps(run.variables, jnp.asarray(images), jnp.asarray(labels), model=run.model,
                                      layer=layer, score=score, weighting=weighting))
 
 
-@functools.partial(jax.jit, static_argnames=("module", "layer", "score", "weighting"))
-def _grad_cam_maps(variables, images, labels, *, module, layer, score, weighting):
-    """Jitted once per process for each (module, layer, settings, shapes): the weights are an argument."""
-    model = linen_layer(module, variables, layer, train=False)
-    return grad_cam(model, images, labels, score=score, weighting=weighting)
+@functools.partial(jax.jit, static_argnames=("model", "layer", "score", "weighting"))
+def _grad_cam_maps(variables, images, labels, *, model, layer, score, weighting):
+    """Jitted once per process for each (model, layer, settings, shapes): the weights are an argument."""
+    return grad_cam(model.layer_model(variables, layer), images, labels, score=score, weighting=weighting)
 
 
 def _figure_examples(data, config, n: int):

@@ -13,7 +13,7 @@ from saliency_jax import data as data_lib
 from saliency_jax.models.build import model_layers
 from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
 from saliency_jax.evaluators.utilization import test_subset
-from saliency_jax.saliency import apply_with_layers, class_activation_maps, classifier_params
+from saliency_jax.saliency import class_activation_maps, classifier_params
 from saliency_jax.training.hnc import negative_cams
 
 __all__ = ["NegativeCamsSettings", "negative_cams_evaluator"]
@@ -55,8 +55,8 @@ def negative_cams_evaluator(settings: NegativeCamsSettings) -> Evaluator:
 
         @jax.jit
         def stats(images, labels):
-            out = apply_with_layers(run.model.require_linen('the hnc evaluator'), variables, images, capture=(layers.grad_cam_layer,), train=False)
-            features, logits = out.activations[layers.grad_cam_layer], out.output
+            out = run.model.capture(variables, images, (layers.grad_cam_layer,))
+            features, logits = out.activations[layers.grad_cam_layer], out.logits
             cams, _ = negative_cams(features, variables["params"], layers.classifier, logits, labels,
                                     settings.num_negatives)
             flat = cams.reshape(*cams.shape[:2], -1)

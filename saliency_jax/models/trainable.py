@@ -152,6 +152,12 @@ class TrainableModel:
         out = self._bind(lambda: self._run(variables, images, train=False, rng=None).output)
         return self._select(out)
 
+    def capture(self, variables: Any, images: Array, layers: Sequence[str]) -> Applied:
+        """Logits and the activations of ``layers`` in inference mode (a reshaped layer as its grid; ``updates``
+        empty): what an evaluator reads."""
+        out = self._bind(lambda: self._run(variables, images, train=False, rng=None, capture=tuple(layers)))
+        return Applied(self._select(out.output), {}, self._reshaped(out.activations))
+
     def forward(self, variables: Any, images: Array, *, rng: Array, capture: Sequence[str] = (),
                 replace: Mapping[str, Callable[[Array], Array]] | None = None,
                 bypass: Sequence[str] = ()) -> Applied:
