@@ -108,7 +108,8 @@ class Plan:
 
     Attributes:
       phases: in order; ``phases[-1].end`` is the run's length (no phase: nothing to train, the weights-only mode).
-      models: ``{role: linen module}``: every model of the state, by name.
+      models: ``{role: model}``: every model of the state, by name (a classifier as its
+        :class:`~saliency_jax.models.trainable.TrainableModel` or linen module; generators as linen modules).
       init_variables: ``() -> variables``, the argument of ``init_state``: the first model's initial variables (its
         random initialisation or imported weights; called once, by the loop), passed as an argument so that they are
         not compiled into the program as constants.
@@ -124,7 +125,7 @@ class Plan:
     """
 
     phases: tuple[Phase, ...]
-    models: Mapping[str, nn.Module]
+    models: Mapping[str, Any]
     init_variables: Callable[[], Any]
     init_state: Callable[[Any], Any]
     view: Callable[[Any, str], TrainState]
@@ -194,8 +195,8 @@ class TrainResult:
         return self.plan.final_role if self.plan is not None else "classifier"
 
     @property
-    def models(self) -> Mapping[str, nn.Module]:
-        """``{role: linen module}``: every model of the run by name."""
+    def models(self) -> Mapping[str, Any]:
+        """``{role: model}``: every model of the run by name (see :attr:`Plan.models`)."""
         return dict(self.plan.models) if self.plan is not None else {"classifier": self.model}
 
     def model_state(self, role: str) -> TrainState:

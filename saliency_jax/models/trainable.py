@@ -147,8 +147,16 @@ class TrainableModel:
         variables = self._bind(lambda: self._init(key, images))
         return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
-    def apply(self, variables: Any, images: Array) -> Array:
-        """Logits [batch, num_classes] in inference mode."""
+    def apply(self, variables: Any, images: Array, **kwargs) -> Array:
+        """Logits [batch, num_classes] in inference mode (linen ``train=False`` / the eval keywords; NNX ``.eval()``).
+
+        Raises:
+          TypeError: on keyword arguments (the mode is the model's: the training forward is :meth:`forward`).
+        """
+        if kwargs:
+            raise TypeError(f"TrainableModel.apply(variables, images) runs inference and takes no {sorted(kwargs)}: "
+                            "the training forward is model.forward(variables, images, rng=key); the linen module "
+                            "itself is model.module")
         out = self._bind(lambda: self._run(variables, images, train=False, rng=None).output)
         return self._select(out)
 

@@ -32,7 +32,8 @@ class Trainer(NamedTuple):
         the weights-only mode).
       check: ``config -> Any``: validates the trainer's settings before anything is read or compiled (raises
         ``ValueError`` naming the field).
-      classifier: ``(config, num_classes) -> module``: the model validation traces on the data's shape.
+      classifier: ``(config, num_classes) -> model``: the model validation traces on the data's shape (a
+        :class:`~saliency_jax.models.trainable.TrainableModel`, or a linen module taken as it is).
       weights_only: ``config -> bool``: nothing is trained and no data is read (the plan has no phase).
     """
 
