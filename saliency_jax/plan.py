@@ -18,7 +18,6 @@ import dataclasses
 import pathlib
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
-import flax.linen as nn
 import jax
 import ml_collections
 
@@ -155,7 +154,9 @@ class TrainResult:
     Attributes:
       state: the final :class:`TrainState` of the classifier the run returns (``plan.final_role``; on device,
         replicated).
-      model: that classifier (linen module).
+      model: that classifier as a :class:`~saliency_jax.models.trainable.TrainableModel` (``model.apply(variables,
+        images)`` gives the logits in inference mode, ``model.view(variables)`` the maps, ``model.module`` the linen
+        or NNX module; a module given here is wrapped with :func:`~saliency_jax.models.trainable.as_trainable`).
       history: the logged metrics, one dict per log step (of this launch; the whole run is in ``metrics.jsonl``).
       workdir: where checkpoints, ``metrics.jsonl`` and ``config.json`` are.
       config: the run's config.
@@ -172,7 +173,7 @@ class TrainResult:
     """
 
     state: TrainState
-    model: nn.Module
+    model: TrainableModel
     history: list[dict[str, float]]
     workdir: pathlib.Path
     config: ml_collections.ConfigDict | None = None
@@ -183,6 +184,9 @@ class TrainResult:
     plan: Plan | None = None
     full_state: Any = None
     stages: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.model = as_trainable(self.model)
 
     @property
     def variables(self) -> dict[str, Any]:
