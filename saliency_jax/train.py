@@ -215,18 +215,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
     Returns:
       A :class:`~saliency_jax.plan.TrainResult`.
 
+    The workdir's lock (:class:`saliency_jax.workdirs.WorkdirLock`, ``workdir/launch.lock``) is taken first, before
+    the data is read: one launch per workdir (a multi-process run takes it once, on process 0); it is released
+    however ``train`` ends, and a lock left by a killed launch is taken over with a warning.
+
     Raises:
+      WorkdirLockedError: (a ``ConfigError``) another launch is running in ``workdir`` (its host and PID named).
       ConfigError: (a ``ValueError``) a field out of range or not divisible over the devices, sources that do not
         fit together, nothing to train and no weights; ResumeError (a ``ConfigError``): the workdir's checkpoint was
-        made with another trajectory-changing config, by another number of processes, or is past this config's last
-        step.
+        made with another trajectory-changing config, by another number of processes, or with another model, or is
+        past this config's last step (any checkpoint, for a weights-only launch).
       ValueError: a malformed input batch, wrong scheme or trainer settings.
       CheckpointError: (a ``RuntimeError``) the latest checkpoint is unreadable or damaged (the step is named).
       FloatingPointError: the loss became non-finite (the update of that step was skipped).
     """
-    validated = validate(config)
-    plan = validated.trainer.build(config, validated.data)
-    return run_plan(plan, config, workdir, validated.data, progress=progress)
+    with workdirs.WorkdirLock(workdir):  # before the data is read: a second launch is refused at once
+        validated = validate(config)
+        plan = validated.trainer.build(config, validated.data)
+        return run_plan(plan, config, workdir, validated.data, progress=progress)
 
 
 def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -260,11 +266,37 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
       ``full_state`` the whole state.
 
     Raises:
-      ResumeError, CheckpointError: as :func:`train`.
+      WorkdirLockedError, ResumeError, CheckpointError: as :func:`train`.
       ValueError: a malformed input batch.
       FloatingPointError: a logged loss became non-finite or a logged window had a skipped update.
     """
-    workdir = pathlib.Path(workdir)
+    with workdirs.WorkdirLock(workdir):
+        return _run_plan(plan, config, pathlib.Path(workdir), data, progress=progress)
+
+
+def _check_workdir(ckpt: workdirs.Checkpoints, config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                   total: int) -> int:
+    """The resume checks of a launch of ``total`` steps (0: the weights-only mode) before anything is compiled: the
+    latest checkpoint's process count, the config it was made with (:func:`saliency_jax.workdirs.check_resume`), and
+    that it is not past ``total``. Returns the latest step (0 without a checkpoint)."""
+    latest = ckpt.latest_step() or 0
+    if latest:
+        ckpt.check_process_count(latest)
+    workdirs.check_resume(workdir, config, latest)
+    if latest > total:
+        what = (f"and this config trains nothing (config.num_steps = config.num_epochs = 0, the weights-only mode), "
+                f"so the workdir would no longer describe the run its checkpoints hold. Use a fresh workdir for the "
+                f"weights, or saliency_jax.load({str(workdir)!r}) for the trained run" if not total else
+                f"past this config's {total} steps (config.num_steps={config.get('num_steps')}, "
+                f"config.num_epochs={config.get('num_epochs')}, or the phases' epochs): the run there is longer than "
+                f"this config describes. Set the length to {latest} steps (or more) to use it, or use a fresh workdir")
+        raise workdirs.ResumeError(f"{workdir} holds a checkpoint at step {latest}, {what}")
+    return latest
+
+
+def _run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: pathlib.Path, data: inputs.RunData | None, *,
+              progress: bool | str) -> TrainResult:
+    """:func:`run_plan`, with the workdir's lock held."""
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     multi_label = config.get("loss", "softmax_cross_entropy") == "sigmoid_binary_cross_entropy"

@@ -23,6 +23,9 @@ stopped, and so that nothing it reads back is silently wrong:
   line, and every average over the same steps. (The alternative - cut the log and recompute the lost steps' metrics
   - would need those steps run again; saving a few scalars per step in the checkpoint costs nothing.) A launch's
   last step is logged even off the ``log_every`` grid; that line is dropped when a later launch extends the run.
+* ``launch.lock`` (:class:`WorkdirLock`): present while a launch runs in the workdir, holding its host, PID and start
+  time. A second launch is refused at once (:class:`WorkdirLockedError`, naming the holder); a lock left by a launch
+  that was killed (its PID no longer alive on this host) is taken over with a warning.
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ import os
 import pathlib
 import re
 import shutil
+import socket
+import threading
 import time
+import uuid
 from typing import Any
 
 import grain
@@ -53,6 +59,9 @@ from saliency_jax.config import ConfigError, default_config
 __all__ = [
     "CheckpointError",
     "ResumeError",
+    "WorkdirLockedError",
+    "WorkdirLock",
+    "LOCK_FILE",
     "LogState",
     "Checkpoints",
     "state_checksums",
@@ -521,6 +530,216 @@ def tensorboard_image_tags(workdir: str | os.PathLike) -> list[str]:
     """
     return [v.tag for event in _tensorboard_events(workdir) for v in event.summary.value
             if v.WhichOneof("value") == "image"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One launch per workdir.
+
+#: The lock file of a workdir (:class:`WorkdirLock`), relative to it.
+LOCK_FILE = "launch.lock"
+
+#: Seconds after which a lock file that holds no readable record (its launch killed between creating and writing it)
+#: counts as stale.
+_UNREADABLE_LOCK_SECONDS = 30.0
+
+_held: dict[tuple[str, int], int] = {}  # (lock path, thread) -> depth, for the locks this process holds
+_held_guard = threading.Lock()
+
+
+class WorkdirLockedError(ConfigError):
+    """Another launch holds the workdir's lock (:class:`WorkdirLock`). The message is one line naming the holder.
+
+    Attributes:
+      path: the lock file.
+      holder: the holder's record (``host``, ``pid``, ``started``), or None where it could not be read.
+    """
+
+    def __init__(self, message: str, path: pathlib.Path, holder: dict[str, Any] | None):
+        super().__init__(message)
+        self.path, self.holder = path, holder
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), None where there is none."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux ``/proc``); None where unknown."""
+    fields = _proc_stat(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _alive(pid: Any, process_start: Any = None) -> bool:
+    """Whether process ``pid`` of this host is running: a zombie, or a PID since reused by a process that started at
+    another time than ``process_start``, counts as gone."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    except (OverflowError, OSError):
+        return False
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc (macOS): the PID answering is all there is to know
+    if fields and fields[0] in ("Z", "X"):
+        return False
+    return process_start is None or _process_start(pid) in (None, process_start)
+
+
+class WorkdirLock:
+    """One launch at a time in a workdir: the file ``workdir/launch.lock``, created with ``O_CREAT | O_EXCL`` and
+    holding JSON ``{"host", "pid", "started", "process_start", "token"}``; a context manager.
+
+    :func:`saliency_jax.train.train` and :func:`~saliency_jax.train.run_plan` hold it around a run (taken before the
+    data is read or anything is compiled), the command line's ``train`` through training and evaluation, and
+    :func:`saliency_jax.experiment.run_experiment` on the experiment's folder. The lock is released (the file
+    removed) on every exit from the ``with`` block, an exception included. A launch killed outright (``kill -9``, a
+    lost machine) leaves the file behind: the next launch on the same host finds its PID no longer alive (or reused
+    by a process that started later) and takes the lock over with a warning. A lock written on another host cannot be
+    checked from here: it is refused, and the message says to delete the file if that launch is gone.
+
+    Re-entrant within a thread (a launch that holds the lock may take it again: ``train`` around ``run_plan``); another
+    thread of the same process is refused like another process. Multi-process runs (``jax.process_count() > 1``)
+    take it once per run: process 0 holds the file and tells the other processes whether it got the lock, so that
+    every process of a refused launch raises before anything collective starts. (Taking over a stale lock is not
+    atomic against a third launch started in the same instant on the same stale lock.)
+
+    Args:
+      workdir: the run's folder (created if missing).
+
+    Raises:
+      WorkdirLockedError: (a ``ConfigError``) on entering, when another launch that is alive (or on another host)
+        holds the lock: one line naming its host, PID, start time and the lock file.
+    """
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.workdir = pathlib.Path(workdir)
+        self.path = (self.workdir / LOCK_FILE).absolute()
+        self._token: str | None = None
+        self._key = (str(self.path), threading.get_ident())
+
+    # The lock file (process 0).
+
+    def _read(self) -> dict[str, Any] | None:
+        """The holder's record; None when there is no lock file. A file without a readable record (being written,
+        or its launch killed in between) is re-read for a moment, then given as ``{"unreadable": age in s}``."""
+        for _ in range(10):
+            try:
+                text = self.path.read_text()
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return None
+            try:
+                record = json.loads(text)
+                if isinstance(record, dict):
+                    return record
+            except json.JSONDecodeError:
+                pass
+            time.sleep(0.05)
+        return {"unreadable": age}
+
+    def _describe(self, holder: dict[str, Any]) -> str:
+        if "unreadable" in holder:
+            return f"a launch whose lock record is not written yet ({self.path})"
+        return (f"the launch of host {holder.get('host')!r}, pid {holder.get('pid')}, started "
+                f"{holder.get('started')} ({self.path})")
+
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        if "unreadable" in holder:
+            return holder["unreadable"] > _UNREADABLE_LOCK_SECONDS
+        return holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"),
+                                                                          holder.get("process_start"))
+
+    def _acquire(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex
+        record = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "process_start": _process_start(os.getpid()), "token": token}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                if holder is None:  # released in between
+                    continue
+                if not self._stale(holder):
+                    other = "" if holder.get("host") == socket.gethostname() else \
+                        "; if that launch is no longer running, delete the lock file"
+                    raise WorkdirLockedError(
+                        f"{self.workdir} is in use by {self._describe(holder)}: one launch per workdir. Wait for it "
+                        f"to end, or use another workdir{other}", self.path, holder) from None
+                logging.warning("%s: taking over the lock of %s, which is no longer running (a launch killed "
+                                "before it could release it)", self.workdir, self._describe(holder))
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(record))
+                f.flush()
+                os.fsync(f.fileno())
+            self._token = token
+            return
+        holder = self._read() or {"unreadable": 0.0}
+        raise WorkdirLockedError(f"{self.workdir} is in use by {self._describe(holder)}: one launch per workdir "
+                                 "(another launch took the lock while this one was taking it)", self.path, holder)
+
+    def _release(self) -> None:
+        if self._token is None:
+            return
+        holder = self._read()
+        if holder is not None and holder.get("token") == self._token:
+            self.path.unlink(missing_ok=True)
+        else:
+            logging.warning("%s: the lock %s is no longer this launch's (removed or taken over by another launch "
+                            "while this one ran)", self.workdir, self.path)
+        self._token = None
+
+    # The context manager (every process).
+
+    def __enter__(self) -> "WorkdirLock":
+        with _held_guard:
+            if self._key in _held:
+                _held[self._key] += 1
+                return self
+        error: BaseException | None = None
+        if jax.process_index() == 0:
+            try:
+                self._acquire()
+            except Exception as e:  # noqa: BLE001 - told to the other processes, then raised
+                error = e
+        if jax.process_count() > 1:
+            ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+            if not ok and error is None:
+                error = WorkdirLockedError(f"{self.workdir}: process 0 of this run could not take the workdir's lock "
+                                           f"({self.path}; its error names the holder)", self.path, None)
+        if error is not None:
+            raise error
+        with _held_guard:
+            _held[self._key] = 1
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with _held_guard:
+            _held[self._key] -= 1
+            if _held[self._key]:
+                return
+            del _held[self._key]
+        self._release()
 
 
 # ----------------------------------------------------------------------------------------------------------------
