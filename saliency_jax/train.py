@@ -239,17 +239,21 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
              data: inputs.RunData | None, *, progress: bool | str = True) -> TrainResult:
     """Runs a plan's phases, resuming from ``workdir`` if it holds checkpoints: the one train loop.
 
-    Before the first step: the resume checks (the latest checkpoint is verified against its checksums before use, a
-    damaged one is refused naming the step unless ``config.restore_fallback``; a checkpoint made with a config
-    differing in a trajectory-changing field, or by another number of processes, is refused unless
-    ``config.allow_config_change`` allows the former); a fresh run whose first phases are in the plan's phase cache
-    starts after them. Then every phase in order on one step counter and one data stream: each step's batch checked
-    on the host, the phase's jitted step (state donated), a log line every ``config.log_every`` steps and at each
-    phase end (the phase's model's ``val_accuracy`` every ``config.eval_every`` steps and at each phase end when the
-    validation split is not empty), a checkpoint every ``config.checkpoint_every`` steps and at each phase end, the
-    plan's hooks. ``metrics.jsonl`` is cut back to the checkpoint, so that it reads as an uninterrupted run's; every
-    launch that trains is recorded in ``launches.jsonl``. On any error inside the loop the in-flight checkpoint is
-    committed and the checkpoint manager closed before the error propagates.
+    The workdir's lock (:class:`saliency_jax.workdirs.WorkdirLock`) is held throughout: a second launch on the same
+    workdir is refused at once, naming the holder (in a multi-process run process 0 holds it for all). Before the
+    first step: the resume checks (the latest checkpoint is verified against its checksums before use, a damaged one
+    is refused naming the step unless ``config.restore_fallback``; a checkpoint made with a config differing in a
+    trajectory-changing field, or by another number of processes, is refused unless ``config.allow_config_change``
+    allows the former; one whose arrays do not fit the plan's model is refused as such, not as damaged); a plan
+    without phases (the weights-only mode) goes through the same checks, so that it is refused in a workdir holding
+    another run's checkpoints; a fresh run whose first phases are in the plan's phase cache starts after them. Then
+    every phase in order on one step counter and one data stream: each step's batch checked on the host, the phase's
+    jitted step (state donated), a log line every ``config.log_every`` steps and at each phase end (the phase's
+    model's ``val_accuracy`` every ``config.eval_every`` steps and at each phase end when the validation split is
+    not empty), a checkpoint every ``config.checkpoint_every`` steps and at each phase end, the plan's hooks.
+    ``metrics.jsonl`` is cut back to the checkpoint, so that it reads as an uninterrupted run's; every launch that
+    trains, and every weights-only launch, is recorded in ``launches.jsonl``. On any error inside the loop the
+    in-flight checkpoint is committed and the checkpoint manager closed before the error propagates.
 
     Args:
       plan: the plan (:mod:`saliency_jax.trainers`).
@@ -307,6 +311,15 @@ def _run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: pathlib.Pa
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
 
+    # The weights-only mode (nothing to train) goes through the same resume checks as a training launch (a workdir
+    # holding another run's checkpoints is refused) and is recorded in the launch history.
+    if not phases and (workdir / "checkpoints").is_dir():
+        ckpt = workdirs.Checkpoints(workdir, with_data=False)
+        try:
+            _check_workdir(ckpt, config, workdir, 0)
+        finally:
+            ckpt.close(quiet=True)
+
     # Sharding: the initial state, replicated.
     state = jax.jit(plan.init_state, out_shardings=replicated)(plan.init_variables())
     first = plan.view(state, plan.final_role)
@@ -314,8 +327,8 @@ def _run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: pathlib.Pa
                                initial_variables=jax.device_get({"params": first.params,
                                                                  "batch_stats": first.batch_stats}),
                                image_shape=tuple(plan.image_shape), num_classes=plan.num_classes, plan=plan)
-    if not phases:  # the weights-only mode: nothing to train
-        workdirs.write_config(workdir, config)
+    if not phases:
+        workdirs.record_launch(workdir, config, 0, 0)
         return result(state=first, history=[], full_state=state)
 
     # Input.
@@ -326,16 +339,7 @@ def _run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: pathlib.Pa
     writer = pbar = None
     failed = True
     try:
-        latest = ckpt.latest_step() or 0
-        if latest:
-            ckpt.check_process_count(latest)
-        if latest > total:
-            raise workdirs.ResumeError(
-                f"{workdir} holds a checkpoint at step {latest}, past this config's {total} steps "
-                f"(config.num_steps={config.get('num_steps')}, config.num_epochs={config.get('num_epochs')}, or the "
-                f"phases' epochs): the run there is longer than this config describes. Set the length to {latest} "
-                "steps (or more) to use it, or use a fresh workdir")
-        workdirs.check_resume(workdir, config, latest)
+        _check_workdir(ckpt, config, workdir, total)
         # A step that guards itself takes the state donated; another keeps the old state for the guard.
         step_fns = {p.index: jax.jit(p.step, in_shardings=(replicated, data_sharding, replicated),
                                      out_shardings=(replicated, replicated),

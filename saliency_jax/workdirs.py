@@ -9,14 +9,18 @@ stopped, and so that nothing it reads back is silently wrong:
   every process's iterator position, the number of processes, and the metrics logged since the last log step
   (:class:`LogState`), the whole item guarded by its own SHA-256. The meta item is written with the checkpoint and
   committed with it (orbax renames the finished step folder into place), so there is never a checkpoint with a
-  half-written record. On restore every checksum is verified before the state is used: a damaged step raises
+  half-written record. On restore the saved arrays are first compared with the model's (names and shapes): a
+  checkpoint of another model is refused as such (:class:`ResumeError`, "does not match the model"), not reported as
+  damaged. Every checksum is verified before the state is used: a damaged step raises
   :class:`CheckpointError` naming it, or - only when asked (``config.restore_fallback``) - is moved to
   ``checkpoints.damaged/`` and the newest intact earlier step is used.
-* ``launches.jsonl``: one record per launch that trains (time, starting step, processes, devices, the full config).
-  ``config.json`` holds the latest launch's config. A launch that would resume from a checkpoint made with a config
-  differing in a field that changes the trajectory (seed, optimizer, schemes and their settings, data, model...;
-  every field but those of :data:`NON_TRAJECTORY_FIELDS`, evaluator sections and sections of schemes the run does not
-  use) is refused with :class:`ResumeError` naming the fields, unless ``config.allow_config_change``.
+* ``launches.jsonl``: one record per launch that trains, and per weights-only launch (time, starting step,
+  processes, devices, the full config). ``config.json`` holds the latest launch's config; :func:`saliency_jax.load`
+  compares it with the record of the launch that made the checkpoint it restores (:func:`checkpoint_launch`). A
+  launch (a weights-only one included) that would resume from a checkpoint made with a config differing in a field
+  that changes the trajectory (seed, optimizer, schemes and their settings, data, model...; every field but those of
+  :data:`NON_TRAJECTORY_FIELDS`, evaluator sections and sections of schemes the run does not use) is refused with
+  :class:`ResumeError` naming the fields, unless ``config.allow_config_change``.
 * ``metrics.jsonl``: one JSON line per log step. The pending metrics (steps since the last log step) are saved in the
   checkpoint, and a resumed launch first cuts the log back to the checkpoint's last log step, so the log of a run
   that was interrupted, resumed or extended reads exactly as an uninterrupted run's: no duplicate and no missing
@@ -71,6 +75,9 @@ __all__ = [
     "tensorboard_image_tags",
     "NON_TRAJECTORY_FIELDS",
     "trajectory_differences",
+    "config_differences",
+    "read_launches",
+    "checkpoint_launch",
     "check_resume",
     "record_launch",
     "write_config",
@@ -97,7 +104,9 @@ class CheckpointError(RuntimeError):
 
 
 class ResumeError(ConfigError):
-    """A workdir that this launch cannot resume: another config, another process count, fewer steps."""
+    """A workdir that this launch cannot resume, or whose checkpoint :func:`saliency_jax.load` cannot use: another
+    config, another process count, fewer steps, a model that does not fit the checkpoint, a ``config.json`` that
+    differs from the config the checkpoint was made with."""
 
 
 @dataclasses.dataclass
@@ -290,18 +299,80 @@ class Checkpoints:
             raise self._error(step, f"{len(bad)} array(s) differ from the checksums saved with it "
                                     f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''})")
 
-    def restore_step(self, step: int, abstract_state: Any, iterator=None) -> tuple[Any, Any, LogState | None]:
+    def check_model(self, step: int, abstract_state: Any, meta: dict[str, Any] | None = None, *,
+                    model: str = "this launch's model") -> None:
+        """Raises :class:`ResumeError` if ``step``'s state does not fit ``abstract_state``: arrays that one has and the
+        other lacks (from the checksums' keys in its record), or arrays of another shape (from orbax's metadata of
+        the saved arrays). Checked before the arrays are read, so that a checkpoint of another model is reported as
+        such and not as damaged. A step whose record or metadata cannot be read is not checked here (its restore
+        reports it).
+
+        Args:
+          step: the checkpoint step.
+          abstract_state: the state the caller's model has (shapes, dtypes).
+          meta: the step's verified record (:meth:`_meta`), if already read.
+          model: how the message names the caller's model (``load`` says ``"the model in config.json"``).
+        """
+        def name(entry) -> str:
+            for attr in ("key", "name", "idx"):
+                if hasattr(entry, attr):
+                    return str(getattr(entry, attr))
+            return str(entry)
+
+        def flat(tree, is_leaf=None) -> dict[str, tuple[str, Any]]:
+            leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+            return {"/".join(name(e) for e in path): (jax.tree_util.keystr(path), leaf) for path, leaf in leaves}
+
+        mine = flat(abstract_state)
+        problems = []
+        if meta is not None and meta.get("state_checksums") is not None:
+            saved_keys, my_keys = set(meta["state_checksums"]), {k for k, _ in mine.values()}
+            problems += [f"{k} only in the checkpoint" for k in sorted(saved_keys - my_keys)]
+            problems += [f"{k} only in {model}" for k in sorted(my_keys - saved_keys)]
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            saved = handler.metadata(self._step_dir(step) / "state")
+        except Exception:  # noqa: BLE001 - no metadata (damaged, or an older format): the restore reports it
+            saved = None
+        finally:
+            handler.close()
+        if saved is not None:
+            for path, (_, shape_of) in flat(saved, is_leaf=lambda x: hasattr(x, "shape")).items():
+                if path not in mine or not hasattr(shape_of, "shape"):
+                    continue
+                key, leaf = mine[path]
+                if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                    continue  # saved as its key data, of another shape
+                if tuple(shape_of.shape) != tuple(leaf.shape):
+                    problems.append(f"{key}: {list(shape_of.shape)} in the checkpoint, {list(leaf.shape)} in {model}")
+        if problems:
+            raise ResumeError(
+                f"checkpoint step {step} in {self.directory} does not match {model}: {len(problems)} array(s) differ "
+                f"({'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}). It was made with another model "
+                "(or another optimizer or scheme state): use the config it was trained with (launches.jsonl keeps "
+                "each launch's config), or another workdir")
+
+    def restore_step(self, step: int, abstract_state: Any, iterator=None, *, model: str = "this launch's model",
+                     ) -> tuple[Any, Any, LogState | None]:
         """Restores and verifies one step.
+
+        Args:
+          step: the checkpoint step.
+          abstract_state: the state's structure, shapes, dtypes and shardings.
+          iterator: the grain iterator whose position to restore (None: not restored).
+          model: how a mismatch names the caller's model (:meth:`check_model`).
 
         Returns:
           ``(state, iterator, log_state)`` (``log_state`` None for checkpoints written before it existed).
 
         Raises:
-          ResumeError: the step was written by another number of processes.
+          ResumeError: the step was written by another number of processes, or its arrays do not fit
+            ``abstract_state`` (another model: "does not match the model").
           CheckpointError: the step is unreadable or differs from its checksums (the step and folder are named).
         """
         meta = self._meta(step)
         self.check_process_count(step, meta)
+        self.check_model(step, abstract_state, meta, model=model)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if iterator is not None and self.with_data:
             items["data"] = grain.checkpoint.CheckpointRestore(iterator)
@@ -788,6 +859,45 @@ def trajectory_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tup
     return out
 
 
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """:func:`trajectory_differences` less the fields ``old`` lacks (added to the code since it was recorded) that
+    ``new`` has at the default of :func:`saliency_jax.config.default_config`: new fields default to the old
+    behaviour, so such a field reproduces the recorded launch."""
+    defaults = _flatten(_config_record(default_config()))
+    return [d for d in trajectory_differences(old, new)
+            if not (d[1] == "<absent>" and d[0] in defaults and defaults[d[0]] == d[2])]
+
+
+def describe_differences(diffs: list[tuple[str, Any, Any]], new_name: str) -> tuple[str, str]:
+    """``("config.f: old in the checkpoint's launch, new <new_name>; ...", " (and k more)")`` for the first 8."""
+    lines = "; ".join(f"config.{k}: {v0!r} in the checkpoint's launch, {v1!r} {new_name}" for k, v0, v1 in diffs[:8])
+    return lines, f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
+
+
+def read_launches(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of ``workdir/launches.jsonl`` in order (a line cut by a kill skipped; [] without the file)."""
+    path = pathlib.Path(workdir) / "launches.jsonl"
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "config" in record:
+                out.append(record)
+    return out
+
+
+def checkpoint_launch(workdir: str | os.PathLike, step: int) -> dict[str, Any] | None:
+    """The record (``launches.jsonl``) of the launch that wrote checkpoint ``step``: the last launch that started
+    before it (a later launch resuming from an earlier step rewrote the steps after its start). None without one."""
+    launches = read_launches(workdir)
+    made = [r for r in launches if int(r.get("start_step", 0)) < step] or \
+        [r for r in launches if int(r.get("start_step", 0)) == step]  # its first checkpoint (the phase cache's)
+    return made[-1] if made else None
+
+
 def _last_launch_config(workdir: pathlib.Path) -> dict[str, Any] | None:
     path = workdir / "launches.jsonl"
     if path.exists():
@@ -825,16 +935,10 @@ def check_resume(workdir: str | os.PathLike, config: ml_collections.ConfigDict, 
     if old is None:
         logging.warning("%s has no record of the config its checkpoint was made with: not compared", workdir)
         return
-    diffs = trajectory_differences(old, _config_record(config))
-    # A field the checkpoint's launch did not know (added to the code since), now at the loop's default, is taken to
-    # reproduce that launch's behaviour (new fields default to the old behaviour).
-
-    defaults = _flatten(_config_record(default_config()))
-    diffs = [d for d in diffs if not (d[1] == "<absent>" and d[0] in defaults and defaults[d[0]] == d[2])]
+    diffs = config_differences(old, _config_record(config))
     if not diffs:
         return
-    lines = "; ".join(f"config.{k}: {v0!r} in the checkpoint's launch, {v1!r} now" for k, v0, v1 in diffs[:8])
-    more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
+    lines, more = describe_differences(diffs, "now")
     if config.get("allow_config_change", False):
         logging.warning("resuming %s at step %d with a changed config (allow_config_change): %s%s", workdir,
                         checkpoint_step, lines, more)
@@ -848,7 +952,8 @@ def check_resume(workdir: str | os.PathLike, config: ml_collections.ConfigDict, 
 
 def record_launch(workdir: str | os.PathLike, config: ml_collections.ConfigDict, start_step: int,
                   total_steps: int) -> None:
-    """Appends this launch to ``workdir/launches.jsonl`` and writes ``workdir/config.json`` (process 0 only)."""
+    """Appends this launch to ``workdir/launches.jsonl`` and writes ``workdir/config.json`` (process 0 only): every
+    launch that trains, and every weights-only launch (``total_steps`` 0)."""
     if jax.process_index() != 0:
         return
     workdir = pathlib.Path(workdir)
