@@ -458,10 +458,11 @@ def restore_state(workdir: str | os.PathLike, step: int, like: Any) -> Any:
     Raises:
       CheckpointError: (a ``RuntimeError``) if that checkpoint cannot be read or differs from its checksums (the step
         and path are named).
+      ResumeError: its arrays do not fit ``like`` (another model).
     """
     ckpt = Checkpoints(workdir, with_data=False)
     try:
-        return ckpt.restore_step(step, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))[0]
+        return ckpt.restore_step(step, jax.tree.map(ocp.utils.to_shape_dtype_struct, like), model="the run's model")[0]
     finally:
         ckpt.close()
 
