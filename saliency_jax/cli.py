@@ -191,11 +191,14 @@ def _run(command: str, rest: list[str]) -> None:
             from saliency_jax import evaluators, experiment
             from saliency_jax import train as train_lib
 
+            from saliency_jax import workdirs
+
             config = FLAGS.config
-            experiment.check_config(config)
-            result = train_lib.train(config, FLAGS.workdir, progress=FLAGS.progress)
-            record = experiment.evaluate_run(result, evaluators.build_evaluators(config),
-                                             evaluators.ExperimentData(config))
+            with workdirs.WorkdirLock(FLAGS.workdir):  # one launch per workdir: training and run.json
+                experiment.check_config(config)
+                result = train_lib.train(config, FLAGS.workdir, progress=FLAGS.progress)
+                record = experiment.evaluate_run(result, evaluators.build_evaluators(config),
+                                                 evaluators.ExperimentData(config))
             if jax.process_index() == 0:
                 print(json.dumps({name: _scalars(m) for name, m in record.metrics.items()}, indent=2))
         else:

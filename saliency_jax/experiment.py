@@ -32,6 +32,7 @@ from saliency_jax import evaluation
 from saliency_jax import evaluators as evaluators_lib
 from saliency_jax import train as train_lib
 from saliency_jax import training
+from saliency_jax import workdirs
 from saliency_jax.config import ConfigError, apply_overrides
 from saliency_jax.evaluators.base import ReportContext, RunRecord, settings_dict
 from saliency_jax.plan import TrainResult
@@ -164,12 +165,21 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
       The contents of ``metrics.json``: per arm, per repeat and summarised (mean and sample std) metrics of every
       evaluator, and the wall, training and evaluation seconds.
 
+    One experiment launch per workdir: ``workdir``'s lock (:class:`saliency_jax.workdirs.WorkdirLock`) is held
+    throughout, and each run's own workdir is locked while it trains and is evaluated.
+
     Raises:
+      WorkdirLockedError: (a ``ConfigError``) another launch holds ``workdir`` (or a run's workdir), at once.
       ValueError / KeyError: as :func:`check_config`, before anything is trained.
     """
     compile_cache.enable_compilation_cache(compilation_cache)
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    with workdirs.WorkdirLock(workdir):
+        return _run_experiment(config, workdir, progress=progress)
+
+
+def _run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, progress: bool) -> dict[str, Any]:
+    """:func:`run_experiment`, with the experiment's lock held."""
     arms = check_config(config)
     is_main = jax.process_index() == 0
     data = evaluators_lib.ExperimentData(config)
@@ -178,9 +188,10 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     for repeat in range(config.experiment.repeats):
         for arm in arms:
             cfg = arm_config(config, arm, repeat)
-            result = train_lib.train(cfg, workdir / arm / f"seed{cfg.seed}",
-                                     progress=f"{arm} seed{cfg.seed}" if progress else False)
-            record = evaluate_run(result, evaluators_lib.build_evaluators(cfg), data, arm=arm)
+            run_dir = workdir / arm / f"seed{cfg.seed}"
+            with workdirs.WorkdirLock(run_dir):  # training and run.json
+                result = train_lib.train(cfg, run_dir, progress=f"{arm} seed{cfg.seed}" if progress else False)
+                record = evaluate_run(result, evaluators_lib.build_evaluators(cfg), data, arm=arm)
             runs[arm].append(record)
             if is_main:
                 scalars = "  ".join(f"{n}.{k} {v:.4f}" for n, m in record.metrics.items() if isinstance(m, dict)

@@ -2,8 +2,9 @@
 
 ``saliency_jax.load(workdir)`` rebuilds what :func:`saliency_jax.train.train` returned for a run that has finished
 (or been stopped), whatever plan trained it: the plan from ``workdir/config.json`` (as ``train`` builds it: the
-trainer ``config.trainer`` names), the latest checkpoint's state restored and verified against the checksums saved
-with it (:class:`saliency_jax.workdirs.Checkpoints`), every model of the plan reachable by name. Nothing is
+trainer ``config.trainer`` names; checked against the config the checkpoint was made with, kept in
+``launches.jsonl``), the latest checkpoint's state restored and verified against the checksums saved with it
+(:class:`saliency_jax.workdirs.Checkpoints`), every model of the plan reachable by name. Nothing is
 trained and nothing in the workdir is changed, so notebooks and evaluators can use a run without retraining it.
 """
 
@@ -60,13 +61,34 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_tuples(record))
 
 
+def _check_config(workdir: pathlib.Path, step: int) -> None:
+    """Raises :class:`~saliency_jax.workdirs.ResumeError` if ``config.json`` differs from the config of the launch
+    that made checkpoint ``step`` (its record in ``launches.jsonl``) in a field that changes the trajectory (as
+    :func:`saliency_jax.workdirs.check_resume` compares them). Workdirs without a launch history are not checked."""
+    launch = workdirs.checkpoint_launch(workdir, step)
+    if launch is None:
+        return
+    path = workdir / "config.json"
+    diffs = workdirs.config_differences(launch["config"], json.loads(path.read_text()))
+    if not diffs:
+        return
+    lines, more = workdirs.describe_differences(diffs, "in config.json")
+    raise workdirs.ResumeError(
+        f"load: {path} differs from the config checkpoint step {step} was made with (launches.jsonl, the launch of "
+        f"{launch.get('time')}): {lines}{more}. config.json was edited, or a later launch changed these fields "
+        f"(config.allow_config_change) after step {step}: restore config.json from that launch's record in "
+        "launches.jsonl, or load a step of the later launch")
+
+
 def load(workdir: str | os.PathLike, *, step: int | None = None, fallback: bool = False) -> TrainResult:
     """A trained run from its workdir: its models, their variables and its config.
 
     The plan is rebuilt from ``workdir/config.json`` as :func:`saliency_jax.train.train` builds it (the trainer of
     ``config.trainer``, its models on the run's data's image shape and number of classes, or on
-    ``config.model.num_classes`` / ``config.dataset.image_size`` and ``channels`` for a weights-only run); the state of
-    the latest checkpoint (or of ``step``) is restored and verified against its checksums. The workdir is only read.
+    ``config.model.num_classes`` / ``config.dataset.image_size`` and ``channels`` for a weights-only run), after
+    checking ``config.json`` against the record of the launch that made the checkpoint (``launches.jsonl``); the state
+    of the latest checkpoint (or of ``step``) is checked against the model (shapes), then restored and verified
+    against its checksums. The workdir is only read (and not locked: a run may be loaded while it trains).
 
     >>> run = saliency_jax.load("runs/digits/baseline/seed0")  # doctest: +SKIP
     >>> logits = run.model.apply(run.variables, images)  # doctest: +SKIP
@@ -90,6 +112,9 @@ def load(workdir: str | os.PathLike, *, step: int | None = None, fallback: bool 
     Raises:
       FileNotFoundError: no such workdir, no ``config.json``, or no checkpoint in it (or not ``step``).
       ValueError: a damaged ``config.json``, or an unknown trainer.
+      ResumeError: (a ``ConfigError``, a ``ValueError``) ``config.json`` differs from the config the checkpoint was
+        made with (``launches.jsonl``) in a field that changes the trajectory (the fields are named: an edited seed or
+        learning rate), or the checkpoint does not match the model in ``config.json`` (the arrays are named).
       CheckpointError: (a ``RuntimeError``) the checkpoint is unreadable or differs from its checksums (the step and
         folder are named), and no intact earlier one with ``fallback``.
     """
@@ -99,16 +124,6 @@ def load(workdir: str | os.PathLike, *, step: int | None = None, fallback: bool 
         raise FileNotFoundError(f"load: {workdir} has no checkpoints folder (the run never reached a checkpoint)")
     trainer = trainers.get_trainer(config.get("trainer", "supervised"))
     pretrained = config.model.get("pretrained")
-    build_config = config.copy_and_resolve_references()
-    with build_config.unlocked():
-        build_config.model.pretrained = None  # the checkpoint holds the weights; the file need not exist any more
-        build_config.model.allow_random_init = True
-    data = None if trainer.weights_only(build_config) else inputs.load_run_data(build_config)
-    plan = trainer.build(build_config, data)
-    replicated = NamedSharding(make_mesh(), P())
-    variables = plan.init_variables()
-    shapes = jax.eval_shape(plan.init_state, variables)
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
     ckpt = workdirs.Checkpoints(workdir, with_data=False)
     try:
         steps = ckpt.steps()
@@ -117,9 +132,21 @@ def load(workdir: str | os.PathLike, *, step: int | None = None, fallback: bool 
         if step is not None and step not in steps:
             raise FileNotFoundError(f"load: {workdir / 'checkpoints'} has no step {step}; it has {steps}")
         candidates = [step] if step is not None else steps[::-1]
+        _check_config(workdir, candidates[0])  # before the plan is built from it
+        build_config = config.copy_and_resolve_references()
+        with build_config.unlocked():
+            build_config.model.pretrained = None  # the checkpoint holds the weights; the file need not exist any more
+            build_config.model.allow_random_init = True
+        data = None if trainer.weights_only(build_config) else inputs.load_run_data(build_config)
+        plan = trainer.build(build_config, data)
+        replicated = NamedSharding(make_mesh(), P())
+        variables = plan.init_variables()
+        shapes = jax.eval_shape(plan.init_state, variables)
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
         for i, s in enumerate(candidates):
             try:
-                full_state = ckpt.restore_step(s, abstract)[0]
+                _check_config(workdir, s)
+                full_state = ckpt.restore_step(s, abstract, model="the model in config.json")[0]
                 break
             except workdirs.CheckpointError as e:
                 if not fallback or i == len(candidates) - 1:

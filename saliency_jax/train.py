@@ -215,35 +215,45 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
     Returns:
       A :class:`~saliency_jax.plan.TrainResult`.
 
+    The workdir's lock (:class:`saliency_jax.workdirs.WorkdirLock`, ``workdir/launch.lock``) is taken first, before
+    the data is read: one launch per workdir (a multi-process run takes it once, on process 0); it is released
+    however ``train`` ends, and a lock left by a killed launch is taken over with a warning.
+
     Raises:
+      WorkdirLockedError: (a ``ConfigError``) another launch is running in ``workdir`` (its host and PID named).
       ConfigError: (a ``ValueError``) a field out of range or not divisible over the devices, sources that do not
         fit together, nothing to train and no weights; ResumeError (a ``ConfigError``): the workdir's checkpoint was
-        made with another trajectory-changing config, by another number of processes, or is past this config's last
-        step.
+        made with another trajectory-changing config, by another number of processes, or with another model, or is
+        past this config's last step (any checkpoint, for a weights-only launch).
       ValueError: a malformed input batch, wrong scheme or trainer settings.
       CheckpointError: (a ``RuntimeError``) the latest checkpoint is unreadable or damaged (the step is named).
       FloatingPointError: the loss became non-finite (the update of that step was skipped).
     """
-    validated = validate(config)
-    plan = validated.trainer.build(config, validated.data)
-    return run_plan(plan, config, workdir, validated.data, progress=progress)
+    with workdirs.WorkdirLock(workdir):  # before the data is read: a second launch is refused at once
+        validated = validate(config)
+        plan = validated.trainer.build(config, validated.data)
+        return run_plan(plan, config, workdir, validated.data, progress=progress)
 
 
 def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.PathLike,
              data: inputs.RunData | None, *, progress: bool | str = True) -> TrainResult:
     """Runs a plan's phases, resuming from ``workdir`` if it holds checkpoints: the one train loop.
 
-    Before the first step: the resume checks (the latest checkpoint is verified against its checksums before use, a
-    damaged one is refused naming the step unless ``config.restore_fallback``; a checkpoint made with a config
-    differing in a trajectory-changing field, or by another number of processes, is refused unless
-    ``config.allow_config_change`` allows the former); a fresh run whose first phases are in the plan's phase cache
-    starts after them. Then every phase in order on one step counter and one data stream: each step's batch checked
-    on the host, the phase's jitted step (state donated), a log line every ``config.log_every`` steps and at each
-    phase end (the phase's model's ``val_accuracy`` every ``config.eval_every`` steps and at each phase end when the
-    validation split is not empty), a checkpoint every ``config.checkpoint_every`` steps and at each phase end, the
-    plan's hooks. ``metrics.jsonl`` is cut back to the checkpoint, so that it reads as an uninterrupted run's; every
-    launch that trains is recorded in ``launches.jsonl``. On any error inside the loop the in-flight checkpoint is
-    committed and the checkpoint manager closed before the error propagates.
+    The workdir's lock (:class:`saliency_jax.workdirs.WorkdirLock`) is held throughout: a second launch on the same
+    workdir is refused at once, naming the holder (in a multi-process run process 0 holds it for all). Before the
+    first step: the resume checks (the latest checkpoint is verified against its checksums before use, a damaged one
+    is refused naming the step unless ``config.restore_fallback``; a checkpoint made with a config differing in a
+    trajectory-changing field, or by another number of processes, is refused unless ``config.allow_config_change``
+    allows the former; one whose arrays do not fit the plan's model is refused as such, not as damaged); a plan
+    without phases (the weights-only mode) goes through the same checks, so that it is refused in a workdir holding
+    another run's checkpoints; a fresh run whose first phases are in the plan's phase cache starts after them. Then
+    every phase in order on one step counter and one data stream: each step's batch checked on the host, the phase's
+    jitted step (state donated), a log line every ``config.log_every`` steps and at each phase end (the phase's
+    model's ``val_accuracy`` every ``config.eval_every`` steps and at each phase end when the validation split is
+    not empty), a checkpoint every ``config.checkpoint_every`` steps and at each phase end, the plan's hooks.
+    ``metrics.jsonl`` is cut back to the checkpoint, so that it reads as an uninterrupted run's; every launch that
+    trains, and every weights-only launch, is recorded in ``launches.jsonl``. On any error inside the loop the
+    in-flight checkpoint is committed and the checkpoint manager closed before the error propagates.
 
     Args:
       plan: the plan (:mod:`saliency_jax.trainers`).
@@ -260,11 +270,37 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
       ``full_state`` the whole state.
 
     Raises:
-      ResumeError, CheckpointError: as :func:`train`.
+      WorkdirLockedError, ResumeError, CheckpointError: as :func:`train`.
       ValueError: a malformed input batch.
       FloatingPointError: a logged loss became non-finite or a logged window had a skipped update.
     """
-    workdir = pathlib.Path(workdir)
+    with workdirs.WorkdirLock(workdir):
+        return _run_plan(plan, config, pathlib.Path(workdir), data, progress=progress)
+
+
+def _check_workdir(ckpt: workdirs.Checkpoints, config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                   total: int) -> int:
+    """The resume checks of a launch of ``total`` steps (0: the weights-only mode) before anything is compiled: the
+    latest checkpoint's process count, the config it was made with (:func:`saliency_jax.workdirs.check_resume`), and
+    that it is not past ``total``. Returns the latest step (0 without a checkpoint)."""
+    latest = ckpt.latest_step() or 0
+    if latest:
+        ckpt.check_process_count(latest)
+    workdirs.check_resume(workdir, config, latest)
+    if latest > total:
+        what = (f"and this config trains nothing (config.num_steps = config.num_epochs = 0, the weights-only mode), "
+                f"so the workdir would no longer describe the run its checkpoints hold. Use a fresh workdir for the "
+                f"weights, or saliency_jax.load({str(workdir)!r}) for the trained run" if not total else
+                f"past this config's {total} steps (config.num_steps={config.get('num_steps')}, "
+                f"config.num_epochs={config.get('num_epochs')}, or the phases' epochs): the run there is longer than "
+                f"this config describes. Set the length to {latest} steps (or more) to use it, or use a fresh workdir")
+        raise workdirs.ResumeError(f"{workdir} holds a checkpoint at step {latest}, {what}")
+    return latest
+
+
+def _run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: pathlib.Path, data: inputs.RunData | None, *,
+              progress: bool | str) -> TrainResult:
+    """:func:`run_plan`, with the workdir's lock held."""
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     multi_label = config.get("loss", "softmax_cross_entropy") == "sigmoid_binary_cross_entropy"
@@ -275,6 +311,15 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
 
+    # The weights-only mode (nothing to train) goes through the same resume checks as a training launch (a workdir
+    # holding another run's checkpoints is refused) and is recorded in the launch history.
+    if not phases and (workdir / "checkpoints").is_dir():
+        ckpt = workdirs.Checkpoints(workdir, with_data=False)
+        try:
+            _check_workdir(ckpt, config, workdir, 0)
+        finally:
+            ckpt.close(quiet=True)
+
     # Sharding: the initial state, replicated.
     state = jax.jit(plan.init_state, out_shardings=replicated)(plan.init_variables())
     first = plan.view(state, plan.final_role)
@@ -282,8 +327,8 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
                                initial_variables=jax.device_get({"params": first.params,
                                                                  "batch_stats": first.batch_stats}),
                                image_shape=tuple(plan.image_shape), num_classes=plan.num_classes, plan=plan)
-    if not phases:  # the weights-only mode: nothing to train
-        workdirs.write_config(workdir, config)
+    if not phases:
+        workdirs.record_launch(workdir, config, 0, 0)
         return result(state=first, history=[], full_state=state)
 
     # Input.
@@ -294,16 +339,7 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
     writer = pbar = None
     failed = True
     try:
-        latest = ckpt.latest_step() or 0
-        if latest:
-            ckpt.check_process_count(latest)
-        if latest > total:
-            raise workdirs.ResumeError(
-                f"{workdir} holds a checkpoint at step {latest}, past this config's {total} steps "
-                f"(config.num_steps={config.get('num_steps')}, config.num_epochs={config.get('num_epochs')}, or the "
-                f"phases' epochs): the run there is longer than this config describes. Set the length to {latest} "
-                "steps (or more) to use it, or use a fresh workdir")
-        workdirs.check_resume(workdir, config, latest)
+        _check_workdir(ckpt, config, workdir, total)
         # A step that guards itself takes the state donated; another keeps the old state for the guard.
         step_fns = {p.index: jax.jit(p.step, in_shardings=(replicated, data_sharding, replicated),
                                      out_shardings=(replicated, replicated),

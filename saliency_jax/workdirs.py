@@ -9,20 +9,27 @@ stopped, and so that nothing it reads back is silently wrong:
   every process's iterator position, the number of processes, and the metrics logged since the last log step
   (:class:`LogState`), the whole item guarded by its own SHA-256. The meta item is written with the checkpoint and
   committed with it (orbax renames the finished step folder into place), so there is never a checkpoint with a
-  half-written record. On restore every checksum is verified before the state is used: a damaged step raises
+  half-written record. On restore the saved arrays are first compared with the model's (names and shapes): a
+  checkpoint of another model is refused as such (:class:`ResumeError`, "does not match the model"), not reported as
+  damaged. Every checksum is verified before the state is used: a damaged step raises
   :class:`CheckpointError` naming it, or - only when asked (``config.restore_fallback``) - is moved to
   ``checkpoints.damaged/`` and the newest intact earlier step is used.
-* ``launches.jsonl``: one record per launch that trains (time, starting step, processes, devices, the full config).
-  ``config.json`` holds the latest launch's config. A launch that would resume from a checkpoint made with a config
-  differing in a field that changes the trajectory (seed, optimizer, schemes and their settings, data, model...;
-  every field but those of :data:`NON_TRAJECTORY_FIELDS`, evaluator sections and sections of schemes the run does not
-  use) is refused with :class:`ResumeError` naming the fields, unless ``config.allow_config_change``.
+* ``launches.jsonl``: one record per launch that trains, and per weights-only launch (time, starting step,
+  processes, devices, the full config). ``config.json`` holds the latest launch's config; :func:`saliency_jax.load`
+  compares it with the record of the launch that made the checkpoint it restores (:func:`checkpoint_launch`). A
+  launch (a weights-only one included) that would resume from a checkpoint made with a config differing in a field
+  that changes the trajectory (seed, optimizer, schemes and their settings, data, model...; every field but those of
+  :data:`NON_TRAJECTORY_FIELDS`, evaluator sections and sections of schemes the run does not use) is refused with
+  :class:`ResumeError` naming the fields, unless ``config.allow_config_change``.
 * ``metrics.jsonl``: one JSON line per log step. The pending metrics (steps since the last log step) are saved in the
   checkpoint, and a resumed launch first cuts the log back to the checkpoint's last log step, so the log of a run
   that was interrupted, resumed or extended reads exactly as an uninterrupted run's: no duplicate and no missing
   line, and every average over the same steps. (The alternative - cut the log and recompute the lost steps' metrics
   - would need those steps run again; saving a few scalars per step in the checkpoint costs nothing.) A launch's
   last step is logged even off the ``log_every`` grid; that line is dropped when a later launch extends the run.
+* ``launch.lock`` (:class:`WorkdirLock`): present while a launch runs in the workdir, holding its host, PID and start
+  time. A second launch is refused at once (:class:`WorkdirLockedError`, naming the holder); a lock left by a launch
+  that was killed (its PID no longer alive on this host) is taken over with a warning.
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ import os
 import pathlib
 import re
 import shutil
+import socket
+import threading
 import time
+import uuid
 from typing import Any
 
 import grain
@@ -53,6 +63,9 @@ from saliency_jax.config import ConfigError, default_config
 __all__ = [
     "CheckpointError",
     "ResumeError",
+    "WorkdirLockedError",
+    "WorkdirLock",
+    "LOCK_FILE",
     "LogState",
     "Checkpoints",
     "state_checksums",
@@ -62,6 +75,9 @@ __all__ = [
     "tensorboard_image_tags",
     "NON_TRAJECTORY_FIELDS",
     "trajectory_differences",
+    "config_differences",
+    "read_launches",
+    "checkpoint_launch",
     "check_resume",
     "record_launch",
     "write_config",
@@ -88,7 +104,9 @@ class CheckpointError(RuntimeError):
 
 
 class ResumeError(ConfigError):
-    """A workdir that this launch cannot resume: another config, another process count, fewer steps."""
+    """A workdir that this launch cannot resume, or whose checkpoint :func:`saliency_jax.load` cannot use: another
+    config, another process count, fewer steps, a model that does not fit the checkpoint, a ``config.json`` that
+    differs from the config the checkpoint was made with."""
 
 
 @dataclasses.dataclass
@@ -281,18 +299,80 @@ class Checkpoints:
             raise self._error(step, f"{len(bad)} array(s) differ from the checksums saved with it "
                                     f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''})")
 
-    def restore_step(self, step: int, abstract_state: Any, iterator=None) -> tuple[Any, Any, LogState | None]:
+    def check_model(self, step: int, abstract_state: Any, meta: dict[str, Any] | None = None, *,
+                    model: str = "this launch's model") -> None:
+        """Raises :class:`ResumeError` if ``step``'s state does not fit ``abstract_state``: arrays that one has and the
+        other lacks (from the checksums' keys in its record), or arrays of another shape (from orbax's metadata of
+        the saved arrays). Checked before the arrays are read, so that a checkpoint of another model is reported as
+        such and not as damaged. A step whose record or metadata cannot be read is not checked here (its restore
+        reports it).
+
+        Args:
+          step: the checkpoint step.
+          abstract_state: the state the caller's model has (shapes, dtypes).
+          meta: the step's verified record (:meth:`_meta`), if already read.
+          model: how the message names the caller's model (``load`` says ``"the model in config.json"``).
+        """
+        def name(entry) -> str:
+            for attr in ("key", "name", "idx"):
+                if hasattr(entry, attr):
+                    return str(getattr(entry, attr))
+            return str(entry)
+
+        def flat(tree, is_leaf=None) -> dict[str, tuple[str, Any]]:
+            leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+            return {"/".join(name(e) for e in path): (jax.tree_util.keystr(path), leaf) for path, leaf in leaves}
+
+        mine = flat(abstract_state)
+        problems = []
+        if meta is not None and meta.get("state_checksums") is not None:
+            saved_keys, my_keys = set(meta["state_checksums"]), {k for k, _ in mine.values()}
+            problems += [f"{k} only in the checkpoint" for k in sorted(saved_keys - my_keys)]
+            problems += [f"{k} only in {model}" for k in sorted(my_keys - saved_keys)]
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            saved = handler.metadata(self._step_dir(step) / "state")
+        except Exception:  # noqa: BLE001 - no metadata (damaged, or an older format): the restore reports it
+            saved = None
+        finally:
+            handler.close()
+        if saved is not None:
+            for path, (_, shape_of) in flat(saved, is_leaf=lambda x: hasattr(x, "shape")).items():
+                if path not in mine or not hasattr(shape_of, "shape"):
+                    continue
+                key, leaf = mine[path]
+                if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                    continue  # saved as its key data, of another shape
+                if tuple(shape_of.shape) != tuple(leaf.shape):
+                    problems.append(f"{key}: {list(shape_of.shape)} in the checkpoint, {list(leaf.shape)} in {model}")
+        if problems:
+            raise ResumeError(
+                f"checkpoint step {step} in {self.directory} does not match {model}: {len(problems)} array(s) differ "
+                f"({'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}). It was made with another model "
+                "(or another optimizer or scheme state): use the config it was trained with (launches.jsonl keeps "
+                "each launch's config), or another workdir")
+
+    def restore_step(self, step: int, abstract_state: Any, iterator=None, *, model: str = "this launch's model",
+                     ) -> tuple[Any, Any, LogState | None]:
         """Restores and verifies one step.
+
+        Args:
+          step: the checkpoint step.
+          abstract_state: the state's structure, shapes, dtypes and shardings.
+          iterator: the grain iterator whose position to restore (None: not restored).
+          model: how a mismatch names the caller's model (:meth:`check_model`).
 
         Returns:
           ``(state, iterator, log_state)`` (``log_state`` None for checkpoints written before it existed).
 
         Raises:
-          ResumeError: the step was written by another number of processes.
+          ResumeError: the step was written by another number of processes, or its arrays do not fit
+            ``abstract_state`` (another model: "does not match the model").
           CheckpointError: the step is unreadable or differs from its checksums (the step and folder are named).
         """
         meta = self._meta(step)
         self.check_process_count(step, meta)
+        self.check_model(step, abstract_state, meta, model=model)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if iterator is not None and self.with_data:
             items["data"] = grain.checkpoint.CheckpointRestore(iterator)
@@ -378,10 +458,11 @@ def restore_state(workdir: str | os.PathLike, step: int, like: Any) -> Any:
     Raises:
       CheckpointError: (a ``RuntimeError``) if that checkpoint cannot be read or differs from its checksums (the step
         and path are named).
+      ResumeError: its arrays do not fit ``like`` (another model).
     """
     ckpt = Checkpoints(workdir, with_data=False)
     try:
-        return ckpt.restore_step(step, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))[0]
+        return ckpt.restore_step(step, jax.tree.map(ocp.utils.to_shape_dtype_struct, like), model="the run's model")[0]
     finally:
         ckpt.close()
 
@@ -524,6 +605,216 @@ def tensorboard_image_tags(workdir: str | os.PathLike) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# One launch per workdir.
+
+#: The lock file of a workdir (:class:`WorkdirLock`), relative to it.
+LOCK_FILE = "launch.lock"
+
+#: Seconds after which a lock file that holds no readable record (its launch killed between creating and writing it)
+#: counts as stale.
+_UNREADABLE_LOCK_SECONDS = 30.0
+
+_held: dict[tuple[str, int], int] = {}  # (lock path, thread) -> depth, for the locks this process holds
+_held_guard = threading.Lock()
+
+
+class WorkdirLockedError(ConfigError):
+    """Another launch holds the workdir's lock (:class:`WorkdirLock`). The message is one line naming the holder.
+
+    Attributes:
+      path: the lock file.
+      holder: the holder's record (``host``, ``pid``, ``started``), or None where it could not be read.
+    """
+
+    def __init__(self, message: str, path: pathlib.Path, holder: dict[str, Any] | None):
+        super().__init__(message)
+        self.path, self.holder = path, holder
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first), None where there is none."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux ``/proc``); None where unknown."""
+    fields = _proc_stat(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _alive(pid: Any, process_start: Any = None) -> bool:
+    """Whether process ``pid`` of this host is running: a zombie, or a PID since reused by a process that started at
+    another time than ``process_start``, counts as gone."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    except (OverflowError, OSError):
+        return False
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc (macOS): the PID answering is all there is to know
+    if fields and fields[0] in ("Z", "X"):
+        return False
+    return process_start is None or _process_start(pid) in (None, process_start)
+
+
+class WorkdirLock:
+    """One launch at a time in a workdir: the file ``workdir/launch.lock``, created with ``O_CREAT | O_EXCL`` and
+    holding JSON ``{"host", "pid", "started", "process_start", "token"}``; a context manager.
+
+    :func:`saliency_jax.train.train` and :func:`~saliency_jax.train.run_plan` hold it around a run (taken before the
+    data is read or anything is compiled), the command line's ``train`` through training and evaluation, and
+    :func:`saliency_jax.experiment.run_experiment` on the experiment's folder. The lock is released (the file
+    removed) on every exit from the ``with`` block, an exception included. A launch killed outright (``kill -9``, a
+    lost machine) leaves the file behind: the next launch on the same host finds its PID no longer alive (or reused
+    by a process that started later) and takes the lock over with a warning. A lock written on another host cannot be
+    checked from here: it is refused, and the message says to delete the file if that launch is gone.
+
+    Re-entrant within a thread (a launch that holds the lock may take it again: ``train`` around ``run_plan``); another
+    thread of the same process is refused like another process. Multi-process runs (``jax.process_count() > 1``)
+    take it once per run: process 0 holds the file and tells the other processes whether it got the lock, so that
+    every process of a refused launch raises before anything collective starts. (Taking over a stale lock is not
+    atomic against a third launch started in the same instant on the same stale lock.)
+
+    Args:
+      workdir: the run's folder (created if missing).
+
+    Raises:
+      WorkdirLockedError: (a ``ConfigError``) on entering, when another launch that is alive (or on another host)
+        holds the lock: one line naming its host, PID, start time and the lock file.
+    """
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.workdir = pathlib.Path(workdir)
+        self.path = (self.workdir / LOCK_FILE).absolute()
+        self._token: str | None = None
+        self._key = (str(self.path), threading.get_ident())
+
+    # The lock file (process 0).
+
+    def _read(self) -> dict[str, Any] | None:
+        """The holder's record; None when there is no lock file. A file without a readable record (being written,
+        or its launch killed in between) is re-read for a moment, then given as ``{"unreadable": age in s}``."""
+        for _ in range(10):
+            try:
+                text = self.path.read_text()
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return None
+            try:
+                record = json.loads(text)
+                if isinstance(record, dict):
+                    return record
+            except json.JSONDecodeError:
+                pass
+            time.sleep(0.05)
+        return {"unreadable": age}
+
+    def _describe(self, holder: dict[str, Any]) -> str:
+        if "unreadable" in holder:
+            return f"a launch whose lock record is not written yet ({self.path})"
+        return (f"the launch of host {holder.get('host')!r}, pid {holder.get('pid')}, started "
+                f"{holder.get('started')} ({self.path})")
+
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        if "unreadable" in holder:
+            return holder["unreadable"] > _UNREADABLE_LOCK_SECONDS
+        return holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"),
+                                                                          holder.get("process_start"))
+
+    def _acquire(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex
+        record = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "process_start": _process_start(os.getpid()), "token": token}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                if holder is None:  # released in between
+                    continue
+                if not self._stale(holder):
+                    other = "" if holder.get("host") == socket.gethostname() else \
+                        "; if that launch is no longer running, delete the lock file"
+                    raise WorkdirLockedError(
+                        f"{self.workdir} is in use by {self._describe(holder)}: one launch per workdir. Wait for it "
+                        f"to end, or use another workdir{other}", self.path, holder) from None
+                logging.warning("%s: taking over the lock of %s, which is no longer running (a launch killed "
+                                "before it could release it)", self.workdir, self._describe(holder))
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(record))
+                f.flush()
+                os.fsync(f.fileno())
+            self._token = token
+            return
+        holder = self._read() or {"unreadable": 0.0}
+        raise WorkdirLockedError(f"{self.workdir} is in use by {self._describe(holder)}: one launch per workdir "
+                                 "(another launch took the lock while this one was taking it)", self.path, holder)
+
+    def _release(self) -> None:
+        if self._token is None:
+            return
+        holder = self._read()
+        if holder is not None and holder.get("token") == self._token:
+            self.path.unlink(missing_ok=True)
+        else:
+            logging.warning("%s: the lock %s is no longer this launch's (removed or taken over by another launch "
+                            "while this one ran)", self.workdir, self.path)
+        self._token = None
+
+    # The context manager (every process).
+
+    def __enter__(self) -> "WorkdirLock":
+        with _held_guard:
+            if self._key in _held:
+                _held[self._key] += 1
+                return self
+        error: BaseException | None = None
+        if jax.process_index() == 0:
+            try:
+                self._acquire()
+            except Exception as e:  # noqa: BLE001 - told to the other processes, then raised
+                error = e
+        if jax.process_count() > 1:
+            ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+            if not ok and error is None:
+                error = WorkdirLockedError(f"{self.workdir}: process 0 of this run could not take the workdir's lock "
+                                           f"({self.path}; its error names the holder)", self.path, None)
+        if error is not None:
+            raise error
+        with _held_guard:
+            _held[self._key] = 1
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with _held_guard:
+            _held[self._key] -= 1
+            if _held[self._key]:
+                return
+            del _held[self._key]
+        self._release()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Launch history and config comparison.
 
 
@@ -569,6 +860,45 @@ def trajectory_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tup
     return out
 
 
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """:func:`trajectory_differences` less the fields ``old`` lacks (added to the code since it was recorded) that
+    ``new`` has at the default of :func:`saliency_jax.config.default_config`: new fields default to the old
+    behaviour, so such a field reproduces the recorded launch."""
+    defaults = _flatten(_config_record(default_config()))
+    return [d for d in trajectory_differences(old, new)
+            if not (d[1] == "<absent>" and d[0] in defaults and defaults[d[0]] == d[2])]
+
+
+def describe_differences(diffs: list[tuple[str, Any, Any]], new_name: str) -> tuple[str, str]:
+    """``("config.f: old in the checkpoint's launch, new <new_name>; ...", " (and k more)")`` for the first 8."""
+    lines = "; ".join(f"config.{k}: {v0!r} in the checkpoint's launch, {v1!r} {new_name}" for k, v0, v1 in diffs[:8])
+    return lines, f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
+
+
+def read_launches(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of ``workdir/launches.jsonl`` in order (a line cut by a kill skipped; [] without the file)."""
+    path = pathlib.Path(workdir) / "launches.jsonl"
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "config" in record:
+                out.append(record)
+    return out
+
+
+def checkpoint_launch(workdir: str | os.PathLike, step: int) -> dict[str, Any] | None:
+    """The record (``launches.jsonl``) of the launch that wrote checkpoint ``step``: the last launch that started
+    before it (a later launch resuming from an earlier step rewrote the steps after its start). None without one."""
+    launches = read_launches(workdir)
+    made = [r for r in launches if int(r.get("start_step", 0)) < step] or \
+        [r for r in launches if int(r.get("start_step", 0)) == step]  # its first checkpoint (the phase cache's)
+    return made[-1] if made else None
+
+
 def _last_launch_config(workdir: pathlib.Path) -> dict[str, Any] | None:
     path = workdir / "launches.jsonl"
     if path.exists():
@@ -606,16 +936,10 @@ def check_resume(workdir: str | os.PathLike, config: ml_collections.ConfigDict, 
     if old is None:
         logging.warning("%s has no record of the config its checkpoint was made with: not compared", workdir)
         return
-    diffs = trajectory_differences(old, _config_record(config))
-    # A field the checkpoint's launch did not know (added to the code since), now at the loop's default, is taken to
-    # reproduce that launch's behaviour (new fields default to the old behaviour).
-
-    defaults = _flatten(_config_record(default_config()))
-    diffs = [d for d in diffs if not (d[1] == "<absent>" and d[0] in defaults and defaults[d[0]] == d[2])]
+    diffs = config_differences(old, _config_record(config))
     if not diffs:
         return
-    lines = "; ".join(f"config.{k}: {v0!r} in the checkpoint's launch, {v1!r} now" for k, v0, v1 in diffs[:8])
-    more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
+    lines, more = describe_differences(diffs, "now")
     if config.get("allow_config_change", False):
         logging.warning("resuming %s at step %d with a changed config (allow_config_change): %s%s", workdir,
                         checkpoint_step, lines, more)
@@ -629,7 +953,8 @@ def check_resume(workdir: str | os.PathLike, config: ml_collections.ConfigDict, 
 
 def record_launch(workdir: str | os.PathLike, config: ml_collections.ConfigDict, start_step: int,
                   total_steps: int) -> None:
-    """Appends this launch to ``workdir/launches.jsonl`` and writes ``workdir/config.json`` (process 0 only)."""
+    """Appends this launch to ``workdir/launches.jsonl`` and writes ``workdir/config.json`` (process 0 only): every
+    launch that trains, and every weights-only launch (``total_steps`` 0)."""
     if jax.process_index() != 0:
         return
     workdir = pathlib.Path(workdir)

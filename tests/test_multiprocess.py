@@ -128,6 +128,7 @@ def test_two_processes_give_the_single_process_run(tmp_path):
         np.testing.assert_allclose(np.asarray(p1[name]), np.asarray(p2[name]), rtol=1e-4, atol=1e-5, err_msg=name)
     launch = json.loads((tmp_path / "two" / "launches.jsonl").read_text().splitlines()[0])
     assert launch["process_count"] == 2 and launch["device_count"] == 2
+    assert not (tmp_path / "two" / workdirs.LOCK_FILE).exists()  # taken once (process 0) and released
 
     # Resuming the two-process run with one process (this one) says it cannot, before anything is compiled.
     spec = importlib.util.spec_from_file_location("two_process_config", config)
