@@ -27,6 +27,7 @@ the grid and maps it back onto the tokens with the reshape's transpose (``jax.li
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -96,8 +97,12 @@ class ModelView:
         return ModelView(output_fn=lambda x: fn(self.output_fn(x)), layer_model=new_lm, variables=self.variables)
 
 
+@functools.lru_cache(maxsize=None)
 def token_grid(num_prefix_tokens: int = 1, grid_size: tuple[int, int] | None = None) -> Callable[[Array], Array]:
     """A reshape of transformer token activations to a spatial grid (pytorch-grad-cam's ``reshape_transform``).
+
+    The same arguments give the same function (cached), so models built twice from one config compare equal and share
+    their compiled programs.
 
     Args:
       num_prefix_tokens: leading tokens that are not image patches (1 for a ViT's class token; 0 for none); they
