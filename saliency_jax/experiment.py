@@ -10,7 +10,8 @@ one-phase plan of the config's scheme); each evaluator of
 gives its metrics; finally each writes its section of ``report.md`` and its figures from the metrics of all runs.
 
 Writes ``workdir/<arm>/seed<k>/`` (each run's checkpoints, ``metrics.jsonl`` and ``run.json``: its evaluations and
-wall times; a rerun resumes unfinished runs and reuses the stored evaluations of finished ones), ``workdir/report.md``
+wall times, tied to the model they measured by its checkpoint digest and sealed by a SHA-256; a rerun resumes
+unfinished runs and reuses the stored evaluations of finished ones, only for that exact model), ``workdir/report.md``
 and ``workdir/metrics.json``.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import time
@@ -37,7 +39,7 @@ from saliency_jax.config import ConfigError, apply_overrides
 from saliency_jax.evaluators.base import ReportContext, RunRecord, settings_dict
 from saliency_jax.plan import TrainResult
 
-__all__ = ["arm_config", "check_config", "evaluate_run", "run_experiment", "to_jsonable"]
+__all__ = ["arm_config", "check_config", "evaluate_run", "model_digest", "run_experiment", "to_jsonable"]
 
 
 def arm_config(config: ml_collections.ConfigDict, arm: str, repeat: int) -> ml_collections.ConfigDict:
@@ -106,14 +108,50 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
         return {}  # a record cut by a crash: evaluate again
 
 
+def _record_digest(record: dict[str, Any]) -> str:
+    return workdirs.json_digest({k: v for k, v in record.items() if k != "sha256"})
+
+
+def _stored_record(path: pathlib.Path, checkpoint: str) -> dict[str, Any]:
+    """The record of ``run.json`` if it is intact (its ``sha256`` matches) and measured the model ``checkpoint``, else
+    ``{}`` (with a warning naming the file when there was a record)."""
+    stored = _read_json(path)
+    if not stored:
+        return {}
+    if not isinstance(stored, dict) or stored.get("sha256") != _record_digest(stored):
+        logging.warning("%s does not match its SHA-256 (edited, damaged, or written by an older version): its "
+                        "evaluations are not reused; evaluating again", path)
+        return {}
+    if stored.get("checkpoint") != checkpoint:
+        logging.warning("%s holds the evaluations of another model (checkpoint digest %s; this run's final state is "
+                        "%s: retrained since?): evaluating again", path, stored.get("checkpoint"), checkpoint)
+        return {}
+    return stored
+
+
+def model_digest(result: TrainResult) -> str:
+    """The digest of the model a run's evaluations measure: :func:`saliency_jax.workdirs.state_digest` of its final
+    state (``full_state``, every model of the plan; ``state`` for a run built by hand) - the arrays its last
+    checkpoint holds, so a run restored from that checkpoint has the same digest and a retrained one another."""
+    return workdirs.state_digest(result.full_state if result.full_state is not None else result.state)
+
+
 def evaluate_run(result: TrainResult, evaluators: dict[str, evaluators_lib.Evaluator],
                  data: evaluators_lib.ExperimentData, *, arm: str = "run") -> RunRecord:
-    """Runs the evaluators on a trained run, reusing evaluations stored in ``run.json`` for the same final step and
-    settings; writes ``run.json`` (atomically) and returns the :class:`~saliency_jax.evaluators.RunRecord`."""
+    """Runs the evaluators on a trained run and writes ``run.json`` (atomically); returns the
+    :class:`~saliency_jax.evaluators.RunRecord`.
+
+    ``run.json`` records the evaluations (settings, metrics, seconds), the final step, the training wall time, the
+    digest of the model they measured (``checkpoint``: :func:`model_digest`) and a SHA-256 of the whole record
+    (``sha256``). A stored evaluation is reused only from an intact record (its SHA-256 matches) of the same model (the
+    same checkpoint digest: a run retrained after its checkpoints were deleted is evaluated again) with the same
+    evaluator settings; otherwise a warning names the file and the evaluator runs again.
+    """
     workdir = result.workdir
-    stored = _read_json(workdir / "run.json")
     step = int(result.state.step)
-    old = stored.get("evaluations", {}) if stored.get("step") == step else {}
+    checkpoint = model_digest(result)
+    stored = _stored_record(workdir / "run.json", checkpoint)
+    old = stored.get("evaluations", {})
     metrics, seconds, evaluations = {}, {}, {}
     for name, evaluator in evaluators.items():
         settings = to_jsonable(settings_dict(evaluators_lib.evaluator_settings(result.config, name)))
@@ -129,12 +167,14 @@ def evaluate_run(result: TrainResult, evaluators: dict[str, evaluators_lib.Evalu
             metrics[name] = to_jsonable(evaluator.evaluate(run, data))
             seconds[name] = time.time() - t0
         evaluations[name] = {"settings": settings, "metrics": metrics[name], "seconds": seconds[name]}
-    train_seconds = result.train_seconds or (stored.get("train_seconds", 0.0) if stored.get("step") == step else 0.0)
-    record = {"arm": arm, "seed": int(result.config.seed), "step": step, "train_seconds": train_seconds,
-              "evaluations": evaluations}
+    train_seconds = result.train_seconds or stored.get("train_seconds", 0.0)
+    record = to_jsonable({"arm": arm, "seed": int(result.config.seed), "step": step, "checkpoint": checkpoint,
+                          "train_seconds": train_seconds, "evaluations": evaluations})
+    record = json.loads(json.dumps(record, default=str))
+    record["sha256"] = _record_digest(record)
     if jax.process_index() == 0:
         tmp = workdir / "run.json.tmp"
-        tmp.write_text(json.dumps(to_jsonable(record), indent=1, default=str))
+        tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, workdir / "run.json")
     return RunRecord(arm=arm, seed=int(result.config.seed), workdir=workdir, config=result.config,
                      metrics=metrics, train_seconds=train_seconds, eval_seconds=seconds)

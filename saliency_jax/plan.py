@@ -86,7 +86,11 @@ class PhaseCache(NamedTuple):
 
     The state after a phase with a ``signature`` is stored under a digest of the run's ``common`` key and every
     phase's signature so far (with the data iterator's position and the phase's metric records); a fresh run whose
-    first phases have the same digest starts from there.
+    first phases have the same digest starts from there. Every entry is verified like a checkpoint before use: its
+    ``manifest.json`` (written last; the entry is built beside its place and renamed into it whole) holds the
+    checksums of its arrays, the digests of the iterator positions, and the SHA-256 of its key and metric records;
+    an entry without a valid manifest or differing from it is not used (a warning names it), is moved to
+    ``<folder>.damaged/``, and its phases are trained again and stored anew.
 
     Attributes:
       folder: the cache folder.

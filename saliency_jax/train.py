@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import time
 from typing import Any, NamedTuple
 
@@ -34,6 +35,7 @@ import ml_collections
 import numpy as np
 import grain
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -246,14 +248,16 @@ def run_plan(plan: Plan, config: ml_collections.ConfigDict, workdir: str | os.Pa
     trajectory-changing field, or by another number of processes, is refused unless ``config.allow_config_change``
     allows the former; one whose arrays do not fit the plan's model is refused as such, not as damaged); a plan
     without phases (the weights-only mode) goes through the same checks, so that it is refused in a workdir holding
-    another run's checkpoints; a fresh run whose first phases are in the plan's phase cache starts after them. Then
-    every phase in order on one step counter and one data stream: each step's batch checked on the host, the phase's
-    jitted step (state donated), a log line every ``config.log_every`` steps and at each phase end (the phase's
-    model's ``val_accuracy`` every ``config.eval_every`` steps and at each phase end when the validation split is
-    not empty), a checkpoint every ``config.checkpoint_every`` steps and at each phase end, the plan's hooks.
-    ``metrics.jsonl`` is cut back to the checkpoint, so that it reads as an uninterrupted run's; every launch that
-    trains, and every weights-only launch, is recorded in ``launches.jsonl``. On any error inside the loop the
-    in-flight checkpoint is committed and the checkpoint manager closed before the error propagates.
+    another run's checkpoints; a fresh run whose first phases are in the plan's phase cache starts after them (an
+    entry is verified against its manifest first - arrays, iterator position, key, metric records -; one that fails
+    is not used, with a warning naming it, and is recomputed and rewritten). Then every phase in order on one step
+    counter and one data stream: each step's batch checked on the host, the phase's jitted step (state donated), a
+    log line every ``config.log_every`` steps and at each phase end (the phase's model's ``val_accuracy`` every
+    ``config.eval_every`` steps and at each phase end when the validation split is not empty), a checkpoint every
+    ``config.checkpoint_every`` steps and at each phase end, the plan's hooks. ``metrics.jsonl`` is cut back to the
+    checkpoint, so that it reads as an uninterrupted run's; every launch that trains, and every weights-only launch,
+    is recorded in ``launches.jsonl``. On any error inside the loop the in-flight checkpoint is committed and the
+    checkpoint manager closed before the error propagates.
 
     Args:
       plan: the plan (:mod:`saliency_jax.trainers`).
@@ -509,55 +513,235 @@ def _cache_handlers():
     return {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
 
 
+# An entry <cache>/<index>-<phase>-<digest of its key>/ holds checkpoint/<step>/ (orbax: the part of the state phases
+# 1..k determine, and the data-iterator position), metrics.jsonl (their log records), key.json (the key) and
+# manifest.json, verified like a checkpoint's meta: the checksums of the arrays (computed on the device before the
+# save, workdirs.state_checksums), the iterator digests, the SHA-256 of key.json, metrics.jsonl and of the key, the
+# whole payload guarded by its own SHA-256. An entry is built in a hidden folder beside it (``.<name>.<run>.tmp``)
+# and renamed into place whole once the manifest is written, so a kill leaves either no entry or a complete one; an
+# entry that fails any check (no manifest: a half-written entry of an older version; a flipped bit; an edited
+# metrics.jsonl) is not used - a warning names it and why - and is moved to ``<cache>.damaged/``; its phases are
+# trained again and the entry is written anew at their end.
+
+_MANIFEST = "manifest.json"
+_CACHE_FORMAT = 1
+
+
+class _InvalidEntry(Exception):
+    """A phase-cache entry this launch cannot use. ``damaged``: it is wrong for every run (moved aside and rewritten);
+    otherwise only for this launch (e.g. another process count), left in place."""
+
+    def __init__(self, message: str, damaged: bool = True):
+        super().__init__(message)
+        self.damaged = damaged
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _key_record(key: dict[str, Any]) -> Any:
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+def _key_text(key: dict[str, Any]) -> str:
+    return json.dumps(key, sort_keys=True, default=str, indent=1)
+
+
+def _everywhere(ok: bool) -> bool:
+    """``ok`` on every process (one decision for all, so that the processes take the same branch)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(np.asarray(multihost_utils.process_allgather(np.array([ok], np.bool_)))))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _read_manifest(path: pathlib.Path, key: dict[str, Any]) -> dict[str, Any]:
+    """The verified manifest payload of the entry ``path`` for ``key``; its files (key.json, metrics.jsonl) are checked
+    against it, its arrays are not (see :func:`_restore_entry`).
+
+    Raises:
+      _InvalidEntry: naming what is wrong.
+    """
+    try:
+        manifest = json.loads((path / _MANIFEST).read_text())
+        payload, digest = manifest["payload"], manifest["sha256"]
+    except FileNotFoundError as e:
+        raise _InvalidEntry(f"it has no {_MANIFEST} (the file written last: an entry cut by a kill, or one written "
+                            "by an older version)") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _InvalidEntry(f"its {_MANIFEST} is unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict) or workdirs.json_digest(payload) != digest:
+        raise _InvalidEntry(f"its {_MANIFEST} does not match its SHA-256")
+    if payload.get("format") != _CACHE_FORMAT:
+        raise _InvalidEntry(f"its format {payload.get('format')!r} is not this version's ({_CACHE_FORMAT})")
+    if payload.get("key_sha256") != workdirs.json_digest(_key_record(key)):
+        raise _InvalidEntry("its key is not this run's phases (an entry copied or renamed by hand?)")
+    for name, expected in payload.get("files", {}).items():
+        try:
+            text = (path / name).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise _InvalidEntry(f"its {name} is unreadable ({type(e).__name__}: {e})") from e
+        if _sha256(text) != expected:
+            raise _InvalidEntry(f"its {name} differs from the SHA-256 in its {_MANIFEST} (edited or damaged)")
+    if sorted(payload.get("files", {})) != ["key.json", "metrics.jsonl"]:
+        raise _InvalidEntry(f"its {_MANIFEST} does not cover key.json and metrics.jsonl")
+    if payload.get("process_count") != jax.process_count():
+        raise _InvalidEntry(f"it was written by {payload.get('process_count')} process(es), this launch has "
+                            f"{jax.process_count()} (each process's data-iterator position is part of it)",
+                            damaged=False)
+    return payload
+
+
+def _restore_entry(plan: Plan, phase: Phase, path: pathlib.Path, key, roles, state, iterator):
+    """``(subtree, iterator, records)`` of a verified entry: manifest, files, every array against its checksum, this
+    process's iterator position against its digest.
+
+    Raises:
+      _InvalidEntry: naming what is wrong.
+    """
+    payload = _read_manifest(path, key)
+    step = payload.get("step")
+    if step != phase.end:
+        raise _InvalidEntry(f"it holds step {step}, not the end of phase {phase.index} ({phase.end})")
+    if not (path / "checkpoint" / str(step)).is_dir():
+        raise _InvalidEntry(f"its checkpoint step {step} is missing")
+    mngr = ocp.CheckpointManager(path.absolute() / "checkpoint", item_handlers=_cache_handlers())
+    try:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, plan.cache.select(state, roles))
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)))
+    except Exception as e:  # noqa: BLE001 - orbax and grain raise many types
+        raise _InvalidEntry(f"its checkpoint cannot be read ({type(e).__name__}: {e})") from e
+    finally:
+        mngr.close()
+    bad = workdirs.checksum_differences(payload.get("state_checksums", {}), restored["state"])
+    if bad:
+        raise _InvalidEntry(f"{len(bad)} array(s) differ from the checksums in its {_MANIFEST} "
+                            f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''})")
+    digests = payload.get("data_digests") or []
+    mine = int(workdirs.json_digest(restored["data"].get_state())[:8], 16)
+    if len(digests) != jax.process_count() or digests[jax.process_index()] != mine:
+        raise _InvalidEntry(f"the data-iterator position of process {jax.process_index()} differs from its digest")
+    try:
+        records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:  # checked against its SHA-256 above: only a race gets here
+        raise _InvalidEntry(f"its metrics.jsonl is unreadable ({type(e).__name__}: {e})") from e
+    return restored["state"], restored["data"], records
+
+
+def _quarantine_entry(folder: pathlib.Path, path: pathlib.Path) -> None:
+    """Moves a damaged entry to ``<cache>.damaged/`` (kept for inspection), process 0 only; another run moving or
+    replacing it at the same time is not an error."""
+    if jax.process_index() == 0:
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        target = folder.parent / f"{folder.name}.damaged" / f"{path.name}-{stamp}"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, target)
+        except OSError as e:
+            logging.warning("could not move the damaged phase-cache entry %s aside (%s)", path, e)
+
+
 def _save_to_cache(plan: Plan, phase: Phase, key, state, iterator, workdir: pathlib.Path, is_main: bool) -> None:
-    path = _cache_dir(_cache_folder(plan, workdir), phase, key)
-    if (path / "key.json").exists():
+    """Writes the entry of phases 1..``phase.index`` unless a valid one is there (see the comment above): built in a
+    hidden folder beside it, manifest last, then renamed into place; a damaged entry there is moved aside first."""
+    folder = _cache_folder(plan, workdir)
+    path = _cache_dir(folder, phase, key)
+    try:
+        _read_manifest(path, key)
+        present = True  # its arrays are verified by whichever run reads it
+    except _InvalidEntry as e:
+        present = path.exists() and not e.damaged  # usable by other launches: left alone
+    if _everywhere(present):
         return
     roles = _roles_after(plan)[phase.index - 1]
+    sub = plan.cache.select(state, roles)
     records = [r for r in _read_records(workdir / "metrics.jsonl") if r["step"] <= phase.end]
-    mngr = ocp.CheckpointManager(path.absolute() / "checkpoint", item_handlers=_cache_handlers(),
+    metrics_text = "".join(json.dumps(r) + "\n" for r in records)
+    key_text = _key_text(key)
+    payload = {"format": _CACHE_FORMAT, "step": int(state.step), "phase": phase.name,
+               "process_count": jax.process_count(), "key_sha256": workdirs.json_digest(_key_record(key)),
+               "files": {"key.json": _sha256(key_text), "metrics.jsonl": _sha256(metrics_text)},
+               "state_checksums": workdirs.state_checksums(sub), "data_digests": workdirs.iterator_digests(iterator),
+               "written_by": str(workdir.absolute())}
+    tmp = folder / f".{path.name}.{_sha256(str(workdir.absolute()))[:8]}.tmp"  # the same name on every process
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a launch of this workdir killed while writing it
+    _sync("phase cache: start of an entry")
+    mngr = ocp.CheckpointManager(tmp.absolute() / "checkpoint", item_handlers=_cache_handlers(),
                                  options=ocp.CheckpointManagerOptions(create=True))
-    mngr.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(plan.cache.select(state, roles)),
-                                                       data=grain.checkpoint.CheckpointSave(iterator)), force=True)
-    mngr.wait_until_finished()
-    mngr.close()
-    if is_main:  # key.json last: its presence marks a complete entry
-        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp = path / "key.json.tmp"
-        tmp.write_text(json.dumps(key, sort_keys=True, default=str, indent=1))
-        os.replace(tmp, path / "key.json")
+    try:
+        mngr.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(sub),
+                                                           data=grain.checkpoint.CheckpointSave(iterator)), force=True)
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+    if is_main:
+        (tmp / "metrics.jsonl").write_text(metrics_text)
+        (tmp / "key.json").write_text(key_text)
+        manifest = tmp / f"{_MANIFEST}.tmp"
+        manifest.write_text(json.dumps({"payload": payload, "sha256": workdirs.json_digest(payload)}, indent=1))
+        os.replace(manifest, tmp / _MANIFEST)  # last: the entry is complete
+        _publish_entry(folder, tmp, path, key)
+    _sync("phase cache: entry written")
+
+
+def _publish_entry(folder: pathlib.Path, tmp: pathlib.Path, path: pathlib.Path, key) -> None:
+    """Renames the finished entry ``tmp`` to ``path``; a damaged entry there is moved aside first, a valid one (another
+    run published it meanwhile) is kept and ``tmp`` dropped."""
+    for attempt in range(2):
+        try:
+            os.rename(tmp, path)  # refused while ``path`` is a non-empty folder
+            return
+        except OSError:
+            if attempt:
+                break
+            try:
+                _read_manifest(path, key)
+                break  # another run's entry, complete
+            except _InvalidEntry as e:
+                if not e.damaged:
+                    break
+                logging.warning("phase cache entry %s is replaced: %s", path, e)
+                _quarantine_entry(folder, path)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_from_cache(plan: Plan, keys, state, iterator, workdir: pathlib.Path):
-    """``(state, iterator, records)`` from the latest complete cache entry matching the plan's phases, or None."""
+    """``(state, iterator, records)`` from the latest verified cache entry matching the plan's phases, or None.
+
+    An entry that fails verification is not used: a warning names it and the reason, a damaged one is moved to
+    ``<cache>.damaged/``, and the next earlier entry is tried (its phases are trained again and their entry rewritten).
+    """
     folder = _cache_folder(plan, workdir)
+    position = iterator.get_state()  # grain restores the position into the iterator: put back if refused
     for phase, key, roles in reversed(list(zip(plan.phases, keys, _roles_after(plan)))):
         if key is None or phase.end == 0:
             continue
         path = _cache_dir(folder, phase, key)
+        if not _everywhere(path.is_dir()):
+            continue
         try:
-            stored = json.loads((path / "key.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            sub, data, records = _restore_entry(plan, phase, path, key, roles, state, iterator)
+            problem = None
+        except _InvalidEntry as e:
+            problem = e
+        if not _everywhere(problem is None):
+            logging.warning("phase cache entry %s is not used%s; training phase%s again", path,
+                            f": {problem}" if problem is not None else " (unusable on another process)",
+                            f"s 1-{phase.index}" if phase.index > 1 else " 1")
+            iterator.set_state(position)
+            if problem is not None and problem.damaged:
+                _quarantine_entry(folder, path)
+            _sync("phase cache: entry refused")
             continue
-        if stored != json.loads(json.dumps(key, sort_keys=True, default=str)):
-            continue
-        mngr = ocp.CheckpointManager(path.absolute() / "checkpoint", item_handlers=_cache_handlers())
-        try:
-            step = mngr.latest_step()
-            if step is None:
-                continue
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, plan.cache.select(state, roles))
-            restored = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)))
-        except Exception as e:  # a damaged entry: train the phases again
-            logging.warning("phase cache %s could not be restored (%s: %s); training those phases", path,
-                            type(e).__name__, e)
-            continue
-        finally:
-            mngr.close()
-        records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        logging.info("%s: phases 1-%d from the phase cache %s (step %d)", workdir, phase.index, folder, step)
-        return plan.cache.merge(state, restored["state"]), restored["data"], records
+        logging.info("%s: phases 1-%d from the phase cache %s (step %d)", workdir, phase.index, folder, phase.end)
+        return plan.cache.merge(state, sub), data, records
     return None
 
 

@@ -69,6 +69,10 @@ __all__ = [
     "LogState",
     "Checkpoints",
     "state_checksums",
+    "state_digest",
+    "checksum_differences",
+    "json_digest",
+    "iterator_digests",
     "restore_state",
     "MetricsLog",
     "read_tensorboard_scalars",
@@ -160,12 +164,35 @@ def state_checksums(tree: Any) -> dict[str, list[int]]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
+def state_digest(tree: Any) -> str:
+    """One SHA-256 (hex) of a pytree's arrays: of :func:`state_checksums` (the arrays' paths and checksums), so two
+    states with the same structure and bit-identical arrays have the same digest, and any changed word changes it.
+
+    Args:
+      tree: a pytree of arrays (e.g. a run's final state).
+    """
+    return _digest(state_checksums(tree))
+
+
+def checksum_differences(expected: dict[str, list[int]], tree: Any) -> list[str]:
+    """The array paths (``keystr``) of ``tree`` whose checksums differ from ``expected`` (a
+    :func:`state_checksums` record), plus paths present on one side only; sorted. Empty: the arrays match."""
+    actual = state_checksums(tree)
+    return sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+
+
+def json_digest(obj: Any) -> str:
+    """The SHA-256 (hex) of a JSON-able object (``json.dumps`` with sorted keys; non-JSON values as ``str``)."""
+    return _digest(obj)
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _iterator_digests(iterator) -> list[int]:
-    """A 32-bit digest of every process's data-iterator position (gathered: the same list on every process)."""
+def iterator_digests(iterator) -> list[int]:
+    """A 32-bit digest of every process's data-iterator position (``iterator.get_state()``), gathered: the same
+    list on every process (a collective when there are several processes: every process must call it)."""
     mine = np.array([int(_digest(iterator.get_state())[:8], 16)], np.uint32)
     if jax.process_count() == 1:
         return [int(mine[0])]
@@ -211,7 +238,7 @@ class Checkpoints:
             return False
         payload = {"step": int(step), "process_count": jax.process_count(), "device_count": jax.device_count(),
                    "state_checksums": state_checksums(state),
-                   "data_digests": _iterator_digests(iterator) if iterator is not None else None,
+                   "data_digests": iterator_digests(iterator) if iterator is not None else None,
                    "log": dataclasses.asdict(log or LogState()), "saved_at": time.time()}
         items = {"state": ocp.args.StandardSave(state),
                  "meta": ocp.args.JsonSave({"payload": payload, "sha256": _digest(payload)})}
@@ -292,9 +319,7 @@ class Checkpoints:
             logging.warning("checkpoint step %d in %s was written without checksums: not verified", step,
                             self.directory)
             return
-        expected = meta["state_checksums"]
-        actual = state_checksums(state)
-        bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+        bad = checksum_differences(meta["state_checksums"], state)
         if bad:
             raise self._error(step, f"{len(bad)} array(s) differ from the checksums saved with it "
                                     f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''})")
@@ -387,7 +412,7 @@ class Checkpoints:
             if meta is not None and meta.get("data_digests") is not None:
                 expected = meta["data_digests"]
                 if len(expected) != jax.process_count() or \
-                        _iterator_digests(iterator)[jax.process_index()] != expected[jax.process_index()]:
+                        iterator_digests(iterator)[jax.process_index()] != expected[jax.process_index()]:
                     raise self._error(step, f"the data-iterator position of process {jax.process_index()} differs "
                                             "from its digest")
         log = LogState(**meta["log"]) if meta is not None and meta.get("log") else None

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import pathlib
+import re
+import shutil
 import sys
 
 import flax.linen as nn
@@ -211,6 +214,107 @@ def test_phase_cache_gives_the_state_the_phases_compute(straight, tmp_path):
     other = tiny_config(classifier_learning_rate=1e-4, **cache)
     assert train_lib._cache_keys(tb.build_plan(other, train_lib.validate(other).data)) != \
         train_lib._cache_keys(run.plan)
+
+
+# The phase cache's integrity: every entry is verified like a checkpoint (manifest.json: the arrays' checksums, the
+# SHA-256 of key.json and metrics.jsonl, written last); an entry failing any check is refused with a warning, moved
+# to <cache>.damaged/ and recomputed, never used and never a crash for the runs that share it.
+
+
+@pytest.fixture(scope="module")
+def cached_vanilla(tmp_path_factory):
+    """A vanilla run (phase 1 only, 3 steps) that wrote its phase-cache entry: the clean run every run recomputing a
+    refused entry must reproduce, and a pristine cache each test copies."""
+    root = tmp_path_factory.mktemp("cached_vanilla")
+    run = train_lib.train(tiny_config("classifier", phase_cache=str(root / "cache")), root / "run", progress=False)
+    return run, root / "cache"
+
+
+def copied_cache(cached_vanilla, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(cached_vanilla[1], cache)
+    (entry,) = [p for p in cache.iterdir() if p.name.startswith("1-classifier-")]
+    assert sorted(p.name for p in entry.iterdir()) == ["checkpoint", "key.json", "manifest.json", "metrics.jsonl"]
+    return cache, entry
+
+
+def records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_recomputed(run, reference, cache, entry):
+    """``run`` trained phase 1 again and equals the clean run; the refused entry is in ``cache.damaged`` and a valid
+    one replaced it: the next run takes phase 1 from the cache, without a warning."""
+    assert run.train_seconds > 0
+    assert_trees_equal(run.full_state, reference.full_state)
+    assert records(run.workdir) == records(reference.workdir)
+    assert [p.name.startswith(entry.name) for p in (cache.parent / "cache.damaged").iterdir()] == [True]
+    assert sorted(p.name for p in cache.iterdir()) == [entry.name]  # no temporary folder left
+    again = train_lib.train(tiny_config("classifier", phase_cache=str(cache)), cache.parent / "again", progress=False)
+    assert again.train_seconds == 0.0  # the whole run from the rewritten entry
+    assert_trees_equal(again.full_state, reference.full_state)
+    assert records(again.workdir) == records(reference.workdir)
+
+
+def test_phase_cache_entry_with_a_flipped_bit_is_refused_and_recomputed(cached_vanilla, tmp_path, caplog):
+    reference = cached_vanilla[0]
+    cache, entry = copied_cache(cached_vanilla, tmp_path)
+    # One bit of the largest array-data file (the OCDBT chunks, read without a check of their own).
+    files = [p for p in entry.glob("checkpoint/*/state/ocdbt.process_*/d/*") if p.is_file()]
+    target = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    target.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        run = train_lib.train(tiny_config("classifier", phase_cache=str(cache)), tmp_path / "run", progress=False)
+    assert re.search(rf"phase cache entry .*{entry.name} is not used: 1 array\(s\) differ from the checksums in its "
+                     r"manifest.json \(\[.*\]\); training phase 1 again", caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert_recomputed(run, reference, cache, entry)
+    assert "phase cache" not in caplog.text
+
+
+def test_half_written_phase_cache_entry_is_recomputed_not_a_crash(cached_vanilla, tmp_path, monkeypatch, caplog):
+    reference = cached_vanilla[0]
+    # An entry whose checkpoint was written and its key and manifest not (the layout a kill in that window left
+    # before: every run sharing the cache then died at the phase end with StepAlreadyExistsError).
+    cache, entry = copied_cache(cached_vanilla, tmp_path)
+    (entry / "manifest.json").unlink()
+    (entry / "key.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        run = train_lib.train(tiny_config("classifier", phase_cache=str(cache)), tmp_path / "run", progress=False)
+    assert f"{entry.name} is not used: it has no manifest.json" in caplog.text
+    assert_recomputed(run, reference, cache, entry)
+
+    # Killed now while writing an entry (after its checkpoint and manifest, before it is renamed into place): the
+    # entry is not there, and the next run writes it.
+    cache = tmp_path / "cache2"
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_lib, "_publish_entry", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train(tiny_config("classifier", phase_cache=str(cache)), tmp_path / "killed", progress=False)
+    monkeypatch.undo()
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == []
+    later = train_lib.train(tiny_config("classifier", phase_cache=str(cache)), tmp_path / "later", progress=False)
+    assert_trees_equal(later.full_state, reference.full_state)
+    assert len([p for p in cache.iterdir() if p.name.startswith("1-classifier-")]) == 1
+
+
+def test_edited_phase_cache_metrics_are_refused_and_recomputed(cached_vanilla, tmp_path, caplog):
+    reference = cached_vanilla[0]
+    cache, entry = copied_cache(cached_vanilla, tmp_path)
+    lines = (entry / "metrics.jsonl").read_text().splitlines()
+    edited = {**json.loads(lines[0]), "accuracy": 0.99}
+    (entry / "metrics.jsonl").write_text("\n".join([json.dumps(edited)] + lines[1:]) + "\n")
+    with caplog.at_level(logging.WARNING):
+        run = train_lib.train(tiny_config("classifier", phase_cache=str(cache)), tmp_path / "run", progress=False)
+    assert f"{entry.name} is not used: its metrics.jsonl differs from the SHA-256 in its manifest.json" in caplog.text
+    assert all(r["accuracy"] != 0.99 for r in records(run.workdir))
+    assert_recomputed(run, reference, cache, entry)
 
 
 def test_attention_method_trains_the_crop_branch_on_a_frozen_global_cnn(tmp_path):

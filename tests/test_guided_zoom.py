@@ -8,6 +8,7 @@ Algorithm 1 (slicing + ``jax.image.resize`` on the cut box) for a small CNN with
 import functools
 import os
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -553,3 +554,43 @@ def test_bad_input_is_refused():
         gz.ensemble_evidence_pool((), _dot_logits, images, labels, patch_size=5, output_size=5)
     with pytest.raises(ValueError, match="score"):
         gz.decision_refinement(_dot_grounding, _dot_logits, _dot_logits, images, k=1, score="rank", **kwargs)
+
+
+def _rewrite(path, **changes):
+    """The archive rewritten by hand (``np.savez``) with some keys changed: what an edit after the writer leaves."""
+    with np.load(path) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    arrays.update(changes)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+
+
+def test_pool_content_is_sealed_and_a_changed_pool_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "gz.npz"
+    rng = np.random.default_rng(0)
+    with ep.EvidencePoolWriter(path, class_names=["a", "b", "c"], method_names=["cEB"]) as w:
+        w.add("train", rng.random((4, 4, 4, 3), np.float32), [0, 1, 2, 1], rounds=[0] * 4, methods=[0] * 4,
+              indices=range(4))
+    with np.load(path) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    # The digest the writer computed from the streamed data is the one recomputed from the file.
+    assert w.content_sha256 == str(arrays["content_sha256"]) == ep.pool_content_digest(arrays)
+    assert ep.verify_evidence_pool(path) == ep.verify_evidence_pool(path, w.content_sha256) == w.content_sha256
+    assert len(ep.load_evidence_pool(path, "train", expected_digest=w.content_sha256)) == 4
+    with pytest.raises(ep.EvidencePoolError, match="not the pool recorded beside it"):
+        ep.verify_evidence_pool(path, "0" * 64)
+
+    patches = arrays["x_train"].copy()
+    patches[2, 1, 1, 0] ^= 1  # one bit of one pixel
+    for key, value in (("y_train", np.array([0, 1, 2, 2], np.int32)),  # one label changed
+                       ("x_train", patches), ("class_names", np.array(["a", "b", "d"]))):
+        _rewrite(path, **{key: value})
+        with pytest.raises(ep.EvidencePoolError, match=f"evidence pool {re.escape(str(path))} differs from the "
+                                                       "content digest it was written with"):
+            ep.load_evidence_pool(path, "train")
+        _rewrite(path, **{key: arrays[key]})
+        assert ep.verify_evidence_pool(path) == w.content_sha256
+    # A pool without a digest (an older writer, or made by hand) cannot be verified: refused too.
+    _rewrite(path, content_sha256=None)
+    with pytest.raises(ep.EvidencePoolError, match="has no content digest"):
+        ep.load_evidence_pool(path, "train")

@@ -10,6 +10,7 @@ conventional CNN's view made from the originals is, pixel for pixel, what its tr
 import functools
 import importlib.util
 import json
+import logging
 import pathlib
 
 import jax
@@ -71,6 +72,40 @@ def test_settings_are_checked_before_training():
             build_evaluators(bad)
     section = settings_section("guided_zoom", border="shift")
     assert section.border == "shift" and tuple(section.pools) == ("GZ", "EGZ")
+
+
+def test_a_pool_whose_content_changed_is_rebuilt_not_trained_on(tmp_path, caplog):
+    # A tiny conventional CNN (6 steps) and its GZ pool of 16 training images (steps 1 of the evaluator only).
+    config = _runlocal()
+    config.guided_zoom.pools = ("GZ",)
+    config.guided_zoom.pool_examples = 16
+    run = train_lib.train(config, tmp_path / "run", progress=False)
+    evaluator = build_evaluators(config)["guided_zoom"]
+    stages = evaluator.stages(run, ExperimentData(config))
+    (pool,) = (tmp_path / "run" / "guided_zoom").glob("pool_gz-*.npz")
+    meta = json.loads(pool.with_suffix(".json").read_text())
+    with np.load(pool) as archive:
+        original = {k: archive[k] for k in archive.files}
+    assert meta["content_sha256"] == str(original["content_sha256"])
+    assert stages["evidence_GZ"].config.dataset.data_dir == str(pool.absolute())
+
+    # Intact: reused as it is.
+    stamp = pool.stat().st_mtime_ns
+    assert evaluator.stages(run, ExperimentData(config)) == stages and pool.stat().st_mtime_ns == stamp
+    # Its labels changed after it was written (its config fingerprint still matches): refused naming the file and
+    # rebuilt; the Evidence CNN trains on the pool as written, in the workdir of that content.
+    labels = original["y_train"].copy()
+    labels[:5] = (labels[:5] + 1) % 10
+    np.savez(pool, **{**original, "y_train": labels})
+    with caplog.at_level(logging.WARNING):
+        again = evaluator.stages(run, ExperimentData(config))
+    assert f"evidence pool {pool} differs from the content digest it was written with" in caplog.text
+    assert "rebuilding the GZ pool" in caplog.text
+    with np.load(pool) as archive:
+        for key, value in original.items():
+            np.testing.assert_array_equal(archive[key], value)
+    assert again == stages
+    assert not list(pool.parent.glob(".*"))  # no temporary files left
 
 
 def _restore(config, workdir):

@@ -16,6 +16,8 @@ key                 shape, dtype                               meaning
                                                                only to monitor the Evidence CNN
 ``class_names``     [num_classes] str                          label names
 ``method_names``    [num_methods] str                          grounding methods, e.g. ``["cEB"]``
+``content_sha256``  [] str                                     the content digest of every other key
+                                                               (:func:`pool_content_digest`)
 ==================  =========================================  ==============================================
 
 Why this format: the archive is exactly what :func:`saliency_jax.data.sources.load_npz` (spec ``"npz"``) reads, so
@@ -30,10 +32,18 @@ Streaming and atomicity: each :meth:`EvidencePoolWriter.add` appends raw bytes t
 temporary directory beside the destination (memory: one batch); :meth:`~EvidencePoolWriter.close` assembles the
 archive under a temporary name in the same directory, flushes it to disk and ``os.replace``-s it onto the
 destination, so a crash leaves either no file or the previous complete one, never half an archive.
+
+Integrity: the writer seals the archive with ``content_sha256``, a SHA-256 of every other key's name, dtype, shape and
+bytes (:func:`pool_content_digest`; computed from the data it streams, not re-read). :func:`verify_evidence_pool`
+recomputes it from the file, so a pool whose content changed after it was written (labels or patches edited, a
+damaged file) is refused naming the file: :func:`load_evidence_pool` does so before use, and the Guided Zoom evaluator
+rebuilds such a pool instead of training an Evidence CNN on it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -47,7 +57,8 @@ import numpy as np
 
 from saliency_jax.data.core import SPLITS, ImageSource
 
-__all__ = ["EvidencePoolWriter", "POOL_FIELDS", "load_evidence_pool", "write_evidence_split"]
+__all__ = ["EvidencePoolError", "EvidencePoolWriter", "POOL_FIELDS", "load_evidence_pool", "pool_content_digest",
+           "verify_evidence_pool", "write_evidence_split"]
 
 #: Per-split fields of the archive (``<field>_<split>``) and their dtypes; ``x`` is the patch itself.
 POOL_FIELDS: dict[str, np.dtype] = {
@@ -57,6 +68,97 @@ POOL_FIELDS: dict[str, np.dtype] = {
     "method": np.dtype(np.int32),
     "index": np.dtype(np.int64),
 }
+
+
+#: The archive key holding the content digest.
+DIGEST_KEY = "content_sha256"
+
+
+class EvidencePoolError(ValueError):
+    """An evidence pool whose content differs from the digest it was sealed with (or that has none).
+
+    Attributes:
+      path: the archive.
+    """
+
+    def __init__(self, message: str, path: pathlib.Path):
+        super().__init__(message)
+        self.path = path
+
+
+def _member_header(key: str, dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    return json.dumps([key, np.dtype(dtype).str, [int(d) for d in shape]]).encode() + b"\n"
+
+
+def _combine(members: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(members, sort_keys=True).encode()).hexdigest()
+
+
+def pool_content_digest(arrays: dict[str, np.ndarray]) -> str:
+    """The content digest of an evidence pool: a SHA-256 over each key's SHA-256 of its name, dtype, shape and bytes
+    (C order), keys sorted; ``content_sha256`` itself is left out.
+
+    Args:
+      arrays: ``{key: array}``, e.g. every key of the archive (``dict(np.load(path))``).
+
+    Returns:
+      64 hex digits. Any changed label, patch, name, dtype or shape changes it.
+    """
+    members = {}
+    for key, value in arrays.items():
+        if key == DIGEST_KEY:
+            continue
+        value = np.ascontiguousarray(np.asarray(value))
+        h = hashlib.sha256(_member_header(key, value.dtype, value.shape))
+        h.update(value.tobytes())
+        members[key] = h.hexdigest()
+    return _combine(members)
+
+
+def verify_evidence_pool(path: str | os.PathLike[str], expected: str | None = None) -> str:
+    """Recomputes an evidence pool's content digest from the file and checks it against the one it was sealed with
+    (its ``content_sha256`` key) and, if given, ``expected`` (e.g. the digest recorded when it was written).
+
+    Args:
+      path: the archive written by :class:`EvidencePoolWriter`.
+      expected: the digest it must have, or None.
+
+    Returns:
+      The digest (64 hex digits).
+
+    Raises:
+      FileNotFoundError: no such file.
+      EvidencePoolError: (a ``ValueError``) naming the file: unreadable, written without a digest (an older version,
+        or not by :class:`EvidencePoolWriter`), or content that differs from its digest (labels, patches, names
+        changed after it was written, or a damaged file).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evidence pool not found: {path}")
+    return _verify(path, _read_archive(path), expected)
+
+
+def _read_archive(path: pathlib.Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {k: archive[k] for k in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise EvidencePoolError(f"evidence pool {path} is unreadable ({type(e).__name__}: {e})", path) from e
+
+
+def _verify(path: pathlib.Path, arrays: dict[str, np.ndarray], expected: str | None) -> str:
+    if DIGEST_KEY not in arrays:
+        raise EvidencePoolError(f"evidence pool {path} has no content digest ({DIGEST_KEY}): written by an older "
+                                "version or not by EvidencePoolWriter; its content cannot be verified", path)
+    sealed = str(arrays[DIGEST_KEY])
+    actual = pool_content_digest(arrays)
+    if actual != sealed:
+        raise EvidencePoolError(f"evidence pool {path} differs from the content digest it was written with (its "
+                                "labels, patches or names changed since, or the file is damaged)", path)
+    if expected is not None and actual != expected:
+        raise EvidencePoolError(f"evidence pool {path} is not the pool recorded beside it (content digest "
+                                f"{actual[:16]}..., recorded {str(expected)[:16]}...)", path)
+    return actual
 
 
 def _names(values: Sequence[str] | None, name: str) -> tuple[str, ...]:
@@ -117,6 +219,8 @@ class EvidencePoolWriter:
         self._counts = {split: 0 for split in SPLITS}
         self._patch_shape: tuple[int, ...] | None = None
         self._open = True
+        #: The content digest of the archive (:func:`pool_content_digest`), set by :meth:`close`.
+        self.content_sha256: str | None = None
 
     # -- context manager ------------------------------------------------------------------------------------------
 
@@ -235,7 +339,8 @@ class EvidencePoolWriter:
         self._open = False
 
     def close(self) -> pathlib.Path:
-        """Writes the archive atomically (temporary name in the same directory, fsync, ``os.replace``).
+        """Writes the archive atomically (temporary name in the same directory, fsync, ``os.replace``), sealed with its
+        content digest (``content_sha256``, also left in :attr:`content_sha256`).
 
         Returns:
           The destination path.
@@ -252,25 +357,38 @@ class EvidencePoolWriter:
         # A unique name created here (not mkstemp's, which is mode 0600): the archive gets the umask's permissions.
         tmp = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex}.tmp"
         try:
+            members = {}
             with open(tmp, "xb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED,
                                                        allowZip64=True) as archive:
                 for split in SPLITS:
                     n = self._counts[split]
                     for field, dtype in POOL_FIELDS.items():
                         shape = (n, *self._patch_shape) if field == "x" else (n,)
-                        with archive.open(f"{field}_{split}.npy", "w", force_zip64=True) as member, \
-                                open(self._spool / f"{field}_{split}.raw", "rb") as raw:
+                        key = f"{field}_{split}"
+                        digest = hashlib.sha256(_member_header(key, dtype, shape))
+                        with archive.open(f"{key}.npy", "w", force_zip64=True) as member, \
+                                open(self._spool / f"{key}.raw", "rb") as raw:
                             np.lib.format.write_array_header_2_0(
                                 member, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
                                          "shape": shape})
-                            shutil.copyfileobj(raw, member, length=1 << 22)
+                            while chunk := raw.read(1 << 22):
+                                digest.update(chunk)
+                                member.write(chunk)
+                        members[key] = digest.hexdigest()
                 for key, names in (("class_names", self.class_names), ("method_names", self.method_names)):
+                    value = np.asarray(names, dtype=str)
+                    members[key] = hashlib.sha256(_member_header(key, value.dtype, value.shape)
+                                                  + value.tobytes()).hexdigest()
                     with archive.open(f"{key}.npy", "w") as member:
-                        np.lib.format.write_array(member, np.asarray(names, dtype=str), allow_pickle=False)
+                        np.lib.format.write_array(member, value, allow_pickle=False)
+                content = _combine(members)
+                with archive.open(f"{DIGEST_KEY}.npy", "w") as member:
+                    np.lib.format.write_array(member, np.asarray(content), allow_pickle=False)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)
+            self.content_sha256 = content
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -326,8 +444,10 @@ def write_evidence_split(writer: EvidencePoolWriter, split: str, pool_fn: Any, i
 
 
 def load_evidence_pool(path: str | os.PathLike[str], split: str, *, methods: Sequence[str] | None = None,
-                       rounds: Sequence[int] | None = None, image_size: int | None = None) -> ImageSource:
-    """An evidence pool (or part of it) as a grain random-access source for training the Evidence CNN.
+                       rounds: Sequence[int] | None = None, image_size: int | None = None,
+                       expected_digest: str | None = None) -> ImageSource:
+    """An evidence pool (or part of it) as a grain random-access source for training the Evidence CNN, verified
+    against its content digest first (:func:`verify_evidence_pool`).
 
     Without ``methods`` and ``rounds`` this is ``load_npz(path, split)`` with the pool's class names.
 
@@ -337,12 +457,14 @@ def load_evidence_pool(path: str | os.PathLike[str], split: str, *, methods: Seq
       methods: keep only patches of these grounding methods (names as in ``method_names``); None keeps all.
       rounds: keep only these erasing rounds, e.g. ``[0]``; None keeps all.
       image_size: optional resize of every item (bilinear).
+      expected_digest: the content digest the pool must have (e.g. recorded when it was written), or None.
 
     Returns:
       :class:`~saliency_jax.data.sources.ImageSource` named ``"<file stem>/<split>"``.
 
     Raises:
       FileNotFoundError: no such file.
+      EvidencePoolError: (a ``ValueError``) the content differs from its digest, or it has none (names the file).
       ValueError: bad split, not a pool archive, or unknown method names.
     """
     if split not in SPLITS:
@@ -351,11 +473,11 @@ def load_evidence_pool(path: str | os.PathLike[str], split: str, *, methods: Seq
     if not path.is_file():
         raise FileNotFoundError(f"evidence pool not found: {path}")
     wanted = [f"{field}_{split}" for field in POOL_FIELDS] + ["class_names", "method_names"]
-    with np.load(path, allow_pickle=False) as archive:
-        missing = [k for k in wanted if k not in archive.files]
-        if missing:
-            raise ValueError(f"{path} is not an evidence pool: lacks {missing}")
-        arrays = {k: archive[k] for k in wanted}
+    arrays = _read_archive(path)
+    missing = [k for k in wanted if k not in arrays]
+    if missing:
+        raise ValueError(f"{path} is not an evidence pool: lacks {missing}")
+    _verify(path, arrays, expected_digest)
     keep = np.ones(arrays[f"y_{split}"].shape, bool)
     method_names = [str(m) for m in arrays["method_names"]]
     if methods is not None:

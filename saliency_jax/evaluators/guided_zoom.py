@@ -7,9 +7,12 @@ al., BMVC 2019). The run is the *conventional CNN*; for it this evaluator
    into ``run.workdir/guided_zoom/`` as ``.npz`` archives (:class:`saliency_jax.data.evidence_pool.EvidencePoolWriter`,
    atomic); ``"GZ"``: cEB with ``L`` adversarial-erasing rounds; ``"EGZ"`` (Eq. 6.1): the union of the cEB, Grad-CAM
    and RISE pools with ``L = 0``. A pool is reused by a rerun when its fingerprint (the conventional CNN's weights and
-   every setting the pool depends on) matches the one stored beside it;
+   every setting the pool depends on) matches the one stored beside it and its content (labels, patches, names)
+   still has the digest it was written with (:func:`saliency_jax.data.evidence_pool.verify_evidence_pool`); a pool
+   whose content changed is rebuilt, with a warning naming the file;
 2. trains an **Evidence CNN** on each pool through the generic loop (:func:`saliency_jax.train.train` with a config
-   derived from the run's: ``dataset.name = "npz"`` on the pool, its own workdir beside the pool, so a rerun
+   derived from the run's: ``dataset.name = "npz"`` on the pool, its own workdir beside the pool, named after the
+   pool's fingerprint and content digest, so a rerun
    resumes or reuses it);
 3. **refines** the test split (Algorithm 2): for each test image the conventional CNN's top-``K`` classes
    (``K = max(ks)``), the evidence patch of each class and its ``L`` erased successors, the Evidence CNN's score of
@@ -44,6 +47,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -60,7 +64,7 @@ from saliency_jax import data as data_lib
 from saliency_jax.data import inputs
 from saliency_jax.evaluation.predict import evaluate_accuracy
 from saliency_jax.data import augment
-from saliency_jax.data.evidence_pool import EvidencePoolWriter
+from saliency_jax.data.evidence_pool import EvidencePoolError, EvidencePoolWriter, verify_evidence_pool
 from saliency_jax.evaluation import guided_zoom as gz
 from saliency_jax.evaluation.figures import evidence_pool_figure
 from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, Stage,
@@ -355,6 +359,37 @@ def _write_json(path: pathlib.Path, value: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _stale_pools(paths: dict[str, pathlib.Path], prints: dict[str, Any],
+                 metas: dict[str, dict[str, Any]]) -> dict[str, pathlib.Path]:
+    """The pools to (re)build: absent, of another fingerprint, or whose content is not what was written (its digest
+    differs from the one sealed in it or recorded beside it; a warning names the file)."""
+    stale = {}
+    for name, path in paths.items():
+        if not path.is_file() or metas[name].get("fingerprint") != prints[name]:
+            stale[name] = path
+            continue
+        try:
+            verify_evidence_pool(path, metas[name].get("content_sha256") or "<not recorded>")
+        except (EvidencePoolError, OSError) as e:
+            logging.warning("guided_zoom: %s; rebuilding the %s pool", e, name)
+            stale[name] = path
+    return stale
+
+
+def _evidence_stages(config, settings: GuidedZoomSettings, root: pathlib.Path, paths: dict[str, pathlib.Path],
+                     prints: dict[str, Any], metas: dict[str, dict[str, Any]]) -> dict[str, Stage]:
+    """One Evidence CNN stage per pool, its workdir named after the pool's fingerprint, its content digest (as
+    recorded beside it) and the Evidence CNN's settings: a pool rebuilt with other content gets another CNN."""
+    stages = {}
+    for name in settings.pools:
+        cfg = evidence_config(config, settings, paths[name])
+        fields = {k: cfg[k].to_dict() if isinstance(cfg[k], ml_collections.ConfigDict) else cfg[k]
+                  for k in ("model", "optimizer", "dataset", "num_steps", "batch_size", "seed", "loss")}
+        key = [prints[name], fields, metas[name].get("content_sha256")]
+        stages[f"evidence_{name}"] = Stage(cfg, root / f"evidence_{name.lower()}-{_digest(key)}")
+    return stages
+
+
 def _grounding_fns(run, settings: GuidedZoomSettings, layers: dict[str, str]) -> dict[str, Any]:
     """``{grounding: Grounding}`` on views of the run's model: cEB and Grad-CAM at ``layers[name]``; RISE (masks
     from ``settings.seed``) on the logits."""
@@ -380,8 +415,9 @@ def _pool_functions(settings: GuidedZoomSettings, groundings, logits_fn, sizes) 
 
 
 def _write_pools(paths: dict[str, pathlib.Path], fns, source, indices: np.ndarray, image_size, batch_size: int,
-                 class_names) -> dict[str, int]:
-    """Streams the pools of ``source[indices]`` into ``paths`` (one pass; every archive written atomically)."""
+                 class_names) -> dict[str, str]:
+    """Streams the pools of ``source[indices]`` into ``paths`` (one pass; every archive written atomically); returns
+    ``{pool: content digest}`` (:func:`saliency_jax.data.evidence_pool.pool_content_digest`)."""
     writers = {name: EvidencePoolWriter(path, class_names=class_names,
                                         method_names=GROUNDINGS[:1] if name == "GZ" else GROUNDINGS)
                for name, path in paths.items()}
@@ -403,10 +439,12 @@ def _write_pools(paths: dict[str, pathlib.Path], fns, source, indices: np.ndarra
                     writers[name].add_pool("train", pool._replace(valid=valid), labels, rows)
             bar.update(int(keep.sum()))
         bar.close()
-        counts = {name: len(w) for name, w in writers.items()}
+        digests = {}
         for name in list(writers):
-            writers.pop(name).close()
-        return counts
+            writer = writers.pop(name)
+            writer.close()
+            digests[name] = writer.content_sha256
+        return digests
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -477,12 +515,8 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
         prints = {name: _pool_fingerprint(name, settings, config, layers, weights, sizes, pool_indices)
                   for name in settings.pools}
         paths = {name: root / f"pool_{name.lower()}-{_digest(prints[name])}.npz" for name in settings.pools}
-        stages = {}
-        for name in settings.pools:
-            cfg = evidence_config(config, settings, paths[name])
-            fields = {k: cfg[k].to_dict() if isinstance(cfg[k], ml_collections.ConfigDict) else cfg[k]
-                      for k in ("model", "optimizer", "dataset", "num_steps", "batch_size", "seed", "loss")}
-            stages[f"evidence_{name}"] = Stage(cfg, root / f"evidence_{name.lower()}-{_digest([prints[name], fields])}")
+        metas = {name: _read_json(paths[name].with_suffix(".json")) for name in settings.pools}
+        stages = _evidence_stages(config, settings, root, paths, prints, metas)
         return dict(image_size=image_size, test_native=test_native, train_native=train_native,
                     class_names=class_names, sizes=sizes, batch_size=batch_size, logits_fn=logits_fn,
                     groundings=groundings, pool_indices=pool_indices, prints=prints, paths=paths, stages=stages)
@@ -493,17 +527,19 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
         trains through the one loop before :func:`evaluate` runs."""
         p = prepare(run, data)
         metas = {name: _read_json(p["paths"][name].with_suffix(".json")) for name in settings.pools}
-        missing = {name: p["paths"][name] for name in settings.pools
-                   if not p["paths"][name].is_file() or metas[name].get("fingerprint") != p["prints"][name]}
-        if missing:
-            t0 = time.time()
-            _write_pools(missing, _pool_functions(settings, p["groundings"], p["logits_fn"], p["sizes"]),
-                         p["train_native"], p["pool_indices"], p["image_size"], p["batch_size"], p["class_names"])
-            elapsed = time.time() - t0
-            for name, path in missing.items():
-                _write_json(path.with_suffix(".json"), {"fingerprint": p["prints"][name], "stats": _pool_stats(path),
-                                                         "seconds": elapsed, "written_together": sorted(missing)})
-        return p["stages"]
+        missing = _stale_pools(p["paths"], p["prints"], metas)
+        if not missing:
+            return p["stages"]
+        t0 = time.time()
+        digests = _write_pools(missing, _pool_functions(settings, p["groundings"], p["logits_fn"], p["sizes"]),
+                               p["train_native"], p["pool_indices"], p["image_size"], p["batch_size"],
+                               p["class_names"])
+        elapsed = time.time() - t0
+        for name, path in missing.items():
+            metas[name] = {"fingerprint": p["prints"][name], "content_sha256": digests[name],
+                           "stats": _pool_stats(path), "seconds": elapsed, "written_together": sorted(missing)}
+            _write_json(path.with_suffix(".json"), metas[name])
+        return _evidence_stages(run.config, settings, run.workdir / "guided_zoom", p["paths"], p["prints"], metas)
 
     def evaluate(run, data):
         p = prepare(run, data)
@@ -517,7 +553,8 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
         metas = {name: _read_json(p["paths"][name].with_suffix(".json")) for name in settings.pools}
         trained = getattr(run, "stages", None) or {}
         absent = [n for n in p["stages"] if n not in trained or metas[n[len("evidence_"):]].get("fingerprint")
-                  != p["prints"][n[len("evidence_"):]]]
+                  != p["prints"][n[len("evidence_"):]]
+                  or pathlib.Path(trained[n].workdir) != pathlib.Path(p["stages"][n].workdir)]
         if absent:
             raise ValueError(f"guided_zoom: the stages {absent} (pools and Evidence CNNs) were not run for this model: "
                              "evaluate through saliency_jax.experiment.evaluate_run, which trains them first")
