@@ -231,7 +231,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, prog
       CheckpointError: (a ``RuntimeError``) the latest checkpoint is unreadable or damaged (the step is named).
       FloatingPointError: the loss became non-finite (the update of that step was skipped).
     """
-    with workdirs.WorkdirLock(workdir):  # before the data is read: a second launch is refused at once
+    # The config's own fields first (nothing read, nothing written: a bad field leaves no workdir behind), then the
+    # lock, before the data is read: a second launch is refused at once.
+    check_run_config(config)
+    trainers.get_trainer(config.get("trainer", "supervised")).check(config)
+    with workdirs.WorkdirLock(workdir):
         validated = validate(config)
         plan = validated.trainer.build(config, validated.data)
         return run_plan(plan, config, workdir, validated.data, progress=progress)

@@ -24,7 +24,7 @@ LAYERS = [
 #: Function-level imports kept on purpose (not to dodge a circle): the CLI imports the heavy modules after parsing
 #: its flags, ``saliency_jax.load`` is imported on first use so that ``import saliency_jax`` stays light.
 LAZY = {("cli", "evaluators"), ("cli", "experiment"), ("cli", "train"), ("cli", "compile_cache"),
-        ("cli", "config"), ("__init__", "runs")}
+        ("cli", "config"), ("cli", "workdirs"), ("__init__", "runs")}
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -109,7 +109,7 @@ def test_train_from_config_unchanged_against_the_recorded_reference(name, tmp_pa
     np.testing.assert_allclose([r["loss"] for r in log], want["loss"], rtol=1e-5, atol=1e-6)
     _assert_stats(_stats(result.state), want["stats"])
     # The scheme's own metrics reach the log (Excitation Dropout's diagnostics used to be dropped).
-    expected = {"plain": set(), "distraction": {"occluded"},
+    expected = {"plain": set(), "distraction": {"occluded", "distraction_degenerate_maps"},
                 "excitation_dropout": {"kept_fraction", "retain_probability", "peak_p_eb"},
                 "standard_per_image": {"kept_fraction", "retain_probability"}}[name]
     assert set(log[-1]) == {"step", "loss", "accuracy"} | expected

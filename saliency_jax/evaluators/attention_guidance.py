@@ -32,7 +32,8 @@ from saliency_jax.data import celeba
 from saliency_jax.evaluation.predict import predict
 from saliency_jax.models.trainable import as_trainable
 from saliency_jax.models.build import model_layers
-from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
+from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, linen_module,
+                                          register_evaluator, run_model)
 from saliency_jax.saliency import grad_cam, linen_layer
 
 __all__ = ["RegionMassSettings", "SplitAccuracySettings", "DecoyAgreementSettings", "CooccurrenceAccuracySettings",
@@ -180,7 +181,7 @@ def region_mass_evaluator(settings: RegionMassSettings) -> Evaluator:
         batches = data_lib.make_eval_batches(source, idx, batch_size=settings.batch_size,
                                              image_size=config.dataset.get("image_size"))
         layer = model_layers(config).grad_cam_layer
-        masses = region_masses(run.model.require_linen('the attention_guidance evaluator'), run.variables, batches, layer=layer, score=settings.score,
+        masses = region_masses(linen_module(run, 'the attention_guidance evaluator'), run.variables, batches, layer=layer, score=settings.score,
                                weighting=settings.weighting, attributes=tuple(settings.attributes))
         out: dict[str, Any] = {"layer": layer, "region": _stats(masses["region"])}
         if "wrong_region" in masses:
@@ -302,7 +303,7 @@ def decoy_agreement_evaluator(settings: DecoyAgreementSettings) -> Evaluator:
         config = run.config
         source = data.test_source(config)
         idx = _subset(len(source), settings.examples, settings.seed)
-        logits_fn = jax.jit(lambda v, x: jnp.argmax(run.model.apply(v, x), -1))
+        logits_fn = jax.jit(lambda v, x: jnp.argmax(run_model(run).apply(v, x), -1))
         labels, decoys, preds = [], [], []
         for batch in data_lib.make_eval_batches(source, idx, batch_size=config.eval_batch_size,
                                                 image_size=config.dataset.get("image_size")):

@@ -18,7 +18,8 @@ import numpy as np
 
 from saliency_jax import data as data_lib
 from saliency_jax.evaluation import backgrounds as bg
-from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
+from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator,
+                                          run_model)
 
 __all__ = ["BackgroundsSettings", "backgrounds_evaluator", "test_arrays", "backgrounds_table"]
 
@@ -107,7 +108,7 @@ def backgrounds_evaluator(settings: BackgroundsSettings) -> Evaluator:
         ds = config.dataset
         images, labels = data.cached(("background_test_arrays", ds.name, ds.get("data_dir"), ds.get("image_size"),
                                       settings.examples), lambda: test_arrays(source, config, settings.examples))
-        model, variables = run.model, run.variables
+        model, variables = run_model(run), run.variables
         accuracy = bg.evaluate_backgrounds(lambda x: model.apply(variables, x), images, labels,
                                            batch_size=settings.batch_size, names=sets)
         return {**accuracy, "examples": int(len(images))}

@@ -26,9 +26,10 @@ import ml_collections
 
 from saliency_jax.data import inputs
 from saliency_jax.config import Settings
+from saliency_jax.models.trainable import TrainableModel, as_trainable
 from saliency_jax.registry import EVALUATORS, name_list
 
-__all__ = ["Evaluator", "Stage", "Section", "RunRecord", "ReportContext", "ExperimentData", "EvaluatorSettings", "EVALUATORS",
+__all__ = ["run_model", "linen_module", "Evaluator", "Stage", "Section", "RunRecord", "ReportContext", "ExperimentData", "EvaluatorSettings", "EVALUATORS",
            "register_evaluator", "build_evaluators", "evaluator_names", "settings_section", "evaluator_settings"]
 
 
@@ -208,3 +209,20 @@ def settings_dict(settings: Any) -> dict[str, Any]:
         return v
 
     return {f.name: plain(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+
+
+def run_model(run) -> TrainableModel:
+    """The classifier of a run as a :class:`~saliency_jax.models.trainable.TrainableModel` (a run built by hand may
+    hold the linen module itself)."""
+    return as_trainable(run.model)
+
+
+def linen_module(run, what: str):
+    """The run's linen module, for an evaluator that reads layers with the linen functions of
+    :mod:`saliency_jax.saliency`.
+
+    Raises:
+      ValueError: the run's model is an NNX model or a linen model with an ``outputs`` selection, token reshape or
+        bound axis (naming ``what`` and the way to any model's maps).
+    """
+    return run_model(run).require_linen(what)

@@ -19,7 +19,8 @@ import optax
 from saliency_jax import data as data_lib
 from saliency_jax import evaluation
 from saliency_jax.evaluation.predict import predict
-from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator)
+from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator,
+                                          run_model)
 
 __all__ = ["ClassificationSettings", "RandomErasingSettings", "FGSMSettings", "classification_evaluator",
            "random_erasing_evaluator", "fgsm_evaluator", "fgsm_images", "test_predictions", "summarize"]
@@ -187,7 +188,7 @@ def fgsm_evaluator(settings: FGSMSettings) -> Evaluator:
 
         @jax.jit
         def correct(images, labels, epsilon):
-            logits_fn = lambda x: run.model.apply(variables, x)  # noqa: E731
+            logits_fn = lambda x: run_model(run).apply(variables, x)  # noqa: E731
             attacked = fgsm_images(logits_fn, images, labels, epsilon)
             return jnp.argmax(logits_fn(attacked), -1) == labels
 

@@ -34,7 +34,8 @@ import numpy as np
 from saliency_jax import data as data_lib
 from saliency_jax.models.build import model_layers
 from saliency_jax.evaluation import faithfulness as F
-from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
+from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, linen_module,
+                                          register_evaluator)
 from saliency_jax.saliency import METHODS, linen_view, saliency_map
 
 __all__ = ["FAITHFULNESS_METHODS", "FaithfulnessSettings", "faithfulness_evaluator", "method_maps_fn",
@@ -223,9 +224,9 @@ def faithfulness_evaluator(settings: FaithfulnessSettings) -> Evaluator:
         random_params = None
         if settings.randomization:
             shape = jnp.zeros((1, *images.shape[1:]), jnp.float32)
-            random_params = jax.jit(lambda: run.model.require_linen('the faithfulness evaluator').init(jax.random.key(int(run.config.seed) + 1), shape,
+            random_params = jax.jit(lambda: linen_module(run, 'the faithfulness evaluator').init(jax.random.key(int(run.config.seed) + 1), shape,
                                                            train=False)["params"])()
-        metrics = evaluate_faithfulness(run.model.require_linen('the faithfulness evaluator'), run.variables, images, settings, layers=layers,
+        metrics = evaluate_faithfulness(linen_module(run, 'the faithfulness evaluator'), run.variables, images, settings, layers=layers,
                                         regions=regions, random_params=random_params)
         return {"examples": int(n), "layers": layers, "methods": metrics}
 

@@ -16,7 +16,8 @@ from saliency_jax import evaluation
 from saliency_jax.models.build import model_layers
 from saliency_jax.plan import TrainResult
 from saliency_jax import workdirs
-from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
+from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator,
+                                          run_model)
 from saliency_jax.saliency import grad_cam
 
 __all__ = ["SaliencyMapsSettings", "TrainingCurvesSettings", "saliency_maps_evaluator", "training_curves_evaluator",
@@ -47,7 +48,7 @@ def grad_cam_maps(run: TrainResult, images: np.ndarray, labels: np.ndarray, *, l
     Returns:
       float32 [n, height, width] in [0, 1].
     """
-    return np.asarray(_grad_cam_maps(run.variables, jnp.asarray(images), jnp.asarray(labels), model=run.model,
+    return np.asarray(_grad_cam_maps(run.variables, jnp.asarray(images), jnp.asarray(labels), model=run_model(run),
                                      layer=layer, score=score, weighting=weighting))
 
 

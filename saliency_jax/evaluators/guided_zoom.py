@@ -67,8 +67,8 @@ from saliency_jax.data import augment
 from saliency_jax.data.evidence_pool import EvidencePoolError, EvidencePoolWriter, verify_evidence_pool
 from saliency_jax.evaluation import guided_zoom as gz
 from saliency_jax.evaluation.figures import evidence_pool_figure
-from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, Stage,
-                                          register_evaluator)
+from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, Stage, linen_module,
+                                          register_evaluator, run_model)
 from saliency_jax.models.build import model_layers
 from saliency_jax.saliency import linen_view
 
@@ -397,7 +397,7 @@ def _grounding_fns(run, settings: GuidedZoomSettings, layers: dict[str, str]) ->
                             grid_size=settings.rise_grid, p=settings.rise_p,
                             masks_per_step=settings.rise_masks_per_step)}
     return {name: gz.saliency_grounding(_GROUNDING_METHODS[name],
-                                        linen_view(run.model.require_linen('Guided Zoom'), run.variables, layers.get(name), train=False),
+                                        linen_view(linen_module(run, 'Guided Zoom'), run.variables, layers.get(name), train=False),
                                         **options.get(name, {}))
             for name in GROUNDINGS}
 
@@ -506,7 +506,7 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
             raise ValueError(f"guided_zoom.ks: k={max(ks)} exceeds the {run.num_classes} classes")
         sizes = pool_sizes(settings, original_shape[0], run.image_shape[0])
         batch_size = settings.batch_size or config.eval_batch_size
-        logits_fn = functools.partial(run.model.apply, run.variables)
+        logits_fn = functools.partial(run_model(run).apply, run.variables)
         groundings = _grounding_fns(run, settings, layers)
         _, train_idx, _, _ = inputs.load_sources(config)
         pool_indices = _subset(np.asarray(train_idx), settings.pool_examples, settings.seed)

@@ -11,7 +11,8 @@ import numpy as np
 
 from saliency_jax import data as data_lib
 from saliency_jax.models.build import model_layers
-from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
+from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator,
+                                          run_model)
 from saliency_jax.evaluators.utilization import test_subset
 from saliency_jax.saliency import class_activation_maps, classifier_params
 from saliency_jax.training.hnc import negative_cams
@@ -55,7 +56,7 @@ def negative_cams_evaluator(settings: NegativeCamsSettings) -> Evaluator:
 
         @jax.jit
         def stats(images, labels):
-            out = run.model.capture(variables, images, (layers.grad_cam_layer,))
+            out = run_model(run).capture(variables, images, (layers.grad_cam_layer,))
             features, logits = out.activations[layers.grad_cam_layer], out.logits
             cams, _ = negative_cams(features, variables["params"], layers.classifier, logits, labels,
                                     settings.num_negatives)

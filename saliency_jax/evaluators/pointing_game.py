@@ -33,7 +33,8 @@ import numpy as np
 from saliency_jax.evaluation.pointing_game import (PointingGame, argmax_points, hits_at_points, load_difficult_flags,
                                                    pointing_game_table, pointing_hits)
 from saliency_jax import data as data_lib
-from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
+from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, linen_module,
+                                          register_evaluator)
 from saliency_jax.registry import name_list
 from saliency_jax.saliency import linen_view, resize_maps, saliency_map
 
@@ -360,7 +361,7 @@ def pointing_game_evaluator(settings: PointingGameSettings) -> Evaluator:
         if settings.difficult_flags:
             difficult = data.cached(("difficult", settings.difficult_flags),
                                     lambda: load_difficult_flags(settings.difficult_flags, dataset.num_classes))
-        return _jsonable(run_pointing_game(run.model.require_linen('the pointing game'), run.variables, dataset, settings, difficult=difficult))
+        return _jsonable(run_pointing_game(linen_module(run, 'the pointing game'), run.variables, dataset, settings, difficult=difficult))
 
     def report(ctx: ReportContext) -> Section:
         results = {a: v[0] for a, v in ctx.metrics("pointing_game").items()}

@@ -45,7 +45,8 @@ from saliency_jax.evaluation.pointing_game import hits_at_points
 from saliency_jax.evaluation.temporal_grounding import (DEFAULT_CLIP_TOLERANCE, clip_detections, clip_groundings,
                                                         clip_pointing_hits, pointing_accuracy,
                                                         temporal_detection_map)
-from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
+from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, linen_module,
+                                          register_evaluator)
 from saliency_jax.saliency._eb_rules import CELL_RULES
 
 __all__ = ["TemporalGroundingSettings", "detection_rows", "evaluate_temporal_grounding", "temporal_grounding_evaluator"]
@@ -150,7 +151,7 @@ def _groundings(run, batch, settings, methods_by_rule: dict[str, tuple[str, ...]
     """``{"probability", "eb", ..., "eb_r/<rule>", "ceb_r/<rule>"}`` for one batch (the -R EB methods per rule)."""
     out: dict[str, Any] = {}
     for rule, methods in methods_by_rule.items():
-        g = clip_groundings(run.model.require_linen('temporal grounding'), run.variables, batch, methods=methods, layer=settings.layer,
+        g = clip_groundings(linen_module(run, 'temporal grounding'), run.variables, batch, methods=methods, layer=settings.layer,
                             boundary=settings.boundary, time_step=int(settings.time_step), cell_rule=rule)
         for method, value in g.items():
             out[f"{method}/{rule}" if method in ("eb_r", "ceb_r") else method] = value
@@ -208,7 +209,7 @@ def evaluate_temporal_grounding(run, data, settings: TemporalGroundingSettings) 
             np.asarray(hits_at_points(centre, masks, float(settings.tolerance))).reshape(b, t)[:real])
         evaluated.append(np.asarray(batch["gt_frames"], bool)[:real])
         labels.append(np.asarray(batch["label"])[:real])
-        probs, frame_logits = (np.asarray(a) for a in _classify(run.model.require_linen('temporal grounding'), run.variables, jnp.asarray(batch["image"])))
+        probs, frame_logits = (np.asarray(a) for a in _classify(linen_module(run, 'temporal grounding'), run.variables, jnp.asarray(batch["image"])))
         y = np.asarray(batch["label"])[:real]
         last.append(probs[:real, -1].argmax(-1) == y)
         mean_prob.append(probs[:real].mean(1).argmax(-1) == y)

@@ -21,7 +21,8 @@ import numpy as np
 
 from saliency_jax import data as data_lib
 from saliency_jax.evaluation import utilization as util
-from saliency_jax.evaluators.base import Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator
+from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, linen_module,
+                                          register_evaluator)
 from saliency_jax.saliency import linen_head, linen_layer
 from saliency_jax.training import layer_excitation
 
@@ -137,7 +138,7 @@ def utilization_evaluator(settings: UtilizationSettings) -> Evaluator:
         bs = config.get("eval_batch_size", 256)
         test_idx = test_subset(len(source), settings.test_examples, settings.seed)
         curve_idx = test_subset(len(source), settings.curve_examples, settings.seed + 1)
-        final = analyse_layer(run.model.require_linen('the utilization evaluator'), run.variables, settings.layer, source, test_idx, config, batch_size=bs)
+        final = analyse_layer(linen_module(run, 'the utilization evaluator'), run.variables, settings.layer, source, test_idx, config, batch_size=bs)
         w0 = _get_path(run.initial_variables["params"], settings.weights)["kernel"]
         w1 = _get_path(run.variables["params"], settings.weights)["kernel"]
         conservative = util.conservative_filters(w0, w1, deltas)
@@ -145,7 +146,7 @@ def utilization_evaluator(settings: UtilizationSettings) -> Evaluator:
         for step, variables in [(0, run.initial_variables)] + [(s, None) for s in run.checkpoint_steps()]:
             if variables is None:
                 variables = run.restore(step).variables()
-            r = analyse_layer(run.model.require_linen('the utilization evaluator'), variables, settings.layer, source, curve_idx, config, batch_size=bs)
+            r = analyse_layer(linen_module(run, 'the utilization evaluator'), variables, settings.layer, source, curve_idx, config, batch_size=bs)
             history.append({"step": step, "test_accuracy": r["accuracy"],
                             **{k: v["mean"] for k, v in r["utilization"].items()}})
         return {"test_accuracy": final["accuracy"], "test_examples": final["examples"],
@@ -216,7 +217,7 @@ def compression_evaluator(settings: CompressionSettings) -> Evaluator:
         config = run.config
         source = data.test_source(config)
         idx = test_subset(len(source), settings.examples, settings.seed + 2)
-        activations_and_eb, _ = _layer_functions(run.model.require_linen('the utilization evaluator'), settings.layer)
+        activations_and_eb, _ = _layer_functions(linen_module(run, 'the utilization evaluator'), settings.layer)
         variables = run.variables
         return util.compression_curves(
             lambda x, y: activations_and_eb(variables, x, y)[1:],
