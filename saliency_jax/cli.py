@@ -18,9 +18,16 @@ cluster by itself; elsewhere (e.g. GPU machines started by hand) give ``--coordi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as std_logging
 import os
+import pathlib
 import sys
+import tempfile
+import threading
+import time
+import traceback
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -87,6 +94,100 @@ def _help(command: str | None = None) -> str:
 
 class _Exit(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+class _Failure(Exception):
+    """A run that failed on I/O (disk full, permissions, a file gone): printed as one line, exit status 1."""
+
+
+class _ErrorsLog:
+    """Where tracebacks go: ``<workdir>/errors.log`` (created on the first traceback), or the temp folder's when the
+    workdir cannot be written."""
+
+    def __init__(self, workdir):
+        self.workdir, self._path = workdir, None
+
+    @property
+    def path(self) -> pathlib.Path:
+        if self._path is None:
+            self._path = pathlib.Path(os.devnull)
+            for folder in ([pathlib.Path(self.workdir)] if self.workdir else []) + [pathlib.Path(tempfile.gettempdir())]:
+                try:
+                    with open(folder / "errors.log", "a"):
+                        self._path = folder / "errors.log"
+                        break
+                except OSError:
+                    continue
+        return self._path
+
+    def append(self, text: str) -> None:
+        try:
+            with open(self.path, "a") as f:
+                f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n{text}\n")
+        except OSError:
+            pass
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+class _TracebacksToFile(std_logging.Filter):
+    """Moves the traceback of every log record that carries one (orbax's and grain's background threads log theirs)
+    into the errors log, leaving the message line on the terminal."""
+
+    def __init__(self, log: _ErrorsLog):
+        super().__init__()
+        self.log = log
+
+    def filter(self, record):
+        if record.exc_info:
+            self.log.append(f"{record.name}: {record.getMessage()}\n"
+                            + "".join(traceback.format_exception(*record.exc_info)))
+            record.msg = f"{record.getMessage()} (traceback in {self.log})"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
+@contextlib.contextmanager
+def _tracebacks_to(log: _ErrorsLog):
+    """While a command runs: background threads' uncaught exceptions and logged tracebacks go to ``log``."""
+    log_filter = _TracebacksToFile(log)
+    handlers = [logging.get_absl_handler(), *std_logging.getLogger().handlers]
+    for handler in handlers:
+        handler.addFilter(log_filter)
+    hook = threading.excepthook
+
+    def to_file(args):
+        log.append("".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
+        print(f"saliency-jax: {args.exc_type.__name__} in thread {getattr(args.thread, 'name', '?')}: "
+              f"{args.exc_value} (traceback in {log})", file=sys.stderr)
+
+    threading.excepthook = to_file
+    try:
+        yield
+    finally:
+        threading.excepthook = hook
+        for handler in handlers:
+            handler.removeFilter(log_filter)
+
+
+def _last_good_step(workdir) -> str:
+    """``"the last checkpoint is step N"`` of a run's workdir (what a resume starts from), for the failure line."""
+    folder = pathlib.Path(workdir or ".") / "checkpoints"
+    try:
+        steps = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+    except OSError:
+        steps = []
+    return f"the last checkpoint is step {steps[-1]} in {folder}" if steps else f"no checkpoint in {folder}"
+
+
+def io_failure_line(e: OSError, workdir, log) -> str:
+    """The one line an I/O error ends a command with: what failed, on which path, the last good checkpoint, how to go
+    on, and where the traceback is."""
+    what = e.strerror or str(e) or type(e).__name__
+    where = f" on {e.filename!s}" if e.filename else ""
+    return (f"I/O error{where}: {what} ({type(e).__name__}); the run stopped, {_last_good_step(workdir)}; rerun the "
+            f"same command to resume once the cause is fixed; traceback in {log}")
 
 
 def _one_line(e: BaseException) -> str:
@@ -186,30 +287,41 @@ def _run(command: str, rest: list[str]) -> None:
     except OSError as e:
         raise _Exit(f"--compilation_cache: {e}") from e
     logging.info("devices: %s; compilation cache: %s", jax.devices(), cache or "off")
+    log = _ErrorsLog(FLAGS.workdir)
     try:
-        if command == "train":
-            from saliency_jax import evaluators, experiment
-            from saliency_jax import train as train_lib
-
-            from saliency_jax import workdirs
-
-            config = FLAGS.config
-            with workdirs.WorkdirLock(FLAGS.workdir):  # one launch per workdir: training and run.json
-                experiment.check_config(config)
-                result = train_lib.train(config, FLAGS.workdir, progress=FLAGS.progress)
-                record = experiment.evaluate_run(result, evaluators.build_evaluators(config),
-                                                 evaluators.ExperimentData(config))
-            if jax.process_index() == 0:
-                print(json.dumps({name: _scalars(m) for name, m in record.metrics.items()}, indent=2))
-        else:
-            from saliency_jax import experiment
-
-            experiment.run_experiment(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress,
-                                      compilation_cache=cache or "off")
-            if jax.process_index() == 0:
-                print(f"report: {FLAGS.workdir}/report.md")
+        with _tracebacks_to(log):
+            _command(command, cache)
     except ConfigError as e:
         raise _Exit(str(e)) from e
+    except OSError as e:
+        log.append("".join(traceback.format_exception(e)))
+        raise _Failure(io_failure_line(e, FLAGS.workdir, log)) from e
+
+
+def _command(command: str, cache) -> None:
+    """Runs ``train`` or ``experiment`` (the flags parsed, the devices set up)."""
+    import jax
+
+    if command == "train":
+        from saliency_jax import evaluators, experiment
+        from saliency_jax import train as train_lib
+        from saliency_jax import workdirs
+
+        config = FLAGS.config
+        with workdirs.WorkdirLock(FLAGS.workdir):  # one launch per workdir: training and run.json
+            experiment.check_config(config)
+            result = train_lib.train(config, FLAGS.workdir, progress=FLAGS.progress)
+            record = experiment.evaluate_run(result, evaluators.build_evaluators(config),
+                                             evaluators.ExperimentData(config))
+        if jax.process_index() == 0:
+            print(json.dumps({name: _scalars(m) for name, m in record.metrics.items()}, indent=2))
+    else:
+        from saliency_jax import experiment
+
+        experiment.run_experiment(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress,
+                                  compilation_cache=cache or "off")
+        if jax.process_index() == 0:
+            print(f"report: {FLAGS.workdir}/report.md")
 
 
 def _scalars(metrics):
@@ -239,6 +351,9 @@ def main(argv=None) -> None:
     except _Exit as e:
         print(f"saliency-jax: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except _Failure as e:
+        print(f"saliency-jax: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

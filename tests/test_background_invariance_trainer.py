@@ -512,3 +512,18 @@ def test_a_diverging_phase_is_stopped_and_no_checkpoint_holds_a_non_finite_array
     for step in steps:
         state = workdirs.restore_state(tmp_path / "run", step, abstract)
         assert all(np.all(np.isfinite(x)) for x in leaves(state)), f"checkpoint {step} holds a non-finite array"
+
+
+@pytest.mark.parametrize("field", ["log_every", "checkpoint_every", "keep_checkpoints"])
+def test_background_invariance_loop_fields_are_checked_before_anything_runs(tmp_path, field):
+    """The background-invariance trainer runs in the one loop and so gets its checks: 0 for these fields used to pass
+    ``check_config`` and fail after compiling (``ZeroDivisionError``) or keep no checkpoint."""
+    from saliency_jax.config import ConfigError
+
+    config = tiny_config()
+    config[field] = 0
+    with pytest.raises(ConfigError, match=rf"config.{field}=0: must be an integer >= 1"):
+        experiment.check_config(config)
+    with pytest.raises(ConfigError, match=rf"config.{field}=0"):
+        train_lib.train(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -148,3 +148,43 @@ def test_distributed_settings_from_flags_and_from_jax_environment_variables(tmp_
                                   '"local_device_ids": null}')
     out = _cli(*common, "--multihost", "--process_id=1", env={"JAX_NUM_PROCESSES": "two"}, script=DISTRIBUTED_PROBE)
     assert out.returncode == 2 and "JAX_NUM_PROCESSES='two' must be an integer" in out.stderr
+
+
+def test_an_io_error_ends_the_run_with_one_line_and_the_tracebacks_in_a_file(tmp_path, monkeypatch, capfd):
+    """Disk full (or a permission error) mid-run: exit status 1, one line naming the path, the last good checkpoint and
+    the log file; the tracebacks (the main one and those logged by background threads) in ``errors.log``, not on the
+    terminal."""
+    import errno
+    import logging as std_logging
+    import threading
+
+    from saliency_jax import cli
+    from saliency_jax import train as train_lib
+
+    workdir = tmp_path / "run"
+
+    def full_disk(config, workdir, progress=True):
+        (pathlib.Path(workdir) / "checkpoints" / "4").mkdir(parents=True)  # the last good checkpoint
+        try:  # what orbax's save thread does before the error reaches the main thread
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            std_logging.getLogger("orbax").error("async save failed", exc_info=True)
+        thread = threading.Thread(target=lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+        thread.start()
+        thread.join()
+        raise OSError(errno.ENOSPC, "No space left on device", str(pathlib.Path(workdir) / "checkpoints" / "6"))
+
+    monkeypatch.setattr(train_lib, "train", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["saliency-jax", "train", f"--config={DIGITS}", f"--workdir={workdir}", "--noprogress",
+                  "--compilation_cache=off"])
+    assert exit_info.value.code == 1
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("saliency-jax: error:")]
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert "No space left on device" in line and str(workdir / "checkpoints" / "6") in line
+    assert "the last checkpoint is step 4" in line and str(workdir / "errors.log") in line
+    assert "Traceback" not in err
+    log = (workdir / "errors.log").read_text()
+    assert log.count("Traceback") == 3 and "orbax: async save failed" in log
