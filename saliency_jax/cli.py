@@ -23,6 +23,7 @@ import json
 import logging as std_logging
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import threading
@@ -162,11 +163,16 @@ def _tracebacks_to(log: _ErrorsLog):
         print(f"saliency-jax: {args.exc_type.__name__} in thread {getattr(args.thread, 'name', '?')}: "
               f"{args.exc_value} (traceback in {log})", file=sys.stderr)
 
-    threading.excepthook = to_file
+    def unraisable_to_file(args):  # "Exception ignored in ..." of dying coroutines (orbax's event loops)
+        log.append(f"{args.err_msg or 'Exception ignored in'}: {args.object!r}\n"
+                   + "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
+
+    unraisable = sys.unraisablehook
+    threading.excepthook, sys.unraisablehook = to_file, unraisable_to_file
     try:
         yield
     finally:
-        threading.excepthook = hook
+        threading.excepthook, sys.unraisablehook = hook, unraisable
         for handler in handlers:
             handler.removeFilter(log_filter)
 
@@ -181,11 +187,37 @@ def _last_good_step(workdir) -> str:
     return f"the last checkpoint is step {steps[-1]} in {folder}" if steps else f"no checkpoint in {folder}"
 
 
-def io_failure_line(e: OSError, workdir, log) -> str:
+#: How an I/O error reads when a library reports it as another exception (orbax / tensorstore: ``ValueError:
+#: RESOURCE_EXHAUSTED: ... Failed writing: "PATH": ... No space left on device [os_error_code='28']``).
+_IO_MESSAGE = re.compile(r"os_error_code=|No space left on device|Disk quota exceeded|Read-only file system")
+
+
+def io_error(e: BaseException) -> BaseException | None:
+    """The I/O error behind ``e`` (itself, its cause or context chain): an ``OSError``, or an error whose message is an
+    operating-system I/O failure; None for anything else (a ``ConfigError`` is never one)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        config_error = any(c.__name__ == "ConfigError" for c in type(e).__mro__)
+        if isinstance(e, OSError) or (not config_error and _IO_MESSAGE.search(str(e))):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def io_failure_line(e: BaseException, workdir, log) -> str:
     """The one line an I/O error ends a command with: what failed, on which path, the last good checkpoint, how to go
     on, and where the traceback is."""
-    what = e.strerror or str(e) or type(e).__name__
-    where = f" on {e.filename!s}" if e.filename else ""
+    if isinstance(e, OSError):
+        what, path = e.strerror or str(e) or type(e).__name__, e.filename
+    else:
+        text = str(e)
+        found = re.search(r"(No space left on device|Disk quota exceeded|Read-only file system|Permission denied)",
+                          text)
+        what = found.group(1) if found else text.splitlines()[0][:200]
+        where = re.search(r'(?:Failed (?:writing|to write)[^"]*|local file )"([^"]+)"', text)
+        path = where.group(1) if where else None
+    where = f" on {path!s}" if path else ""
     return (f"I/O error{where}: {what} ({type(e).__name__}); the run stopped, {_last_good_step(workdir)}; rerun the "
             f"same command to resume once the cause is fixed; traceback in {log}")
 
@@ -293,9 +325,12 @@ def _run(command: str, rest: list[str]) -> None:
             _command(command, cache)
     except ConfigError as e:
         raise _Exit(str(e)) from e
-    except OSError as e:
+    except Exception as e:  # an I/O error (disk full, permissions): one line; anything else propagates
+        failure = io_error(e)
+        if failure is None:
+            raise
         log.append("".join(traceback.format_exception(e)))
-        raise _Failure(io_failure_line(e, FLAGS.workdir, log)) from e
+        raise _Failure(io_failure_line(failure, FLAGS.workdir, log)) from e
 
 
 def _command(command: str, cache) -> None:
@@ -332,7 +367,8 @@ def _scalars(metrics):
 
 
 def main(argv=None) -> None:
-    """Entry point of the ``saliency-jax`` console script."""
+    """Entry point of the ``saliency-jax`` console script (``argv``: for calls from Python, e.g. tests)."""
+    standalone = argv is None
     argv = list(sys.argv if argv is None else argv)
     args = argv[1:]
     wants_help = any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in args)
@@ -353,6 +389,10 @@ def main(argv=None) -> None:
         sys.exit(2)
     except _Failure as e:
         print(f"saliency-jax: error: {e}", file=sys.stderr)
+        if standalone:  # skip the interpreter's teardown: dying background threads would print their tracebacks
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         sys.exit(1)
 
 

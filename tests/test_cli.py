@@ -175,6 +175,8 @@ def test_an_io_error_ends_the_run_with_one_line_and_the_tracebacks_in_a_file(tmp
         raise OSError(errno.ENOSPC, "No space left on device", str(pathlib.Path(workdir) / "checkpoints" / "6"))
 
     monkeypatch.setattr(train_lib, "train", full_disk)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # restored whatever the CLI leaves
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["saliency-jax", "train", f"--config={DIGITS}", f"--workdir={workdir}", "--noprogress",
                   "--compilation_cache=off"])
@@ -188,3 +190,31 @@ def test_an_io_error_ends_the_run_with_one_line_and_the_tracebacks_in_a_file(tmp
     assert "Traceback" not in err
     log = (workdir / "errors.log").read_text()
     assert log.count("Traceback") == 3 and "orbax: async save failed" in log
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                         text=True)
+    if out.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_the_last_good_checkpoint_kept(small_disk):
+    """The real thing: the workdir on a 2 MiB disk, checkpoints of ~0.9 MB; the first fits, a later one does not."""
+    workdir = small_disk / "run"
+    out = _cli("train", f"--config={DIGITS}", f"--workdir={workdir}", "--noprogress", "--compilation_cache=off",
+               "--config.model.kwargs.widths=(32, 64, 96)", "--config.num_steps=6", "--config.checkpoint_every=1",
+               "--config.log_every=1", "--config.keep_checkpoints=3", "--config.evaluators=('classification',)")
+    assert out.returncode == 1, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("saliency-jax: error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], out.stderr[-3000:]
+    assert "the last checkpoint is step" in errors[0] and "errors.log" in errors[0]
+    assert out.stderr.count("Traceback") == 0, out.stderr[-3000:]

@@ -156,8 +156,7 @@ def test_runlocal_end_to_end_and_pool_reuse(tmp_path):
     natives = jnp.asarray(np.stack([originals[int(i)]["image"] for i in idx]))
     labels = np.array([int(test[int(i)]["label"]) for i in idx])
     ceb = gz.contrastive_eb_grounding(linen_layer(run.model.module, run.variables, "conv2", train=False))
-    evidence_fn = lambda p: evidence.model.apply(evidence.variables, jnp.round(jnp.clip(p, 0, 1) * 255) / 255,
-                                                 train=False)
+    evidence_fn = lambda p: evidence.model.apply(evidence.variables, jnp.round(jnp.clip(p, 0, 1) * 255) / 255)
     for k in (3, 5):
         refined = gz.decision_refinement(ceb, functools.partial(run.model.apply, run.variables),
                                          evidence_fn, images, k=k, patch_size=4, erase_size=4, output_size=8,

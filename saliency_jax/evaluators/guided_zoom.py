@@ -630,7 +630,7 @@ def _refine_function(logits_fn, groundings, evidence_runs, test_grounding, setti
     top_k = max(ks)
     num_erasures = len(settings.evidence_weights) - 1
     weights = (settings.conventional_weight, tuple(settings.evidence_weights))
-    evidence_fns = {name: functools.partial(r.model.apply, r.variables, train=False)
+    evidence_fns = {name: functools.partial(run_model(r).apply, r.variables)
                     for name, r in evidence_runs.items()}
     needed = sorted({test_grounding[name] for name in evidence_fns})
 

@@ -338,10 +338,28 @@ def apply_with_layers(module: nn.Module, variables: Any, *args, capture: Sequenc
         output, activations, inputs = run(variables, args, rngs)
         return LayerOutputs(output, {k: activations[k] for k in capture}, inputs)
 
-    # Some layer follows an activation applied as a function: trace to a jaxpr with those submodules' outputs
-    # tagged, find the activation that consumes each, and evaluate the jaxpr again exposing (and replacing) its
-    # value. The evaluation binds the same primitives, so values, gradients and the compiled program are unchanged.
-    closed, out_shape = jax.make_jaxpr(run, return_shape=True)(variables, args, rngs)
+    (output, activations, inputs), exposed = run_exposing_activations(run, (variables, args, rngs), tagged, replace)
+    activations = {**activations, **exposed}
+    return LayerOutputs(output, {k: activations[k] for k in capture}, inputs)
+
+
+def run_exposing_activations(run: Callable[..., Any], args: tuple, tagged: Sequence[str],
+                             replace: Mapping[str, Callable[[Array], Array]]) -> tuple[Any, dict[str, Array]]:
+    """``run(*args)`` with the values of ``"PATH+ACT"`` layers exposed (and replaced), for a ``run`` that tags the
+    output of each ``PATH`` with ``_layer_tag_p`` (index = position in ``tagged``).
+
+    Some layer follows an activation applied as a function: trace to a jaxpr with those submodules' outputs tagged,
+    find the activation that consumes each, and evaluate the jaxpr again exposing (and replacing) its value. The
+    evaluation binds the same primitives, so values, gradients and the compiled program are unchanged. Shared by the
+    linen (:func:`apply_with_layers`) and NNX (:func:`saliency_jax.saliency.views.nnx_apply_with_layers`) paths.
+
+    Returns:
+      ``(run's output, {layer: value before replacement})``.
+
+    Raises:
+      ValueError: a tagged output not consumed by exactly the named activation.
+    """
+    closed, out_shape = jax.make_jaxpr(run, return_shape=True)(*args)
     taps = _tap_vars(closed.jaxpr, dict(enumerate(tagged)))
     exposed: dict[str, Array] = {}
 
@@ -355,12 +373,10 @@ def apply_with_layers(module: nn.Module, variables: Any, *args, capture: Sequenc
                     outs[i] = replace[layer](outs[i])
         return outs, [None] * len(outs)
 
-    flat = jax.tree.leaves((variables, args, rngs))
+    flat = jax.tree.leaves(args)
     outs, _ = evaluate_jaxpr(closed.jaxpr, closed.consts, None, flat, [None] * len(flat), eval_equation,
                              literal_tag=lambda _: None)
-    output, activations, inputs = jax.tree.unflatten(jax.tree.structure(out_shape), outs)
-    activations = {**activations, **exposed}
-    return LayerOutputs(output, {k: activations[k] for k in capture}, inputs)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs), exposed
 
 
 def linen_layer(module: nn.Module, variables: Any, layer: str, **apply_kwargs) -> LayerModel:

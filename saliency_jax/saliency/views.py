@@ -35,9 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from saliency_jax.saliency._jaxpr import evaluate_jaxpr
-from saliency_jax.saliency.core import (LayerModel, LayerOutputs, _bind, _layer_tag_p, _split_path, _tap_vars, linen_layer,
-                                        split_layer)
+from saliency_jax.saliency.core import (LayerModel, LayerOutputs, _layer_tag_p, _split_path, linen_layer,
+                                        run_exposing_activations, split_layer)
 
 Array = jax.Array
 
@@ -363,24 +362,7 @@ def nnx_apply_with_layers(make: Callable[[Any], Any], args: Any, images: Array, 
         output, activations = run(args, images)
         return LayerOutputs(output, activations, {})
 
-    closed, out_shape = jax.make_jaxpr(run, return_shape=True)(args, images)
-    taps = _tap_vars(closed.jaxpr, dict(enumerate(tagged)))
-    exposed: dict[str, Array] = {}
-
-    def eval_equation(eqn, values, _):
-        outs = [values[0]] if eqn.primitive is _layer_tag_p else _bind(eqn, values)
-        for i, v in enumerate(eqn.outvars):
-            layer = taps.get(v)
-            if layer is not None:
-                exposed[layer] = outs[i]
-                if layer in replace:
-                    outs[i] = replace[layer](outs[i])
-        return outs, [None] * len(outs)
-
-    flat = jax.tree.leaves((args, images))
-    outs, _ = evaluate_jaxpr(closed.jaxpr, closed.consts, None, flat, [None] * len(flat), eval_equation,
-                             literal_tag=lambda _: None)
-    output, activations = jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+    (output, activations), exposed = run_exposing_activations(run, (args, images), tagged, replace)
     activations = {**activations, **exposed}
     return LayerOutputs(output, {k: activations[k] for k in capture}, {})
 
