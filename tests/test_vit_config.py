@@ -3,26 +3,14 @@ experiment runner, Grad-CAM read from the token grid of ``encoder_norm``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import pathlib
-import sys
 
+import recorded
 from saliency_jax import experiment
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(name):
-    sys.path.insert(0, str(REPO / "experiments" / "configs"))
-    try:
-        spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / "configs" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.pop(0)
-    return module
 
 
 def _records(path):
@@ -30,7 +18,7 @@ def _records(path):
 
 
 def test_vit_mnist_runlocal_experiment(tmp_path):
-    config = load_config("vit_mnist").get_config("runlocal")
+    config = recorded.load_config("vit_mnist", "runlocal")
     assert config.model.name == "vit" and config.dataset.name == "digits"  # no files needed
     out = experiment.run_experiment(config, tmp_path, progress=False, compilation_cache="off")
     assert out["arms"] == ["baseline", "0-occlusion"]
