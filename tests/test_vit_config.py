@@ -10,9 +10,6 @@ import recorded
 from saliency_jax import experiment
 
 
-
-
-
 def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
