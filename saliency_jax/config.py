@@ -126,7 +126,9 @@ def default_config() -> ml_collections.ConfigDict:
         allow_small_grid=False))
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adam", learning_rate=5e-5, b1=0.9, b2=0.999, eps=7e-7, momentum=0.9, weight_decay=0.0,
-        lr_boundaries=[], lr_scales=[]))
+        lr_boundaries=[], lr_scales=[],
+        # Caffe's per-parameter lr_mult: ((fnmatch pattern over "module/param", multiplier), ...), first match wins.
+        lr_multipliers=()))
     # The training loop (saliency_jax.trainers): "supervised" = saliency_jax.train.train, the generic loop; a method
     # whose loop differs (several models, min-max) names its own, e.g. "background_invariance".
     c.trainer = "supervised"

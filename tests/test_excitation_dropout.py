@@ -112,7 +112,8 @@ def test_masks_differ_per_image_and_follow_the_drop_rate():
     assert m.mean() == pytest.approx(0.5, abs=0.01) and np.any(m[:, 0] != m[:, 1])
     out = dropout_at_layer(keys[0], a, DropoutConfig(scheme="standard", base_retain=0.75, layer="x"))
     assert out.mask.shape == (1, 16)
-    np.testing.assert_allclose(np.asarray(out.activations), np.asarray(a) * np.asarray(out.mask))
+    # The authors' default for Standard Dropout is Caffe's layer: kept units divided by P.
+    np.testing.assert_allclose(np.asarray(out.activations), np.asarray(a) * np.asarray(out.mask) / 0.75, rtol=1e-6)
     m = np.asarray(jax.vmap(lambda k: dropout_at_layer(k, a, DropoutConfig(scheme="standard", base_retain=0.75,
                                                                             layer="x")).mask)(keys))
     assert m.mean() == pytest.approx(0.75, abs=0.01)
@@ -125,6 +126,36 @@ def test_rescale_modes_by_hand():
     np.testing.assert_allclose(apply_dropout_mask(a, m, r, "none"), [[1, 0, 3, 0]])
     np.testing.assert_allclose(apply_dropout_mask(a, m, r, "fraction"), [[2, 0, 6, 0]])
     np.testing.assert_allclose(apply_dropout_mask(a, m, r, "inverted"), [[2, 0, 12, 0]])
+
+
+def test_default_rescale_is_the_authors_per_scheme():
+    # Excitation Dropout's released script (andreazuna89/Excitation-Dropout): per image, the mask's mean is the scale
+    # and the kept units are divided by it; the baselines' Caffe Dropout layer divides by the retaining probability.
+    a = jax.random.uniform(jax.random.key(0), (4, 16)) + 0.1
+    head = lambda h: h[:, :3] * 2.0
+    labels = jnp.asarray([0, 1, 2, 0])
+    key = jax.random.key(5)
+    assert DropoutConfig().rescale == "authors"
+    for scheme in ("excitation", "adaptive"):
+        out = dropout_at_layer(key, a, DropoutConfig(scheme=scheme, layer="x"), head_fn=head, labels=labels)
+        mask = np.asarray(out.mask, np.float64)
+        for i in range(4):  # the authors' arithmetic, one image at a time
+            scale = mask[i].mean()
+            np.testing.assert_allclose(np.asarray(out.activations[i]), mask[i] * np.asarray(a[i]) / scale, rtol=1e-6)
+        assert DropoutConfig(scheme=scheme).rescale_rule == "fraction"
+    for scheme in ("standard", "standard_per_image", "curriculum"):
+        cfg = DropoutConfig(scheme=scheme, layer="x", base_retain=0.6)
+        out = dropout_at_layer(key, a, cfg, step=1000)
+        retain = np.asarray(out.retain, np.float64)
+        np.testing.assert_allclose(np.asarray(out.activations), np.asarray(out.mask) * np.asarray(a) / retain,
+                                   rtol=1e-6)
+        assert cfg.rescale_rule == "inverted"
+    # The thesis's text (no rescaling) is one flag away.
+    out = dropout_at_layer(key, a, DropoutConfig(scheme="excitation", layer="x", rescale="none"), head_fn=head,
+                           labels=labels)
+    np.testing.assert_allclose(np.asarray(out.activations), np.asarray(out.mask) * np.asarray(a), rtol=1e-6)
+    with pytest.raises(ValueError, match="rescale_rule"):
+        apply_dropout_mask(a, out.mask, out.retain, "authors")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,7 +197,7 @@ def test_ed_train_step_equals_slow_per_image_reference():
     def loss_and_grad(p, xi, yi, mask):
         def loss_i(p):
             _, a = linen_layer(model, {"params": p}, "relu_fc1", train=False)(xi)
-            logits = head(p, a * mask)
+            logits = head(p, a * mask / jnp.mean(mask))  # the authors' per-image scale (the default rescale)
             return optax.softmax_cross_entropy_with_integer_labels(logits, yi)[0]
 
         return jax.value_and_grad(loss_i)(p)

@@ -9,6 +9,7 @@ import textwrap
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -176,3 +177,35 @@ def test_experiment_runlocal_writes_report_and_figure(tmp_path):
 
     with Image.open(tmp_path / "exp" / "saliency_maps.png") as im:
         assert im.size[0] > 200 and im.size[1] > 200
+
+
+def test_lr_multipliers_give_the_authors_caffe_update():
+    # Excitation Dropout's released script (andreazuna89/Excitation-Dropout): per parameter,
+    # m = momentum m + (g + wd w) lr mult; w -= m; mult 10 / 20 on the last layer's weight / bias, 2 on other biases.
+    import optax
+    from saliency_jax.config import default_config
+
+    c = default_config()
+    c.optimizer.update(name="sgd", learning_rate=0.01, momentum=0.9, weight_decay=0.005,
+                       lr_multipliers=(("fc3/kernel", 10.0), ("fc3/bias", 20.0), ("*/bias", 2.0)))
+    tx = train_lib.make_optimizer(c)
+    rng = np.random.default_rng(0)
+    params = {"fc1": {"kernel": rng.normal(size=(3, 2)), "bias": rng.normal(size=2)},
+              "fc3": {"kernel": rng.normal(size=(2, 2)), "bias": rng.normal(size=2)}}
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    mult = {"fc1": {"kernel": 1.0, "bias": 2.0}, "fc3": {"kernel": 10.0, "bias": 20.0}}
+    w = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    m = jax.tree.map(np.zeros_like, w)
+    state = tx.init(params)
+    for i in range(3):
+        grads = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        m = jax.tree.map(lambda m_, g, w_, k: 0.9 * m_ + (np.asarray(g, np.float64) + 0.005 * w_) * 0.01 * k,
+                         m, grads, w, mult)
+        w = jax.tree.map(lambda w_, m_: w_ - m_, w, m)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(w)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
+    c.optimizer.lr_multipliers = (("fc3/kernel", "ten"),)
+    with pytest.raises(ValueError, match="lr_multipliers"):
+        train_lib.make_optimizer(c)

@@ -48,25 +48,31 @@ def distraction_config() -> ml_collections.ConfigDict:
 
 
 def excitation_dropout_config() -> ml_collections.ConfigDict:
-    """The thesis settings of Excitation Dropout (Bargal 2019, Sec. 5.2.1): CNN-2, dropout at ``relu_fc1``, the six
-    arms, SGD momentum 0.9, weight decay 0.005, lr 1e-3 -> 1e-4 after 25k of 100k steps, batch 100, 5 repeats; the
-    analyses of Ch. 5 (utilization, conservative filters and their evolution; compression)."""
+    """The thesis settings of Excitation Dropout (Bargal 2019, Sec. 5.2.1) as the authors' released script runs them
+    (andreazuna89/Excitation-Dropout, ``train_with_Excitation_Dropout.py``): CNN-2, dropout at ``relu_fc1``, the six
+    arms with each arm's released rescaling (``dropout.rescale="authors"``: Excitation Dropout divides by the
+    per-image fraction kept, the Caffe-layer baselines by P), SGD momentum 0.9, weight decay 0.005 on every weight and
+    bias, learning rate x10 on the last layer's weights, x20 on its bias and x2 on every other bias (Caffe's
+    ``lr_mult``, the script's update), lr 1e-3 -> 1e-4 after 25k of 100k steps, batch 100, 5 repeats; the analyses of
+    Ch. 5 (utilization, conservative filters and their evolution; compression). The thesis's text has no rescaling
+    (``dropout.rescale="none"``) and no per-layer multipliers (``optimizer.lr_multipliers=()``)."""
     c = default_config()
     c.model.name = "cnn2"
     c.model.kwargs = {}
     c.schemes = ("dropout",)
-    c.dropout = scheme_section("dropout", scheme="excitation", base_retain=0.5, layer="relu_fc1", rescale="none")
+    c.dropout = scheme_section("dropout", scheme="excitation", base_retain=0.5, layer="relu_fc1", rescale="authors")
     c.evaluators = ("utilization", "compression")
     c.utilization = evaluator_section("utilization", layer="relu_fc1", weights="fc1", test_examples=0,
                                       curve_examples=1000, conservative_deltas=(0.05, 0.1, 0.25))
     c.compression = evaluator_section("compression", layer="relu_fc1", examples=1000)
     c.experiment.arms = DROPOUT_ARMS
     c.experiment.repeats = 5
-    # The thesis's optimizer (Sec. 5.2.1).
+    # The thesis's optimizer (Sec. 5.2.1) with the released script's per-parameter multipliers (CNN-2's names).
     c.optimizer.name = "sgd"
     c.optimizer.learning_rate = 1e-3
     c.optimizer.momentum = 0.9
     c.optimizer.weight_decay = 0.005
+    c.optimizer.lr_multipliers = (("fc3/kernel", 10.0), ("fc3/bias", 20.0), ("*/bias", 2.0))
     c.optimizer.lr_boundaries = [25_000]
     c.optimizer.lr_scales = [0.1]
     c.batch_size = 100
@@ -95,6 +101,7 @@ def reduced_dropout_config(config: ml_collections.ConfigDict, arg: str | None, *
     c.optimizer.weight_decay = 0.0
     c.optimizer.lr_boundaries = []
     c.optimizer.lr_scales = []
+    c.optimizer.lr_multipliers = ()
     c.num_steps = num_steps
     c.log_every = log_every
     c.checkpoint_every = checkpoint_every

@@ -3,8 +3,9 @@ r"""Excitation Dropout at the thesis's settings (Bargal 2019, Sec. 5.2.1-5.2.2):
 Arguments (``--config experiments/configs/excitation_dropout_thesis.py:<arg>``):
 
 * ``cifar10``, ``cifar100``, ``caltech256``: CNN-2 (96/128/256 filters, 2048-unit fc layers, Gaussian init std
-  0.01) from scratch, dropout at ``fc1``, 100k iterations of batch 100, SGD momentum 0.9, weight decay 0.005, lr 1e-3
-  then 1e-4 after 25k; Caltech-256 at 128 px. Six arms (none, standard, standard + mask per image, curriculum,
+  0.01) from scratch, dropout at ``fc1``, 100k iterations of batch 100, SGD momentum 0.9, weight decay 0.005 (biases
+  too), lr 1e-3 then 1e-4 after 25k with the authors' released script's multipliers (x10 / x20 on the last layer's
+  weights / bias, x2 on other biases) and rescaling (see ``common.excitation_dropout_config``); Caltech-256 at 128 px. Six arms (none, standard, standard + mask per image, curriculum,
   excitation, adaptive), P = 0.5, five repeats. Tables 5.1, 5.3, 5.5 and Figs. 5.3, 5.5-5.8.
 * ``ucf101_vgg16``: VGG16 fine-tuned on UCF101 frames at 224 px (an image folder of extracted frames:
   ``DIR/{train,test}/<class>/*.jpg``), dropout at ``fc6`` (the model's own ``drop6`` bypassed; ``drop7`` kept),
@@ -52,6 +53,7 @@ def get_config(arg: str | None = "cifar10"):
                              conservative_deltas=(0.15,))
         c.compression.update(layer="relu6", examples=1000)
         c.optimizer.weight_decay = 0.0
+        c.optimizer.lr_multipliers = ()  # the released script's multipliers are CNN-2's; none for fine-tuning
         c.optimizer.lr_boundaries = []
         c.optimizer.lr_scales = []
         c.batch_size = 50

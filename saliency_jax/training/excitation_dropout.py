@@ -26,9 +26,15 @@ in how the retaining probabilities are chosen (:data:`SCHEMES`):
   mirror image of Eq. 5.1, ``p = 1 - retain_probability(p_EB, 1 - P, N)`` (``p_EB = 0`` -> 0, ``p_EB = 1`` -> 1,
   ``p_EB = 1/N`` -> ``P``). The thesis gives no formula for its "Adaptive Dropout" arm; this is our formulation.
 
-Kept activations are rescaled as ``rescale`` says (:data:`RESCALE_MODES`): ``"none"`` (the thesis), ``"fraction"``
-(divide by the per-image fraction of units kept, the authors' later code) or ``"inverted"`` (divide by ``p``,
-inverted dropout). At test time no dropout is applied (the model is used unchanged).
+Kept activations are rescaled as ``rescale`` says (:data:`RESCALE_MODES`). The default, ``"authors"``, is what the
+authors ran (:data:`AUTHORS_RESCALE`): Excitation Dropout (and the adaptive arm, its mirror image) divides the kept
+units of each image by that image's fraction of units kept, as the authors' released training script does
+(andreazuna89/Excitation-Dropout, ``train_with_Excitation_Dropout.py``: the mask's mean per image, "only used during
+training"); Standard, per-image and Curriculum Dropout divide by the retaining probability, as Caffe's ``Dropout``
+layer that the baselines use does (inverted dropout, ``1 / (1 - ratio)`` in training). The thesis's text gives no
+rescaling; ``"none"`` is that reading (one flag away: ``dropout.rescale="none"``), and ``"fraction"`` / ``"inverted"``
+force one rule on every scheme. Without rescaling the network sees about twice the activation at test time that it
+saw in training. At test time no dropout is applied (the model is used unchanged).
 
 How it is computed for a Flax linen module (:func:`make_dropout_forward`): one train-mode forward pass captures the
 layer's activations ``a`` (its output reached with :func:`flax.linen.intercept_methods`, the layer named by its module
@@ -63,6 +69,7 @@ Array = jax.Array
 __all__ = [
     "SCHEMES",
     "RESCALE_MODES",
+    "AUTHORS_RESCALE",
     "DropoutConfig",
     "DropoutOutput",
     "retain_probability",
@@ -79,8 +86,15 @@ __all__ = [
 SCHEMES = ("none", "standard", "standard_per_image", "curriculum", "excitation", "adaptive")
 """The dropout schemes of Bargal 2019, Ch. 5 (see the module docstring)."""
 
-RESCALE_MODES = ("none", "fraction", "inverted")
-"""Rescaling of kept activations: none (the thesis), per-image fraction kept (authors' later code), 1 / p."""
+RESCALE_MODES = ("authors", "none", "fraction", "inverted")
+"""Rescaling of kept activations: ``"authors"`` (per scheme, :data:`AUTHORS_RESCALE`; the default), ``"none"`` (the
+thesis's text), ``"fraction"`` (divide by the per-image fraction of units kept), ``"inverted"`` (divide by ``p``)."""
+
+AUTHORS_RESCALE = {"none": "none", "standard": "inverted", "standard_per_image": "inverted", "curriculum": "inverted",
+                   "excitation": "fraction", "adaptive": "fraction"}
+"""The rescaling each scheme ran with in the authors' comparison: Excitation Dropout's released script divides by the
+per-image fraction kept; the baselines are Caffe's ``Dropout`` layer (inverted dropout); the adaptive arm, which has
+no released code, follows Excitation Dropout."""
 
 _EB_SCHEMES = ("excitation", "adaptive")
 _PER_BATCH_SCHEMES = ("standard", "curriculum")
@@ -97,7 +111,8 @@ class DropoutConfig(SchemeSettings):
       base_retain: ``P``, the base retaining probability (1 - dropout rate); 0.5 in the thesis; in (0, 1].
       layer: module path of the layer whose output is dropped (post-ReLU activations of the first fully-connected
         layer: ``"relu_fc1"`` for CNN-2, ``"relu6"`` for VGG16).
-      rescale: one of :data:`RESCALE_MODES`.
+      rescale: one of :data:`RESCALE_MODES`; ``"authors"`` (default) resolves per scheme (:data:`AUTHORS_RESCALE`,
+        :attr:`rescale_rule`); ``"none"`` is the thesis's text.
       gamma: Curriculum Dropout's decay rate per step (5e-4, Morerio et al. 2017).
       bypass: module paths that run as the identity in training (e.g. VGG16's own ``"drop6"``, which the scheme
         replaces).
@@ -106,7 +121,7 @@ class DropoutConfig(SchemeSettings):
     scheme: str = "excitation"
     base_retain: float = 0.5
     layer: str = "relu_fc1"
-    rescale: str = "none"
+    rescale: str = "authors"
     gamma: float = 5e-4
     bypass: tuple[str, ...] = ()
 
@@ -122,6 +137,11 @@ class DropoutConfig(SchemeSettings):
         if not self.layer:
             raise ValueError("DropoutConfig.layer must name the module path of the dropout layer")
         object.__setattr__(self, "bypass", tuple(self.bypass or ()))
+
+    @property
+    def rescale_rule(self) -> str:
+        """The rule applied: ``"none"``, ``"fraction"`` or ``"inverted"`` (``"authors"`` resolved for the scheme)."""
+        return AUTHORS_RESCALE[self.scheme] if self.rescale == "authors" else self.rescale
 
 
 class DropoutOutput(NamedTuple):
@@ -279,15 +299,16 @@ def scheme_retain_probability(config: DropoutConfig, p_eb: Array | None, unit_sh
     return jnp.full((1, *unit_shape), P, jnp.float32)  # standard, standard_per_image (broadcast by the caller)
 
 
-def apply_dropout_mask(activations: Array, mask: Array, retain: Array, rescale: str = "none") -> Array:
+def apply_dropout_mask(activations: Array, mask: Array, retain: Array, rescale: str) -> Array:
     """Zeroes dropped units and rescales the kept ones.
 
     Args:
       activations: [batch, *units] float.
       mask: [batch or 1, *units] in {0, 1} (1 = kept).
       retain: the retaining probabilities the mask was drawn with, broadcastable to ``mask``.
-      rescale: ``"none"`` (the thesis), ``"fraction"`` (divide by the per-image fraction of units kept; 0 if none
-        is kept) or ``"inverted"`` (divide by ``retain``).
+      rescale: ``"none"`` (the thesis's text), ``"fraction"`` (divide by the per-image fraction of units kept, the
+        authors' Excitation Dropout script; 0 if none is kept) or ``"inverted"`` (divide by ``retain``, Caffe's
+        ``Dropout`` layer); ``"authors"`` is resolved by :attr:`DropoutConfig.rescale_rule`, not here.
 
     Returns:
       [batch, *units] in the activations' dtype.
@@ -295,8 +316,9 @@ def apply_dropout_mask(activations: Array, mask: Array, retain: Array, rescale: 
     Raises:
       ValueError: on an unknown ``rescale``.
     """
-    if rescale not in RESCALE_MODES:
-        raise ValueError(f"rescale must be one of {RESCALE_MODES}; got {rescale!r}")
+    if rescale not in ("none", "fraction", "inverted"):
+        raise ValueError(f"rescale must be 'none', 'fraction' or 'inverted'; got {rescale!r} (resolve 'authors' "
+                         "with DropoutConfig.rescale_rule)")
     mask = mask.astype(activations.dtype)
     out = activations * mask
     if rescale == "fraction":
@@ -347,7 +369,7 @@ def dropout_at_layer(key: Array, activations: Array, config: DropoutConfig, *,
     shape = retain.shape if config.scheme in _PER_BATCH_SCHEMES else (activations.shape[0], *unit_shape)
     retain = jnp.broadcast_to(retain, shape)
     mask = (jax.random.uniform(key, shape) < retain).astype(jnp.float32)
-    return DropoutOutput(apply_dropout_mask(activations, mask, retain, config.rescale), mask, retain, p_eb)
+    return DropoutOutput(apply_dropout_mask(activations, mask, retain, config.rescale_rule), mask, retain, p_eb)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ name.
 
 from __future__ import annotations
 
+import fnmatch
+
 import functools
 import re
 from typing import Any, Callable
@@ -58,11 +60,16 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     """The optax optimizer of ``config.optimizer``.
 
     ``name``: ``"adam"`` (paper default of Morales et al.: lr 5e-5, b1 0.9, b2 0.999, eps 7e-7) or ``"sgd"``
-    (``momentum``). ``weight_decay`` adds L2 decay of the weights (``optax.add_decayed_weights``); ``lr_boundaries``
-    and ``lr_scales`` give a piecewise-constant schedule (e.g. x0.1 after 25k steps).
+    (``momentum``). ``weight_decay`` adds L2 decay of every parameter, biases included
+    (``optax.add_decayed_weights``); ``lr_boundaries`` and ``lr_scales`` give a piecewise-constant schedule (e.g. x0.1
+    after 25k steps). ``lr_multipliers``: ``((pattern, multiplier), ...)``, Caffe's per-parameter ``lr_mult``: a
+    parameter whose path (``"fc3/kernel"``, module names joined by ``/``) matches a ``fnmatch`` pattern has its update
+    multiplied (the first matching pattern wins; others x1). With SGD and a constant learning rate this is Caffe's
+    update exactly (``m = mu m + lr mult (g + wd w)``, ``w -= m``); after a learning-rate step Caffe's momentum keeps
+    the old rate's contributions where optax's trace is rescaled at once.
 
     Raises:
-      ValueError: on an unknown optimizer name.
+      ValueError: on an unknown optimizer name, or an ``lr_multipliers`` entry that is not ``(pattern, number)``.
     """
     opt = config.optimizer
     lr = opt.learning_rate
@@ -78,7 +85,35 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         raise ValueError(f"unknown optimizer {opt.name!r}; choose 'adam' or 'sgd'")
     if opt.get("weight_decay", 0.0):
         tx = optax.chain(optax.add_decayed_weights(opt.weight_decay), tx)
+    multipliers = _lr_multipliers(opt.get("lr_multipliers") or ())
+    if multipliers:
+        tx = optax.chain(tx, _scale_by_pattern(multipliers))
     return tx
+
+
+def _lr_multipliers(entries: Any) -> tuple[tuple[str, float], ...]:
+    out = []
+    for entry in entries:
+        if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str)
+                or isinstance(entry[1], bool) or not isinstance(entry[1], (int, float))):
+            raise ValueError(f"optimizer.lr_multipliers entries must be (pattern, number) pairs, e.g. "
+                             f"('fc3/kernel', 10.0); got {entry!r}")
+        out.append((entry[0], float(entry[1])))
+    return tuple(out)
+
+
+def _scale_by_pattern(multipliers: tuple[tuple[str, float], ...]) -> optax.GradientTransformation:
+    """Multiplies each parameter's update by the multiplier of the first pattern its path matches (else 1)."""
+
+    def label(params):
+        def one(path, _):
+            name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+            return next((f"x{m:g}" for pattern, m in multipliers if fnmatch.fnmatchcase(name, pattern)), "x1")
+
+        return jax.tree_util.tree_map_with_path(one, params)
+
+    transforms = {f"x{m:g}": optax.scale(m) for _, m in multipliers} | {"x1": optax.identity()}
+    return optax.multi_transform(transforms, label)
 
 
 def init_state(model: Any, optimizer: optax.GradientTransformation, image_shape: tuple[int, ...],
