@@ -123,6 +123,8 @@ def test_each_phase_is_the_library_step_on_the_loops_batches(straight):
     init = jax.device_get(state)
     snapshots = {}
     for phase in plan.phases:  # jitted as the trainer does, so XLA's cache has the programs
+        if phase.enter is not None:  # phase 3: the classifier's Adam starts afresh (the authors' train3.py)
+            state = jax.jit(phase.enter, out_shardings=repl)(state)
         step = jax.jit(phase.step, in_shardings=(repl, shard, repl), out_shardings=(repl, repl), donate_argnums=(0,))
         for s in range(phase.begin + 1, phase.end + 1):
             state, _ = step(state, jax.device_put(next(iterator), shard), jax.random.key(config.seed + 1))
@@ -140,6 +142,8 @@ def test_each_phase_is_the_library_step_on_the_loops_batches(straight):
     assert changed(at[3], at[6]) == {"mask_generator"}
     assert changed(at[6], at[9]) == {"classifier", "background_generator"}
     assert_trees_equal(at[6], snapshots["mask"])
+    # Phase 3 began with a fresh classifier optimizer: its Adam has counted phase 3's 3 steps, not 6.
+    assert adam_counts(at[6].opt_state["classifier"]) == [3] and adam_counts(at[9].opt_state["classifier"]) == [3]
     # The result is the classifier, in the generic loop's form, usable by any evaluator.
     assert isinstance(run, train_lib.TrainResult) and isinstance(run.model.module, VanillaCNN)
     assert_trees_equal(run.state.params, full.params["classifier"])
@@ -155,6 +159,20 @@ def test_each_phase_is_the_library_step_on_the_loops_batches(straight):
     previews = np.load(run.workdir / tb.PREVIEW_FILE)
     assert previews["steps"].tolist() == [7, 9] and previews["composite"].shape == (2, 3, 16, 16, 1)
     assert (run.workdir / "masks.png").is_file() and (run.workdir / "backgrounds_along_training.png").is_file()
+
+
+def adam_counts(opt_state):
+    return [int(np.asarray(leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+            if "count" in jax.tree_util.keystr(path)]
+
+
+def test_phase3_optimizer_continue_carries_phase_1_adam(tmp_path):
+    # The carry-over, one flag away: phase 3 goes on with phase 1's moments and step count.
+    config = tiny_config(phase3_optimizer="continue")
+    run = train_lib.train(config, tmp_path / "continue", progress=False)
+    assert adam_counts(run.restore_full(9).opt_state["classifier"]) == [6]
+    with pytest.raises(ValueError, match="phase3_optimizer"):
+        tb.check(tiny_config(phase3_optimizer="keep"))
 
 
 class Killed(Exception):

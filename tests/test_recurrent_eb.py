@@ -621,3 +621,24 @@ def test_benchmark_functions_on_a_tiny_model():
         assert confidence.shape == (4,)
     with pytest.raises(ValueError, match="methods"):
         clip_groundings(model, variables, batch, methods=("gradcam",))
+
+
+def test_default_cell_rule_is_the_authors_lstm_unit():
+    # The released Caffe LSTMUnit back-propagates its ordinary gradient in EB mode (sbargal/Caffe-ExcitationBP-RNNs):
+    # the library's default and the grounding evaluator's headline rule; "excitation" is one flag away.
+    import inspect
+
+    from saliency_jax.evaluators.temporal_grounding import TemporalGroundingSettings
+    from saliency_jax.saliency.recurrent import contrastive_recurrent_excitation_backprop as ceb_r
+
+    for fn in (recurrent_excitation_backprop, ceb_r, with_excitation_rules):
+        assert inspect.signature(fn).parameters["cell_rule"].default == "gradient", fn.__name__
+    assert TemporalGroundingSettings().cell_rules[0] == "gradient"
+    w, x = lstm_weights(1), features(2)
+    prior = one_hot_at(2, 4, [0, 2], 3)
+    model, variables = SeqModel(), seq_variables(w)
+    default = with_excitation_rules(lambda a, p: model.apply(variables, a + p), probe_argnums=1)
+    _, pullback = jax.vjp(lambda p: default(jnp.asarray(x, jnp.float32), p), jnp.zeros(x.shape, jnp.float32))
+    ours = np.asarray(pullback(jnp.asarray(prior, jnp.float32))[0])
+    np.testing.assert_array_equal(ours, jax_eb_r(w, x, prior, "gradient"))
+    assert not np.allclose(ours, jax_eb_r(w, x, prior, "excitation"))

@@ -130,7 +130,7 @@ def _groundings(model, variables, clips, labels, *, layer, boundary, methods, ti
 
 def clip_groundings(model, variables, batch: Mapping[str, Any], *, methods: Sequence[str] = GROUNDING_METHODS,
                     layer: str = "conv3", boundary: str = "fc", time_step: int | None = -1,
-                    cell_rule: str = "excitation") -> dict[str, Any]:
+                    cell_rule: str = "gradient") -> dict[str, Any]:
     """Per-frame maps and map sums of the ground-truth class for every method, one jitted call.
 
     Args:
@@ -162,7 +162,7 @@ def clip_groundings(model, variables, batch: Mapping[str, Any], *, methods: Sequ
 
 def pointing_game_clips(model, variables, batch: Mapping[str, Any], *, methods: Sequence[str] = POINTING_METHODS,
                         tolerance: float = DEFAULT_CLIP_TOLERANCE, layer: str = "conv3", boundary: str = "fc",
-                        time_step: int | None = -1, cell_rule: str = "excitation") -> dict[str, np.ndarray]:
+                        time_step: int | None = -1, cell_rule: str = "gradient") -> dict[str, np.ndarray]:
     """Per-frame pointing game for a batch of clips (Bargal 2019, Sec. 7.4.1, Table 7.1 shape).
 
     :func:`clip_groundings` then :func:`clip_pointing_hits` (call those two to reuse one grounding computation for
@@ -240,7 +240,7 @@ def pointing_accuracy(hits: np.ndarray, evaluated: np.ndarray, labels: np.ndarra
 
 def temporal_detections(model, variables, batch: Mapping[str, Any], *, methods: Sequence[str] = DETECTION_METHODS,
                         known_length: bool = False, layer: str = "conv3", boundary: str = "fc",
-                        time_step: int | None = -1, cell_rule: str = "excitation"
+                        time_step: int | None = -1, cell_rule: str = "gradient"
                         ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """One detected segment of the ground-truth class per clip and method (Bargal 2019, Sec. 7.2, 7.4.2).
 

@@ -20,9 +20,10 @@ of ``config.dataset.options``: canvas, clutter, speed). The evaluation clips are
   ``rand + GT`` and ``GT + rand`` rows; and a figure of sample clips with their EB-R and cEB-R maps (Fig. 7.5).
 
 EB-R and cEB-R are computed with each LSTM-cell rule of ``cell_rules``
-(:func:`saliency_jax.saliency.recurrent.recurrent_excitation_backprop`): ``"excitation"`` (EB's rule with the gates
-as constant weights: the signal stays a distribution; the default of the library) and ``"gradient"`` (the authors'
-released Caffe ``LSTMUnit`` backward, i.e. the cell's gradient: what the thesis's numbers were produced with).
+(:func:`saliency_jax.saliency.recurrent.recurrent_excitation_backprop`): ``"gradient"`` (first, the default of the
+library: the authors' released Caffe ``LSTMUnit`` backward, i.e. the cell's gradient, what the thesis's numbers were
+produced with; the first rule also gets the frame-wise baselines) and ``"excitation"`` (EB's rule with the gates as
+constant weights: the signal stays a distribution).
 The top-down prior is a one-hot on the ground-truth class at step ``time_step`` (-1, the last: the authors' demo).
 The clip classifier's accuracy on the pointing clips (at the last step, and of the per-step probabilities averaged)
 and the frame classifier's are reported beside them.
@@ -70,7 +71,8 @@ class TemporalGroundingSettings(EvaluatorSettings):
       iou_threshold: temporal IoU of a correct detection (``alpha = 0.5``).
       tolerance: pointing-game tolerance in pixels (:data:`DEFAULT_CLIP_TOLERANCE` = 3 px for 64 px frames, the
         thesis's 15 px at 320 x 240 scaled).
-      cell_rules: the LSTM cell rules of EB-R / cEB-R to compare (``"excitation"``, ``"gradient"``).
+      cell_rules: the LSTM cell rules of EB-R / cEB-R to compare, the first the headline (``"gradient"``, the
+        authors'; ``"excitation"``).
       time_step: the step of the one-hot prior (-1: the last).
       layer: module path of the maps' layer (``conv3``; conv5 in the thesis).
       boundary: module path of the CNN/RNN boundary (``fc``; fc7 in the thesis).
@@ -87,7 +89,7 @@ class TemporalGroundingSettings(EvaluatorSettings):
     gt_lengths: tuple[int, ...] = (3, 10, 16)
     iou_threshold: float = 0.5
     tolerance: float = DEFAULT_CLIP_TOLERANCE
-    cell_rules: tuple[str, ...] = ("excitation", "gradient")
+    cell_rules: tuple[str, ...] = ("gradient", "excitation")
     time_step: int = -1
     layer: str = "conv3"
     boundary: str = "fc"

@@ -69,13 +69,14 @@ through the unrolled LSTM but not how the cell's products and sums split the sig
   gives the recurrent transform ``W_h h_{t-1}`` (bottom 0) zero, so the signal goes back in time only through the
   cell state. Pre-activations are signed, so the proportional split of a residual sum would not be a distribution.
   (A sum of the carry itself and the input, ``h_{t-1} + x_t`` with no recurrent weights, is a residual sum.)
-* ``cell_rule="excitation"`` (default; EB read literally, as in the thesis text): a gate product ``o * ReLU(c)``,
+* ``cell_rule="excitation"`` (EB read literally, as in the thesis text; one flag away): a gate product ``o * ReLU(c)``,
   ``f * c_prev``, ``i * g`` passes the signal to its data operand with the gate as a constant weight, so the
   signal is unchanged (a unit with a single child, Eq. 4.2: ``Z_j a_i w_ij = 1``) and the gate gets none; the cell
   state ``c = f * c_prev + i * g`` splits it in proportion, ``f c_prev / c`` back in time and ``i g / c`` to the
   step's input (both terms are >= 0 with ReLU). The signal is a probability distribution at every step: EB-R
   conserves it from the prior to the network's input.
-* ``cell_rule="gradient"`` (the released code): its ``LSTMUnit`` layer's EB backward is its ordinary gradient
+* ``cell_rule="gradient"`` (default: the released code, with which the thesis's Tables 7.1 / 7.2 were made): its
+  ``LSTMUnit`` layer's EB backward is its ordinary gradient
   (``Backward_eb_gpu`` runs the same kernels as ``Backward_gpu``), so inside the cell the signal follows the
   gradient of the ReLU-LSTM: ``p_c = p_c' + o [c > 0] p_h``, ``p_{c_prev} = f p_c``, ``p_g = i [g' > 0] p_c``, and
   the gates get ``p_i = g i (1 - i) p_c``, ``p_f = c_prev f (1 - f) p_c``, ``p_o = ReLU(c) o (1 - o) p_h``. In
@@ -172,7 +173,7 @@ class Options:
     """Per-call settings that the rule choosers read."""
 
     contrastive: bool = False
-    cell_rule: CellRule = "excitation"
+    cell_rule: CellRule = "gradient"
 
 
 # The registry: primitive name -> chooser(eqn, kinds, options) -> Rule, for equations whose operands may carry a
@@ -560,7 +561,7 @@ def _apply(eqn, rule: Rule, values, contrastive_here):
 
 
 def with_excitation_rules(fn: Callable, *, probe_argnums: int | Sequence[int] = (), contrastive: bool = False,
-                          cell_rule: CellRule = "excitation") -> Callable:
+                          cell_rule: CellRule = "gradient") -> Callable:
     """Gives ``fn`` Excitation Backprop backward rules: same outputs, but ``jax.vjp`` propagates EB signals.
 
     ``jax.vjp(with_excitation_rules(fn), *args)`` evaluated with a top-down prior over the outputs as cotangent

@@ -361,7 +361,7 @@ def recurrent_excitation_backprop(
     *,
     time_step: int | None = -1,
     prior: Array | None = None,
-    cell_rule: CellRule = "excitation",
+    cell_rule: CellRule = "gradient",
     normalize: bool = True,
 ) -> RecurrentEBResult:
     """EB-R: Excitation Backprop through time, per-frame maps for a batch of clips (Bargal 2019, Sec. 7.1).
@@ -378,8 +378,9 @@ def recurrent_excitation_backprop(
         int [batch] (e.g. the ground-truth labels). Must be None when ``prior`` is given.
       time_step: the step of the one-hot (-1: the last, the authors' default), or None for every step.
       prior: optional [batch, time, num_classes] float top-down distribution instead of the one-hot.
-      cell_rule: ``"excitation"`` (default: EB with gates as constant weights; the signal stays a distribution) or
-        ``"gradient"`` (the authors' released code: the gradient of the ReLU-LSTM unit); see
+      cell_rule: ``"gradient"`` (default: the authors' released Caffe ``LSTMUnit``, whose EB backward is the
+        gradient of the ReLU-LSTM unit; the thesis's Tables 7.1 / 7.2 were made with it) or ``"excitation"`` (EB read
+        literally, the gates as constant weights: the signal stays a distribution); see
         :mod:`saliency_jax.saliency._eb_rules`.
       normalize: apply the temporal normalisation (Eq. 7.5); False keeps the raw ``P^t``.
 
@@ -404,7 +405,7 @@ def contrastive_recurrent_excitation_backprop(
     *,
     time_step: int | None = -1,
     prior: Array | None = None,
-    cell_rule: CellRule = "excitation",
+    cell_rule: CellRule = "gradient",
     normalize: bool = True,
 ) -> RecurrentEBResult:
     """cEB-R: contrastive EB-R, per-frame maps for a batch of clips (Bargal 2019, Eq. 7.1-7.9, Algorithm 3).

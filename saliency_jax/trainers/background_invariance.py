@@ -19,7 +19,9 @@ and one data stream (``config.batch_size`` per step):
 ==============  ====================================================================================================
 ``classifier``  phase 1 alone: the "Vanilla CNN" row of Table 1 (``train1.py``).
 ``adversarial`` phase 1, phase 2 (the U-Net's masks; skipped with ``mask="heuristic"``), phase 3 (the classifier
-                against the background generator, both updated every step): the "Proposal" row.
+                against the background generator, both updated every step; the classifier's Adam starts afresh,
+                as the authors' ``train3.py`` compiles the loaded classifier anew: ``phase3_optimizer``): the
+                "Proposal" row.
 ``attention``   Guan et al. 2018 as the authors ran it (``train_att.py``): stage 1 = phase 1 (the global CNN
                 ``G``, a :class:`~saliency_jax.models.VanillaCNN`), then stage 2: ``G`` frozen, the crop branch and
                 the fusion layers of :class:`~saliency_jax.models.AttentionCNN` trained (``config.model.name =
@@ -334,8 +336,14 @@ def build_plan(config: ml_collections.ConfigDict, data) -> Plan:
                            "adam_eps": settings.adam_eps, "area": settings.area,
                            "total_variation": settings.total_variation, "area_loss": settings.area_loss})
         roles = ("classifier",) + (("background_generator",) if models.background_generator is not None else ())
+
+        def fresh_classifier_optimizer(state):  # the authors' train3.py: the phase-1 classifier with a new Adam
+            return state.replace(opt_state={**state.opt_state,
+                                            "classifier": optimizers["classifier"].init(state.params["classifier"])})
+
         add("adversarial", settings.adversarial_epochs,
-            _with_loss(bi.make_adversarial_step(models, optimizers, settings)), "classifier", roles)
+            _with_loss(bi.make_adversarial_step(models, optimizers, settings)), "classifier", roles,
+            enter=fresh_classifier_optimizer if settings.phase3_optimizer == "fresh" else None)
     elif settings.method == "attention":
         def enter(state):
             return state.replace(params={**state.params, "attention": bi.with_global_params(

@@ -123,6 +123,9 @@ class BackgroundInvarianceConfig:
       adam_eps: Adam's epsilon (1e-7, Keras' default).
       batch_size: per phase (``--batchsize 8``).
       classifier_epochs, mask_epochs, adversarial_epochs: epochs of phases 1, 2, 3 (``--epochs 100`` each).
+      phase3_optimizer: the classifier's optimizer state when phase 3 begins: ``"fresh"`` (the authors' code:
+        ``train3.py`` loads the phase-1 classifier and compiles it with a new Adam, so moments and step count start
+        at zero) or ``"continue"`` (phase 1's Adam moments and step count carried into phase 3).
     """
 
     area: float = 0.2
@@ -143,6 +146,7 @@ class BackgroundInvarianceConfig:
     classifier_epochs: float = 100.0
     mask_epochs: float = 100.0
     adversarial_epochs: float = 100.0
+    phase3_optimizer: Literal["fresh", "continue"] = "fresh"
 
     def __post_init__(self):
         if not 0.0 < self.area < 1.0:
@@ -169,6 +173,8 @@ class BackgroundInvarianceConfig:
         for name in ("classifier_epochs", "mask_epochs", "adversarial_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if self.phase3_optimizer not in ("fresh", "continue"):
+            raise ValueError(f"phase3_optimizer must be 'fresh' or 'continue'; got {self.phase3_optimizer!r}")
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> "BackgroundInvarianceConfig":
