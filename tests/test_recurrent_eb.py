@@ -271,10 +271,11 @@ def test_flax_optimized_lstm_cell_with_relu_gives_the_same_signal():
         cell[f"i{gate}"] = {"kernel": f32(w["wx"][:, cols])}
         cell[f"h{gate}"] = {"kernel": f32(w["wh"][:, cols]), "bias": f32(w["b"][cols])}
     variables = {"params": {"lstm": {"cell": cell}, "classifier": {"kernel": f32(w["wc"]), "bias": f32(w["bc"])}}}
-    fn = with_excitation_rules(lambda a, p: FlaxSeq().apply(variables, a + p), probe_argnums=1)
-    logits, pullback = jax.vjp(lambda p: fn(f32(x), p), jnp.zeros(x.shape, jnp.float32))
-    close(logits, SeqModel().apply(seq_variables(w), f32(x)), 1e-5)
-    close(pullback(f32(prior))[0], jax_eb_r(w, x, prior, "excitation"))
+    for rule in ("gradient", "excitation"):
+        fn = with_excitation_rules(lambda a, p: FlaxSeq().apply(variables, a + p), probe_argnums=1, cell_rule=rule)
+        logits, pullback = jax.vjp(lambda p: fn(f32(x), p), jnp.zeros(x.shape, jnp.float32))
+        close(logits, SeqModel().apply(seq_variables(w), f32(x)), 1e-5)
+        close(pullback(f32(prior))[0], jax_eb_r(w, x, prior, rule))
 
 
 @pytest.mark.parametrize("build, primitive", [
@@ -366,10 +367,10 @@ def test_eb_r_conserves_the_normalised_signal_over_time_and_space(cnn_lstm):
 
     @jax.jit
     def run(c):
-        return (recurrent_excitation_backprop(split, c, targets),
+        return (recurrent_excitation_backprop(split, c, targets, cell_rule="excitation"),
                 recurrent_excitation_backprop(split, c, targets, cell_rule="gradient"),
-                contrastive_recurrent_excitation_backprop(split, c, targets),
-                recurrent_excitation_backprop(split, c, targets, normalize=False))
+                contrastive_recurrent_excitation_backprop(split, c, targets, cell_rule="excitation"),
+                recurrent_excitation_backprop(split, c, targets, cell_rule="excitation", normalize=False))
 
     eb, eb_gradient, ceb, raw = run(clips)
     assert eb.boundary.shape == (2, 3, 8) and eb.saliency.shape == (2, 3, 8, 8)
