@@ -8,9 +8,9 @@ A small CNN (:class:`saliency_jax.models.SmallCNN`, 3 classes, widths 4/8/8, no 
 copied into a PyTorch twin; both see the same 4 images (20 x 20 x 3) and the same maps. Where the references draw
 random numbers, the same numbers are fed to both sides instead: ROAD runs without noise (pytorch-grad-cam's
 ``NoisyLinearImputer`` with ``noise=0``), and Captum's ``perturb_func`` returns the perturbations drawn here with
-:func:`saliency_jax.evaluation.infidelity.gaussian_perturbations` / ``uniform_perturbations``. The file stores the
-weights, inputs and perturbations with the references' outputs, so tests/test_metric_references.py checks the JAX
-metrics without torch.
+:func:`saliency_jax.evaluation.infidelity_sensitivity.gaussian_perturbations` / ``uniform_perturbations``. The file
+stores the weights, inputs and perturbations with the references' outputs, so tests/test_metric_references.py checks
+the JAX metrics without torch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saliency_jax.evaluation.infidelity import gaussian_perturbations, uniform_perturbations
+from saliency_jax.evaluation.infidelity_sensitivity import gaussian_perturbations, uniform_perturbations
 from saliency_jax.models import SmallCNN
 
 OUT = pathlib.Path(__file__).parent / "data" / "metric_references.npz"

@@ -160,8 +160,8 @@ def test_method_maps_are_the_registrys_saliency_map_exactly():
 
 def test_faithfulness_evaluator_road_infidelity_sensitivity(tmp_path, monkeypatch):
     """The three optional metrics equal the library functions called on the evaluator's maps, keys and targets."""
-    from saliency_jax.evaluation import infidelity as inf
-    from saliency_jax.evaluation import road as rd
+    from saliency_jax.evaluation import infidelity_sensitivity as inf
+    from saliency_jax.evaluation import remove_and_debias as rd
 
     run = make_run(tmp_path)
     settings = FaithfulnessSettings(methods=("gradient",), examples=0, insertion_substrate=0.0, pixels_per_step=1,

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saliency_jax.evaluation.infidelity import infidelity, sensitivity_max
-from saliency_jax.evaluation.road import noisy_linear_imputation, road
+from saliency_jax.evaluation.infidelity_sensitivity import infidelity, sensitivity_max
+from saliency_jax.evaluation.remove_and_debias import noisy_linear_imputation, road
 from saliency_jax.models import SmallCNN
 
 DATA = pathlib.Path(__file__).parent / "data" / "metric_references.npz"

@@ -17,9 +17,9 @@ from saliency_jax.evaluation.backgrounds import (BACKGROUND_NAMES, TEST_SET_NAME
 from saliency_jax.evaluation.faithfulness import (CausalMetricResult, RandomizationResult, auc, causal_metric,
                                                   deletion, gaussian_blur, insertion, model_randomization,
                                                   relevance_mass_accuracy, spearman_correlation, ssim)
-from saliency_jax.evaluation.infidelity import (gaussian_perturbations, infidelity, sensitivity_max,
-                                                uniform_perturbations)
-from saliency_jax.evaluation.road import RoadResult, noisy_linear_imputation, road
+from saliency_jax.evaluation.infidelity_sensitivity import (gaussian_perturbations, infidelity, sensitivity_max,
+                                                            uniform_perturbations)
+from saliency_jax.evaluation.remove_and_debias import RoadResult, noisy_linear_imputation, road
 from saliency_jax.evaluation.figures import overlay
 from saliency_jax.evaluation.figures import saliency_figure
 from saliency_jax.evaluation.figures import training_curves_figure

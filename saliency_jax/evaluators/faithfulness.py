@@ -22,13 +22,14 @@ Three more, each off by default (``road``, ``infidelity``, ``sensitivity``):
 * **ROAD** (Rong et al., ICML 2022): the predicted class's probability after imputing (noisy linear imputation, the
   authors' noise 0.01) the fractions ``road_fractions`` of the pixels, most relevant first (MoRF, lower is better)
   and least relevant first (LeRF, higher is better); the headline is pytorch-grad-cam's ``ROADCombined``,
-  ``(mean LeRF change - mean MoRF change) / 2`` (higher is better). :func:`saliency_jax.evaluation.road.road`, key 0.
-* **infidelity** (Yeh et al., NeurIPS 2019, Eq. 2; Captum's ``infidelity``): the squared error between the map's
-  prediction of the predicted class's logit change and the change itself, under ``perturb_samples`` Gaussian
+  ``(mean LeRF change - mean MoRF change) / 2`` (higher is better).
+  :func:`saliency_jax.evaluation.remove_and_debias.road`, key 0.
+* **infidelity** (Yeh et al., NeurIPS 2019, Definition 2.1; Captum's ``infidelity``): the squared error between the
+  map's prediction of the predicted class's logit change and the change itself, under ``perturb_samples`` Gaussian
   perturbations of std ``infidelity_std`` (Captum's documented 0.003) subtracted from the image; the map is used for
   every channel and rescaled by Captum's ``normalize=True`` least-squares factor, since the methods' maps come in
   different units. Lower is better.
-* **max-sensitivity** (Yeh et al. 2019, Eq. 3; Captum's ``sensitivity_max``): the largest relative change
+* **max-sensitivity** (Yeh et al. 2019, Definition 3.1; Captum's ``sensitivity_max``): the largest relative change
   ``||map(x + u) - map(x)|| / ||map(x)||`` over ``perturb_samples`` uniform perturbations of radius
   ``sensitivity_radius`` (Captum's 0.02), explaining the same class. Lower is more stable.
 
@@ -49,8 +50,8 @@ import numpy as np
 from saliency_jax import data as data_lib
 from saliency_jax.models.build import model_layers
 from saliency_jax.evaluation import faithfulness as F
-from saliency_jax.evaluation import infidelity as I
-from saliency_jax.evaluation import road as R
+from saliency_jax.evaluation import infidelity_sensitivity as I
+from saliency_jax.evaluation import remove_and_debias as R
 from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, linen_module,
                                           register_evaluator)
 from saliency_jax.saliency import METHODS, linen_view, saliency_map
@@ -223,7 +224,8 @@ def evaluate_faithfulness(module, variables: Any, images: np.ndarray, settings: 
             ins = F.insertion(f, images, maps, targets, substrate=settings.insertion_substrate,
                               pixels_per_step=step)
             extra = {}
-            road_key, infidelity_key, sensitivity_key = jax.random.split(jax.random.key(_METRIC_SEED), 3)
+            if settings.road or settings.infidelity or settings.sensitivity:
+                road_key, infidelity_key, sensitivity_key = jax.random.split(jax.random.key(_METRIC_SEED), 3)
             if settings.road:
                 extra["road"] = R.road(f, images, maps, targets, key=road_key, fractions=settings.road_fractions)
             if settings.infidelity:

@@ -1,11 +1,12 @@
-"""Tests of saliency_jax.evaluation.infidelity against hand-computed values (a linear model, identity explanations)."""
+"""Tests of saliency_jax.evaluation.infidelity_sensitivity against hand-computed values (a linear model, identity
+explanations)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saliency_jax.evaluation import infidelity as inf
+from saliency_jax.evaluation import infidelity_sensitivity as inf
 
 RNG = np.random.default_rng(0)
 W = jnp.asarray(RNG.normal(size=(4, 4, 2)), jnp.float32)  # logit_0 = <W, x>, logit_1 = 0

@@ -1,4 +1,5 @@
-"""Tests of saliency_jax.evaluation.road against hand-computed values and a dense NumPy solve of the imputation."""
+"""Tests of saliency_jax.evaluation.remove_and_debias (ROAD) against hand-computed values and a dense NumPy solve of
+the imputation."""
 
 import functools
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saliency_jax.evaluation import road as rd
+from saliency_jax.evaluation import remove_and_debias as rd
 
 
 def dense_imputation(image, removed):

@@ -2,12 +2,12 @@
 Sensitivity of Explanations", NeurIPS 2019), with Captum's definitions (``captum.metrics.infidelity``,
 ``captum.metrics.sensitivity_max``).
 
-* **Infidelity** (Eq. 2): ``E_I[(I . Phi(x) - (f(x) - f(x - I)))^2]`` over random perturbations ``I``, where ``Phi``
-  is the attribution and ``f`` the model's output for the explained class; a map that predicts how the output moves
-  under small perturbations has low infidelity. Captum's ``normalize=True`` first rescales the attribution by the
+* **Infidelity** (Definition 2.1): ``E_I[(I . Phi(x) - (f(x) - f(x - I)))^2]`` over random perturbations ``I``,
+  where ``Phi`` is the attribution and ``f`` the model's output for the explained class; a map that predicts how the
+  output moves under small perturbations has low infidelity. Captum's ``normalize=True`` first rescales the attribution by the
   least-squares ``beta = E[(I . Phi) (f(x) - f(x - I))] / E[(I . Phi)^2]``, so maps in arbitrary units compare.
-* **Max-sensitivity** (Eq. 3, Captum's ``sensitivity_max``): ``max_u ||Phi(x + u) - Phi(x)|| / ||Phi(x)||`` over
-  ``n_perturb_samples`` draws of ``u`` uniform in ``[-radius, radius]`` per input element (Frobenius norms over all
+* **Max-sensitivity** (Definition 3.1, Captum's ``sensitivity_max``): ``max_u ||Phi(x + u) - Phi(x)|| / ||Phi(x)||``
+  over ``n_perturb_samples`` draws of ``u`` uniform in ``[-radius, radius]`` per input element (Frobenius norms over all
   attribution elements; a zero ``||Phi(x)||`` divides by 1, as Captum).
 
 The perturbations are arrays drawn by :func:`gaussian_perturbations` / :func:`uniform_perturbations` (Captum's
@@ -89,8 +89,8 @@ def uniform_perturbations(key: Array, images: Array, n_perturb_samples: int = 10
 
 def _check_perturbations(perturbations: Array, images: Array) -> Array:
     if getattr(perturbations, "ndim", None) != 5 or tuple(perturbations.shape[1:]) != tuple(images.shape):
-        raise ValueError(f"perturbations must be [n_perturb_samples, *images.shape] = [n, {', '.join(map(str, images.shape))}]; "
-                         f"got shape {getattr(perturbations, 'shape', None)}")
+        raise ValueError(f"perturbations must be [n_perturb_samples, *images.shape] = "
+                         f"[n, {', '.join(map(str, images.shape))}]; got shape {getattr(perturbations, 'shape', None)}")
     return jnp.asarray(perturbations, jnp.float32)
 
 
@@ -117,7 +117,7 @@ def infidelity(
     perturbations: Array,
     normalize: bool = False,
 ) -> Array:
-    """Infidelity of attributions for a batch (Yeh et al. 2019, Eq. 2; ``captum.metrics.infidelity``).
+    """Infidelity of attributions for a batch (Yeh et al. 2019, Definition 2.1; ``captum.metrics.infidelity``).
 
     ``mean_s (I_s . Phi - (f(x) - f(x - I_s)))^2`` over the ``n`` perturbations ``I_s``, with ``f`` the output of
     ``logits_fn`` for the target class (logits as returned; wrap the model in a softmax for probabilities) and
@@ -147,7 +147,8 @@ def infidelity(
     noise = _check_perturbations(perturbations, images)
     logits = logits_fn(images)
     if getattr(logits, "ndim", None) != 2 or logits.shape[0] != batch:
-        raise ValueError(f"logits_fn must return [batch={batch}, num_classes]; got shape {getattr(logits, 'shape', None)}")
+        raise ValueError(f"logits_fn must return [batch={batch}, num_classes]; got shape "
+                         f"{getattr(logits, 'shape', None)}")
     targets = resolve_targets(targets, logits)
     output = jnp.take_along_axis(logits.astype(jnp.float32), targets[:, None], -1)[:, 0]
 
@@ -171,8 +172,8 @@ def sensitivity_max(
     *,
     perturbations: Array,
 ) -> Array:
-    """Max-sensitivity of an explanation for a batch (Yeh et al. 2019, Eq. 3; ``captum.metrics.sensitivity_max``
-    with its default ``norm_ord="fro"``).
+    """Max-sensitivity of an explanation for a batch (Yeh et al. 2019, Definition 3.1;
+    ``captum.metrics.sensitivity_max`` with its default ``norm_ord="fro"``).
 
     ``max_s ||Phi(x + u_s) - Phi(x)||_F / ||Phi(x)||_F`` per example, ``Phi = explanation_fn(., targets)``, the
     norms over all elements of one example's attribution; where ``||Phi(x)|| = 0`` the difference is divided by 1
@@ -203,7 +204,8 @@ def sensitivity_max(
     def explain(x):
         phi = explanation_fn(x, targets)
         if getattr(phi, "ndim", 0) < 2 or phi.shape[0] != batch:
-            raise ValueError(f"explanation_fn must return [batch={batch}, ...]; got shape {getattr(phi, 'shape', None)}")
+            raise ValueError(f"explanation_fn must return [batch={batch}, ...]; got shape "
+                             f"{getattr(phi, 'shape', None)}")
         return phi.reshape(batch, -1).astype(jnp.float32)
 
     reference = explain(images)

@@ -2,17 +2,18 @@
 and Efficient Evaluation Strategy for Attribution Methods", ICML 2022).
 
 Removing pixels by painting them a constant colour leaks the removed region's shape to the model (the paper's
-"class information leakage", Sec. 3), so deletion-style curves then measure the mask, not the map. ROAD removes a
+"class information leakage"), so deletion-style curves then measure the mask, not the map. ROAD removes a
 pixel by *imputing* it: every removed pixel becomes the weighted mean of its 8 neighbours (weight 1/6 for the 4 direct
 neighbours, 1/12 for the 4 diagonal ones, renormalised at the image border), all removed pixels solved together as
-one sparse linear system, plus Gaussian noise (Sec. 4.2, Eq. 5). The model is then queried on the imputed images
+one sparse linear system, plus Gaussian noise. The model is then queried on the imputed images
 after removing a fraction of the pixels, the most relevant first (MoRF: a faithful map makes the probability fall
 fast) or the least relevant first (LeRF: it should stay high).
 
 * :func:`noisy_linear_imputation` - the imputation operator, batched and jittable: the system is symmetric positive
   definite whenever some pixel is kept, and is solved with :func:`jax.scipy.sparse.linalg.cg` on the pixel grid (an
   8-neighbour stencil as the matrix-vector product), to a relative residual of ``1e-6``; it equals the authors'
-  ``scipy.sparse.linalg.spsolve`` to about ``4e-6`` on images in [0, 1] (tests/test_road.py).
+  ``scipy.sparse.linalg.spsolve`` to about ``4e-6`` on images in [0, 1] (tests/test_metric_references.py,
+  tests/test_remove_and_debias.py). The solve runs on the device inside ``jit``; no host round trip.
 * :func:`road` - MoRF and LeRF curves for a batch and the summaries that pytorch-grad-cam's port reports
   (``ROADMostRelevantFirstAverage``, ``ROADLeastRelevantFirstAverage``, ``ROADCombined``).
 
@@ -22,6 +23,11 @@ normal noise, one per call and shared by the images, is added before ordering (i
 ``f`` removes the ``floor(f * n)`` most relevant of the ``n`` pixels, LeRF keeps the ``floor((1 - f) * n)`` most
 relevant and removes the rest (the code's ``remove=False`` branch with ``th_p = 1 - f``); the score is the softmax
 probability of the explained class (the code's ``road_eval`` probability; its accuracy is ``predictions == labels``).
+pytorch-grad-cam's port thresholds the map at ``np.percentile(map, 100 * (1 - f))`` instead (linear interpolation
+between pixels), which removes the same pixels when ``f * n`` is a whole number (e.g. ``n`` a multiple of 10 with the
+default fractions) and may differ by one pixel otherwise; with ``noise=0`` and ``tie_break=0`` the curves and
+averages equal its ``ROADMostRelevantFirst`` / ``ROADLeastRelevantFirst`` (percentile ``100 * (1 - f)``),
+``...Average`` and ``ROADCombined`` with a ``ClassifierOutputSoftmaxTarget`` (tests/test_metric_references.py).
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ def _check_float(name: str, value, minimum: float = 0.0) -> float:
 
 def noisy_linear_imputation(images: Array, removed: Array, *, key: Array | None = None,
                             noise: float = 0.01) -> Array:
-    """Replace the removed pixels of each image by the noisy linear imputation of Rong et al. 2022 (Sec. 4.2, Eq. 5).
+    """Replace the removed pixels of each image by the noisy linear imputation of Rong et al. 2022.
 
     For each removed pixel ``p`` and channel, ``x_p = sum_q w_pq x_q / sum_q w_pq`` over its neighbours ``q`` inside
     the image (:data:`NEIGHBOR_WEIGHTS`), where neighbours that are kept contribute their pixel values and removed
@@ -158,7 +164,7 @@ def road(
     noise: float = 0.01,
     tie_break: float = 1e-4,
 ) -> RoadResult:
-    """ROAD curves (MoRF and LeRF) with noisy linear imputation for a batch (Rong et al. 2022, Sec. 4 and 5).
+    """ROAD curves (MoRF and LeRF) with noisy linear imputation for a batch (Rong et al. 2022).
 
     For each fraction ``f``, MoRF imputes (:func:`noisy_linear_imputation`) the ``floor(f * n)`` most relevant of
     the ``n = height * width`` pixels (every channel) and LeRF all but the ``floor((1 - f) * n)`` most relevant ones
@@ -210,7 +216,8 @@ def road(
 
     logits = logits_fn(images)
     if getattr(logits, "ndim", None) != 2 or logits.shape[0] != batch:
-        raise ValueError(f"logits_fn must return [batch={batch}, num_classes]; got shape {getattr(logits, 'shape', None)}")
+        raise ValueError(f"logits_fn must return [batch={batch}, num_classes]; got shape "
+                         f"{getattr(logits, 'shape', None)}")
     targets = resolve_targets(targets, logits)
     original = jnp.take_along_axis(jax.nn.softmax(logits.astype(jnp.float32), -1), targets[:, None], -1)[:, 0]
 
