@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 import scipy.stats
+import sklearn.metrics
 
 from saliency_jax.evaluation import faithfulness as fa
 from saliency_jax.models.small_cnn import SmallCNN
@@ -36,6 +37,10 @@ def test_auc_trapezoid():
     np.testing.assert_allclose(fa.auc(jnp.ones(5)), 1.0)
     np.testing.assert_allclose(fa.auc(jnp.array([0.0, 1.0])), 0.5)
     np.testing.assert_allclose(fa.auc(jnp.array([[0.5, 0.25, 0.1, 0.25, 0.5]])), [1.1 / 4])
+    # scikit-learn's trapezoid area on the evenly spaced x of the curve (float32 vs float64: 1e-6).
+    curves = np.random.default_rng(0).uniform(size=(6, 9)).astype(np.float32)
+    np.testing.assert_allclose(fa.auc(curves), [sklearn.metrics.auc(np.linspace(0, 1, 9), c) for c in curves],
+                               atol=1e-6)
     with pytest.raises(ValueError, match="at least 2"):
         fa.auc(jnp.ones(1))
 

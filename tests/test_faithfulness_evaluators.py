@@ -156,3 +156,76 @@ def test_method_maps_are_the_registrys_saliency_map_exactly():
         np.testing.assert_array_equal(got, jax.jit(before[method])(images, targets), err_msg=method)
     with pytest.raises(ValueError, match="unknown method"):
         method_maps_fn(module, "gradcam", "conv2")
+
+
+def test_faithfulness_evaluator_road_infidelity_sensitivity(tmp_path, monkeypatch):
+    """The three optional metrics equal the library functions called on the evaluator's maps, keys and targets."""
+    from saliency_jax.evaluation import infidelity_sensitivity as inf
+    from saliency_jax.evaluation import remove_and_debias as rd
+
+    run = make_run(tmp_path)
+    settings = FaithfulnessSettings(methods=("gradient",), examples=0, insertion_substrate=0.0, pixels_per_step=1,
+                                    randomization=False, road=True, road_fractions=(0.25, 0.5), infidelity=True,
+                                    sensitivity=True, perturb_samples=3)
+    evaluator = evaluators.faithfulness_evaluator(settings)
+    metrics = evaluator.evaluate(run, types.SimpleNamespace(test_source=lambda config: Source()))
+    got = metrics["methods"]["gradient"]
+
+    images = IMAGES.reshape(3, 2, 2, 1)
+    f = lambda x: x.reshape(x.shape[0], -1) @ W + B  # noqa: E731
+    targets = np.argmax(IMAGES @ W + B, -1)
+    maps = np.abs(W[:, targets].T).reshape(3, 2, 2)  # the gradient map of a linear model
+    road_key, infidelity_key, sensitivity_key = jax.random.split(jax.random.key(0), 3)
+    want = rd.road(f, images, maps, targets, key=road_key, fractions=(0.25, 0.5))
+    assert got["road"]["fractions"] == [0.25, 0.5]
+    np.testing.assert_allclose(got["road"]["morf"], np.mean(want.morf, 0), rtol=1e-5)
+    np.testing.assert_allclose(got["road"]["lerf"], np.mean(want.lerf, 0), rtol=1e-5)
+    np.testing.assert_allclose(got["per_image"]["road_combined"], want.combined, atol=1e-6)
+    assert got["road"]["combined"] == pytest.approx(float(np.mean(want.combined)), abs=1e-6)
+
+    # Infidelity of |W_t| for the logit change W_t . I (one channel), normalised: by hand, with the same noise.
+    noise = np.asarray(inf.gaussian_perturbations(infidelity_key, images, 3, std=0.003)).reshape(3, 3, 4)
+    dots = np.einsum("sbp,bp->sb", noise, maps.reshape(3, 4))
+    change = np.einsum("sbp,bp->sb", noise, W[:, targets].T)
+    beta = (dots * change).sum(0) / (dots * dots).sum(0)
+    np.testing.assert_allclose(got["per_image"]["infidelity"], ((beta * dots - change) ** 2).mean(0), rtol=1e-3)
+    # A linear model's gradient does not move with the input: max-sensitivity 0.
+    np.testing.assert_allclose(got["per_image"]["sensitivity_max"], 0.0, atol=1e-6)
+
+    record = RunRecord(arm="plain", seed=0, workdir=tmp_path, config=run.config, metrics={"faithfulness": metrics})
+    section = evaluator.report(ReportContext(config=run.config, arms=["plain"], runs={"plain": [record]},
+                                             workdir=tmp_path))
+    assert "ROAD (LeRF − MoRF) / 2 ↑ | infidelity ↓ | max-sensitivity ↓ |" in section.markdown
+    assert f" {got['road']['combined']:.3f} | {got['infidelity']:.2e} | 0.000 |" in section.markdown
+
+
+def test_faithfulness_settings_reject_bad_new_values():
+    with pytest.raises(ValueError, match="road_fractions"):
+        FaithfulnessSettings(road_fractions=(0.5, 1.0))
+    with pytest.raises(ValueError, match="perturb_samples"):
+        FaithfulnessSettings(perturb_samples=0)
+
+
+def test_digits_runlocal_with_the_new_metrics(tmp_path):
+    """A tiny end-to-end run (the quickstart's runlocal, one arm) with ROAD, infidelity and max-sensitivity on."""
+    from recorded import load_config
+    from saliency_jax import experiment
+
+    config = load_config("distraction_digits", "runlocal")
+    config.experiment.arms = config.experiment.arms[:1]
+    config.num_steps = 4
+    config.evaluators = (*config.evaluators, "faithfulness")
+    config.faithfulness.methods = ("gradient",)
+    config.faithfulness.examples = 4
+    config.faithfulness.randomization = False
+    config.faithfulness.road = True
+    config.faithfulness.road_fractions = (0.5,)
+    config.faithfulness.infidelity = True
+    config.faithfulness.sensitivity = True
+    config.faithfulness.perturb_samples = 2
+    experiment.run_experiment(config, tmp_path, progress=False, compilation_cache="off")
+    report = (tmp_path / "report.md").read_text()
+    assert "ROAD (LeRF − MoRF) / 2 ↑ | infidelity ↓ | max-sensitivity ↓ |" in report
+    row = next(line for line in report.splitlines() if "| gradient |" in line)
+    road, infidelity, sensitivity = (float(c) for c in row.strip(" |").split("|")[-3:])  # numbers, not n/a
+    assert -1 <= road <= 1 and infidelity >= 0 and sensitivity >= 0

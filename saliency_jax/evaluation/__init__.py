@@ -5,7 +5,8 @@ training of CNN classifiers through visual explanation techniques": accuracy, ma
 precision, recall and F1 and per-class true positive rates (Sec. 4.4, Tables 1 and 3), the
 Random Erasing robustness test (Zhong et al. 2020; Table 4), heat-map grids (Figs. 2-3), and
 markdown tables shaped like the paper's; faithfulness checks of saliency maps (deletion / insertion,
-Petsiuk et al. 2018; cascading model-parameter randomisation, Adebayo et al. 2018; relevance mass in a region);
+Petsiuk et al. 2018; cascading model-parameter randomisation, Adebayo et al. 2018; relevance mass in a region; ROAD,
+Rong et al. 2022; infidelity and max-sensitivity, Yeh et al. 2019);
 and ``backgrounds``: the MNIST background protocol of Cruz & Cardoso (the clean test set and six fixed synthetic
 backgrounds; Table 1 of "Training a CNN to be background invariant").
 """
@@ -16,6 +17,9 @@ from saliency_jax.evaluation.backgrounds import (BACKGROUND_NAMES, TEST_SET_NAME
 from saliency_jax.evaluation.faithfulness import (CausalMetricResult, RandomizationResult, auc, causal_metric,
                                                   deletion, gaussian_blur, insertion, model_randomization,
                                                   relevance_mass_accuracy, spearman_correlation, ssim)
+from saliency_jax.evaluation.infidelity_sensitivity import (gaussian_perturbations, infidelity, sensitivity_max,
+                                                            uniform_perturbations)
+from saliency_jax.evaluation.remove_and_debias import RoadResult, noisy_linear_imputation, road
 from saliency_jax.evaluation.figures import overlay
 from saliency_jax.evaluation.figures import saliency_figure
 from saliency_jax.evaluation.figures import training_curves_figure
@@ -51,6 +55,13 @@ __all__ = [
     "relevance_mass_accuracy",
     "spearman_correlation",
     "ssim",
+    "RoadResult",
+    "gaussian_perturbations",
+    "infidelity",
+    "noisy_linear_imputation",
+    "road",
+    "sensitivity_max",
+    "uniform_perturbations",
     "overlay",
     "BACKGROUND_NAMES",
     "TEST_SET_NAMES",

@@ -36,8 +36,10 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import dm_pix as pix
 import numpy as np
 import scipy.ndimage
+import scipy.stats
 
 from saliency_jax.saliency.core import check_images, resize_maps, resolve_targets
 
@@ -88,7 +90,10 @@ def auc(curve: Array) -> Array:
     """Normalised area under curves sampled at evenly spaced points of [0, 1], by the trapezoid rule.
 
     ``(sum_i c_i - c_0 / 2 - c_n / 2) / n`` for ``n + 1`` samples ``c_0 .. c_n`` (RISE code, ``auc``), so a curve
-    that is 1 everywhere has area 1.
+    that is 1 everywhere has area 1: ``sklearn.metrics.auc(np.linspace(0, 1, n + 1), curve)`` (equal to 1e-6 in
+    tests/test_faithfulness.py). The sum is written out rather than ``jnp.trapezoid``: that gives the same areas to
+    6e-8 but not bit for bit (a quarter of the per-image areas of 256 random 33-point curves differ in the last
+    bit), and the recorded quickstart run (tests/data/recorded/digits_quickstart.json) pins them bit for bit.
 
     Args:
       curve: [..., n + 1] float, n >= 1.
@@ -128,7 +133,9 @@ def gaussian_blur(images: Array, *, kernel_size: int = BLUR_KERNEL_SIZE, sigma: 
     by ``scipy.ndimage.gaussian_filter`` with sigma 5) and ``conv2d(x, kern, padding=klen // 2)`` pads with zeros,
     so the border of the canvas darkens towards 0. (In the reference code the input was ImageNet-normalised, so 0
     there was the mean colour; pass a model input space where 0 is the "absent" value, or supply your own canvas to
-    :func:`causal_metric`.)
+    :func:`causal_metric`.) ``dm_pix.gaussian_blur`` is not used: its kernel is a truncated, renormalised Gaussian,
+    whose 11 x 11, sigma 5 entries differ from RISE's (reflected tails) by up to 0.0033 (the centre weight is 0.0088),
+    changing blurred [0, 1] images by up to 0.034.
 
     Args:
       images: [batch, height, width, channels] float.
@@ -323,16 +330,22 @@ def insertion(
 
 
 def _average_ranks(values: Array) -> Array:
-    """Ranks 1..n of a 1-D array, ties given their average rank (``scipy.stats.rankdata(method="average")``)."""
-    ordered = jnp.sort(values)
-    below = jnp.searchsorted(ordered, values, side="left")
-    up_to = jnp.searchsorted(ordered, values, side="right")
-    return (below + up_to + 1).astype(jnp.float32) / 2.0
+    """Ranks 1..n along the last axis, ties given their average rank: ``scipy.stats.rankdata`` on the host (a
+    :func:`jax.pure_callback`, so it also runs under ``jit`` and ``vmap``)."""
+
+    def rank(x):
+        return scipy.stats.rankdata(np.asarray(x), method="average", axis=-1).astype(np.float32)
+
+    return jax.pure_callback(rank, jax.ShapeDtypeStruct(values.shape, jnp.float32), values,
+                             vmap_method="expand_dims")
 
 
 def spearman_correlation(a: Array, b: Array) -> Array:
-    """Spearman rank correlation between paired maps, per example (ties get average ranks, as
-    ``scipy.stats.spearmanr``).
+    """Spearman rank correlation between paired maps, per example (``scipy.stats.spearmanr`` of each pair).
+
+    The ranks come from ``scipy.stats.rankdata`` (ties get average ranks), computed on the host through
+    :func:`jax.pure_callback` (under ``jit`` on an accelerator the maps are copied to the host); their Pearson
+    correlation is computed in JAX.
 
     Args:
       a, b: [batch, ...] float, the same shape; each example is flattened.
@@ -348,8 +361,8 @@ def spearman_correlation(a: Array, b: Array) -> Array:
     b = jnp.asarray(b)
     if a.shape != b.shape or a.ndim < 2:
         raise ValueError(f"a and b must be [batch, ...] of one shape; got {a.shape} and {b.shape}")
-    ranks_a = jax.vmap(_average_ranks)(a.reshape(a.shape[0], -1).astype(jnp.float32))
-    ranks_b = jax.vmap(_average_ranks)(b.reshape(b.shape[0], -1).astype(jnp.float32))
+    ranks_a = _average_ranks(a.reshape(a.shape[0], -1).astype(jnp.float32))
+    ranks_b = _average_ranks(b.reshape(b.shape[0], -1).astype(jnp.float32))
     ranks_a = ranks_a - jnp.mean(ranks_a, axis=-1, keepdims=True)
     ranks_b = ranks_b - jnp.mean(ranks_b, axis=-1, keepdims=True)
     numerator = jnp.sum(ranks_a * ranks_b, axis=-1)
@@ -363,10 +376,13 @@ def ssim(a: Array, b: Array, *, data_range: float = 1.0, window_size: int = 7, k
     """Mean structural similarity of paired single-channel maps, per example (Wang, Bovik, Sheikh, Simoncelli,
     "Image quality assessment: from error visibility to structural similarity", IEEE TIP 2004, Eq. 13).
 
-    Matches ``skimage.metrics.structural_similarity(a, b, data_range=data_range)`` with its defaults: local means,
-    variances and covariance over ``window_size`` x ``window_size`` uniform windows, sample (``n - 1``) covariance,
-    ``C1 = (k1 * data_range)^2``, ``C2 = (k2 * data_range)^2``, averaged over the windows that lie inside the map
-    (scikit-image crops ``(window_size - 1) // 2`` pixels at each border before averaging, which is the same set).
+    Matches ``skimage.metrics.structural_similarity(a, b, data_range=data_range)`` with its defaults, the SSIM of
+    the sanity-check notebooks: local means, variances and covariance over ``window_size`` x ``window_size``
+    uniform windows, sample (``n - 1``) covariance, ``C1 = (k1 * data_range)^2``, ``C2 = (k2 * data_range)^2``,
+    averaged over the windows that lie inside the map. Computed by ``dm_pix.ssim`` with a uniform window filter
+    (``VALID``: the windows inside the map, the set scikit-image averages after cropping its border) and
+    ``k2 * sqrt((n - 1) / n)``, ``n = window_size^2``: dm-pix's population (co)variances are the sample ones times
+    ``(n - 1) / n``, and SSIM's covariance factor is unchanged when ``C2`` is scaled by the same factor.
 
     Args:
       a, b: [batch, height, width] float, the same shape, height and width >= ``window_size``.
@@ -392,19 +408,13 @@ def ssim(a: Array, b: Array, *, data_range: float = 1.0, window_size: int = 7, k
         raise ValueError(f"maps of {a.shape[1]}x{a.shape[2]} pixels are smaller than the SSIM window ({win}x{win}); "
                          "resize them (saliency_jax.saliency.resize_maps) or pass a smaller window_size")
 
-    def window_mean(x):
-        summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, win, win), (1, 1, 1), "VALID")
+    def window_mean(x):  # [batch, h, w, 1] -> mean over each win x win window inside the map
+        summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, win, win, 1), (1, 1, 1, 1), "VALID")
         return summed / (win * win)
 
-    cov_norm = win * win / (win * win - 1.0)
-    mean_a, mean_b = window_mean(a), window_mean(b)
-    var_a = cov_norm * (window_mean(a * a) - mean_a * mean_a)
-    var_b = cov_norm * (window_mean(b * b) - mean_b * mean_b)
-    cov = cov_norm * (window_mean(a * b) - mean_a * mean_b)
-    c1 = (k1 * data_range) ** 2
-    c2 = (k2 * data_range) ** 2
-    index = ((2 * mean_a * mean_b + c1) * (2 * cov + c2)) / ((mean_a ** 2 + mean_b ** 2 + c1) * (var_a + var_b + c2))
-    return jnp.mean(index, axis=(1, 2))
+    n = win * win
+    return pix.ssim(a[..., None], b[..., None], max_val=data_range, k1=k1, k2=k2 * math.sqrt((n - 1) / n),
+                    filter_fn=window_mean)
 
 
 def _abs_max_normalize(maps: Array) -> Array:

@@ -17,6 +17,22 @@ scores the maps:
   mass inside the known region, on test splits whose items carry a ``"region"`` mask (Decoy MNIST, CelebA with
   templates); None elsewhere.
 
+Three more, each off by default (``road``, ``infidelity``, ``sensitivity``):
+
+* **ROAD** (Rong et al., ICML 2022): the predicted class's probability after imputing (noisy linear imputation, the
+  authors' noise 0.01) the fractions ``road_fractions`` of the pixels, most relevant first (MoRF, lower is better)
+  and least relevant first (LeRF, higher is better); the headline is pytorch-grad-cam's ``ROADCombined``,
+  ``(mean LeRF change - mean MoRF change) / 2`` (higher is better).
+  :func:`saliency_jax.evaluation.remove_and_debias.road`, key 0.
+* **infidelity** (Yeh et al., NeurIPS 2019, Definition 2.1; Captum's ``infidelity``): the squared error between the
+  map's prediction of the predicted class's logit change and the change itself, under ``perturb_samples`` Gaussian
+  perturbations of std ``infidelity_std`` (Captum's documented 0.003) subtracted from the image; the map is used for
+  every channel and rescaled by Captum's ``normalize=True`` least-squares factor, since the methods' maps come in
+  different units. Lower is better.
+* **max-sensitivity** (Yeh et al. 2019, Definition 3.1; Captum's ``sensitivity_max``): the largest relative change
+  ``||map(x + u) - map(x)|| / ||map(x)||`` over ``perturb_samples`` uniform perturbations of radius
+  ``sensitivity_radius`` (Captum's 0.02), explaining the same class. Lower is more stable.
+
 Every computation is batched over the examples and jitted (one compilation per method); the deletion / insertion
 curves of all examples run in :func:`jax.lax.map` chunks, the randomisation steps in one :func:`jax.lax.map`.
 """
@@ -34,6 +50,8 @@ import numpy as np
 from saliency_jax import data as data_lib
 from saliency_jax.models.build import model_layers
 from saliency_jax.evaluation import faithfulness as F
+from saliency_jax.evaluation import infidelity_sensitivity as I
+from saliency_jax.evaluation import remove_and_debias as R
 from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, linen_module,
                                           register_evaluator)
 from saliency_jax.saliency import METHODS, linen_view, saliency_map
@@ -56,6 +74,8 @@ FAITHFULNESS_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 _LAYER_METHODS = tuple(m for m, (name, _) in FAITHFULNESS_METHODS.items()
                        if METHODS[name].layer.startswith("spatial layer"))
 _RISE_SEED = 0
+#: Key of ROAD's noise and of the infidelity / sensitivity perturbations (the same for every arm and method).
+_METRIC_SEED = 0
 _LABELS = {"gradient": "gradient", "grad_cam": "Grad-CAM", "excitation_backprop": "EB",
            "contrastive_excitation_backprop": "cEB", "rise": "RISE"}
 
@@ -77,6 +97,13 @@ class FaithfulnessSettings(EvaluatorSettings):
         module with parameters, last-defined first.
       randomization_examples: images of the randomisation test (the first of ``examples``; it recomputes every map
         once per layer).
+      road: run ROAD (MoRF and LeRF with noisy linear imputation).
+      road_fractions: fractions of the pixels removed by ROAD, each in [0, 1).
+      infidelity: compute infidelity (Captum's, normalised).
+      sensitivity: compute max-sensitivity (recomputes every map ``perturb_samples`` times).
+      perturb_samples: perturbations per image of infidelity and max-sensitivity (Captum's default 10).
+      infidelity_std: standard deviation of infidelity's Gaussian perturbations (image units).
+      sensitivity_radius: half-width of max-sensitivity's uniform perturbations (image units).
     """
 
     methods: tuple[str, ...] = ("gradient", "grad_cam", "excitation_backprop", "contrastive_excitation_backprop")
@@ -88,6 +115,13 @@ class FaithfulnessSettings(EvaluatorSettings):
     randomization: bool = True
     randomization_layers: tuple[str, ...] = ()
     randomization_examples: int = 64
+    road: bool = False
+    road_fractions: tuple[float, ...] = R.ROAD_FRACTIONS
+    infidelity: bool = False
+    sensitivity: bool = False
+    perturb_samples: int = 10
+    infidelity_std: float = 0.003
+    sensitivity_radius: float = 0.02
 
     def __post_init__(self):
         methods = tuple(self.methods) if not isinstance(self.methods, str) else tuple(
@@ -106,6 +140,12 @@ class FaithfulnessSettings(EvaluatorSettings):
         if not (self.insertion_substrate == "blur" or isinstance(self.insertion_substrate, (int, float))):
             raise ValueError(f"faithfulness.insertion_substrate must be 'blur' or a number; got "
                              f"{self.insertion_substrate!r}")
+        fractions = tuple(self.road_fractions)
+        if not fractions or not all(isinstance(f, (int, float)) and 0 <= f < 1 for f in fractions):
+            raise ValueError(f"faithfulness.road_fractions must be numbers in [0, 1); got {self.road_fractions!r}")
+        object.__setattr__(self, "road_fractions", tuple(float(f) for f in fractions))
+        if int(self.perturb_samples) < 1 or not self.infidelity_std > 0 or not self.sensitivity_radius > 0:
+            raise ValueError("faithfulness: perturb_samples must be >= 1, infidelity_std and sensitivity_radius > 0")
 
 
 def method_maps_fn(module, method: str, layer: str | None) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
@@ -162,7 +202,10 @@ def evaluate_faithfulness(module, variables: Any, images: np.ndarray, settings: 
     Returns:
       ``{method: {"deletion_auc", "insertion_auc": mean over images, "relevance_mass": mean or None,
       "randomization": {"layers": [...], "spearman_abs": [mean per step], "spearman": [...]} or absent,
-      "per_image": {"deletion_auc": [n], "insertion_auc": [n]}}}``; the predicted classes are explained.
+      "road": {"fractions", "morf", "lerf": [mean per fraction], "morf_average", "lerf_average", "combined"} or
+      absent, "infidelity", "sensitivity_max": mean or absent,
+      "per_image": {"deletion_auc": [n], "insertion_auc": [n], and "road_combined", "infidelity",
+      "sensitivity_max": [n] where computed}}}``; the predicted classes are explained.
     """
     images = jnp.asarray(images, jnp.float32)
     logits_fn = functools.partial(module.apply, variables, train=False)
@@ -180,12 +223,39 @@ def evaluate_faithfulness(module, variables: Any, images: np.ndarray, settings: 
                               pixels_per_step=step)
             ins = F.insertion(f, images, maps, targets, substrate=settings.insertion_substrate,
                               pixels_per_step=step)
-            return maps, dele.auc, ins.auc
+            extra = {}
+            if settings.road or settings.infidelity or settings.sensitivity:
+                road_key, infidelity_key, sensitivity_key = jax.random.split(jax.random.key(_METRIC_SEED), 3)
+            if settings.road:
+                extra["road"] = R.road(f, images, maps, targets, key=road_key, fractions=settings.road_fractions)
+            if settings.infidelity:
+                noise = I.gaussian_perturbations(infidelity_key, images, int(settings.perturb_samples),
+                                                 std=float(settings.infidelity_std))
+                extra["infidelity"] = I.infidelity(f, images, maps, targets, perturbations=noise, normalize=True)
+            if settings.sensitivity:
+                shifts = I.uniform_perturbations(sensitivity_key, images, int(settings.perturb_samples),
+                                                 radius=float(settings.sensitivity_radius))
+                extra["sensitivity_max"] = I.sensitivity_max(lambda x, t: maps_fn(variables, x, t), images, targets,
+                                                             perturbations=shifts)
+            return maps, dele.auc, ins.auc, extra
 
-        maps, dele, ins = scores(variables, images, targets)
+        maps, dele, ins, extra = scores(variables, images, targets)
         record = {"deletion_auc": float(jnp.mean(dele)), "insertion_auc": float(jnp.mean(ins)),
                   "relevance_mass": None,
                   "per_image": {"deletion_auc": np.asarray(dele).tolist(), "insertion_auc": np.asarray(ins).tolist()}}
+        if "road" in extra:
+            road = extra["road"]
+            record["road"] = {"fractions": list(settings.road_fractions),
+                              "morf": np.mean(np.asarray(road.morf), 0).tolist(),
+                              "lerf": np.mean(np.asarray(road.lerf), 0).tolist(),
+                              "morf_average": float(jnp.mean(road.morf_average)),
+                              "lerf_average": float(jnp.mean(road.lerf_average)),
+                              "combined": float(jnp.mean(road.combined))}
+            record["per_image"]["road_combined"] = np.asarray(road.combined).tolist()
+        for name in ("infidelity", "sensitivity_max"):
+            if name in extra:
+                record[name] = float(jnp.mean(extra[name]))
+                record["per_image"][name] = np.asarray(extra[name]).tolist()
         if regions is not None:
             record["relevance_mass"] = _nanmean(F.relevance_mass_accuracy(maps, jnp.asarray(regions)))
         if settings.randomization and random_params is not None:
@@ -235,13 +305,13 @@ def faithfulness_evaluator(settings: FaithfulnessSettings) -> Evaluator:
         if not per_arm:
             return None
 
-        def cell(values):
+        def cell(values, fmt=".3f"):
             values = [v for v in values if v is not None]
             if not values:
                 return "n/a"
             if len(values) == 1:
-                return f"{values[0]:.3f}"
-            return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+                return f"{values[0]:{fmt}}"
+            return f"{np.mean(values):{fmt}} ± {np.std(values, ddof=1):{fmt}}"
 
         lines = []
         first = next(iter(per_arm.values()))[0]
@@ -250,17 +320,29 @@ def faithfulness_evaluator(settings: FaithfulnessSettings) -> Evaluator:
                      "(Spearman, |map|) with the trained model's map once every layer is re-initialised (Adebayo "
                      "et al. 2018; lower means the map depends on the learnt weights); relevance mass inside the "
                      "known region (n/a: the data has none). Mean ± sample std over repeats.")
+        records = [m for runs in per_arm.values() for r in runs for m in r.get("methods", {}).values()]
+        extras = [(key, title) for key, title in (("road", "ROAD (LeRF − MoRF) / 2 ↑"), ("infidelity", "infidelity ↓"),
+                                                  ("sensitivity_max", "max-sensitivity ↓"))
+                  if any(key in m for m in records)]
+        if extras:
+            lines[-1] += (" ROAD: pytorch-grad-cam's ROADCombined of Rong et al. 2022 (noisy linear imputation); "
+                          "infidelity (Captum's, normalised) and max-sensitivity of Yeh et al. 2019.")
         lines += ["", "| arm | method | deletion AUC ↓ | insertion AUC ↑ | rank corr. after randomisation ↓ | "
-                      "relevance mass ↑ |", "| --- | --- | --- | --- | --- | --- |"]
+                      "relevance mass ↑ |" + "".join(f" {title} |" for _, title in extras),
+                  "| --- | --- | --- | --- | --- | --- |" + " --- |" * len(extras)]
         for arm, runs in per_arm.items():
             for method in settings.methods:
                 rows = [r["methods"][method] for r in runs if method in r.get("methods", {})]
                 if not rows:
                     continue
                 rand = [r["randomization"]["spearman_abs"][-1] for r in rows if r.get("randomization")]
+                more = [[(r[key]["combined"] if key == "road" else r[key]) for r in rows if key in r]
+                        for key, _ in extras]
                 lines.append(f"| {arm} | {_LABELS.get(method, method)} | {cell([r['deletion_auc'] for r in rows])} | "
                              f"{cell([r['insertion_auc'] for r in rows])} | {cell(rand)} | "
-                             f"{cell([r['relevance_mass'] for r in rows])} |")
+                             f"{cell([r['relevance_mass'] for r in rows])} |" + "".join(
+                                 f" {cell(v, '.2e' if key == 'infidelity' else '.3f')} |"
+                                 for v, (key, _) in zip(more, extras)))
         cascades = {arm: runs[0]["methods"] for arm, runs in per_arm.items()}
         arm0, methods0 = next(iter(cascades.items()))
         cascade = {m: r["randomization"] for m, r in methods0.items() if r.get("randomization")}
