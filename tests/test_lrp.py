@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saliency_jax.saliency import (UnsupportedOperationError, gradient_x_input, linen_view, lrp, saliency_map,
-                                   weighted_outputs)
+from saliency_jax.saliency import (UnsupportedOperationError, gradient_x_input, linen_view, lrp, normalize_maps,
+                                   saliency_map, weighted_outputs)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import lrp_reference  # noqa: E402
@@ -36,6 +36,11 @@ def _small_cnn(sd):
     return functools.partial(lrp_reference.SmallLRPNet().apply, lrp_reference.linen_variables(sd))
 
 
+def _relevance(f, images, targets, **kwargs):
+    """lrp(..., reduction="none") under jit (one compilation is faster than eager dispatch of every rule)."""
+    return jax.jit(lambda x, t: lrp(f, x, t, reduction="none", **kwargs))(jnp.asarray(images), jnp.asarray(targets))
+
+
 @pytest.mark.parametrize("case", lrp_reference.CASES, ids=[c[0] for c in lrp_reference.CASES])
 def test_small_cnn_equals_recorded_zennit(case):
     """CI without torch: zennit's relevance recorded by tests/make_lrp_references.py."""
@@ -43,8 +48,7 @@ def test_small_cnn_equals_recorded_zennit(case):
     data = np.load(RECORDED)
     sd = {k[len("weight/"):]: data[k] for k in data.files if k.startswith("weight/")}
     ref = data[f"relevance/{name}"]
-    ours = lrp(_small_cnn(sd), jnp.asarray(data["images"]), jnp.asarray(data["targets"]), reduction="none",
-               **kwargs)
+    ours = _relevance(_small_cnn(sd), data["images"], data["targets"], **kwargs)
     assert ours.shape == ref.shape == (3, 8, 8, 3)
     _close_to_reference(ours, ref, 1e-4, name)
     _close_to_reference(ours.sum(-1), ref.sum(-1), 1e-4, f"{name} (channel sum)")
@@ -61,7 +65,7 @@ def test_small_cnn_equals_zennit_live(case):
     images, targets = lrp_reference.images_and_targets(seed=8, batch=4)
     net = lrp_reference.torch_net(sd)
     ref = lrp_reference.zennit_relevance(net, images, targets, rule, rule_kwargs, SequentialMergeBatchNorm())
-    ours = lrp(_small_cnn(sd), jnp.asarray(images), jnp.asarray(targets), reduction="none", **kwargs)
+    ours = _relevance(_small_cnn(sd), images, targets, **kwargs)
     _close_to_reference(ours, ref, 1e-4, name)
 
 
@@ -100,8 +104,7 @@ def test_resnet18_equals_zennit(case):
     variables = import_resnet({k: v.numpy() for k, v in net.state_dict().items()}, variables, arch="resnet18")
     normalised = (images - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
     ref = lrp_reference.zennit_relevance(net, normalised, targets, rule, rule_kwargs, ResNetCanonizer())
-    ours = lrp(functools.partial(model.apply, variables), jnp.asarray(images), jnp.asarray(targets),
-               reduction="none", **kwargs)
+    ours = _relevance(functools.partial(model.apply, variables), images, targets, **kwargs)
     _close_to_reference(ours, ref, 1e-3, name)
     _close_to_reference(ours.sum(-1), ref.sum(-1), 1e-3, f"{name} (channel sum)")
 
@@ -145,14 +148,14 @@ def test_conservation_on_a_bias_free_network(bias_free, kwargs):
     targets = jnp.argmax(f(images), axis=-1)
     logits = f(images)[jnp.arange(2), targets]
     assert float(logits.min()) > 0  # z+ needs a positive contribution at the output
-    relevance = lrp(f, images, targets, reduction="none", stabilizer=1e-9, **kwargs)
+    relevance = _relevance(f, images, targets, stabilizer=1e-9, **kwargs)
     np.testing.assert_allclose(relevance.sum((1, 2, 3)), logits, rtol=1e-4)
 
 
 def test_lrp_0_is_gradient_times_input_on_a_bias_free_relu_network(bias_free):
     """Montavon 2019, Sec. 10.2.1: LRP-0 on a ReLU network without biases equals gradient x input."""
     f, images = bias_free
-    relevance = lrp(f, images, 1, epsilon=1e-9, stabilizer=1e-9, reduction="none")
+    relevance = _relevance(f, images, 1, epsilon=1e-9, stabilizer=1e-9)
     want = gradient_x_input(f, images, 1, reduction="none")
     np.testing.assert_allclose(relevance, want, rtol=1e-4, atol=1e-6 * float(jnp.abs(want).max()))
 
@@ -184,15 +187,15 @@ def test_batch_norm_is_merged_into_the_conv_before_it():
     images = jnp.asarray(r.normal(size=(2, 6, 6, 3)), jnp.float32)
     np.testing.assert_allclose(with_bn(images), merged(images), rtol=1e-5, atol=1e-5)
     for kwargs in (dict(rule="epsilon"), dict(rule="zplus"), dict(rule="alpha_beta")):
-        got = lrp(with_bn, images, 0, reduction="none", **kwargs)
-        want = lrp(merged, images, 0, reduction="none", **kwargs)
+        got = _relevance(with_bn, images, 0, **kwargs)
+        want = _relevance(merged, images, 0, **kwargs)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()), err_msg=str(kwargs))
 
 
 def test_zplus_is_alpha1_beta0_and_jit_gives_the_same(bias_free):
     f, images = bias_free
     zplus = lrp(f, images, 1, rule="zplus", reduction="none")
-    np.testing.assert_allclose(lrp(f, images, 1, rule="alpha_beta", alpha=1.0, beta=0.0, reduction="none"), zplus,
+    np.testing.assert_allclose(_relevance(f, images, 1, rule="alpha_beta", alpha=1.0, beta=0.0), zplus,
                                rtol=1e-6, atol=1e-7)
     jitted = jax.jit(lambda x: lrp(f, x, 1, rule="zplus", reduction="none"))(images)
     np.testing.assert_allclose(jitted, zplus, rtol=1e-5, atol=1e-7)
@@ -213,13 +216,13 @@ def test_saliency_map_convention_extras_and_target_functions():
                            ("lrp_zplus", dict(rule="zplus"))]:
         options = {k: v for k, v in kwargs.items() if k != "rule"}
         out = saliency_map(method, view, images, 2, return_extras=True, **options)
-        relevance = lrp(f, images, 2, reduction="none", **kwargs)
-        np.testing.assert_allclose(out.extras["attribution"], relevance, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(out.maps, lrp(f, images, 2, normalize=True, **kwargs), rtol=1e-5, atol=1e-6)
+        relevance = _relevance(f, images, 2, **kwargs)
+        np.testing.assert_allclose(out.extras["attribution"], relevance, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out.maps, normalize_maps(relevance.sum(-1)), rtol=1e-5, atol=1e-5)
         assert out.maps.shape == (3, 8, 8) and float(out.maps.min()) >= 0.0 and float(out.maps.max()) <= 1.0
         # A target function linear in the outputs: its coefficients weight the output relevance.
-        by_function = saliency_map(method, view, images, weighted_outputs(jnp.array([0.0, 0.0, 1.0, 0.0, 0.0])),
-                                   normalize=False, **options)
+        target = weighted_outputs(jnp.array([0.0, 0.0, 1.0, 0.0, 0.0]))
+        by_function = jax.jit(lambda x: saliency_map(method, view, x, target, normalize=False, **options))(images)
         np.testing.assert_allclose(by_function, relevance.sum(-1), rtol=1e-5, atol=1e-6)
 
 

@@ -20,7 +20,9 @@ operand (a bias, inference-mode batch norm's ``- mean``, ``* scale / sqrt(var + 
 pool's ``/ window size``) or a float ``convert_element_type``, which are appended to it. The first other consumer
 evaluates the merged layer ``y = s * L(x) + t`` (``s``, ``t``: the element-wise scale and shift of the appended
 operations, per output element) as one ``jax.custom_vjp`` function whose rule uses the merged weights ``s * W`` and
-bias ``t``, as the relevance rules on a canonized torch model do.
+bias ``t``, as the relevance rules on a canonized torch model do. Merging stops at the boundary of a call-like
+primitive (``jit``, ``checkpoint``, custom derivatives): a conv outside a ``jax.jit`` and its batch norm inside one
+are not merged (the batch norm then passes relevance unchanged); flax's own layers produce no such boundary.
 """
 
 from __future__ import annotations
@@ -207,7 +209,8 @@ def choose_rule(eqn, data: Sequence[bool]) -> LRPRule:
 
 
 def stabilize(z: Array, epsilon: float) -> Array:
-    """``z + epsilon * sign(z)`` with ``sign(0) = 1`` (zennit's ``stabilize``; Bach et al. 2015, Eq. 58)."""
+    """``z + epsilon * sign(z)`` with ``sign(0) = 1``: the denominator of Bach et al. 2015's epsilon-stabilised rule
+    (zennit's ``stabilize``). ``z``: any shape, float; the result has its shape and dtype."""
     return z + jnp.where(z >= 0, epsilon, -epsilon).astype(z.dtype)
 
 
@@ -429,8 +432,8 @@ def _check_options(options: LRPOptions) -> None:
     if options.rule == "alpha_beta":
         a, b = options.alpha, options.beta
         if not all(isinstance(v, (int, float)) for v in (a, b)) or a < 0 or b < 0 or abs(a - b - 1) > 1e-12:
-            raise ValueError(f"alpha-beta needs alpha >= 0, beta >= 0 and alpha - beta = 1 (Bach et al. 2015, "
-                             f"Eq. 60: relevance is conserved only then); got alpha={a!r}, beta={b!r}")
+            raise ValueError(f"alpha-beta needs alpha >= 0, beta >= 0 and alpha - beta = 1 (Bach et al. 2015: "
+                             f"relevance is conserved only then); got alpha={a!r}, beta={b!r}")
 
 
 def with_lrp_rules(fn: Callable, *, rule: RuleName = "epsilon", epsilon: float = 1e-6, alpha: float = 2.0,

@@ -6,13 +6,14 @@ Relevance Propagation: An Overview", in *Explainable AI*, LNCS 11700, 2019. The 
 ``R = f_c(x)`` (the target logit), is redistributed layer by layer down to the input pixels. For a dense or
 convolution layer ``z_j = sum_i x_i w_ij + b_j`` with relevance ``R_j`` at its outputs:
 
-* **LRP-epsilon** (Montavon 2019, Eq. 10.4; Bach 2015, Eq. 58): ``R_i = sum_j x_i w_ij / (z_j + eps sign(z_j)) R_j``
-  with ``sign(0) = 1``; ``epsilon -> 0`` is LRP-0 (gradient x input on a ReLU network without biases).
-* **LRP-alpha-beta** (Bach 2015, Eq. 60; Montavon 2019, Eq. 10.6 discussion): ``R_i = sum_j (alpha (x_i w_ij)^+ /
-  z_j^+ - beta (x_i w_ij)^- / z_j^-) R_j`` with ``z_j^+ = sum_i (x_i w_ij)^+ + b_j^+`` and ``z_j^- = sum_i (x_i
-  w_ij)^- + b_j^-``, ``alpha - beta = 1``; alpha=2, beta=1 and alpha=1, beta=0 are the usual choices.
-* **LRP-z+** (Montavon 2019, Eq. 10.6 with gamma -> infinity; Montavon et al. 2017 deep Taylor decomposition):
-  alpha-beta with alpha=1, beta=0.
+* **LRP-epsilon** (Bach 2015, section "Pixel-wise decomposition for multilayer networks", the epsilon-stabilised
+  rule; Montavon 2019, Sec. 10.2.1): ``R_i = sum_j x_i w_ij / (z_j + eps sign(z_j)) R_j`` with ``sign(0) = 1``;
+  ``epsilon -> 0`` is LRP-0 (gradient x input on a ReLU network without biases).
+* **LRP-alpha-beta** (Bach 2015, same section): ``R_i = sum_j (alpha (x_i w_ij)^+ / z_j^+ - beta (x_i w_ij)^- /
+  z_j^-) R_j`` with ``z_j^+ = sum_i (x_i w_ij)^+ + b_j^+``, ``z_j^- = sum_i (x_i w_ij)^- + b_j^-`` and
+  ``alpha - beta = 1``; alpha=2, beta=1 and alpha=1, beta=0 are the usual choices.
+* **LRP-z+** (Montavon et al., Pattern Recognition 2017, deep Taylor decomposition; LRP-gamma with
+  gamma -> infinity in Montavon 2019, Sec. 10.2.1): alpha-beta with alpha=1, beta=0.
 
 Products ``(x_i w_ij)^+`` are split by the signs of both factors (``x^+ w^+ + x^- w^-`` and ``x^+ w^- + x^- w^+``),
 so signed inputs (normalised pixels) are handled; the z+ / alpha-beta denominators use ``stabilizer`` in the same
