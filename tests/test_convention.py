@@ -26,6 +26,7 @@ from saliency_jax.saliency import (
     linen_class_activation_map,
     linen_layer,
     linen_view,
+    lrp,
     normalize_maps,
     nnx_layer,
     nnx_paths,
@@ -176,6 +177,9 @@ def low_level(method):
             functools.partial(vanilla_gradient, logits_fn, reduction="none"), KEY, x, t, num_samples=4,
             samples_per_step=2))),
         "rise": lambda: rise(logits_fn, KEY, x, t, num_masks=32, grid_size=2, masks_per_step=16, normalize=True),
+        "lrp_epsilon": lambda: lrp(logits_fn, x, t, normalize=True),
+        "lrp_alpha_beta": lambda: lrp(logits_fn, x, t, rule="alpha_beta", normalize=True),
+        "lrp_zplus": lambda: lrp(logits_fn, x, t, rule="zplus", normalize=True),
     }[method]()
 
 

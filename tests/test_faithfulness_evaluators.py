@@ -127,7 +127,7 @@ def test_method_maps_are_the_registrys_saliency_map_exactly():
     from saliency_jax.evaluators.faithfulness import FAITHFULNESS_METHODS, method_maps_fn
     from saliency_jax.models import SmallCNN
     from saliency_jax.saliency import (METHODS, contrastive_excitation_backprop, excitation_backprop, grad_cam,
-                                       linen_layer, linen_view, rise, saliency_map, vanilla_gradient)
+                                       linen_layer, linen_view, lrp, rise, saliency_map, vanilla_gradient)
 
     module = SmallCNN(num_classes=3, widths=(2, 3, 4), use_batchnorm=False)
     images = jax.random.uniform(jax.random.key(0), (3, 8, 8, 3))
@@ -142,6 +142,9 @@ def test_method_maps_are_the_registrys_saliency_map_exactly():
         "contrastive_excitation_backprop": lambda x, t: contrastive_excitation_backprop(
             lm, x, t, resize=True, normalize=False).saliency,
         "rise": lambda x, t: rise(f, jax.random.key(0), x, t, num_masks=500, grid_size=7),
+        "lrp_epsilon": lambda x, t: lrp(f, x, t),
+        "lrp_alpha_beta": lambda x, t: lrp(f, x, t, rule="alpha_beta"),
+        "lrp_zplus": lambda x, t: lrp(f, x, t, rule="zplus"),
     }
     assert set(before) == set(FAITHFULNESS_METHODS)
     for method, (name, options) in FAITHFULNESS_METHODS.items():

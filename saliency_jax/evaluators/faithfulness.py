@@ -69,6 +69,9 @@ FAITHFULNESS_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "excitation_backprop": ("excitation_backprop", {}),
     "contrastive_excitation_backprop": ("contrastive_excitation_backprop", {}),
     "rise": ("rise", {"num_masks": 500, "grid_size": 7}),
+    "lrp_epsilon": ("lrp_epsilon", {}),
+    "lrp_alpha_beta": ("lrp_alpha_beta", {}),
+    "lrp_zplus": ("lrp_zplus", {}),
 }
 #: The methods that explain a layer (:class:`FaithfulnessSettings` ``layers``); the others take the pixels.
 _LAYER_METHODS = tuple(m for m, (name, _) in FAITHFULNESS_METHODS.items()
@@ -77,7 +80,8 @@ _RISE_SEED = 0
 #: Key of ROAD's noise and of the infidelity / sensitivity perturbations (the same for every arm and method).
 _METRIC_SEED = 0
 _LABELS = {"gradient": "gradient", "grad_cam": "Grad-CAM", "excitation_backprop": "EB",
-           "contrastive_excitation_backprop": "cEB", "rise": "RISE"}
+           "contrastive_excitation_backprop": "cEB", "rise": "RISE", "lrp_epsilon": "LRP-eps",
+           "lrp_alpha_beta": "LRP-a2b1", "lrp_zplus": "LRP-z+"}
 
 
 @dataclasses.dataclass(frozen=True)

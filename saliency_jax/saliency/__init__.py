@@ -35,6 +35,7 @@ from saliency_jax.saliency.excitation_backprop import (
     marginal_winning_probability,
     with_excitation_rules,
 )
+from saliency_jax.saliency.lrp import lrp, with_lrp_rules
 from saliency_jax.saliency.gradients import (
     GuidedBackpropError,
     gradient_x_input,

@@ -26,6 +26,10 @@ Target functions per method:
   raises ``ValueError`` otherwise (softmax, products, norms). Give a non-linear combination as an explicit
   ``prior=`` array if that is what you mean;
 * CAM is defined per class and takes class indices only.
+* LRP (``"lrp_epsilon"``, ``"lrp_alpha_beta"``, ``"lrp_zplus"``) starts from relevance ``c * outputs``: a one-hot
+  ``c`` on the class (the target logit, Bach et al. 2015), or, for a target function linear in the outputs, its
+  coefficients as for EB. Maps are the signed channel sum of the input relevance (``reduction="sum"``); the
+  relevance ``[batch, height, width, channels]`` is ``extras["attribution"]``.
 
 SmoothGrad (``"smooth_grad"``, option ``base=`` any deterministic method) averages the base method's raw maps over
 noisy copies - for the input-gradient bases the raw attribution, reduced over channels afterwards, as PAIR saliency
@@ -51,6 +55,7 @@ _cam = importlib.import_module("saliency_jax.saliency.cam")
 _eb = importlib.import_module("saliency_jax.saliency.excitation_backprop")
 _gradients = importlib.import_module("saliency_jax.saliency.gradients")
 _grad_cam = importlib.import_module("saliency_jax.saliency.grad_cam")
+_lrp = importlib.import_module("saliency_jax.saliency.lrp")
 _rise = importlib.import_module("saliency_jax.saliency.rise")
 from saliency_jax.saliency.core import (
     at_least_float32,
@@ -298,6 +303,27 @@ def _input_gradient(low):
     return method
 
 
+def _lrp_method(rule: str, rule_options: tuple[str, ...]):
+    name = f"lrp_{rule}"
+
+    def method(view, images, targets, *, prior=None, reduction="sum", **options):
+        unknown = sorted(set(options) - set(rule_options))
+        if unknown:
+            raise TypeError(f"{name} got unexpected options {unknown}; it takes prior=, reduction= and "
+                            f"{', '.join(o + '=' for o in rule_options)}")
+        if reduction == "none":
+            raise ValueError("saliency_map returns [batch, height, width] maps; the unreduced relevance is "
+                             "extras['attribution'] (return_extras=True)")
+        if callable(targets):
+            if prior is not None:
+                raise ValueError("give either a target function or prior=, not both")
+            prior, targets = _linear_prior(targets, view, images), None
+        relevance = _lrp.lrp(view.output_fn, images, targets, rule=rule, prior=prior, reduction="none", **options)
+        return _gradients.reduce_attribution(relevance, reduction), {"attribution": relevance}
+
+    return method
+
+
 def _rise_method(view, images, targets, *, key, num_masks=4000, grid_size=7, p=0.5, score="softmax",
                  masks_per_step=100):
     maps = _rise.rise(view.output_fn, key, images, targets, num_masks=num_masks, grid_size=grid_size, p=p,
@@ -351,6 +377,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "2017", "none", "num_steps forwards + backwards"),
     Method("smooth_grad", _smooth_grad_method, "Smilkov et al., 2017", "as its base method",
            "num_samples x base", needs_key=True),
+    Method("lrp_epsilon", _lrp_method("epsilon", ("epsilon", "stabilizer")), "Bach et al., PLOS ONE 2015; "
+           "Montavon et al. 2019", "none (LRP rules: dense/conv, pooling, ReLU, inference BN, residual sums)",
+           "1 forward + 1 backward", targets="linear"),
+    Method("lrp_alpha_beta", _lrp_method("alpha_beta", ("alpha", "beta", "stabilizer")), "Bach et al., PLOS ONE "
+           "2015", "none (as lrp_epsilon)", "1 forward + 1 backward (4 products per dense/conv layer)",
+           targets="linear"),
+    Method("lrp_zplus", _lrp_method("zplus", ("stabilizer",)), "Montavon et al., Pattern Recognit. 2017", "none "
+           "(as lrp_epsilon)", "1 forward + 1 backward (2 products per dense/conv layer)", targets="linear"),
     Method("rise", _rise_method, "Petsiuk et al., BMVC 2018", "none (black box)", "num_masks forwards",
            needs_key=True),
 ]}
