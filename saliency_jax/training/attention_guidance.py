@@ -51,8 +51,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from saliency_jax.saliency import LayerModel, class_scores, grad_cam, normalize_maps, resize_maps, resolve_targets
-from saliency_jax.saliency.core import at_least_float32, check_images, degenerate_maps
+from saliency_jax.saliency import LayerModel, grad_cam, hirescam
+from saliency_jax.saliency.core import check_images, degenerate_maps
 from saliency_jax.training.scheme import Forward, ModelLayers, Scheme, SchemeSettings, StepContext, register_scheme
 
 Array = jax.Array
@@ -309,16 +309,7 @@ def guidance_maps(layer_model: LayerModel, images: Array, targets: Array, *, sco
     if weighting != "hirescam":
         return grad_cam(layer_model, images, targets, score=score, weighting=weighting, relu=True, resize=True,
                         normalize=True)
-    check_images(images)
-    shape = layer_model.activation_shape(images)
-
-    def summed_score(perturbation):
-        logits, activations = layer_model(images, perturbation)
-        return jnp.sum(class_scores(logits, resolve_targets(targets, logits), score)), activations
-
-    gradients, activations = jax.grad(summed_score, has_aux=True)(jnp.zeros(shape.shape, shape.dtype))
-    maps = jax.nn.relu(jnp.sum(at_least_float32(gradients) * at_least_float32(activations), axis=-1))
-    return normalize_maps(resize_maps(maps, images.shape[1:3]))
+    return hirescam(layer_model, images, targets, score=score, relu=True, resize=True, normalize=True)
 
 
 def guidance_loss(layer_model: LayerModel, images: Array, targets: Array, regions: Array, *,
