@@ -67,7 +67,7 @@ class TinyCNN(nn.Module):
     """The linen twin of :func:`torch_model`: layers ``block1`` and ``block2`` (each conv + ReLU)."""
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):  # no train-mode layers; the flag as the evaluators pass it
         x = nn.max_pool(Block(WIDTHS[0], name="block1")(x), (2, 2), strides=(2, 2))
         x = nn.max_pool(Block(WIDTHS[1], name="block2")(x), (2, 2), strides=(2, 2))
         return nn.Dense(NUM_CLASSES, name="fc")(x.reshape(x.shape[0], -1))
