@@ -69,8 +69,11 @@ __all__ = [
     "grad_cam_plus_plus_map",
     "hirescam",
     "hirescam_map",
+    "image_maps",
     "layer_cam_map",
+    "normalize_any",
     "score_cam",
+    "score_cam_masks",
     "xgrad_cam_map",
     "xgrad_cam_weights",
 ]
@@ -344,11 +347,13 @@ def score_cam_masks(activations: Array, size: tuple[int, int]) -> Array:
     return (up - lo) / (hi - lo + 1e-8)
 
 
-def _masked_scores(output_fn: Callable[[Array], Array], images: Array, masks: Array, classes: Array, score: str,
-                   masks_per_step: int) -> Array:
+def _masked_scores(output_fn: Callable[[Array], Array], images: Array, activations: Array, classes: Array,
+                   score: str, masks_per_step: int) -> Array:
     """Target scores on the images masked by each channel's mask: float32 [batch, channels] ([batch, k, channels]
-    for classes [batch, k]). ``masks_per_step`` masks per ``vmap``, the chunks under ``lax.map``."""
-    channels = masks.shape[-1]
+    for classes [batch, k]). ``masks_per_step`` masks per ``vmap``, the chunks under ``lax.map``; each chunk's masks
+    are made from its channels only (memory of one chunk, not of all channels' image-size masks)."""
+    channels = activations.shape[-1]
+    size = tuple(images.shape[1:3])
     step = max(1, min(int(masks_per_step), channels))
     chunks = -(-channels // step)
     index = jnp.minimum(jnp.arange(chunks * step, dtype=jnp.int32), channels - 1).reshape(chunks, step)
@@ -360,7 +365,8 @@ def _masked_scores(output_fn: Callable[[Array], Array], images: Array, masks: Ar
         return jax.vmap(lambda c: class_scores(outputs, c, score), in_axes=1, out_axes=1)(classes)
 
     def chunk(idx):
-        return jax.vmap(one, in_axes=-1, out_axes=-1)(jnp.take(masks, idx, axis=-1))
+        masks = score_cam_masks(jnp.take(activations, idx, axis=-1), size)
+        return jax.vmap(one, in_axes=-1, out_axes=-1)(masks)
 
     scores = jax.lax.map(chunk, index)  # [chunks, batch, (k,) step]
     scores = jnp.moveaxis(scores, 0, -2)  # [batch, (k,) chunks, step]
@@ -403,11 +409,10 @@ def score_cam(model: LayerModel, images: Array, targets: Any = None, *, score: S
     activations = activations if isinstance(model.layer, tuple) else (activations,)
     classes = resolve_target_set(targets, logits) if is_target_set(targets) else resolve_targets(targets, logits)
     output_fn = lambda x: model(x)[0]  # noqa: E731
-    size = tuple(images.shape[1:3])
     layer_maps = []
     for a in activations:
-        masks = score_cam_masks(jax.lax.stop_gradient(a), size)
-        weights = jax.nn.softmax(_masked_scores(output_fn, images, masks, classes, score, masks_per_step), axis=-1)
+        scores = _masked_scores(output_fn, images, jax.lax.stop_gradient(a), classes, score, masks_per_step)
+        weights = jax.nn.softmax(scores, axis=-1)
         if classes.ndim == 1:
             layer_maps.append(jnp.einsum("bhwc,bc->bhw", at_least_float32(a), weights))
         else:
