@@ -22,8 +22,8 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import make_cam_references as R  # noqa: E402
 
-from saliency_jax.saliency import (METHODS, excitation_backprop, grad_cam, hirescam, linen_layer, linen_view,  # noqa: E402
-                                   occlusion, saliency_map, top_k)
+from saliency_jax.saliency import (METHODS, excitation_backprop, grad_cam, hirescam, linen_layer,  # noqa: E402
+                                   linen_view, occlusion, saliency_map, top_k)
 from saliency_jax.saliency.occlusion import occlusion_positions  # noqa: E402
 
 REF = dict(np.load(R.PATH))

@@ -68,7 +68,6 @@ from saliency_jax.saliency.core import (
     invalid_examples,
     degenerate_maps,
     mark_invalid,
-    normalize_maps,
     resize_maps,
     resolve_targets,
 )
