@@ -23,11 +23,13 @@ image and, for several layers, aggregated:
 * :func:`score_cam` - Wang, Wang, Du, Yang, Zhang, Ding, Mardziel, Hu, "Score-CAM: Score-Weighted Visual
   Explanations for Convolutional Neural Networks", CVPR workshops 2020, Eq. 6-8: each channel ``A_k``, upsampled to
   the image and min-max normalised, masks the image; the model's score of the target on each masked image gives
-  the channel's weight; ``L = ReLU(sum_k w_k A_k)``. As pytorch-grad-cam's ``ScoreCAM`` (the reference here): the
-  upsampling aligns corners (``nn.UpsamplingBilinear2d``), the normalisation adds ``1e-8``, the score is the
-  target's logit (``ClassifierOutputTarget``; ``score="softmax"`` for the probability the authors' code uses) and
-  the weights are the softmax of the scores over the channels. No gradient; ``channels`` forwards per image, run
-  ``masks_per_step`` masks at a time (``vmap`` under ``lax.map``).
+  the channel's weight; ``L = ReLU(sum_k w_k A_k)``. As pytorch-grad-cam's ``ScoreCAM`` (the reference library
+  here): the upsampling aligns corners (``nn.UpsamplingBilinear2d``), the normalisation adds ``1e-8``, the score is
+  the target's logit (``ClassifierOutputTarget``; ``score="softmax"``: its probability) and the weights are the
+  softmax of the scores over the channels. The authors' released code (haofanwang/Score-CAM) differs: it weights
+  the upsampled *masks* by each masked image's softmax probability, with no softmax over the channels; that variant
+  is not offered. No gradient; ``channels`` forwards per image, run ``masks_per_step`` masks at a time (``vmap``
+  under ``lax.map``).
 
 Several layers (pytorch-grad-cam's ``target_layers``, e.g. ``["layer3", "layer4"]``): the split
 (:func:`~saliency_jax.saliency.core.linen_layer` with a list of paths) runs the model once and gives every layer's
@@ -387,7 +389,7 @@ def score_cam(model: LayerModel, images: Array, targets: Any = None, *, score: S
       targets: ``None`` (predicted class), ``int``, int [batch], int [batch, k] or
         :func:`~saliency_jax.saliency.target_sets.top_k` (the ``k`` maps share the masked forwards).
       score: ``"logit"`` (pytorch-grad-cam's ``ClassifierOutputTarget``) or ``"softmax"`` (the class probability,
-        as the authors' released code).
+        ``ClassifierOutputSoftmaxTarget``).
       masks_per_step: masked images per ``vmap`` (pytorch-grad-cam's ``batch_size``, 16); memory vs. speed, the
         result does not depend on it.
 
