@@ -223,3 +223,30 @@ def test_faithfulness_evaluator_runs_new_methods_by_name(tmp_path):
     expected = F.deletion(logits_fn, X, maps, pred, substrate=0.0)
     np.testing.assert_allclose(metrics["methods"]["hirescam"]["per_image"]["deletion_auc"], expected.auc, rtol=1e-5)
     assert np.isfinite(metrics["methods"]["occlusion"]["deletion_auc"])
+
+
+def test_several_layers_of_an_nnx_module_with_activation_paths():
+    """An unmodified NNX module split at two '+relu' paths: the aggregate is the mean of each layer's normalised,
+    resized map (from one forward and one backward)."""
+    from flax import nnx
+
+    from saliency_jax.saliency import normalize_maps, nnx_view, resize_maps
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv1 = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+            self.conv2 = nnx.Conv(4, 5, (3, 3), strides=2, rngs=rngs)
+            self.fc = nnx.Linear(5, 3, rngs=rngs)
+
+        def __call__(self, x):
+            h = nnx.relu(self.conv2(nnx.relu(self.conv1(x))))
+            return self.fc(h.mean((1, 2)))
+
+    net = Net(nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3))
+    t = jnp.array([0, 2])
+    both = saliency_map("grad_cam", nnx_view(net, ["conv1+relu", "conv2+relu"]), x, t, normalize=False)
+    parts = [saliency_map("grad_cam", nnx_view(net, layer), x, t, normalize=False, return_extras=True)
+             .extras["layer_map"] for layer in ("conv1+relu", "conv2+relu")]
+    want = np.mean([resize_maps(normalize_maps(jax.nn.relu(p)), (8, 8)) for p in parts], axis=0)
+    np.testing.assert_allclose(both, want, rtol=1e-6, atol=1e-7)
