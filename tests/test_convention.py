@@ -11,6 +11,8 @@ import pytest
 from flax import nnx
 
 from saliency_jax import saliency
+from saliency_jax.saliency import layer_cams
+from saliency_jax.saliency.occlusion import occlusion
 from saliency_jax.saliency import (
     METHODS,
     Explanation,
@@ -146,6 +148,7 @@ OPTIONS = {
     "rise": dict(key=KEY, num_masks=32, grid_size=2, masks_per_step=16),
     "smooth_grad": dict(key=KEY, num_samples=4, samples_per_step=2),
     "integrated_gradients": dict(num_steps=8, steps_per_chunk=4),
+    "occlusion": dict(sliding_window_shapes=(4, 4), strides=(2, 2)),
 }
 
 
@@ -180,6 +183,12 @@ def low_level(method):
         "lrp_epsilon": lambda: lrp(logits_fn, x, t, normalize=True),
         "lrp_alpha_beta": lambda: lrp(logits_fn, x, t, rule="alpha_beta", normalize=True),
         "lrp_zplus": lambda: lrp(logits_fn, x, t, rule="zplus", normalize=True),
+        "hirescam": lambda: layer_cams.hirescam(lm, x, t),
+        "layer_cam": lambda: normalize_maps(layer_cams.gradient_cam(lm, x, t, cam=layer_cams.layer_cam_map)[0]),
+        "xgrad_cam": lambda: normalize_maps(layer_cams.gradient_cam(lm, x, t, cam=layer_cams.xgrad_cam_map)[0]),
+        "eigen_cam": lambda: normalize_maps(layer_cams.eigen_cam(lm, x, t)[0]),
+        "score_cam": lambda: normalize_maps(layer_cams.score_cam(lm, x, t)[0]),
+        "occlusion": lambda: normalize_maps(occlusion(logits_fn, x, t, **OPTIONS["occlusion"])),
     }[method]()
 
 

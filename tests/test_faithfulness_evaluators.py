@@ -126,6 +126,7 @@ def test_method_maps_are_the_registrys_saliency_map_exactly():
     for element, the low-level calls the evaluator made before it went through the registry."""
     from saliency_jax.evaluators.faithfulness import FAITHFULNESS_METHODS, method_maps_fn
     from saliency_jax.models import SmallCNN
+    from saliency_jax.saliency import grad_cam_plus_plus, layer_cams, occlusion
     from saliency_jax.saliency import (METHODS, contrastive_excitation_backprop, excitation_backprop, grad_cam,
                                        linen_layer, linen_view, lrp, rise, saliency_map, vanilla_gradient)
 
@@ -145,6 +146,13 @@ def test_method_maps_are_the_registrys_saliency_map_exactly():
         "lrp_epsilon": lambda x, t: lrp(f, x, t),
         "lrp_alpha_beta": lambda x, t: lrp(f, x, t, rule="alpha_beta"),
         "lrp_zplus": lambda x, t: lrp(f, x, t, rule="zplus"),
+        "grad_cam_plus_plus": lambda x, t: grad_cam_plus_plus(lm, x, t, normalize=False),
+        "hirescam": lambda x, t: layer_cams.hirescam(lm, x, t, normalize=False),
+        "layer_cam": lambda x, t: layer_cams.gradient_cam(lm, x, t, cam=layer_cams.layer_cam_map)[0],
+        "xgrad_cam": lambda x, t: layer_cams.gradient_cam(lm, x, t, cam=layer_cams.xgrad_cam_map)[0],
+        "eigen_cam": lambda x, t: layer_cams.eigen_cam(lm, x, t)[0],
+        "score_cam": lambda x, t: layer_cams.score_cam(lm, x, t)[0],
+        "occlusion": lambda x, t: occlusion(f, x, t, sliding_window_shapes=(4, 4), strides=(2, 2)),
     }
     assert set(before) == set(FAITHFULNESS_METHODS)
     for method, (name, options) in FAITHFULNESS_METHODS.items():

@@ -72,6 +72,13 @@ FAITHFULNESS_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "lrp_epsilon": ("lrp_epsilon", {}),
     "lrp_alpha_beta": ("lrp_alpha_beta", {}),
     "lrp_zplus": ("lrp_zplus", {}),
+    "grad_cam_plus_plus": ("grad_cam_plus_plus", {}),
+    "hirescam": ("hirescam", {}),
+    "layer_cam": ("layer_cam", {}),
+    "xgrad_cam": ("xgrad_cam", {}),
+    "eigen_cam": ("eigen_cam", {}),
+    "score_cam": ("score_cam", {}),
+    "occlusion": ("occlusion", {"sliding_window_shapes": (4, 4), "strides": (2, 2)}),
 }
 #: The methods that explain a layer (:class:`FaithfulnessSettings` ``layers``); the others take the pixels.
 _LAYER_METHODS = tuple(m for m, (name, _) in FAITHFULNESS_METHODS.items()
@@ -81,7 +88,9 @@ _RISE_SEED = 0
 _METRIC_SEED = 0
 _LABELS = {"gradient": "gradient", "grad_cam": "Grad-CAM", "excitation_backprop": "EB",
            "contrastive_excitation_backprop": "cEB", "rise": "RISE", "lrp_epsilon": "LRP-eps",
-           "lrp_alpha_beta": "LRP-a2b1", "lrp_zplus": "LRP-z+"}
+           "lrp_alpha_beta": "LRP-a2b1", "lrp_zplus": "LRP-z+", "grad_cam_plus_plus": "Grad-CAM++",
+           "hirescam": "HiResCAM", "layer_cam": "LayerCAM", "xgrad_cam": "XGrad-CAM", "eigen_cam": "Eigen-CAM",
+           "score_cam": "Score-CAM", "occlusion": "occlusion"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,6 +55,15 @@ from saliency_jax.saliency.cam import (
     linen_class_activation_map,
 )
 from saliency_jax.saliency.rise import rise, rise_masks
+from saliency_jax.saliency.target_sets import TopK, top_k
+from saliency_jax.saliency.layer_cams import (
+    eigen_cam,
+    hirescam,
+    layer_cam_map,
+    score_cam,
+    xgrad_cam_weights,
+)
+from saliency_jax.saliency.occlusion import occlusion
 from saliency_jax.saliency.recurrent import (
     ClipLayerModel,
     RecurrentEBResult,

@@ -79,14 +79,36 @@ class LayerModel:
       fn: pure function ``(images, perturbation) -> (logits, activations)``. ``images``: [batch, height, width,
         channels] float; ``perturbation``: same shape as ``activations`` (added to them before the head runs);
         ``logits``: [batch, num_classes]; ``activations``: [batch, ...] the layer's output (before the perturbation).
-      layer: a human-readable name of the layer (for error messages and figures).
+        For a split at several layers (``layer`` a tuple) ``activations`` and ``perturbation`` are tuples, one
+        entry per layer (a scalar perturbation is added to every layer).
+      layer: a human-readable name of the layer (for error messages and figures), or a tuple of names for a split
+        at several layers (:func:`linen_layer` with a list of paths; pytorch-grad-cam's ``target_layers``).
     """
 
     fn: Callable[[Array, Array], tuple[Array, Array]]
-    layer: str
+    layer: str | tuple[str, ...]
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The split's layer names: ``(layer,)``, or the several layers of a multi-layer split."""
+        return self.layer if isinstance(self.layer, tuple) else (self.layer,)
+
+    def activation_shapes(self, images: Array) -> tuple[jax.ShapeDtypeStruct, ...]:
+        """Shapes and dtypes of every layer's activations (one per name of :attr:`layers`), via ``jax.eval_shape``."""
+        shapes = jax.eval_shape(lambda x: self.fn(x, jnp.zeros((), x.dtype))[1], images)
+        return tuple(shapes) if isinstance(self.layer, tuple) else (shapes,)
 
     def activation_shape(self, images: Array) -> jax.ShapeDtypeStruct:
-        """Shape and dtype of the layer's activations for ``images`` (no FLOPs: traced with ``jax.eval_shape``)."""
+        """Shape and dtype of the layer's activations for ``images`` (no FLOPs: traced with ``jax.eval_shape``).
+
+        Raises:
+          ValueError: for a split at several layers (only the CAM methods that aggregate layers take one).
+        """
+        if isinstance(self.layer, tuple):
+            raise ValueError(f"this transform explains one layer; the model is split at {len(self.layer)} layers "
+                             f"{list(self.layer)} (several layers are aggregated by the CAM methods of saliency_map "
+                             "whose registry entry has several_layers=True)")
+
         def probe(x):
             # The perturbation's shape is unknown before tracing; run with a scalar zero, which broadcasts.
             return self.fn(x, jnp.zeros((), x.dtype))[1]
@@ -389,7 +411,9 @@ def linen_layer(module: nn.Module, variables: Any, layer: str, **apply_kwargs) -
         gradients to them, e.g. a saliency loss term).
       layer: the layer's path (module docstring): a module path ``"/"``-joined (``"layer4"``, ``"Conv_2"``,
         ``"block3/conv"``) for its ``__call__`` output, or ``"Conv_2+relu"`` for the output of an activation applied
-        to it as a function call. :func:`module_paths` lists the module paths.
+        to it as a function call. :func:`module_paths` lists the module paths. A list of paths splits the model at
+        all of them in one run (activations and perturbations are then tuples; the CAM methods aggregate their maps
+        as pytorch-grad-cam's ``target_layers``).
       **apply_kwargs: forwarded to ``module.apply``; saliency maps are normally taken in inference mode
         (``train=False`` for our models). With ``mutable=[...]`` (train mode with BatchNorm: batch statistics) the
         updated collections are discarded.
@@ -401,16 +425,48 @@ def linen_layer(module: nn.Module, variables: Any, layer: str, **apply_kwargs) -
       ValueError: (when the returned model is first called) as :func:`apply_with_layers`: a path that is not found
         (naming the available paths), runs more than once, or is not followed by the named activation.
     """
-    _split_path(layer)
+    layer = layer_names(layer)
     mutable = bool(apply_kwargs.get("mutable"))
+    layers = layer if isinstance(layer, tuple) else (layer,)
 
     def fn(images, perturbation):
-        out = apply_with_layers(module, variables, images, capture=(layer,),
-                                replace={layer: lambda a: a + perturbation}, **apply_kwargs)
+        perturbations = split_perturbation(perturbation, len(layers))
+        out = apply_with_layers(module, variables, images, capture=layers,
+                                replace={name: (lambda a, p=p: a + p) for name, p in zip(layers, perturbations)},
+                                **apply_kwargs)
         logits = out.output[0] if mutable else out.output
-        return logits, out.activations[layer]
+        activations = tuple(out.activations[name] for name in layers)
+        return logits, (activations if isinstance(layer, tuple) else activations[0])
 
     return LayerModel(fn=fn, layer=layer)
+
+
+def layer_names(layer: str | Sequence[str]) -> str | tuple[str, ...]:
+    """A layer path, or a list of paths as a tuple (a one-element list is the plain path), checked.
+
+    Raises:
+      ValueError: an empty list, a repeated path, or a path that is not a non-empty string.
+    """
+    if isinstance(layer, str):
+        _split_path(layer)
+        return layer
+    if not isinstance(layer, Sequence) or not layer:
+        raise ValueError(f"layer must be a path or a non-empty list of paths; got {layer!r}")
+    names = tuple(layer)
+    for name in names:
+        _split_path(name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"layer paths must be distinct; got {list(names)}")
+    return names[0] if len(names) == 1 else names
+
+
+def split_perturbation(perturbation: Any, count: int) -> tuple[Any, ...]:
+    """The per-layer perturbations of a multi-layer split: a tuple of ``count``, or one value broadcast to all."""
+    if isinstance(perturbation, (tuple, list)):
+        if len(perturbation) != count:
+            raise ValueError(f"a split at {count} layers takes {count} perturbations; got {len(perturbation)}")
+        return tuple(perturbation)
+    return (perturbation,) * count
 
 
 def linen_head(module: nn.Module, variables: Any, layer: str, images: Array, *, bypass: Sequence[str] = (),

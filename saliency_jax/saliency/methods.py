@@ -7,13 +7,20 @@ Every method of :data:`METHODS` takes the same arguments and returns maps of one
   :func:`~saliency_jax.saliency.views.as_view` accepts (a ``LayerModel``, a function ``images -> logits``);
 * ``images``: [batch, height, width, channels] float;
 * ``targets``: what to explain per example - ``None`` (the predicted class), an ``int`` class for all examples,
-  int [batch] classes, or a **target function** ``target(outputs) -> [batch]`` score of the model's outputs (a
+  int [batch] classes, **several classes per example** (int [batch, k], or :func:`~saliency_jax.saliency.
+  target_sets.top_k` for each example's ``k`` most likely classes; methods with ``target_sets=True``: the maps of
+  all ``k`` from one forward and one batched backward, :mod:`saliency_jax.saliency.target_sets`), or a **target
+  function** ``target(outputs) -> [batch]`` score of the model's outputs (a
   multi-label combination, a segmentation region's score, an embedding similarity; like pytorch-grad-cam's target
   objects; :func:`weighted_outputs`, :func:`region_score`, :func:`cosine_similarity` build common ones);
-* result: float32 maps ``[batch, height, width]`` at the input resolution (layer maps are resized bilinearly),
-  min-max normalised per example to [0, 1] unless ``normalize=False``. ``return_extras=True`` returns an
-  :class:`Explanation` with the method's extras (Excitation Backprop's ``probability``, the layer-resolution map,
-  the unreduced input attribution, ...).
+* result: float32 maps ``[batch, height, width]`` (``[batch, k, height, width]`` for several targets per example)
+  at the input resolution (layer maps are resized bilinearly), min-max normalised per map to [0, 1] unless
+  ``normalize=False``;
+* several layers: a view built with a list of layer paths (``linen_view(module, variables, ["layer3",
+  "layer4"])``) is taken by the CAM methods with ``several_layers=True``, which average the layers' normalised
+  maps as pytorch-grad-cam's ``target_layers`` (:mod:`saliency_jax.saliency.layer_cams`);
+* ``return_extras=True`` returns an :class:`Explanation` with the method's extras (Excitation Backprop's
+  ``probability``, the layer-resolution map, the unreduced input attribution, ...).
 
 Target functions per method:
 
@@ -57,13 +64,15 @@ _gradients = importlib.import_module("saliency_jax.saliency.gradients")
 _grad_cam = importlib.import_module("saliency_jax.saliency.grad_cam")
 _lrp = importlib.import_module("saliency_jax.saliency.lrp")
 _rise = importlib.import_module("saliency_jax.saliency.rise")
+_layer_cams = importlib.import_module("saliency_jax.saliency.layer_cams")
+_occlusion = importlib.import_module("saliency_jax.saliency.occlusion")
+_sets = importlib.import_module("saliency_jax.saliency.target_sets")
 from saliency_jax.saliency.core import (
     at_least_float32,
     check_images,
     invalid_examples,
     degenerate_maps,
     mark_invalid,
-    normalize_maps,
     resize_maps,
     resolve_targets,
 )
@@ -114,6 +123,10 @@ class Method:
       targets: ``"score"`` (any target function), ``"linear"`` (class indices, or a target function linear in
         the outputs, turned into EB's prior) or ``"class"`` (class indices only).
       needs_key: whether it is random (takes ``key=``).
+      target_sets: whether it takes several targets per example (int [batch, k], :func:`top_k`) and returns
+        [batch, k, height, width] maps from one forward (and one batched backward).
+      several_layers: whether it takes a view split at several layers (a list of layer paths) and aggregates
+        their maps (pytorch-grad-cam's ``target_layers``).
     """
 
     name: str
@@ -123,6 +136,8 @@ class Method:
     cost: str
     targets: str = "score"
     needs_key: bool = False
+    target_sets: bool = False
+    several_layers: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,16 +236,36 @@ def _spatial_layer(view: ModelView, method: str, images: Array):
     """The view's layer model, checked to give [batch, h, w, channels] activations (tokens need a reshape)."""
     lm = view.require_layer(method)
     check_images(images)
-    shape = lm.activation_shape(images).shape
-    if len(shape) == 3:
-        raise ValueError(f"{method} needs spatial activations [batch, h, w, channels]; layer {lm.layer!r} gives "
-                         f"{tuple(shape)} (transformer tokens?): build the view with reshape=token_grid("
-                         "num_prefix_tokens=1)")
+    if isinstance(lm.layer, tuple) and not METHODS[method].several_layers:
+        raise ValueError(f"{method} explains one layer; the view is split at several {list(lm.layer)} (methods that "
+                         f"aggregate layers: {sorted(m for m, s in METHODS.items() if s.several_layers)})")
+    for name, s in zip(lm.layers, lm.activation_shapes(images)):
+        if len(s.shape) == 3:
+            raise ValueError(f"{method} needs spatial activations [batch, h, w, channels]; layer {name!r} gives "
+                             f"{tuple(s.shape)} (transformer tokens?): build the view with reshape=token_grid("
+                             "num_prefix_tokens=1)")
     return lm
+
+
+def _layer_extras(lm, layer_maps) -> dict[str, Any]:
+    if isinstance(lm.layer, tuple):
+        return {"layer_maps": tuple(layer_maps)}
+    return {"layer_map": layer_maps[0]}
+
+
+def _general(lm, targets) -> bool:
+    """Whether a call needs the general path (a target set or several layers) rather than the single one."""
+    return _sets.is_target_set(targets) or isinstance(lm.layer, tuple)
 
 
 def _grad_cam_method(view, images, targets, *, score="logit", weighting="plain", relu=True):
     lm = _spatial_layer(view, "grad_cam", images)
+    if _general(lm, targets):
+        if weighting not in ("plain", "guided"):
+            raise ValueError(f"weighting must be 'plain' or 'guided'; got {weighting!r}")
+        cam = lambda a, g: _layer_cams.grad_cam_map(a, g, weighting)  # noqa: E731
+        maps, layer_maps = _layer_cams.gradient_cam(lm, images, targets, cam=cam, score=score, relu=relu)
+        return maps, _layer_extras(lm, layer_maps)
     layer_map = _grad_cam.grad_cam(lm, images, targets, score=score, weighting=weighting, relu=relu, resize=False,
                                    normalize=False)
     return _resize(layer_map, images), {"layer_map": layer_map}
@@ -238,9 +273,38 @@ def _grad_cam_method(view, images, targets, *, score="logit", weighting="plain",
 
 def _grad_cam_plus_plus_method(view, images, targets, *, score="logit", relu=True, eps=1e-6):
     lm = _spatial_layer(view, "grad_cam_plus_plus", images)
+    if _general(lm, targets):
+        cam = lambda a, g: _layer_cams.grad_cam_plus_plus_map(a, g, eps)  # noqa: E731
+        maps, layer_maps = _layer_cams.gradient_cam(lm, images, targets, cam=cam, score=score, relu=relu)
+        return maps, _layer_extras(lm, layer_maps)
     layer_map = _cam.grad_cam_plus_plus(lm, images, targets, score=score, relu=relu, resize=False, normalize=False,
                                         eps=eps)
     return _resize(layer_map, images), {"layer_map": layer_map}
+
+
+def _gradient_cam_method(name, cam):
+    def method(view, images, targets, *, score="logit", relu=True):
+        lm = _spatial_layer(view, name, images)
+        maps, layer_maps = _layer_cams.gradient_cam(lm, images, targets, cam=cam, score=score, relu=relu)
+        return maps, _layer_extras(lm, layer_maps)
+
+    return method
+
+
+def _eigen_cam_method(view, images, targets):
+    lm = _spatial_layer(view, "eigen_cam", images)
+    maps, layer_maps = _layer_cams.eigen_cam(lm, images, targets)
+    return maps, _layer_extras(lm, layer_maps)
+
+
+def _score_cam_method(view, images, targets, *, score="logit", masks_per_step=16):
+    lm = _spatial_layer(view, "score_cam", images)
+    maps, layer_maps = _layer_cams.score_cam(lm, images, targets, score=score, masks_per_step=masks_per_step)
+    return maps, _layer_extras(lm, layer_maps)
+
+
+def _occlusion_method(view, images, targets, **options):
+    return _occlusion.occlusion(view.output_fn, images, targets, **options), {}
 
 
 def _cam_method(view, images, targets, *, classifier, relu=False):
@@ -270,6 +334,12 @@ def _cam_method(view, images, targets, *, classifier, relu=False):
         if not np.allclose(f_np, p_np, rtol=1e-3, atol=tol):
             raise ValueError(f"CAM needs a global-average-pooling network: the logits are not classifier(mean of "
                              f"{lm.layer!r}) (max difference {float(np.abs(f_np - p_np).max()):.3g})")
+    if _sets.is_target_set(targets):
+        classes = _sets.resolve_target_set(targets, logits)
+        layer_map = _cam.class_activation_maps(features, kernel, bias, classes)
+        layer_map = jnp.maximum(layer_map, 0.0) if relu else layer_map
+        layer_map = _sets.mark_invalid_sets(layer_map, images, classes, logits.shape[-1])
+        return _layer_cams._resize_any(layer_map, tuple(images.shape[1:3])), {"layer_map": layer_map}
     classes = resolve_targets(targets, logits)
     layer_map = _cam.class_activation_map(features, kernel, bias, classes, relu=relu)
     layer_map = mark_invalid(layer_map, invalid_examples(images=images))
@@ -282,6 +352,16 @@ def _excitation(contrastive: bool):
 
     def method(view, images, targets, *, prior=None):
         lm = _spatial_layer(view, name, images)
+        if _sets.is_target_set(targets):
+            if prior is not None:
+                raise ValueError("give either several targets per example or prior=, not both")
+            probability, _ = _sets.excitation_signals(lm, images, targets, contrastive=contrastive)
+            b, k = probability.shape[:2]
+            flat = _eb._finish(probability.reshape((b * k, *probability.shape[2:])), images, lm.layer, contrastive,
+                               False, False)
+            layer_map = flat.saliency.reshape((b, k, *flat.saliency.shape[1:]))
+            return (_layer_cams._resize_any(layer_map, tuple(images.shape[1:3])),
+                    {"layer_map": layer_map, "probability": probability})
         if callable(targets):
             if prior is not None:
                 raise ValueError("give either a target function or prior=, not both")
@@ -292,11 +372,21 @@ def _excitation(contrastive: bool):
     return method
 
 
-def _input_gradient(low):
+def _input_gradient(low, times_input: bool | None = None):
     def method(view, images, targets, *, score="logit", reduction="abs_sum", **options):
         if reduction == "none":
             raise ValueError("saliency_map returns [batch, height, width] maps; the unreduced attribution is "
                              "extras['attribution'] (return_extras=True)")
+        if _sets.is_target_set(targets):
+            if times_input is None:
+                raise ValueError(f"{low.__name__} takes one target per example (target sets: "
+                                 f"{sorted(m for m, s in METHODS.items() if s.target_sets)})")
+            _gradients._check_reduction(reduction)
+            gradient, _, _ = _sets.input_gradients(view.output_fn, images, targets, score=score)
+            attribution = images[:, None].astype(jnp.float32) * gradient if times_input else gradient
+            b, k = attribution.shape[:2]
+            maps = _gradients.reduce_attribution(attribution.reshape((b * k, *attribution.shape[2:])), reduction)
+            return maps.reshape((b, k, *maps.shape[1:])), {"attribution": attribution}
         attribution = low(view.output_fn, images, targets, score=score, reduction="none", **options)
         return _gradients.reduce_attribution(attribution, reduction), {"attribution": attribution}
 
@@ -358,19 +448,30 @@ def _smooth_grad_method(view, images, targets, *, key, base="vanilla_gradient", 
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("grad_cam", _grad_cam_method, "Selvaraju et al., ICCV 2017", "spatial layer", "1 forward + 1 backward"),
+    Method("grad_cam", _grad_cam_method, "Selvaraju et al., ICCV 2017", "spatial layer", "1 forward + 1 backward",
+           target_sets=True, several_layers=True),
     Method("grad_cam_plus_plus", _grad_cam_plus_plus_method, "Chattopadhyay et al., WACV 2018", "spatial layer",
-           "1 forward + 1 backward"),
+           "1 forward + 1 backward", target_sets=True, several_layers=True),
+    Method("hirescam", _gradient_cam_method("hirescam", _layer_cams.hirescam_map), "Draelos & Carin, 2020",
+           "spatial layer", "1 forward + 1 backward", target_sets=True, several_layers=True),
+    Method("layer_cam", _gradient_cam_method("layer_cam", _layer_cams.layer_cam_map), "Jiang et al., IEEE TIP 2021",
+           "spatial layer", "1 forward + 1 backward", target_sets=True, several_layers=True),
+    Method("xgrad_cam", _gradient_cam_method("xgrad_cam", _layer_cams.xgrad_cam_map), "Fu et al., BMVC 2020",
+           "spatial layer", "1 forward + 1 backward", target_sets=True, several_layers=True),
+    Method("eigen_cam", _eigen_cam_method, "Muhammad & Yeasin, IJCNN 2020", "spatial layer", "1 forward + 1 SVD",
+           targets="class", target_sets=True, several_layers=True),
+    Method("score_cam", _score_cam_method, "Wang et al., CVPR-W 2020", "spatial layer",
+           "1 + channels forwards (per layer)", target_sets=True, several_layers=True),
     Method("cam", _cam_method, "Zhou et al., CVPR 2016", "spatial layer pooled into a dense classifier (classifier=)",
-           "1 forward", targets="class"),
+           "1 forward", targets="class", target_sets=True),
     Method("excitation_backprop", _excitation(False), "Zhang et al., ECCV 2016", "spatial layer (EB-supported "
-           "ops above it)", "1 forward + 1 backward", targets="linear"),
+           "ops above it)", "1 forward + 1 backward", targets="linear", target_sets=True),
     Method("contrastive_excitation_backprop", _excitation(True), "Zhang et al., ECCV 2016", "spatial layer "
-           "(EB-supported ops above it)", "1 forward + 1 backward", targets="linear"),
-    Method("vanilla_gradient", _input_gradient(_gradients.vanilla_gradient), "Simonyan et al., ICLR-W 2014",
-           "none", "1 forward + 1 backward"),
-    Method("gradient_x_input", _input_gradient(_gradients.gradient_x_input), "Shrikumar et al., 2016", "none",
-           "1 forward + 1 backward"),
+           "(EB-supported ops above it)", "1 forward + 1 backward", targets="linear", target_sets=True),
+    Method("vanilla_gradient", _input_gradient(_gradients.vanilla_gradient, False), "Simonyan et al., ICLR-W 2014",
+           "none", "1 forward + 1 backward", target_sets=True),
+    Method("gradient_x_input", _input_gradient(_gradients.gradient_x_input, True), "Shrikumar et al., 2016", "none",
+           "1 forward + 1 backward", target_sets=True),
     Method("guided_backprop", _input_gradient(_gradients.guided_backprop), "Springenberg et al., ICLR-W 2015",
            "none (ReLU network)", "1 forward + 1 backward"),
     Method("integrated_gradients", _input_gradient(_gradients.integrated_gradients), "Sundararajan et al., ICML "
@@ -387,6 +488,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "(as lrp_epsilon)", "1 forward + 1 backward (2 products per dense/conv layer)", targets="linear"),
     Method("rise", _rise_method, "Petsiuk et al., BMVC 2018", "none (black box)", "num_masks forwards",
            needs_key=True),
+    Method("occlusion", _occlusion_method, "Zeiler & Fergus, ECCV 2014 (Captum's Occlusion)", "none (black box)",
+           "1 + windows forwards", target_sets=True),
 ]}
 
 
@@ -396,14 +499,15 @@ def saliency_map(method: str, view: Any, images: Array, targets: Array | int | T
     """Saliency maps of any registered method, called one way (switching method = changing ``method``).
 
     Args:
-      method: a key of :data:`METHODS` (``"grad_cam"``, ``"grad_cam_plus_plus"``, ``"cam"``,
-        ``"excitation_backprop"``, ``"contrastive_excitation_backprop"``, ``"vanilla_gradient"``,
-        ``"gradient_x_input"``, ``"guided_backprop"``, ``"integrated_gradients"``, ``"smooth_grad"``, ``"rise"``).
+      method: a key of :data:`METHODS` (``"grad_cam"``, ``"grad_cam_plus_plus"``, ``"hirescam"``,
+        ``"layer_cam"``, ``"xgrad_cam"``, ``"eigen_cam"``, ``"score_cam"``, ``"cam"``, ``"excitation_backprop"``,
+        ``"contrastive_excitation_backprop"``, ``"vanilla_gradient"``, ``"gradient_x_input"``,
+        ``"guided_backprop"``, ``"integrated_gradients"``, ``"smooth_grad"``, ``"rise"``, ``"occlusion"``).
       view: a :class:`~saliency_jax.saliency.views.ModelView` (with a layer for the layer methods), a
         ``LayerModel`` or a function ``images -> logits`` (:func:`~saliency_jax.saliency.views.as_view`).
       images: [batch, height, width, channels] float.
-      targets: ``None`` (predicted class), ``int``, int [batch], or a function ``outputs -> [batch]`` (see the
-        module docstring for which methods accept which).
+      targets: ``None`` (predicted class), ``int``, int [batch], int [batch, k] or ``top_k(k)`` (several per
+        example), or a function ``outputs -> [batch]`` (see the module docstring for which methods accept which).
       normalize: per-example min-max normalisation to [0, 1] (the same default for every method).
       return_extras: return an :class:`Explanation` ``(maps, extras)`` instead of the maps.
       key: a PRNG key, required by the random methods (``"smooth_grad"``, ``"rise"``).
@@ -411,12 +515,14 @@ def saliency_map(method: str, view: Any, images: Array, targets: Array | int | T
         ``relu``, ``reduction``, ``prior``, ``num_masks``, ``classifier``, ``base`` for SmoothGrad, ...).
 
     Returns:
-      float32 maps [batch, height, width] (or an :class:`Explanation`). Under ``jit``, all-NaN maps for examples
-      with a NaN / inf pixel or an out-of-range target class.
+      float32 maps [batch, height, width], [batch, k, height, width] for several targets per example (or an
+      :class:`Explanation`). Under ``jit``, all-NaN maps for examples with a NaN / inf pixel or an out-of-range
+      target class.
 
     Raises:
       KeyError: an unknown method (the message lists :data:`METHODS`).
-      ValueError: the view has no layer for a layer method; a target function where the method cannot take it
+      ValueError: the view has no layer for a layer method; several layers or several targets per example where
+        the method takes one (the message lists those that do); a target function where the method cannot take it
         (CAM; a non-linear one for EB); a target function with ``score="softmax"``; ``key`` missing for a random
         method; and whatever the low-level function raises (bad shapes, targets, unsupported EB operations).
       TypeError: a view that cannot be built; unknown options.
@@ -441,6 +547,9 @@ def saliency_map(method: str, view: Any, images: Array, targets: Array | int | T
         options["key"] = key
     elif key is not None:
         raise ValueError(f"{method} is deterministic and takes no key")
+    if _sets.is_target_set(targets) and not spec.target_sets:
+        raise ValueError(f"{method} takes one target per example; several targets per example (int [batch, k], "
+                         f"top_k) are taken by {sorted(m for m, s in METHODS.items() if s.target_sets)}")
     kind = spec.targets
     if method == "smooth_grad":
         base = options.get("base", "vanilla_gradient")
@@ -461,7 +570,8 @@ def saliency_map(method: str, view: Any, images: Array, targets: Array | int | T
     maps, extras = spec.fn(view, images, targets, **options)
     maps = at_least_float32(maps)
     if return_extras:
-        extras = {**extras, "degenerate": degenerate_maps(maps)}
+        flat = maps.reshape((-1, *maps.shape[-2:]))
+        extras = {**extras, "degenerate": degenerate_maps(flat).reshape(maps.shape[:-2])}
     if normalize:
-        maps = normalize_maps(maps)
+        maps = _layer_cams.normalize_any(maps)
     return Explanation(maps, extras) if return_extras else maps

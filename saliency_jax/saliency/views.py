@@ -35,8 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from saliency_jax.saliency.core import (LayerModel, LayerOutputs, _layer_tag_p, _split_path, linen_layer,
-                                        run_exposing_activations, split_layer)
+from saliency_jax.saliency.core import (LayerModel, LayerOutputs, _layer_tag_p, _split_path, layer_names,
+                                        linen_layer, run_exposing_activations, split_layer, split_perturbation)
 
 Array = jax.Array
 
@@ -172,6 +172,8 @@ def reshaped_layer(model: LayerModel, reshape: Callable[[Array], Array]) -> Laye
 def _maybe_reshape(model: LayerModel | None, reshape) -> LayerModel | None:
     if model is None or reshape is None:
         return model
+    if isinstance(model.layer, tuple):
+        raise ValueError(f"reshape= applies to one layer; got several {list(model.layer)}")
     return reshaped_layer(model, reshape)
 
 
@@ -184,7 +186,8 @@ def linen_view(module: nn.Module, variables: Any, layer: str | None = None, *,
         ``[batch, num_classes]``.
       variables: its variables (``{"params": ..., "batch_stats": ...}``).
       layer: the path of the layer the layer methods explain (see :func:`~saliency_jax.saliency.core.linen_layer`),
-        or None for the input-space methods only.
+        a list of paths (several layers, aggregated by the CAM methods that take them, pytorch-grad-cam's
+        ``target_layers``), or None for the input-space methods only.
       reshape: optional linear map of the layer's activations to ``[batch, h, w, channels]`` (e.g.
         ``token_grid(1)`` for a ViT's tokens).
       **apply_kwargs: forwarded to ``module.apply`` (``train=False`` for our models). With ``mutable=[...]`` the
@@ -381,7 +384,9 @@ def nnx_layer(module, layer: str, *, method: str = "__call__") -> LayerModel:
       module: an NNX module ``module(images) -> logits [batch, num_classes]`` (put it in inference mode first:
         ``nnx.view(module, deterministic=True, use_running_average=True)`` or ``module.eval()``).
       layer: the submodule's attribute path, ``"/"``-joined (``"conv3"``, ``"blocks/1/norm1"``; list items by
-        index), optionally ``"+ACT"`` (``"conv3+relu"``); :func:`nnx_paths` lists the submodule paths.
+        index), optionally ``"+ACT"`` (``"conv3+relu"``); :func:`nnx_paths` lists the submodule paths. A list of
+        paths splits the module at all of them (tuples of activations, as
+        :func:`~saliency_jax.saliency.core.linen_layer`).
       method: the module's method that computes the logits.
 
     Returns:
@@ -395,16 +400,22 @@ def nnx_layer(module, layer: str, *, method: str = "__call__") -> LayerModel:
     nnx = _nnx()
     if not isinstance(module, nnx.Module):
         raise TypeError(f"module must be a flax.nnx.Module; got {type(module).__name__}")
-    base, _ = _split_path(layer)
+    layer = layer_names(layer)
+    layers = layer if isinstance(layer, tuple) else (layer,)
     paths = nnx_paths(module)
-    if base not in paths:
-        raise ValueError(f"layer {base!r} not found in {type(module).__name__}; submodule paths: {paths}")
+    for name in layers:
+        base, _ = _split_path(name)
+        if base not in paths:
+            raise ValueError(f"layer {base!r} not found in {type(module).__name__}; submodule paths: {paths}")
     graphdef, state = nnx.split(module)
 
     def fn(images, perturbation):
-        out = nnx_apply_with_layers(lambda s: nnx.merge(graphdef, s), state, images, capture=(layer,),
-                                    replace={layer: lambda a: a + perturbation}, method=method)
-        return out.output, out.activations[layer]
+        perturbations = split_perturbation(perturbation, len(layers))
+        out = nnx_apply_with_layers(lambda s: nnx.merge(graphdef, s), state, images, capture=layers,
+                                    replace={name: (lambda a, p=p: a + p) for name, p in zip(layers, perturbations)},
+                                    method=method)
+        activations = tuple(out.activations[name] for name in layers)
+        return out.output, (activations if isinstance(layer, tuple) else activations[0])
 
     return LayerModel(fn=fn, layer=layer)
 
@@ -415,7 +426,8 @@ def nnx_view(module, layer: str | None = None, *, reshape: Callable[[Array], Arr
 
     Args:
       module: the NNX module, ``module(images) -> logits [batch, num_classes]``.
-      layer: the submodule path the layer methods explain (:func:`nnx_layer`), or None.
+      layer: the submodule path the layer methods explain (:func:`nnx_layer`), a list of paths (several layers),
+        or None.
       reshape: optional linear map of the layer's activations to ``[batch, h, w, channels]`` (:func:`token_grid`).
       method: the module's method that computes the logits.
 

@@ -51,8 +51,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from saliency_jax.saliency import LayerModel, class_scores, grad_cam, normalize_maps, resize_maps, resolve_targets
-from saliency_jax.saliency.core import at_least_float32, check_images, degenerate_maps
+from saliency_jax.saliency import LayerModel, grad_cam, hirescam
+from saliency_jax.saliency.core import check_images, degenerate_maps
 from saliency_jax.training.scheme import Forward, ModelLayers, Scheme, SchemeSettings, StepContext, register_scheme
 
 Array = jax.Array
@@ -361,13 +361,8 @@ def raw_guidance_maps(layer_model: LayerModel, images: Array, targets: Array, *,
     if len(shape.shape) != 4:
         raise ValueError(f"{weighting} maps need a [batch, h, w, channels] layer; {layer_model.layer!r} gives "
                          f"{list(shape.shape)}")
-
-    def summed_score(perturbation):
-        logits, activations = layer_model(images, perturbation)
-        return jnp.sum(class_scores(logits, resolve_targets(targets, logits), score)), activations
-
-    gradients, activations = jax.grad(summed_score, has_aux=True)(jnp.zeros(shape.shape, shape.dtype))
-    contributions = jnp.sum(at_least_float32(gradients) * at_least_float32(activations), axis=-1)
+    # sum_k dS/dA_k * A_k per position: HiResCAM before its ReLU (the library's one implementation).
+    contributions = hirescam(layer_model, images, targets, score=score, relu=False, resize=False, normalize=False)
     return jax.nn.relu(contributions) if weighting == "hirescam" else jnp.abs(contributions)
 
 
