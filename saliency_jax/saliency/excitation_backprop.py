@@ -370,7 +370,9 @@ def fold_batch_norm(module: nn.Module, variables: Any, *args: Any, **apply_kwarg
     rounds) is no longer the trained one; the fold keeps every activation and prediction; (2) a channel with
     ``gamma = 0`` exactly gets a zero kernel here, so EB sends it nothing, while their flip leaves its weights.
     Their test-time script (``caffe/save_softmax.py``) does not flip; Guided Zoom here folds only for the pools
-    (:class:`saliency_jax.evaluators.guided_zoom.GuidedZoomSettings` ``ceb_batch_norm``).
+    (:class:`saliency_jax.evaluators.guided_zoom.GuidedZoomSettings` ``ceb_batch_norm``). With every ``gamma > 0``
+    the fold leaves EB's maps unchanged (up to float rounding); the maps change where scales are negative (measured
+    figures in :mod:`saliency_jax.evaluators.guided_zoom`).
 
     Which layers: every ``flax.linen.BatchNorm`` (or subclass) called in inference mode whose input is exactly the
     output of a submodule with its own ``kernel`` parameter whose last axis is the output channels (``nn.Conv``,
