@@ -87,8 +87,8 @@ from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportCo
 from saliency_jax.models.build import model_layers
 from saliency_jax.saliency import fold_batch_norm, linen_view
 
-__all__ = ["BATCH_NORM_RULES", "CEB_LAYERS", "GROUNDINGS", "POOLS", "GuidedZoomSettings", "conventional_images", "evidence_config",
-           "guided_zoom_evaluator", "native_source", "pool_sizes"]
+__all__ = ["BATCH_NORM_RULES", "CEB_LAYERS", "GROUNDINGS", "POOLS", "GuidedZoomSettings", "conventional_images",
+           "evidence_config", "guided_zoom_evaluator", "native_source", "pool_sizes"]
 
 #: The evidence pools the evaluator can build: Guided Zoom (cEB + adversarial erasing) and Ensemble Guided Zoom.
 POOLS: tuple[str, ...] = ("GZ", "EGZ")
@@ -556,7 +556,8 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
         stages = _evidence_stages(config, settings, root, paths, prints, metas)
         return dict(image_size=image_size, test_native=test_native, train_native=train_native,
                     class_names=class_names, sizes=sizes, batch_size=batch_size, logits_fn=logits_fn,
-                    groundings=groundings, pool_groundings=pool_groundings, pool_indices=pool_indices, prints=prints, paths=paths, stages=stages)
+                    groundings=groundings, pool_groundings=pool_groundings, pool_indices=pool_indices,
+                    prints=prints, paths=paths, stages=stages)
 
     def stages(run, data):
         """Step 1, the evidence pools of the training images (written unless their fingerprint matches), and the
