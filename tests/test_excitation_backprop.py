@@ -5,6 +5,8 @@ tolerance of ``1e-5`` times the largest magnitude of the reference map (float32 
 sums and ratios).
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -522,3 +524,128 @@ def test_custom_jvp_applied_to_weights_only_is_evaluated_plainly():
     expected = np.asarray(x) * ((np.asarray(prior) / np.where(z > 0, z, 1)) @ w_plus.T)
     np.testing.assert_allclose(p, expected, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(p).sum(1), 1.0, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batch norm folded into the conv before it (Guided Zoom's pool generator).
+
+
+class _BatchNormNet(nn.Module):
+    """conv - BN - ReLU, three times, then global average pool and a dense classifier; ``batch_norm=False`` is the
+    same network with biased convs and no batch norm (the explicitly folded network)."""
+
+    batch_norm: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        from saliency_jax.models.resnet import ReLU
+
+        for i, features in enumerate((4, 5, 6)):
+            x = nn.Conv(features, (3, 3), use_bias=not self.batch_norm, name=f"conv{i}")(x)
+            if self.batch_norm:
+                x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name=f"bn{i}")(x)
+            x = ReLU(name=f"relu{i}")(x)
+        return nn.Dense(3, name="fc")(jnp.mean(x, axis=(1, 2)))
+
+
+def _batch_norm_variables(seed=0, mean_scale=0.3):
+    """Variables of _BatchNormNet with trained-looking batch norms: scales of both signs (2 of 5 / 6 channels
+    negative at least), shifts, means, variances."""
+    x = jnp.zeros((1, 10, 10, 3))
+    variables = _BatchNormNet().init(jax.random.key(seed), x)
+    params, stats = jax.tree.map(np.asarray, dict(variables["params"])), {}
+    rng = np.random.default_rng(seed)
+    for i, features in enumerate((4, 5, 6)):
+        gamma = rng.uniform(0.5, 1.5, features) * np.where(np.arange(features) % 3 == 1, -1.0, 1.0)
+        params[f"bn{i}"] = {"scale": gamma.astype(np.float32),
+                            "bias": rng.normal(0.0, 0.2, features).astype(np.float32)}
+        stats[f"bn{i}"] = {"mean": (mean_scale * rng.normal(size=features)).astype(np.float32),
+                           "var": rng.uniform(0.3, 2.0, features).astype(np.float32)}
+    return {"params": params, "batch_stats": stats}
+
+
+def _explicit_fold(variables, eps=1e-3):
+    """The folded network's variables, by hand: conv kernel W s, bias beta - mean s, s = gamma / sqrt(var + eps)."""
+    params = {"fc": variables["params"]["fc"]}
+    for i in range(3):
+        bn, stats = variables["params"][f"bn{i}"], variables["batch_stats"][f"bn{i}"]
+        s = np.asarray(bn["scale"], np.float64) / np.sqrt(np.asarray(stats["var"], np.float64) + eps)
+        kernel = np.asarray(variables["params"][f"conv{i}"]["kernel"], np.float64)
+        params[f"conv{i}"] = {"kernel": (kernel * s).astype(np.float32),
+                              "bias": (np.asarray(bn["bias"]) - np.asarray(stats["mean"]) * s).astype(np.float32)}
+    return {"params": params}
+
+
+def _relative_l1(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).sum() / np.abs(b).sum())
+
+
+def test_fold_batch_norm_equals_eb_on_an_explicitly_folded_network():
+    from saliency_jax.saliency import fold_batch_norm
+
+    net, plain = _BatchNormNet(), _BatchNormNet(batch_norm=False)
+    variables = _batch_norm_variables()
+    images = jax.random.uniform(jax.random.key(5), (4, 10, 10, 3))
+    targets = jnp.array([0, 1, 2, 1])
+    folded = fold_batch_norm(net, variables, images)
+    explicit = _explicit_fold(variables)
+    # The forward pass is kept (also the explicit network's), and the variables given are not modified.
+    np.testing.assert_allclose(net.apply(folded, images), net.apply(variables, images), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plain.apply(explicit, images), net.apply(variables, images), rtol=1e-5, atol=1e-5)
+    assert float(np.min(variables["params"]["bn1"]["scale"])) < 0
+    np.testing.assert_array_equal(jax.tree.structure(folded), jax.tree.structure(variables))
+    for method, layer in ((contrastive_excitation_backprop, "relu0"), (excitation_backprop, "relu1")):
+        got = method(linen_layer(net, folded, layer), images, targets)
+        want = method(linen_layer(plain, explicit, layer), images, targets)
+        assert_close(got.probability, want.probability)
+        assert_close(got.saliency, want.saliency)
+        if method is contrastive_excitation_backprop:
+            # Without the fold the batch norms pass the signal and the negative scales are ignored: other maps.
+            passed = method(linen_layer(net, variables, layer), images, targets)
+            assert _relative_l1(got.saliency, passed.saliency) > 0.1
+
+
+def test_fold_batch_norm_gives_eb_the_authors_sign_flip():
+    """Guided Zoom's released pool generator negates the conv channels whose batch-norm scale is negative and
+    takes |scale|, leaving mean and shift (restated here from reading caffe/evidence_pool_generation.py). With zero
+    means their flip keeps the forward pass, and EB through it equals EB through the fold."""
+    from saliency_jax.saliency import fold_batch_norm
+
+    net = _BatchNormNet()
+    variables = _batch_norm_variables(seed=1, mean_scale=0.0)
+    images = jax.random.uniform(jax.random.key(2), (3, 10, 10, 3))
+    flipped = jax.tree.map(np.array, variables)
+    for i in range(3):
+        negative = flipped["params"][f"bn{i}"]["scale"] < 0
+        flipped["params"][f"conv{i}"]["kernel"][..., negative] *= -1
+        flipped["params"][f"bn{i}"]["scale"] = np.abs(flipped["params"][f"bn{i}"]["scale"])
+    np.testing.assert_allclose(net.apply(flipped, images), net.apply(variables, images), rtol=1e-5, atol=1e-6)
+    folded = fold_batch_norm(net, variables, images)
+    got = contrastive_excitation_backprop(linen_layer(net, folded, "relu0"), images, 1)
+    want = contrastive_excitation_backprop(linen_layer(net, flipped, "relu0"), images, 1)
+    assert_close(got.probability, want.probability)
+
+
+def test_fold_batch_norm_on_the_library_resnet_and_bad_input():
+    from saliency_jax.models import ResNet18
+    from saliency_jax.saliency import fold_batch_norm
+
+    model = ResNet18(num_classes=3, num_filters=2)
+    images = jax.random.uniform(jax.random.key(0), (1, 16, 16, 3))
+    shapes = jax.eval_shape(model.init, jax.random.key(1), images)  # random variables of the right shapes
+    rng = np.random.default_rng(0)
+    stats = jax.tree.map(lambda a: rng.uniform(0.5, 1.5, a.shape).astype(a.dtype), shapes["batch_stats"])
+    params = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.5).astype(a.dtype), shapes["params"])
+    variables = {"params": params, "batch_stats": stats}
+    folded = fold_batch_norm(model, variables, images, train=False)
+    apply = jax.jit(functools.partial(model.apply, train=False))
+    np.testing.assert_allclose(apply(folded, images), apply(variables, images), rtol=1e-4, atol=1e-5)
+    # Every conv (stem, blocks, projection shortcuts) was folded: its batch norm is now a shift.
+    for path in ("bn1", "layer1/0/bn2", "layer3/0/downsample/1", "layer4/1/bn1"):
+        node = folded["params"]
+        for key in path.split("/"):
+            node = node[key]
+        np.testing.assert_array_equal(node["scale"], 1.0)
+    with pytest.raises(ValueError, match="batch statistics"):
+        fold_batch_norm(model, variables, images, train=True)

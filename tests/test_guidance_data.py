@@ -98,8 +98,56 @@ def test_decoy_mnist_deterministic_per_seed(tmp_path):
     np.testing.assert_array_equal(a.corners, b.corners)
     np.testing.assert_array_equal(a.patch_digits, b.patch_digits)
     assert not np.array_equal(a.corners, c.corners)
-    train = decoy_mnist.load_decoy_mnist(tmp_path, "train", seed=0)
-    assert not np.array_equal(train.corners, a.corners)  # separate streams per split
+
+
+def _rrr_draw_order(train_labels, num_test, seed):
+    """dtak/rrr's Decoy MNIST draws, restated from reading ``rrr/decoy_mnist.py`` (``_generate_dataset``, ``augment``,
+    ``Bern``): NumPy's global stream (here seeded); per training image in order, Bern(0.5) for "rows 0..3" (else the
+    last four rows) then Bern(0.5) for "columns 0..3"; then per test image in order a digit chosen from
+    ``list(set(train_labels))`` followed by the same two Bernoulli draws. Returns [(digit or None, top, left)]."""
+    np.random.seed(seed)
+    draws = []
+    for _ in train_labels:
+        top = np.random.rand() < 0.5
+        left = np.random.rand() < 0.5
+        draws.append((None, top, left))
+    pool = list(set(int(y) for y in train_labels))
+    for _ in range(num_test):
+        digit = pool[np.random.randint(len(pool))]
+        top = np.random.rand() < 0.5
+        left = np.random.rand() < 0.5
+        draws.append((digit, top, left))
+    return draws
+
+
+def _rrr_image(image, digit, top, left):
+    out = image.copy()
+    rows = [0, 1, 2, 3] if top else [-1, -2, -3, -4]
+    cols = [0, 1, 2, 3] if left else [-1, -2, -3, -4]
+    for r in rows:
+        for c in cols:
+            out[r, c] = 255 - 25 * digit
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_decoy_mnist_follows_rrr_draw_order(tmp_path, seed):
+    """A seed gives dtak/rrr's data: both splits equal their generator run after ``np.random.seed(seed)``."""
+    images, labels = make_mnist(tmp_path, n=30)
+    state = np.random.get_state()
+    try:
+        draws = _rrr_draw_order(labels, len(labels), seed)  # the fixture's test split = its training split
+    finally:
+        np.random.set_state(state)
+    train = decoy_mnist.load_decoy_mnist(tmp_path, "train", seed=seed)
+    test = decoy_mnist.load_decoy_mnist(tmp_path, "test", seed=seed)
+    n = len(labels)
+    for i in range(n):
+        _, top, left = draws[i]
+        np.testing.assert_array_equal(train.images[i, ..., 0], _rrr_image(images[i], labels[i], top, left))
+        digit, top, left = draws[n + i]
+        assert test.patch_digits[i] == digit
+        np.testing.assert_array_equal(test.images[i, ..., 0], _rrr_image(images[i], digit, top, left))
 
 
 def test_clean_variant_has_the_same_fields(tmp_path):
@@ -117,14 +165,19 @@ def test_clean_variant_has_the_same_fields(tmp_path):
 
 def test_draw_decoys_distribution():
     labels = np.arange(20000) % 10
-    digits, corners = decoy_mnist.draw_decoys(labels, "test", seed=0)
+    train_corners, digits, corners = decoy_mnist.draw_decoys(labels, 20000, seed=0)
     assert abs(np.mean(digits == labels) - 0.1) < 0.01  # independent of the label
     np.testing.assert_allclose(np.bincount(digits, minlength=10) / 20000, 0.1, atol=0.01)
-    np.testing.assert_allclose(np.bincount(corners, minlength=4) / 20000, 0.25, atol=0.015)
-    train_digits, _ = decoy_mnist.draw_decoys(labels, "train", seed=0)
-    np.testing.assert_array_equal(train_digits, labels)
-    with pytest.raises(ValueError, match="split"):
-        decoy_mnist.draw_decoys(labels, "valid", seed=0)
+    for c in (corners, train_corners):
+        np.testing.assert_allclose(np.bincount(c, minlength=4) / 20000, 0.25, atol=0.015)
+    # The training draws come first and do not depend on the test split.
+    np.testing.assert_array_equal(decoy_mnist.draw_decoys(labels, 0, seed=0).train_corners, train_corners)
+    only = decoy_mnist.draw_decoys(np.array([3, 3, 5]), 500, seed=1).test_digits
+    assert set(np.unique(only)) == {3, 5}  # chosen among the training labels
+    with pytest.raises(ValueError, match="num_test"):
+        decoy_mnist.draw_decoys(labels, -1, seed=0)
+    with pytest.raises(ValueError, match=r"\[0, 9\]"):
+        decoy_mnist.draw_decoys(np.array([10]), 1, seed=0)
 
 
 def test_decoy_mnist_region_dilation_and_resize(tmp_path):

@@ -236,3 +236,55 @@ def test_grounding_fns_are_the_registrys_saliency_map():
     want = saliency_map("rise", linen_view(model, variables, train=False), images, targets, normalize=False,
                         key=jax.random.key(7), num_masks=40, grid_size=4, masks_per_step=20)
     np.testing.assert_array_equal(groundings["RISE"](images, targets), want)
+
+
+def test_pool_ceb_folds_batch_norm_as_the_authors_pool_generator():
+    """``ceb_batch_norm="fold"`` (default): the pool's cEB maps of a batch-norm SmallCNN equal cEB on the explicitly
+    folded network (the same convs with kernels W gamma / sqrt(var + eps) and biases beta - mean gamma /
+    sqrt(var + eps) set by hand, no batch norm); the test-time cEB and "pass" keep the network as trained."""
+    import types
+
+    from saliency_jax.models import SmallCNN
+    from saliency_jax.saliency import contrastive_excitation_backprop
+
+    widths = (3, 4, 5)
+    model = SmallCNN(num_classes=4, widths=widths)
+    images = jax.random.uniform(jax.random.key(0), (3, 8, 8, 3))
+    shapes = jax.eval_shape(model.init, jax.random.key(1), images)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.5).astype(np.float32), shapes["params"])
+    stats = {name: {"mean": rng.normal(0.0, 0.3, w).astype(np.float32),
+                    "var": rng.uniform(0.3, 2.0, w).astype(np.float32)}
+             for name, w in zip(("conv1", "conv2", "conv3"), widths)}
+    variables = {"params": params, "batch_stats": {k: {"bn": v} for k, v in stats.items()}}
+    explicit = {"fc": params["fc"]}
+    for name in stats:
+        bn = params[name]["bn"]
+        s = bn["scale"] / np.sqrt(stats[name]["var"] + 1e-5)
+        explicit[name] = {"conv": {"kernel": params[name]["conv"]["kernel"] * s,
+                                   "bias": bn["bias"] - stats[name]["mean"] * s}}
+    assert min(float(params[n]["bn"]["scale"].min()) for n in stats) < 0
+    plain = SmallCNN(num_classes=4, widths=widths, use_batchnorm=False)
+    targets = jnp.array([0, 3, 1], jnp.int32)
+    run = types.SimpleNamespace(model=model, variables=variables, image_shape=(8, 8, 3))
+    layers = {"cEB": "conv2", "Grad-CAM": "conv3"}
+    settings = gze.GuidedZoomSettings(rise_masks=10, rise_grid=4, rise_masks_per_step=10)
+    assert settings.ceb_batch_norm == "fold"
+    groundings = gze._grounding_fns(run, settings, layers)
+    pool = gze._pool_grounding_fns(run, settings, layers, groundings)
+    want = contrastive_excitation_backprop(linen_layer(plain, {"params": explicit}, "conv2"), images, targets)
+    np.testing.assert_allclose(pool["cEB"](images, targets), want.saliency, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(want.saliency).max()))
+    trained = contrastive_excitation_backprop(linen_layer(model, variables, "conv2", train=False), images, targets)
+    np.testing.assert_array_equal(groundings["cEB"](images, targets), trained.saliency)  # test time: as trained
+    assert not np.allclose(pool["cEB"](images, targets), trained.saliency, atol=1e-6)
+    assert pool["Grad-CAM"] is groundings["Grad-CAM"] and pool["RISE"] is groundings["RISE"]
+    passing = gze.GuidedZoomSettings(ceb_batch_norm="pass")
+    assert gze._pool_grounding_fns(run, passing, layers, groundings) is groundings
+    # The rule is part of the pools' fingerprint, and checked.
+    config = _runlocal()
+    prints = [gze._pool_fingerprint("GZ", s, config, layers, "w", {}, np.arange(3)) for s in (settings, passing)]
+    assert prints[0] != prints[1]
+    config.guided_zoom.ceb_batch_norm = "flip"
+    with pytest.raises(ValueError, match="ceb_batch_norm"):
+        build_evaluators(config)

@@ -8,8 +8,10 @@ Setting (thesis Sec. 6.2 and the authors' released code, andreazuna89/Guided-Zoo
   evidence pool;
 * pools (Algorithm 1): 150 x 150 patches of the 448-px input around the peak (``patch_ratio = 150 / 448``) resized to
   224, erased squares 85 x 85 (``erase_ratio = 85 / 448``), L = 2, cEB at ``res4a`` (= ``layer3/0`` here), border
-  windows truncated (released code), bicubic; Ensemble Guided Zoom adds Grad-CAM at ``layer4`` and RISE (1000 masks,
-  grid 8, p = 0.5), L = 0;
+  windows truncated (released code), bicubic, the pool's cEB maps on the ResNet with its batch norms folded into
+  the convolutions (``ceb_batch_norm = "fold"``: the released pool generator's correction of the convolutions
+  whose batch-norm scale is negative; ``"pass"`` leaves them); Ensemble Guided Zoom adds Grad-CAM at ``layer4`` and
+  RISE (1000 masks, grid 8, p = 0.5), L = 0;
 * refinement (Algorithm 2): k = 3 and 5, w = 0.4, (w_0, w_1, w_2) = (0.3, 0.2, 0.1), softmax probabilities.
 
 Targets (thesis, top-1 %): CUB 82.3 (ResNet-101) -> 85.0 (GZ, k = 3) / 85.4 (GZ, k = 5), EGZ 84.6 / 85.0; Dogs

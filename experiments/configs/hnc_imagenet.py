@@ -6,9 +6,11 @@ batch 256; CAMs of the k = 100 highest-scoring wrong classes at ``layer4`` (7x7)
 kd 0.0065 (ResNet-101) / 0.0048 (ResNet-152), temperature 1. Arms: CE, CE + HNC-mse, CE + HNC-kd.
 
 Data: ImageNet prepared for TFDS (``tfds build imagenet2012 --file_format=array_record`` with the archives in the
-manual folder), read with ``--config.dataset.data_dir=TFDS_DIR``; the validation split is the test set. Deviation
-from the authors: our pipeline resizes to 224 x 224 and flips (their loader: RandomResizedCrop(224) and flip for
-training, resize 256 + centre crop 224 for evaluation).
+manual folder), read with ``--config.dataset.data_dir=TFDS_DIR``; the validation split is the test set. The authors'
+training loader (``train_imagenet_cam_loss.py``) is ``RandomSizedCrop(224)`` with ``RandomHorizontalFlip`` commented
+out, so there is no flip here either (``--config.dataset.augment.hflip=True`` turns a left-right flip with probability
+1/2 on). Deviation from the authors: our pipeline resizes every image to 224 x 224, for training (no random-sized
+crop) and for evaluation (theirs: ``Scale(256)`` then ``CenterCrop(224)``).
 
 Command (a TPU VM or GPU host; ``:resnet152`` for the other network):
   saliency-jax experiment --config experiments/configs/hnc_imagenet.py:resnet101 \
@@ -35,7 +37,7 @@ def get_config(arg: str | None = "resnet101"):
     c.dataset.image_size = 224
     c.dataset.val_fraction = 0.0
     c.dataset.read_threads = 32
-    c.dataset.augment = dict(hflip=True, rotation=0.0, channel_shift=0.0, brightness=(1.0, 1.0))
+    c.dataset.augment = dict(hflip=False, rotation=0.0, channel_shift=0.0, brightness=(1.0, 1.0))  # authors: no flip
     c.model.name = arg
     c.hnc.num_negatives = 100
     c.optimizer.name = "sgd"

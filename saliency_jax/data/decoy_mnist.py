@@ -7,9 +7,13 @@ training set ``d`` is the image's own label, so the patch alone predicts the cla
 patch overwrites the pixels under it.
 
 Built here from the four IDX files (:func:`saliency_jax.data.load_mnist`), deterministically from a seed, with no
-file written: a ``numpy.random.Generator`` seeded with ``(seed, split)`` draws, for all images at once, the test
-set's patch digits and then each image's row side and column side. dtak/rrr draws the same quantities one image at
-a time from NumPy's global generator (unseeded), so the distribution is theirs, the particular draws are not.
+file written, in dtak/rrr's draw order (:func:`draw_decoys`): one ``numpy.random.RandomState(seed)`` stream, which
+serves the training images first, in file order, two uniform draws each (row side, then column side), then the test
+images, in file order, three draws each (the patch digit, chosen among the training set's distinct labels, then
+the row side, then the column side). dtak/rrr draw from NumPy's global generator, unseeded; after
+``np.random.seed(seed)`` their ``generate_dataset`` gives the images of ``load_decoy_mnist(..., seed=seed)`` for both
+splits. A test split therefore depends on the number of training images (the draws it consumes first), which is
+why loading it reads the training labels too.
 
 Per-example fields besides ``image`` and ``label``:
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -31,12 +36,13 @@ from scipy import ndimage
 
 from saliency_jax.data import augment as augment_lib
 from saliency_jax.data.core import SOURCES, check_image_size, check_split, require_data_dir
-from saliency_jax.data.mnist import load_digits, load_mnist
+from saliency_jax.data.mnist import load_digits, load_mnist, load_mnist_labels
 
 __all__ = [
     "PATCH_SIZE",
     "CORNERS",
     "patch_value",
+    "DecoyDraws",
     "draw_decoys",
     "patch_masks",
     "add_patches",
@@ -53,9 +59,6 @@ PATCH_SIZE = 4
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 """Corner codes 0..3 used by :func:`draw_decoys` and :func:`patch_masks`."""
-
-_SPLIT_STREAM = {"train": 0, "test": 1}
-
 
 def patch_value(digits: np.ndarray) -> np.ndarray:
     """Gray value of the patch that encodes ``digits``: ``255 - 25 * d`` (dtak/rrr, ``mult=25``).
@@ -75,31 +78,74 @@ def patch_value(digits: np.ndarray) -> np.ndarray:
     return (255 - 25 * digits.astype(np.int64)).astype(np.uint8)
 
 
-def draw_decoys(labels: np.ndarray, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draws the patch digit and corner of every image of a split.
+class DecoyDraws(NamedTuple):
+    """The random draws of a Decoy MNIST dataset (:func:`draw_decoys`).
+
+    Attributes:
+      train_corners: int8 [n_train] corner codes in [0, 3] (see :data:`CORNERS`); a training patch encodes the label.
+      test_digits: int32 [n_test] in [0, 9], the digit each test patch encodes (independent of the test label).
+      test_corners: int8 [n_test] corner codes in [0, 3].
+    """
+
+    train_corners: np.ndarray
+    test_digits: np.ndarray
+    test_corners: np.ndarray
+
+
+def _corner_codes(top: np.ndarray, left: np.ndarray) -> np.ndarray:
+    return (2 * (~top) + (~left)).astype(np.int8)
+
+
+def draw_decoys(train_labels: np.ndarray, num_test: int, seed: int) -> DecoyDraws:
+    """Draws every patch corner and test patch digit in dtak/rrr's order (``rrr/decoy_mnist.py``).
+
+    One ``np.random.RandomState(seed)`` serves, as NumPy's global generator does in dtak/rrr's
+    ``_generate_dataset``:
+
+    1. each training image in order: ``rand() < 0.5`` (the patch on the top rows 0-3, else the bottom rows),
+       then ``rand() < 0.5`` (the left columns 0-3, else the right ones);
+    2. then each test image in order: ``choice(digits)``, ``digits`` being the sorted distinct training labels
+       (their ``list(set(y))``), the digit its patch encodes; then the row side and the column side as in 1.
+
+    The training draws come first, so the test split's draws depend on ``len(train_labels)``.
 
     Args:
-      labels: [n] int labels in [0, 9].
-      split: ``"train"`` (patch digit = label) or ``"test"`` (patch digit uniform in 0-9, independent of the label).
-      seed: the generator is ``np.random.default_rng([seed, 0 for train / 1 for test])``.
+      train_labels: [n_train] int labels in [0, 9] of the training split (their number and distinct values are
+        what the draws use).
+      num_test: number of test images (0: draw the training split's only).
+      seed: the ``RandomState`` seed (an int in [0, 2**32)).
 
     Returns:
-      ``(patch_digits, corners)``: int32 [n] in [0, 9] and int8 [n] in [0, 3] (see :data:`CORNERS`): the test
-      digits are drawn first, then whether each patch is at the top (probability 1/2), then whether at the left.
+      :class:`DecoyDraws`.
 
     Raises:
-      ValueError: unknown split.
+      ValueError: labels not 1-D or outside [0, 9], an empty training split with test images to draw, a negative
+        ``num_test``.
     """
-    if split not in _SPLIT_STREAM:
-        raise ValueError(f"draw_decoys: split must be 'train' or 'test'; got {split!r}")
-    labels = np.asarray(labels).astype(np.int32)
-    rng = np.random.default_rng([int(seed), _SPLIT_STREAM[split]])
-    n = labels.shape[0]
-    digits = labels.copy() if split == "train" else rng.integers(0, 10, size=n).astype(np.int32)
-    top = rng.random(n) < 0.5
-    left = rng.random(n) < 0.5
-    corners = (2 * (~top) + (~left)).astype(np.int8)
-    return digits, corners
+    train_labels = np.asarray(train_labels)
+    if train_labels.ndim != 1:
+        raise ValueError(f"draw_decoys: train_labels must be [n_train]; got shape {train_labels.shape}")
+    if train_labels.size and (train_labels.min() < 0 or train_labels.max() > 9):
+        raise ValueError(f"draw_decoys: train_labels must lie in [0, 9]; got range "
+                         f"[{train_labels.min()}, {train_labels.max()}]")
+    num_test = int(num_test)
+    if num_test < 0:
+        raise ValueError(f"draw_decoys: num_test must be >= 0; got {num_test}")
+    if num_test and not train_labels.size:
+        raise ValueError("draw_decoys: the test patch digits are drawn among the training labels; got none")
+    rng = np.random.RandomState(int(seed))
+    # Training images: (row side, column side) per image. random_sample(2 n) is the same stream as 2 n rand() calls.
+    sides = rng.random_sample(2 * train_labels.shape[0]).reshape(-1, 2) < 0.5
+    train_corners = _corner_codes(sides[:, 0], sides[:, 1])
+    digits = np.unique(train_labels.astype(np.int64))
+    test_digits = np.empty(num_test, np.int32)
+    top = np.empty(num_test, bool)
+    left = np.empty(num_test, bool)
+    for i in range(num_test):  # choice interleaved with the two sides: one image at a time, as theirs
+        test_digits[i] = rng.choice(digits)
+        top[i] = rng.random_sample() < 0.5
+        left[i] = rng.random_sample() < 0.5
+    return DecoyDraws(train_corners, test_digits, _corner_codes(top, left))
 
 
 def patch_masks(corners: np.ndarray, height: int = 28, width: int = 28) -> np.ndarray:
@@ -257,7 +303,8 @@ def load_decoy_mnist(data_dir: str | os.PathLike[str] | None, split: str, *, see
       data_dir: directory of the four MNIST IDX files (as :func:`saliency_jax.data.load_mnist`); unused (may be
         None) with ``base="digits"``.
       split: ``"train"`` (60000 images, patch = label) or ``"test"`` (10000 images, patch = random digit).
-      seed: seed of the patch digits and corners; the same seed gives the same dataset.
+      seed: seed of the patch digits and corners (:func:`draw_decoys`, dtak/rrr's draw order); the same seed
+        gives the same dataset, and dtak/rrr's after ``np.random.seed(seed)``.
       region_threshold: uint8 level above which a pixel is the digit's (``region``).
       region_dilation: pixels of dilation of the digit region (0 = exact).
       image_size: optional square resize (bilinear) of images and regions.
@@ -272,21 +319,26 @@ def load_decoy_mnist(data_dir: str | os.PathLike[str] | None, split: str, *, see
       :class:`DecoyMNISTSource`.
 
     Raises:
-      FileNotFoundError, ValueError: as :func:`saliency_jax.data.load_mnist`; ValueError for an unknown split or
-        bad region settings.
+      FileNotFoundError, ValueError: as :func:`saliency_jax.data.load_mnist` (the test split also reads the
+        training labels file); ValueError for an unknown split or bad region settings.
     """
+    check_split(split, "load_decoy_mnist")
     if base == "mnist":
         if data_dir is None:
             raise ValueError("load_decoy_mnist: base='mnist' needs data_dir (the MNIST IDX files)")
         mnist = load_mnist(data_dir, split)
         clean, labels = mnist.images, mnist.labels
+        train_labels = labels if split == "train" else load_mnist_labels(data_dir, "train")
     elif base == "digits":
-        check_split(split, "load_decoy_mnist")
         clean, labels = digits_as_mnist(split)
         clean = clean[..., None]
+        train_labels = labels if split == "train" else load_digits("train").labels
     else:
         raise ValueError(f"load_decoy_mnist: base must be one of {BASES}; got {base!r}")
-    digits, corners = draw_decoys(labels, split, seed)
+    if split == "train":
+        digits, corners = labels.copy(), draw_decoys(train_labels, 0, seed).train_corners
+    else:
+        _, digits, corners = draw_decoys(train_labels, len(labels), seed)
     images = add_patches(clean, digits, corners) if decoy else clean
     prefix = ("decoy" if decoy else "clean") + ("_mnist" if base == "mnist" else "_digits")
     return DecoyMNISTSource(images=images, labels=labels, patch_digits=digits, corners=corners,

@@ -20,6 +20,7 @@ __all__ = [
     "DIGITS_SPLIT_SEED",
     "load_digits",
     "load_mnist",
+    "load_mnist_labels",
 ]
 
 DIGITS_TEST_FRACTION = 0.25
@@ -210,6 +211,31 @@ def load_mnist(
         name=f"mnist{images.shape[1]}/{split}" if pad else f"mnist/{split}",
         image_size=image_size,
     )
+
+
+def load_mnist_labels(data_dir: str | os.PathLike[str], split: str) -> np.ndarray:
+    """The labels of one MNIST split alone, read from its IDX labels file (the images file is not read).
+
+    Args:
+        data_dir: directory holding the files (gzip-compressed or not), as :func:`load_mnist`.
+        split: "train" or "test".
+
+    Returns:
+        int32 [n] in [0, 10).
+
+    Raises:
+        FileNotFoundError: ``data_dir`` or the labels file is missing.
+        ValueError: unknown split, bad magic number, truncated payload, a label >= 10.
+    """
+    check_split(split, "load_mnist_labels")
+    directory = pathlib.Path(data_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"MNIST directory not found: {directory}")
+    path = _find_file(directory, f"{_MNIST_PREFIX[split]}-labels-idx1-ubyte")
+    labels = _parse_idx(path, _MNIST_LABELS_MAGIC, ndim=1)
+    if labels.size and int(labels.max()) >= 10:
+        raise ValueError(f"MNIST labels in {path} must lie in [0, 10), got max {int(labels.max())}.")
+    return labels.astype(np.int32)
 
 
 @SOURCES.register("digits")

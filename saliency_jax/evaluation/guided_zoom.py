@@ -30,6 +30,11 @@ Details settled by the authors' released code (``andreazuna89/Guided-Zoom``: ``c
 * **round 0 is not gated**: both released pool generators add the first patch of *every* training image and gate
   only the erased rounds (``while (pred == label or counter == 0) and counter < 3``); an image leaves the later
   rounds at its first misclassification. Algorithm 1's text gates round 0 too: ``require_correct_first=True``;
+* on a batch-norm network the pool generator first corrects the signs of the convolutions whose batch-norm scale
+  is negative (so that EB's ``W+`` is the part of the weights that raises the normalised output) and the test-time
+  script does not: build the pool's cEB view on ``fold_batch_norm(module, variables, images, train=False)``
+  (:func:`saliency_jax.saliency.fold_batch_norm`, which says how the two compare) and Algorithm 2's on the variables
+  as trained; the ``"guided_zoom"`` evaluator does so (``ceb_batch_norm = "fold"``);
 * at test time nothing is gated: every top-``k`` class gets ``L + 1`` patches; the weights are
   ``w = 0.4, (w_0, w_1, w_2) = (0.3, 0.2, 0.1)`` and ``p`` are softmax probabilities (PyTorch release, and the
   thesis' "class conditional probability"; the Caffe release read the fc outputs, ``score="logit"``);
@@ -823,7 +828,10 @@ def contrastive_eb_grounding(model: ModelView | LayerModel) -> Grounding:
 
     Args:
       model: the conventional CNN split at the saliency layer (``linen_layer(module, variables, layer,
-        train=False)``, or a view with that layer).
+        train=False)``, or a view with that layer). For the evidence pool of a batch-norm network the released pool
+        generator's maps are those of ``linen_view(module, fold_batch_norm(module, variables, images, train=False),
+        layer, train=False)`` (:func:`saliency_jax.saliency.fold_batch_norm`); its test-time maps (Algorithm 2) are
+        those of the variables as trained.
 
     Returns:
       A :data:`Grounding` giving cEB maps [n, h', w'] at the layer's resolution (:func:`saliency_grounding`).

@@ -35,6 +35,21 @@ similarly"), so by default EGZ refines with the same test-time procedure as GZ (
 1``) and differs only in the pool its Evidence CNN was trained on; the test patches are then computed once and go
 through both Evidence CNNs. ``ensemble_test_grounding = "Grad-CAM"`` or ``"RISE"`` selects another method.
 
+Batch norm (``ceb_batch_norm``): the authors' pool generator (``caffe/evidence_pool_generation.py``) corrects the
+signs of the convolutions whose batch-norm scale is negative before computing the pool's cEB maps, and their test-time
+script (``save_softmax.py``) does not. Here ``"fold"`` (the default) computes the pool's cEB maps on the conventional
+CNN with every batch norm folded into the convolution before it
+(:func:`saliency_jax.saliency.excitation_backprop.fold_batch_norm`: the same EB signal as their sign flip, the forward
+pass unchanged), while Algorithm 2's test-time cEB and the Grad-CAM / RISE pools use the network as trained;
+``"pass"`` computes the pool's cEB maps with the batch norms passing the signal unchanged, as everywhere else. A
+network without batch norm, or whose batch-norm scales are all positive, gets the same pools either way (EB is blind
+to a positive factor per channel). Measured (``experiments/batch_norm_fold.py``): the conventional CNN of
+``guided_zoom_cifar10.py`` after 2000 steps has no negative scale (min 0.88), so its pool maps do not change
+(relative L1 of the cEB maps at ``conv2`` on 2000 training images 8.7e-7, float rounding; no peak moved); on the test's
+network with a third of the scales negative the cEB maps change by a relative L1 of 0.61-0.86 (three draws, two
+layers). Whether and how much the authors' fine-grained ResNet-101s change depends on their negative scales,
+which their script tests for; no such weights are here to measure.
+
 Metrics: ``conventional`` top-1/3/5 accuracy (and top-``k`` for each ``k``); ``refined[pool][k]`` top-1 after
 refinement; ``evidence[pool]``: pool size and patches per round / method, the Evidence CNN's accuracy on its
 held-out pool patches (``val_accuracy``) and on the test images' patches of their true class per round
@@ -70,10 +85,10 @@ from saliency_jax.evaluation.figures import evidence_pool_figure
 from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, Stage, linen_module,
                                           register_evaluator, run_model)
 from saliency_jax.models.build import model_layers
-from saliency_jax.saliency import linen_view
+from saliency_jax.saliency import fold_batch_norm, linen_view
 
-__all__ = ["CEB_LAYERS", "GROUNDINGS", "POOLS", "GuidedZoomSettings", "conventional_images", "evidence_config",
-           "guided_zoom_evaluator", "native_source", "pool_sizes"]
+__all__ = ["BATCH_NORM_RULES", "CEB_LAYERS", "GROUNDINGS", "POOLS", "GuidedZoomSettings", "conventional_images",
+           "evidence_config", "guided_zoom_evaluator", "native_source", "pool_sizes"]
 
 #: The evidence pools the evaluator can build: Guided Zoom (cEB + adversarial erasing) and Ensemble Guided Zoom.
 POOLS: tuple[str, ...] = ("GZ", "EGZ")
@@ -83,6 +98,9 @@ GROUNDINGS: tuple[str, ...] = ("cEB", "Grad-CAM", "RISE")
 #: (:func:`saliency_jax.evaluation.guided_zoom.saliency_grounding`).
 _GROUNDING_METHODS: dict[str, str] = {"cEB": "contrastive_excitation_backprop", "Grad-CAM": "grad_cam",
                                       "RISE": "rise"}
+#: How the pool's cEB maps treat batch norm: ``"fold"`` (the authors' pool generator; folded into the conv before
+#: it) or ``"pass"`` (the signal passes batch norm unchanged, as at test time).
+BATCH_NORM_RULES: tuple[str, ...] = ("fold", "pass")
 #: Default cEB layer per architecture: a middle layer (the released code reads ResNet-101's ``res4a``, the first
 #: block of stage 4 = ``layer3/0`` here, stride 16); ``conv2`` (stride 2) for the small CNN.
 CEB_LAYERS: dict[str, str] = {
@@ -108,6 +126,10 @@ class GuidedZoomSettings(EvaluatorSettings):
       require_correct_first: gate round 0 on the un-erased image's classification too (Algorithm 1's text; the
         released code adds every training image's first patch).
       ceb_layer: cEB's layer ("": :data:`CEB_LAYERS` of the architecture).
+      ceb_batch_norm: batch norm in the *pool's* cEB maps (Algorithm 1): ``"fold"`` (default; the authors' pool
+        generator: every batch norm folded into the conv before it, :func:`~saliency_jax.saliency.fold_batch_norm`)
+        or ``"pass"`` (the signal passes batch norm unchanged). The test-time cEB of Algorithm 2 always passes
+        (the authors' ``save_softmax.py`` does not fold).
       grad_cam_layer: Grad-CAM's layer ("": ``config.model``'s Grad-CAM layer, the last conv block).
       rise_masks, rise_grid, rise_p: RISE's ``N``, grid ``s`` and keep probability (released code: 1000, 8, 0.5).
       rise_masks_per_step: masks evaluated per ``vmap`` chunk (memory vs speed; results do not depend on it).
@@ -140,6 +162,7 @@ class GuidedZoomSettings(EvaluatorSettings):
     method: str = "cubic"
     require_correct_first: bool = False
     ceb_layer: str = ""
+    ceb_batch_norm: str = "fold"
     grad_cam_layer: str = ""
     rise_masks: int = 1000
     rise_grid: int = 8
@@ -191,6 +214,8 @@ class GuidedZoomSettings(EvaluatorSettings):
             fail("method", f"must be one of {gz.RESAMPLING}")
         if self.score not in gz.SCORES:
             fail("score", f"must be one of {gz.SCORES}")
+        if self.ceb_batch_norm not in BATCH_NORM_RULES:
+            fail("ceb_batch_norm", f"must be one of {BATCH_NORM_RULES}")
         if self.ensemble_test_grounding not in GROUNDINGS:
             fail("ensemble_test_grounding", f"must be one of {GROUNDINGS}")
         ks = tuple(self.ks)
@@ -339,7 +364,8 @@ def _pool_fingerprint(name: str, settings: GuidedZoomSettings, config, layers: d
     common = {"pool": name, "weights": weights, "dataset": [ds.name, ds.get("data_dir"), ds.get("image_size")],
               "original_size": settings.original_size, "sizes": sizes, "border": settings.border,
               "method": settings.method, "require_correct_first": settings.require_correct_first,
-              "ceb_layer": layers["cEB"], "indices": _digest(np.asarray(pool_indices).tolist())}
+              "ceb_layer": layers["cEB"], "ceb_batch_norm": settings.ceb_batch_norm,
+              "indices": _digest(np.asarray(pool_indices).tolist())}
     if name == "GZ":
         return {**common, "num_erasures": settings.num_erasures}
     return {**common, "grad_cam_layer": layers["Grad-CAM"], "rise": [settings.rise_masks, settings.rise_grid,
@@ -391,8 +417,8 @@ def _evidence_stages(config, settings: GuidedZoomSettings, root: pathlib.Path, p
 
 
 def _grounding_fns(run, settings: GuidedZoomSettings, layers: dict[str, str]) -> dict[str, Any]:
-    """``{grounding: Grounding}`` on views of the run's model: cEB and Grad-CAM at ``layers[name]``; RISE (masks
-    from ``settings.seed``) on the logits."""
+    """``{grounding: Grounding}`` on views of the run's model, as Algorithm 2 uses them at test time: cEB and
+    Grad-CAM at ``layers[name]``; RISE (masks from ``settings.seed``) on the logits."""
     options = {"RISE": dict(key=jax.random.key(settings.seed), num_masks=settings.rise_masks,
                             grid_size=settings.rise_grid, p=settings.rise_p,
                             masks_per_step=settings.rise_masks_per_step)}
@@ -400,6 +426,16 @@ def _grounding_fns(run, settings: GuidedZoomSettings, layers: dict[str, str]) ->
                                         linen_view(linen_module(run, 'Guided Zoom'), run.variables, layers.get(name), train=False),
                                         **options.get(name, {}))
             for name in GROUNDINGS}
+
+
+def _pool_grounding_fns(run, settings: GuidedZoomSettings, layers: dict[str, str], groundings) -> dict[str, Any]:
+    """The groundings of the pools (Algorithm 1): the test-time ones, with cEB on the batch-norm-folded model when
+    ``ceb_batch_norm == "fold"`` (the authors' pool generator)."""
+    if settings.ceb_batch_norm == "pass":
+        return groundings
+    module = linen_module(run, 'Guided Zoom')
+    folded = fold_batch_norm(module, run.variables, jnp.zeros((1, *run.image_shape), jnp.float32), train=False)
+    return {**groundings, "cEB": gz.contrastive_eb_grounding(linen_view(module, folded, layers["cEB"], train=False))}
 
 
 def _pool_functions(settings: GuidedZoomSettings, groundings, logits_fn, sizes) -> dict[str, Any]:
@@ -508,6 +544,7 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
         batch_size = settings.batch_size or config.eval_batch_size
         logits_fn = functools.partial(run_model(run).apply, run.variables)
         groundings = _grounding_fns(run, settings, layers)
+        pool_groundings = _pool_grounding_fns(run, settings, layers, groundings)
         _, train_idx, _, _ = inputs.load_sources(config)
         pool_indices = _subset(np.asarray(train_idx), settings.pool_examples, settings.seed)
         weights = _weights_digest(run.variables)
@@ -519,7 +556,8 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
         stages = _evidence_stages(config, settings, root, paths, prints, metas)
         return dict(image_size=image_size, test_native=test_native, train_native=train_native,
                     class_names=class_names, sizes=sizes, batch_size=batch_size, logits_fn=logits_fn,
-                    groundings=groundings, pool_indices=pool_indices, prints=prints, paths=paths, stages=stages)
+                    groundings=groundings, pool_groundings=pool_groundings, pool_indices=pool_indices,
+                    prints=prints, paths=paths, stages=stages)
 
     def stages(run, data):
         """Step 1, the evidence pools of the training images (written unless their fingerprint matches), and the
@@ -531,7 +569,7 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
         if not missing:
             return p["stages"]
         t0 = time.time()
-        digests = _write_pools(missing, _pool_functions(settings, p["groundings"], p["logits_fn"], p["sizes"]),
+        digests = _write_pools(missing, _pool_functions(settings, p["pool_groundings"], p["logits_fn"], p["sizes"]),
                                p["train_native"], p["pool_indices"], p["image_size"], p["batch_size"],
                                p["class_names"])
         elapsed = time.time() - t0
@@ -547,7 +585,7 @@ def guided_zoom_evaluator(settings: GuidedZoomSettings) -> Evaluator:
         train_native, pool_indices, class_names = p["train_native"], p["pool_indices"], p["class_names"]
         layers, prints = _layers(run, settings), p["prints"]
         root = run.workdir / "guided_zoom"
-        pool_fns = _pool_functions(settings, p["groundings"], p["logits_fn"], sizes)
+        pool_fns = _pool_functions(settings, p["pool_groundings"], p["logits_fn"], sizes)
         batch_size, logits_fn, groundings, num_classes = p["batch_size"], p["logits_fn"], p["groundings"], \
             run.num_classes
         metas = {name: _read_json(p["paths"][name].with_suffix(".json")) for name in settings.pools}

@@ -32,6 +32,7 @@ from saliency_jax.saliency.excitation_backprop import (
     UnsupportedOperationError,
     contrastive_excitation_backprop,
     excitation_backprop,
+    fold_batch_norm,
     marginal_winning_probability,
     with_excitation_rules,
 )

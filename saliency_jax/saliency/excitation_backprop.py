@@ -44,12 +44,22 @@ non-negative activations (post-ReLU); explain the logits, not softmax probabilit
 
 Every transform takes a whole batch at once with no loop over examples (examples do not interact in inference
 mode), and is jittable and vmappable.
+
+Batch norm and the sign of the weights (:func:`fold_batch_norm`): passing the signal through an inference-mode
+batch norm unchanged (as Caffe-ExcitationBP's ``BatchNorm`` and ``Scale`` layers do) leaves the rule of the
+convolution below it with ``W+`` of the convolution's own weights, although a channel whose batch-norm scale
+``gamma`` is negative responds *negatively* to them. Guided Zoom's released pool generator corrects this by flipping
+those channels' weights before EB; :func:`fold_batch_norm` folds the batch norm into the convolution, which gives
+the convolution rule the same weights up to a positive factor per channel (to which EB is blind) and keeps the
+forward pass.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -64,6 +74,7 @@ __all__ = [
     "UnsupportedOperationError",
     "contrastive_excitation_backprop",
     "excitation_backprop",
+    "fold_batch_norm",
     "marginal_winning_probability",
     "with_excitation_rules",
 ]
@@ -259,3 +270,173 @@ def contrastive_excitation_backprop(
     """
     probability = _excite(model, images, targets, prior, contrastive=True)
     return _finish(probability, images, model.layer, True, resize, normalize)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch norm folded into the linear layer before it (Guided Zoom's pool generator).
+
+
+def _own_kernel(module: nn.Module) -> Any:
+    """The module's own ``kernel`` parameter (a conv / dense layer), or None."""
+    params = module.variables.get("params", {}) if module.scope is not None else {}
+    kernel = params.get("kernel") if hasattr(params, "get") else None
+    return kernel if hasattr(kernel, "shape") and len(kernel.shape) >= 2 else None
+
+
+def _batch_norm_pairs(module: nn.Module, variables: Any, args: tuple, apply_kwargs: dict) -> list[tuple]:
+    """``[(linear path, batch-norm path, epsilon, use_scale, use_bias)]``: every inference-mode ``nn.BatchNorm``
+    whose input is the output of a module with its own ``kernel`` (found by tracing ``module.apply`` with
+    ``jax.eval_shape`` and a method interceptor)."""
+    outputs: list[tuple[Any, tuple[str, ...]]] = []  # (output value, path) of layers with a kernel
+    pairs: list[tuple] = []
+    calls: dict[tuple[str, ...], int] = {}
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        if context.method_name != "__call__":
+            return next_fun(*call_args, **call_kwargs)
+        m = context.module
+        path = tuple(str(p) for p in m.path)
+        calls[path] = calls.get(path, 0) + 1
+        if isinstance(m, nn.BatchNorm) and call_args:
+            x = call_args[0]
+            producer = next((p for out, p in outputs if out is x), None)
+            if producer is not None:
+                name = "/".join(path)
+                running = call_kwargs.get("use_running_average", call_args[1] if len(call_args) > 1 else None)
+                running = m.use_running_average if running is None else running
+                if not running:
+                    raise ValueError(f"fold_batch_norm: BatchNorm {name!r} uses batch statistics; fold an "
+                                     "inference-mode model (e.g. apply_kwargs train=False)")
+                axis = m.axis if isinstance(m.axis, int) else None
+                if axis is None or axis % x.ndim != x.ndim - 1:
+                    raise ValueError(f"fold_batch_norm: BatchNorm {name!r} normalises axis {m.axis!r}; only the "
+                                     "last (feature) axis, that of the layer's kernel, can be folded")
+                pairs.append((producer, path, float(m.epsilon), bool(m.use_scale), bool(m.use_bias)))
+        out = next_fun(*call_args, **call_kwargs)
+        kernel = _own_kernel(m)
+        if kernel is not None and isinstance(out, jax.Array) and out.shape[-1:] == kernel.shape[-1:]:
+            outputs.append((out, path))
+        return out
+
+    def run(v, a):
+        with nn.intercept_methods(interceptor):
+            return module.apply(v, *a, **apply_kwargs)
+
+    jax.eval_shape(run, variables, args)
+    for linear, norm, *_ in pairs:
+        for path in (linear, norm):
+            if calls.get(path, 0) != 1:
+                raise ValueError(f"fold_batch_norm: layer {'/'.join(path)!r} runs {calls.get(path, 0)} times; "
+                                 "a layer whose weights serve several calls cannot be folded")
+    return pairs
+
+
+def _node(tree: Any, collection: str, path: tuple[str, ...], what: str) -> dict:
+    node = tree.get(collection, {})
+    for key in path:
+        if key not in node:
+            raise ValueError(f"fold_batch_norm: no {collection}/{'/'.join(path)} for {what} in the variables")
+        node = node[key]
+    return node
+
+
+def fold_batch_norm(module: nn.Module, variables: Any, *args: Any, **apply_kwargs: Any) -> Any:
+    """Folds every inference-mode batch norm into the conv / dense layer that feeds it (the signs of Guided Zoom's
+    released pool generator), keeping the forward pass.
+
+    For a layer ``z = W x (+ b)`` followed by ``BN(z) = gamma (z - mu) / sqrt(var + eps) + beta``, per output
+    channel ``s = gamma / sqrt(var + eps)``:
+
+    * the layer's kernel becomes ``W' = W s`` (its bias, if any, ``b s``);
+    * the batch norm keeps only the shift: ``mean' = mu s - beta``, ``var' = 1 - eps``, ``scale' = 1``,
+      ``bias' = 0``, so ``BN'(W' x + b') = W' x + b' + beta - mu s = BN(z)``.
+
+    The module is unchanged; only its variables are. Excitation Backprop on the folded variables
+    (:func:`excitation_backprop`, :func:`contrastive_excitation_backprop` through ``linen_layer(module, folded,
+    layer, train=False)``) equals EB on a network with the convolutions ``(W', b' + beta - mu s)`` and no batch
+    norm, since the batch norm's shift passes the signal unchanged and EB ignores biases.
+
+    Why (Bargal et al., Guided Zoom, BMVC 2019; the authors' released ``caffe/evidence_pool_generation.py``): before
+    computing the contrastive-EB maps of the evidence pool, that script takes every Caffe ``Scale`` layer
+    ``scale<X>`` (the affine part of a ResNet-101 batch norm) that has a negative ``gamma``, negates the output
+    channels with ``gamma < 0`` of the convolution ``res<X>`` (the convolutions of the residual branches and
+    projection shortcuts; the stem's ``scale_conv1`` has no ``res`` partner) and replaces ``gamma`` by
+    ``|gamma|``. Caffe-ExcitationBP's ``BatchNorm`` and ``Scale`` layers copy the EB signal unchanged, so the EB
+    rule of the convolution then uses the positive part of the sign-corrected weights, ``(sign(gamma) W)+``.
+    Folding gives the rule ``(W s)+ = |s| (sign(gamma) W)+``, and a positive factor per output channel cancels in
+    EB's normalisation (``Z_j``, Eq. 4.2): the same signal. Two differences from their script, both deliberate:
+    (1) their flip leaves the batch norm's mean (and ``beta``) unchanged, so each flipped channel's output moves by
+    ``-2 |gamma| mu / sqrt(var + eps)`` and the network they explain (and whose predictions gate the erasing
+    rounds) is no longer the trained one; the fold keeps every activation and prediction; (2) a channel with
+    ``gamma = 0`` exactly gets a zero kernel here, so EB sends it nothing, while their flip leaves its weights.
+    Their test-time script (``caffe/save_softmax.py``) does not flip; Guided Zoom here folds only for the pools
+    (:class:`saliency_jax.evaluators.guided_zoom.GuidedZoomSettings` ``ceb_batch_norm``). With every ``gamma > 0``
+    the fold leaves EB's maps unchanged (up to float rounding); the maps change where scales are negative (measured
+    figures in :mod:`saliency_jax.evaluators.guided_zoom`).
+
+    Which layers: every ``flax.linen.BatchNorm`` (or subclass) called in inference mode whose input is exactly the
+    output of a submodule with its own ``kernel`` parameter whose last axis is the output channels (``nn.Conv``,
+    ``nn.Dense``, :class:`saliency_jax.models.conv.Conv`; e.g. every conv of :class:`saliency_jax.models.ResNet`
+    and of :class:`saliency_jax.models.SmallCNN` with batch norm). A batch norm fed by anything else (a sum, an
+    activation, a pre-activation block) is left as it is. The layer's output must feed only that batch norm (true
+    of conv - BN - ReLU networks; not checked). A model without such pairs gets its variables back unchanged.
+
+    Args:
+      module: a ``flax.linen.Module``.
+      variables: its variables, ``{"params": ..., "batch_stats": ...}`` (a dict or ``FrozenDict``).
+      *args: the positional arguments of ``module.apply`` after the variables, e.g. images
+        [batch, height, width, channels] float32; only their shapes and dtypes are used (the model is traced
+        with ``jax.eval_shape``, never run).
+      **apply_kwargs: forwarded to ``module.apply``; the batch norms must run on their running averages
+        (``train=False`` for this library's models).
+
+    Returns:
+      Variables of the same structure, shapes and dtypes (a ``FrozenDict`` if ``variables`` was one), with the
+      kernels (and biases) of the folded layers and the parameters and statistics of their batch norms replaced.
+
+    Raises:
+      ValueError: a batch norm fed by a layer uses batch statistics (train mode), normalises another axis than the
+        last, or a folded layer or batch norm runs more than once per forward pass; the variables lack a folded
+        layer's kernel or a batch norm's statistics.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         x = nn.BatchNorm(use_running_average=True)(nn.Conv(4, (3, 3), use_bias=False)(x))
+      ...         return nn.Dense(2)(jnp.mean(nn.relu(x), axis=(1, 2)))
+      >>> x = jnp.ones((1, 8, 8, 3))
+      >>> v = Net().init(jax.random.key(0), x)
+      >>> folded = fold_batch_norm(Net(), v, x)
+      >>> bool(jnp.allclose(Net().apply(folded, x), Net().apply(v, x), atol=1e-5))
+      True
+    """
+    pairs = _batch_norm_pairs(module, variables, args, apply_kwargs)
+    frozen = isinstance(variables, flax.core.FrozenDict)
+    out = flax.core.unfreeze(variables)
+    for linear, norm, eps, use_scale, use_bias in pairs:
+        layer = _node(out, "params", linear, "the layer before a batch norm")
+        stats = _node(out, "batch_stats", norm, "a batch norm's statistics")
+        if "mean" not in stats or "var" not in stats:
+            raise ValueError(f"fold_batch_norm: batch_stats/{'/'.join(norm)} has no mean / var")
+        bn = _node(out, "params", norm, "a batch norm's parameters") if (use_scale or use_bias) else {}
+        mean = jnp.asarray(stats["mean"], jnp.float32)
+        var = jnp.asarray(stats["var"], jnp.float32)
+        gamma = jnp.asarray(bn["scale"], jnp.float32) if use_scale else jnp.ones_like(mean)
+        beta = jnp.asarray(bn["bias"], jnp.float32) if use_bias else jnp.zeros_like(mean)
+        s = gamma * jax.lax.rsqrt(var + jnp.float32(eps))
+        kernel = layer["kernel"]
+        if kernel.shape[-1] != s.shape[-1]:
+            raise ValueError(f"fold_batch_norm: {'/'.join(linear)} has {kernel.shape[-1]} output channels, its "
+                             f"batch norm {'/'.join(norm)} {s.shape[-1]}")
+        layer["kernel"] = (jnp.asarray(kernel, jnp.float32) * s).astype(kernel.dtype)
+        if "bias" in layer:
+            layer["bias"] = (jnp.asarray(layer["bias"], jnp.float32) * s).astype(layer["bias"].dtype)
+        stats["mean"] = (mean * s - beta).astype(stats["mean"].dtype)
+        stats["var"] = jnp.full_like(stats["var"], 1.0 - eps)
+        if use_scale:
+            bn["scale"] = jnp.ones_like(bn["scale"])
+        if use_bias:
+            bn["bias"] = jnp.zeros_like(bn["bias"])
+    return flax.core.freeze(out) if frozen else out
