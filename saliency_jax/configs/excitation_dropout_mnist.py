@@ -18,8 +18,7 @@ switched off, the ground-truth probability stays 0.94 (0.90) for excitation vs 0
 standard, 0.87 (0.44) per-image; with 192 random units off 0.87 vs 0.43 / 0.69 / 0.74 (Fig. 5.5's ranking).
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):
