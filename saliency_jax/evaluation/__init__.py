@@ -16,7 +16,7 @@ from saliency_jax.evaluation.backgrounds import (BACKGROUND_NAMES, TEST_SET_NAME
 from saliency_jax.evaluation.faithfulness import (CausalMetricResult, RandomizationResult, auc, causal_metric,
                                                   deletion, gaussian_blur, insertion, model_randomization,
                                                   relevance_mass_accuracy, spearman_correlation, ssim)
-from saliency_jax.evaluation.figures import overlay
+from saliency_jax.evaluation.figures import overlay, signed_overlay
 from saliency_jax.evaluation.figures import saliency_figure
 from saliency_jax.evaluation.figures import training_curves_figure
 from saliency_jax.evaluation.metrics import SCALAR_METRICS
@@ -52,6 +52,7 @@ __all__ = [
     "spearman_correlation",
     "ssim",
     "overlay",
+    "signed_overlay",
     "BACKGROUND_NAMES",
     "TEST_SET_NAMES",
     "background_contact_sheet",
