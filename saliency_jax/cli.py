@@ -1,4 +1,5 @@
-"""Command line: ``saliency-jax {train,experiment,config} --config=CONFIG[:ARG] [--workdir=DIR] [--config.FIELD=VALUE]``.
+"""Command line: ``saliency-jax {train,experiment,config} --config=CONFIG[:ARG] [--workdir=DIR]
+[--config.FIELD=VALUE]``.
 
 * ``train`` trains one model from the config with the trainer ``config.trainer`` names (resuming from ``workdir`` if
   it holds checkpoints), runs the evaluators of ``config.evaluators`` on it and prints their scalar metrics.
@@ -11,12 +12,14 @@ Configs are ``ml_collections`` files (``get_config(arg)``), given by path or, fo
 :mod:`saliency_jax.configs`, by name (``--config distraction_digits`` is ``--config
 experiments/configs/distraction_digits.py`` from any folder); any field can be overridden on the command line,
 e.g. ``--config.num_steps=100 --config.distraction.fill=one``; ``:runlocal`` after the path or name selects a
-config's tiny variant. ``saliency-jax --version`` prints the version. ``--multihost`` calls ``jax.distributed.initialize()`` first: on TPU VMs, SLURM and Open MPI it finds the
-cluster by itself; elsewhere (e.g. GPU machines started by hand) give ``--coordinator_address``,
-``--num_processes`` and ``--process_id`` (or the environment variables ``JAX_COORDINATOR_ADDRESS``,
-``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``). Bad flags, unknown fields, invalid settings (a scheme's, an
-evaluator's, the data source's, the model's) and missing data paths print one line (``saliency-jax: error: ...``)
-and exit with status 2 before the workdir is touched: the config (every arm) is validated and its data read first.
+config's tiny variant. ``saliency-jax --version`` prints the version. ``--multihost`` calls
+``jax.distributed.initialize()`` first: on TPU VMs, SLURM and Open MPI it finds the cluster by itself; elsewhere
+(e.g. GPU machines started by hand) give ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or the
+environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``).
+
+Bad flags, unknown fields, invalid settings (a scheme's, an evaluator's, the data source's, the model's) and missing
+data paths print one line (``saliency-jax: error: ...``) and exit with status 2 before the workdir is touched: the
+config (every arm) is validated and its data read first.
 
 ``experiment`` takes ``--arms=A,B`` (a subset of the config's arms) and refuses a ``--config.FIELD=VALUE`` whose
 field an arm also sets (the arm's value would win), naming the arms, unless ``--override_arms`` applies it to every

@@ -39,8 +39,8 @@ from saliency_jax.config import ConfigError, apply_overrides
 from saliency_jax.evaluators.base import ReportContext, RunRecord, settings_dict
 from saliency_jax.plan import TrainResult
 
-__all__ = ["arm_config", "arms_setting", "check_config", "check_paths", "check_run", "evaluate_run", "model_digest", "run_experiment", "select_arms",
-           "to_jsonable"]
+__all__ = ["arm_config", "arms_setting", "check_config", "check_paths", "check_run", "evaluate_run", "model_digest",
+           "run_experiment", "select_arms", "to_jsonable"]
 
 
 def _nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,16 +106,22 @@ def select_arms(config: ml_collections.ConfigDict, names: list[str] | tuple[str,
 
 
 def check_paths(config: ml_collections.ConfigDict) -> None:
-    """The paths a run config names exist: ``dataset.data_dir`` (when set) and ``model.pretrained`` (when set).
+    """The paths a run config names exist, when set: ``dataset.data_dir``, ``model.pretrained`` and the ``data_dir``
+    of each listed evaluator's section (e.g. ``pointing_game.data_dir``).
 
     Raises:
-      ConfigError: naming the field, the path and the folder a relative path was read from.
+      FileNotFoundError: naming the field, the path and the folder a relative path was read from.
     """
-    for field, path in (("dataset.data_dir", config.dataset.get("data_dir")),
-                        ("model.pretrained", config.model.get("pretrained"))):
+    fields = [("dataset.data_dir", config.dataset.get("data_dir")),
+              ("model.pretrained", config.model.get("pretrained"))]
+    for name in evaluators_lib.base.evaluator_list(config.get("evaluators")):
+        section = config.get(name)
+        if isinstance(section, ml_collections.ConfigDict) and "data_dir" in section:
+            fields.append((f"{name}.data_dir", section.data_dir))
+    for field, path in fields:
         if path and not os.path.exists(path):
             where = "" if os.path.isabs(path) else f" (relative to the current folder {os.getcwd()})"
-            raise ConfigError(f"config.{field}={str(path)!r}: no such file or folder{where}")
+            raise FileNotFoundError(f"config.{field}={str(path)!r}: no such file or folder{where}")
 
 
 def check_run(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
@@ -124,7 +130,7 @@ def check_run(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
     the model traced) and the evaluators' settings (:func:`saliency_jax.evaluators.build_evaluators`).
 
     Raises:
-      ConfigError / ValueError / KeyError: as those functions.
+      FileNotFoundError: as :func:`check_paths`; ConfigError / ValueError / KeyError: as the others.
     """
     check_paths(config)
     train_lib.validate(config, data=data)
@@ -136,9 +142,10 @@ def check_config(config: ml_collections.ConfigDict, *, arms: list[str] | tuple[s
     """Validates every arm (or the ``arms`` selected, :func:`select_arms`) before anything is trained; returns the arm
     names.
 
-    Per arm: :func:`saliency_jax.train.validate` (the loop fields, the trainer's settings - for supervised training
-    the schemes - and, once per distinct dataset and model, the train and test sources against each other and the
-    model on their shape; every split is read once per process, and training reuses it) and its evaluators.
+    Per arm, :func:`check_run`: its paths (:func:`check_paths`), :func:`saliency_jax.train.validate` (the loop fields,
+    the trainer's settings - for supervised training the schemes - and, once per distinct dataset and model, the train
+    and test sources against each other and the model and its layers on their shape; every split is read once per
+    process, and training reuses it) and its evaluators' settings.
 
     Args:
       config: the experiment config.
@@ -150,6 +157,7 @@ def check_config(config: ml_collections.ConfigDict, *, arms: list[str] | tuple[s
         (the arm is named).
       ValueError: an arm whose trainer / schemes / evaluators / settings are wrong (the arm is named).
       KeyError: an arm override naming an unknown field.
+      FileNotFoundError: a data path or weights file an arm names does not exist (:func:`check_paths`).
     """
     names = [name for name, _ in config.experiment.arms]
     if not names:

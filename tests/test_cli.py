@@ -234,8 +234,8 @@ def test_version_and_shipped_configs_by_name_from_any_folder(tmp_path):
     assert out.returncode == 0 and out.stdout.strip() == f"saliency-jax {__version__}"
     assert "distraction_digits" in configs.names() and "common" not in configs.names()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    by_name = subprocess.run([sys.executable, "-m", "saliency_jax", "config", "--config", "distraction_digits:runlocal"],
-                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    by_name = subprocess.run([sys.executable, "-m", "saliency_jax", "config", "--config",
+                              "distraction_digits:runlocal"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert by_name.returncode == 0, by_name.stderr[-2000:]
     assert by_name.stdout == _cli("config", f"--config={DIGITS}").stdout  # the same config as by path
     out = _cli("config", "--config=distraction_digit")
