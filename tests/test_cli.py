@@ -17,10 +17,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "experiments/configs/distraction_digits.py") + ":runlocal"
 
 
-def _cli(*args, env=None, script=None):
+def _cli(*args, env=None, script=None, timeout=300):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **(env or {})}
     command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "saliency_jax"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
 
 def test_help_shows_commands_flags_and_how_to_list_fields():
@@ -297,7 +297,9 @@ def test_experiment_runs_selected_arms_with_an_override_applied_to_every_arm(tmp
     workdir = tmp_path / "exp"
     out = _cli("experiment", f"--config={DIGITS}", f"--workdir={workdir}", "--noprogress", "--compilation_cache=off",
                "--arms=0-occlusion", "--config.distraction.fill=one", "--override_arms", "--config.num_steps=2",
-               "--config.checkpoint_every=2", "--config.log_every=1")
+               "--config.checkpoint_every=2", "--config.log_every=1",
+               "--config.evaluators=classification,random_erasing,training_curves",  # no Grad-CAM compilation
+               timeout=900)  # about a minute on 2 idle cores; the margin is for a loaded host
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["arms"] == ["0-occlusion"] and metrics["every_arm"] == {"distraction.fill": "one"}
@@ -309,13 +311,11 @@ def test_experiment_runs_selected_arms_with_an_override_applied_to_every_arm(tmp
     assert "Arms run (`--arms`): 0-occlusion of baseline, 0-occlusion." in report
     progress = [line for line in out.stdout.splitlines() if line.startswith("[0-occlusion seed 0]")]
     assert len(progress) == 1
-    for headline in ("classification.accuracy", "random_erasing.accuracy", "saliency_maps.salient_area",
-                     "training_curves.loss"):
+    for headline in ("classification.accuracy", "random_erasing.accuracy", "training_curves.loss"):
         assert headline in progress[0], progress[0]
     scalars = workdirs.read_tensorboard_scalars(workdir / "0-occlusion" / "seed0")
     run = json.loads((workdir / "0-occlusion" / "seed0" / "run.json").read_text())
     assert scalars["eval/classification/accuracy"] == [(2, pytest.approx(
         run["evaluations"]["classification"]["metrics"]["accuracy"]))]
     assert "eval/random_erasing/f1_macro" in scalars and "eval/classification/true_positive_rate/0" in scalars
-    assert "figures/saliency_maps" not in workdirs.tensorboard_image_tags(workdir / "0-occlusion" / "seed0")
-    assert set(workdirs.tensorboard_image_tags(workdir)) == {"report/saliency_maps", "report/training_curves"}
+    assert set(workdirs.tensorboard_image_tags(workdir)) == {"report/training_curves"}

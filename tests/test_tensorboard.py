@@ -102,4 +102,6 @@ def test_scalar_entries_and_headlines():
     fgsm = {"examples": 5, "accuracy": {"0.00000": 0.9, "0.03137": 0.2}}
     assert evaluators.headline("fgsm", fgsm) == ("accuracy.0.03137", 0.2)  # the largest epsilon, as registered
     assert evaluators.headline("classification", {"num_examples": 3}) is None
+    assert evaluators.headline("training_curves", {"accuracy": 0.5, "loss": 1.5}) == ("loss", 1.5)  # registered
+    assert evaluators.headline("training_curves", {"accuracy": 0.5}) == ("accuracy", 0.5)  # loss not logged
     assert evaluators.headline("not_an_evaluator", metrics) is None

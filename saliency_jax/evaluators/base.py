@@ -181,8 +181,8 @@ def scalar_entries(metrics: Any) -> dict[str, float | int]:
 
 def headline(name: str, metrics: Any) -> tuple[str, float] | None:
     """The headline scalar of evaluator ``name``'s metrics, ``(dotted key, value)``: the entry its registration
-    names (``headline=``), else the first non-integer entry of :func:`scalar_entries` (counts such as ``examples``
-    are integers); None when there is none (or the evaluator is not registered)."""
+    names (``headline=``) when the metrics have it, else the first non-integer entry of :func:`scalar_entries`
+    (counts such as ``examples`` are integers); None when there is none (or the evaluator is not registered)."""
     if name not in EVALUATORS:
         return None
     entries = scalar_entries(metrics)
@@ -192,9 +192,9 @@ def headline(name: str, metrics: Any) -> tuple[str, float] | None:
             key = key(metrics)
         except (KeyError, TypeError, ValueError, StopIteration):
             key = None
-    if key is None:
+    if key not in entries:
         key = next((k for k, v in entries.items() if isinstance(v, float)), None)
-    return None if key not in entries else (key, float(entries[key]))
+    return None if key is None else (key, float(entries[key]))
 
 
 def evaluator_names() -> tuple[str, ...]:

@@ -158,7 +158,7 @@ class TrainingCurvesSettings(EvaluatorSettings):
     metrics: tuple[str, ...] = ("loss", "accuracy")
 
 
-@register_evaluator("training_curves", TrainingCurvesSettings)
+@register_evaluator("training_curves", TrainingCurvesSettings, headline="loss")  # the last logged training loss
 def training_curves_evaluator(settings: TrainingCurvesSettings) -> Evaluator:
     """The training curves of every arm (first repeat) from ``metrics.jsonl``; the final logged values per run."""
 
