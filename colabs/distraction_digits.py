@@ -26,7 +26,7 @@
 # find evidence elsewhere, which the paper shows makes the classifier more robust to occlusion at test time.
 #
 # This notebook runs the same comparison as
-# `saliency-jax experiment --config experiments/configs/distraction_digits.py --workdir runs/digits`: a small CNN
+# `saliency-jax experiment --config distraction_digits --workdir runs/digits`: a small CNN
 # trained on scikit-learn's bundled handwritten digits (8x8, upsampled to 32x32; no download) as a baseline and
 # with 0-, R- and 1-occlusion, with the same seeds. Every arm is tested on the clean test set and under Random
 # Erasing (Zhong et al. 2020; the paper's Table 4). It shows
@@ -59,11 +59,12 @@ QUICK = QUICK or os.environ.get("SALIENCY_JAX_QUICK", "0") not in ("", "0")
 IN_COLAB = "google.colab" in sys.modules
 
 # %% [markdown]
-# On Colab, the next cell fetches the repository (the config file lives in its `experiments/configs/`) and installs
-# the package and its dependencies **around Colab's own JAX** (built for the runtime's GPU or TPU): the package
+# On Colab, the next cell fetches the repository and installs the package (its experiment configs included) and
+# its dependencies **around Colab's own JAX** (built for the runtime's GPU or TPU): the package
 # without dependencies, then every dependency but `jax` with `jax` and `jaxlib` pinned to the installed versions,
 # so that pip never replaces them. `REPO_URL` and `REPO_REF` are form fields: point them at your fork or branch.
-# Run locally, the cell does nothing (install with `pip install -e .` from the repository first).
+# Run locally, the cell does nothing (install the package first: `pip install saliency_jax-*.whl`, or
+# `pip install -e .` in the repository).
 
 # %%
 import pathlib
@@ -97,7 +98,6 @@ if IN_COLAB:
     print("installed saliency_jax from", REPO_URL, REPO_REF, "keeping", installed)
 
 # %%
-import importlib.util
 import re
 
 import jax
@@ -108,28 +108,24 @@ from IPython.display import Image, Markdown, display
 
 import saliency_jax
 from saliency_jax import data, experiment, train, training
+from saliency_jax.configs import distraction_digits
 from saliency_jax.evaluators.figures import grad_cam_maps
 
-if REPO_DIR is None:  # Run from a checkout: the config files sit beside the package.
-    REPO_DIR = pathlib.Path(experiment.__file__).resolve().parents[1]
 print("devices:", jax.devices())
 
 # %% [markdown]
 # ## The config
 #
-# The experiment's own config file, imported by path, so that the notebook and the command line run the same
-# config (`get_config("runlocal")` is what `distraction_digits.py:runlocal` selects on the command line).
+# The experiment's own config, shipped in the package (`saliency_jax/configs/distraction_digits.py`), so that the
+# notebook and the command line run the same config (`get_config("runlocal")` is what
+# `--config distraction_digits:runlocal` selects on the command line).
 
 # %%
-CONFIG_PATH = REPO_DIR / "experiments" / "configs" / "distraction_digits.py"
-spec = importlib.util.spec_from_file_location("distraction_digits", CONFIG_PATH)
-config_module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(config_module)
-config = config_module.get_config("runlocal" if QUICK else None)
+config = distraction_digits.get_config("runlocal" if QUICK else None)
 
 # The command line's default workdir for the full run: a finished `saliency-jax experiment` run is reused.
 WORKDIR = pathlib.Path("runs/digits_runlocal" if QUICK else "runs/digits")
-print(f"config {CONFIG_PATH.relative_to(REPO_DIR)}{':runlocal' if QUICK else ''} -> workdir {WORKDIR}")
+print(f"config distraction_digits{':runlocal' if QUICK else ''} -> workdir {WORKDIR}")
 print("arms:", [name for name, _ in config.experiment.arms], "| steps per arm:", config.num_steps)
 
 # %% [markdown]

@@ -46,11 +46,12 @@ QUICK = QUICK or os.environ.get("SALIENCY_JAX_QUICK", "0") not in ("", "0")
 IN_COLAB = "google.colab" in sys.modules
 
 # %% [markdown]
-# On Colab, the next cell fetches the repository (the config file lives in its `experiments/configs/`) and installs
-# the package and its dependencies **around Colab's own JAX** (built for the runtime's GPU or TPU): the package
+# On Colab, the next cell fetches the repository and installs the package (its experiment configs included) and
+# its dependencies **around Colab's own JAX** (built for the runtime's GPU or TPU): the package
 # without dependencies, then every dependency but `jax` with `jax` and `jaxlib` pinned to the installed versions,
 # so that pip never replaces them. `REPO_URL` and `REPO_REF` are form fields: point them at your fork or branch.
-# Run locally, the cell does nothing (install with `pip install -e .` from the repository first).
+# Run locally, the cell does nothing (install the package first: `pip install saliency_jax-*.whl`, or
+# `pip install -e .` in the repository).
 
 # %%
 import pathlib
@@ -85,7 +86,6 @@ if IN_COLAB:
 
 # %%
 import functools
-import importlib.util
 
 import jax
 import matplotlib.pyplot as plt
@@ -93,32 +93,27 @@ import numpy as np
 
 import saliency_jax
 from saliency_jax import data, experiment, saliency, train
+from saliency_jax.configs import distraction_digits
 
-if REPO_DIR is None:  # Run from a checkout: the config files sit beside the package.
-    REPO_DIR = pathlib.Path(experiment.__file__).resolve().parents[1]
 print("devices:", jax.devices())
 
 # %% [markdown]
 # ## Train the model
 #
-# The digits experiment's config file, imported by path (`get_config("runlocal")` is what
-# `distraction_digits.py:runlocal` selects on the command line), and its `baseline` arm: the small CNN
+# The digits experiment's config, shipped in the package (`get_config("runlocal")` is what
+# `--config distraction_digits:runlocal` selects on the command line), and its `baseline` arm: the small CNN
 # (`conv1`-`conv3`, each conv + batch norm + ReLU, max pooling between them, global average pooling, `fc`) trained
-# plainly. The run folder is the one `saliency-jax experiment --config experiments/configs/distraction_digits.py
-# --workdir runs/digits` gives that arm: after the experiment (or a first run of this notebook) `saliency_jax.load`
+# plainly. The run folder is the one `saliency-jax experiment --config distraction_digits --workdir runs/digits`
+# gives that arm: after the experiment (or a first run of this notebook) `saliency_jax.load`
 # reads the trained model back from it and nothing is trained again; otherwise `train.train` trains it there.
 
 # %%
-CONFIG_PATH = REPO_DIR / "experiments" / "configs" / "distraction_digits.py"
-spec = importlib.util.spec_from_file_location("distraction_digits", CONFIG_PATH)
-config_module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(config_module)
-config = config_module.get_config("runlocal" if QUICK else None)
+config = distraction_digits.get_config("runlocal" if QUICK else None)
 
 ARM = "baseline"
 arm_config = experiment.arm_config(config, ARM, 0)
 WORKDIR = pathlib.Path("runs/digits_runlocal" if QUICK else "runs/digits") / ARM / f"seed{arm_config.seed}"
-print(f"config {CONFIG_PATH.relative_to(REPO_DIR)}{':runlocal' if QUICK else ''}, arm {ARM!r} "
+print(f"config distraction_digits{':runlocal' if QUICK else ''}, arm {ARM!r} "
       f"(training schemes: {tuple(arm_config.schemes) or 'none'}), {arm_config.num_steps} steps -> {WORKDIR}")
 
 try:

@@ -1,4 +1,5 @@
-"""Command line: ``saliency-jax {train,experiment,config} --config=CONFIG.py[:ARG] [--workdir=DIR] [--config.FIELD=VALUE]``.
+"""Command line: ``saliency-jax {train,experiment,config} --config=CONFIG[:ARG] [--workdir=DIR]
+[--config.FIELD=VALUE]``.
 
 * ``train`` trains one model from the config with the trainer ``config.trainer`` names (resuming from ``workdir`` if
   it holds checkpoints), runs the evaluators of ``config.evaluators`` on it and prints their scalar metrics.
@@ -7,13 +8,22 @@
 * ``config`` prints every field of the config (after the overrides) with its type and value: what
   ``--config.FIELD=VALUE`` can set.
 
-Configs are ``ml_collections`` files (``get_config(arg)``), so any field can be overridden on the command line,
-e.g. ``--config.num_steps=100 --config.distraction.fill=one``; ``:runlocal`` after the path selects a config's tiny
-variant. ``--multihost`` calls ``jax.distributed.initialize()`` first: on TPU VMs, SLURM and Open MPI it finds the
-cluster by itself; elsewhere (e.g. GPU machines started by hand) give ``--coordinator_address``,
-``--num_processes`` and ``--process_id`` (or the environment variables ``JAX_COORDINATOR_ADDRESS``,
-``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``). Bad flags, unknown fields and configs that cannot run print one line
-(``saliency-jax: error: ...``) and exit with status 2. Also available as ``python -m saliency_jax``.
+Configs are ``ml_collections`` files (``get_config(arg)``), given by path or, for the configs shipped in
+:mod:`saliency_jax.configs`, by name (``--config distraction_digits`` is ``--config
+experiments/configs/distraction_digits.py`` from any folder); any field can be overridden on the command line,
+e.g. ``--config.num_steps=100 --config.distraction.fill=one``; ``:runlocal`` after the path or name selects a
+config's tiny variant. ``saliency-jax --version`` prints the version. ``--multihost`` calls
+``jax.distributed.initialize()`` first: on TPU VMs, SLURM and Open MPI it finds the cluster by itself; elsewhere
+(e.g. GPU machines started by hand) give ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or the
+environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``).
+
+Bad flags, unknown fields, invalid settings (a scheme's, an evaluator's, the data source's, the model's) and missing
+data paths print one line (``saliency-jax: error: ...``) and exit with status 2 before the workdir is touched: the
+config (every arm) is validated and its data read first.
+
+``experiment`` takes ``--arms=A,B`` (a subset of the config's arms) and refuses a ``--config.FIELD=VALUE`` whose
+field an arm also sets (the arm's value would win), naming the arms, unless ``--override_arms`` applies it to every
+arm (the report says so). Also available as ``python -m saliency_jax``.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import pathlib
 import re
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import traceback
@@ -38,13 +49,14 @@ COMMANDS = {
     "experiment": "train every arm x repeat of config.experiment, evaluate each, write report.md and metrics.json",
     "config": "print every field of the config (after --config.FIELD overrides) with its type and value",
 }
-_USAGE = ("usage: saliency-jax {train,experiment,config} --config=CONFIG.py[:ARG] [--workdir=DIR] "
+_USAGE = ("usage: saliency-jax {train,experiment,config} --config=FILE|NAME[:ARG] [--workdir=DIR] "
           "[--config.FIELD=VALUE ...] [--multihost [--coordinator_address=HOST:PORT --num_processes=N "
           "--process_id=I]] [--noprogress] [--compilation_cache=DIR|off]")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config), e.g. "
-                                "experiments/configs/distraction_digits.py[:runlocal].", lock_config=True)
+                                "experiments/configs/distraction_digits.py[:runlocal], or a shipped config's name, "
+                                "e.g. distraction_digits[:runlocal].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, report); reruns resume from it.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (TPU VM pods, GPU clusters, SLURM).")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator (env JAX_COORDINATOR_ADDRESS); "
@@ -54,6 +66,9 @@ flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes
                      "--multihost.")
 flags.DEFINE_list("local_device_ids", None, "Devices this process uses, e.g. 0,1 (env JAX_LOCAL_DEVICE_IDS).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_list("arms", None, "experiment: run only these arms of config.experiment.arms, e.g. baseline,0-occlusion.")
+flags.DEFINE_bool("override_arms", False, "experiment: apply --config.FIELD overrides of fields that arms also set to "
+                  "every arm (without it such an override is refused).")
 flags.DEFINE_string("compilation_cache", None, "JAX's persistent compilation cache folder (env "
                     "SALIENCY_JAX_COMPILATION_CACHE; default ~/.cache/saliency_jax/jax_compilation_cache); 'off' "
                     "turns it off.")
@@ -61,9 +76,14 @@ flags.DEFINE_string("compilation_cache", None, "JAX's persistent compilation cac
 _FLAG_HELP = [
     ("--config=FILE[:ARG]", "the config file (its get_config(ARG)); e.g. experiments/configs/distraction_digits.py"
                             ":runlocal"),
+    ("--config=NAME[:ARG]", "a shipped config by name (saliency_jax/configs), from any folder; e.g. "
+                            "distraction_digits:runlocal"),
     ("--config.FIELD=VALUE", "override any field of the config, dotted (--config.num_steps=100, "
                              "--config.distraction.fill=one); list them with: saliency-jax config --config=FILE"),
     ("--workdir=DIR", "output folder (train, experiment); a rerun resumes from it"),
+    ("--arms=NAME,...", "experiment: run only these arms of the config (default: all)"),
+    ("--override_arms", "experiment: a --config.FIELD that arms also set is applied to every arm (refused "
+                        "without it)"),
     ("--[no]progress", "progress bars (default on)"),
     ("--compilation_cache=DIR|off", "JAX's persistent compilation cache (default on, in "
                                     "~/.cache/saliency_jax/jax_compilation_cache; env SALIENCY_JAX_COMPILATION_CACHE)"),
@@ -75,6 +95,7 @@ _FLAG_HELP = [
     ("--process_id=I", "this process, 0..N-1 (env JAX_PROCESS_ID)"),
     ("--local_device_ids=0,1", "the accelerators this process drives (env JAX_LOCAL_DEVICE_IDS)"),
     ("--verbosity=0", "absl logging level (default: warnings only)"),
+    ("--version", "print the version and exit"),
 ]
 
 
@@ -84,11 +105,15 @@ def _help(command: str | None = None) -> str:
     lines += [f"  {name:<12}{text}" for name, text in COMMANDS.items() if command in (None, name)]
     lines += ["", "Flags:"]
     lines += [f"  {flag:<34}{text}" for flag, text in _FLAG_HELP]
+    from saliency_jax import configs
+
+    lines += ["", "Shipped configs (--config=NAME[:ARG]):",
+              textwrap.fill(" ".join(configs.names()), 118, initial_indent="  ", subsequent_indent="  ")]
     lines += ["", "Examples:",
-              "  saliency-jax config --config experiments/configs/distraction_digits.py:runlocal",
+              "  saliency-jax config --config distraction_digits:runlocal",
               "  saliency-jax train --config experiments/configs/distraction_digits.py:runlocal --workdir runs/t "
               "--config.num_steps=50",
-              "  saliency-jax experiment --config experiments/configs/distraction_digits.py --workdir runs/digits",
+              "  saliency-jax experiment --config distraction_digits --workdir runs/digits",
               "", "Bad flags, unknown config fields and configs that cannot run print one line and exit with 2."]
     return "\n".join(lines)
 
@@ -237,7 +262,37 @@ def _one_line(e: BaseException) -> str:
     return " ".join(parts)
 
 
+def _config_by_name(argv: list[str]) -> list[str]:
+    """``argv`` with a ``--config`` value that names a shipped config (``NAME[:ARG]``, no file of that name here)
+    replaced by the config's path in :mod:`saliency_jax.configs`.
+
+    Raises:
+      _Exit: a value that is neither a file nor a path-like string (no ``/``, no ``.py``) nor a shipped name.
+    """
+    from saliency_jax import configs
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        prefix = next((p for p in ("--config=", "-config=") if arg.startswith(p)), None)
+        if prefix is not None:
+            index, value = i, arg[len(prefix):]
+        elif arg in ("--config", "-config") and i + 1 < len(out):
+            index, prefix, value = i + 1, "", out[i + 1]
+        else:
+            continue
+        name, colon, config_arg = value.partition(":")
+        if os.path.exists(name) or not re.fullmatch(r"[A-Za-z_]\w*", name):
+            continue  # a path: ml_collections loads it (and says so when it is missing)
+        try:
+            out[index] = prefix + str(configs.path(name)) + colon + config_arg
+        except ValueError as e:
+            raise _Exit(f"--config: {name!r} is neither a config file nor a shipped config; the shipped configs "
+                        f"are: {', '.join(configs.names())}") from e
+    return out
+
+
 def _parse(argv: list[str]) -> list[str]:
+    argv = _config_by_name(argv)
     try:
         return FLAGS(argv)
     except flags.Error as e:
@@ -304,6 +359,8 @@ def _run(command: str, rest: list[str]) -> None:
         return
     if FLAGS.workdir is None:
         raise _Exit(f"--workdir=DIR is required for {command}")
+    if command != "experiment" and (FLAGS["arms"].present or FLAGS["override_arms"].present):
+        raise _Exit("--arms and --override_arms apply to saliency-jax experiment only")
     import jax
 
     from saliency_jax.config import ConfigError
@@ -319,10 +376,11 @@ def _run(command: str, rest: list[str]) -> None:
     except OSError as e:
         raise _Exit(f"--compilation_cache: {e}") from e
     logging.info("devices: %s; compilation cache: %s", jax.devices(), cache or "off")
+    every_arm = _check(command)
     log = _ErrorsLog(FLAGS.workdir)
     try:
         with _tracebacks_to(log):
-            _command(command, cache)
+            _command(command, cache, every_arm)
     except ConfigError as e:
         raise _Exit(str(e)) from e
     except Exception as e:  # an I/O error (disk full, permissions): one line; anything else propagates
@@ -333,8 +391,48 @@ def _run(command: str, rest: list[str]) -> None:
         raise _Failure(io_failure_line(failure, FLAGS.workdir, log)) from e
 
 
-def _command(command: str, cache) -> None:
-    """Runs ``train`` or ``experiment`` (the flags parsed, the devices set up)."""
+def _error_line(e: BaseException) -> str:
+    """A validation error as one line: its message (a ``KeyError``'s without the repr quotes), lines joined."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(e).__name__
+
+
+def _check(command: str) -> dict:
+    """Validates the config before anything is written (:func:`saliency_jax.experiment.check_config`: every arm's
+    loop fields, trainer, schemes, evaluators, data source, data paths and model; the data are read); for
+    ``experiment``, refuses overrides of fields that arms set unless ``--override_arms``. Returns the fields to set
+    in every arm (``every_arm``).
+
+    Raises:
+      _Exit: anything that makes the config unable to run, as one line.
+    """
+    from ml_collections import config_flags as flags_lib
+
+    from saliency_jax import experiment
+
+    config, every_arm, arms = FLAGS.config, {}, None
+    if command == "experiment":
+        arms = FLAGS.arms
+        overrides = flags_lib.get_override_values(FLAGS["config"])
+        conflicts = experiment.arms_setting(config, overrides)
+        if conflicts and not FLAGS.override_arms:
+            named = "; ".join(f"--config.{field} is also set by arm(s) {', '.join(arms_)}"
+                              for field, arms_ in conflicts.items())
+            raise _Exit(f"{named} (the arm's value would replace yours); drop the override, select other arms with "
+                        "--arms, or add --override_arms to apply it to every arm")
+        every_arm = {field: overrides[field] for field in conflicts}
+    try:
+        if command == "train":  # the config as it is: train runs no arm
+            experiment.check_run(config)
+        else:
+            experiment.check_config(config, arms=arms, every_arm=every_arm)
+    except (ValueError, KeyError, TypeError, OSError) as e:  # ConfigError, settings, sources, models, data paths
+        raise _Exit(_error_line(e)) from e
+    return every_arm
+
+
+def _command(command: str, cache, every_arm: dict) -> None:
+    """Runs ``train`` or ``experiment`` (the flags parsed, the devices set up, the config checked)."""
     import jax
 
     if command == "train":
@@ -344,7 +442,6 @@ def _command(command: str, cache) -> None:
 
         config = FLAGS.config
         with workdirs.WorkdirLock(FLAGS.workdir):  # one launch per workdir: training and run.json
-            experiment.check_config(config)
             result = train_lib.train(config, FLAGS.workdir, progress=FLAGS.progress)
             record = experiment.evaluate_run(result, evaluators.build_evaluators(config),
                                              evaluators.ExperimentData(config))
@@ -354,7 +451,7 @@ def _command(command: str, cache) -> None:
         from saliency_jax import experiment
 
         experiment.run_experiment(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress,
-                                  compilation_cache=cache or "off")
+                                  compilation_cache=cache or "off", arms=FLAGS.arms, every_arm=every_arm)
         if jax.process_index() == 0:
             print(f"report: {FLAGS.workdir}/report.md")
 
@@ -373,6 +470,11 @@ def main(argv=None) -> None:
     args = argv[1:]
     wants_help = any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in args)
     command = args[0] if args and args[0] in COMMANDS else None
+    if args and args[0] == "--version":
+        from saliency_jax import __version__
+
+        print(f"saliency-jax {__version__}")
+        sys.exit(0)
     if not args or args[0] == "help" or (wants_help and (command or args[0].startswith("-"))):
         print(_help(command))
         sys.exit(0)

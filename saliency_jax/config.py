@@ -5,7 +5,7 @@
 :func:`saliency_jax.training.settings_section`; an evaluator's section (``config.random_erasing``, ...) likewise by
 :func:`saliency_jax.evaluators.settings_section`. Both kinds of settings are frozen dataclasses deriving from
 :class:`Settings`, loaded through :meth:`Settings.from_mapping`, which rejects unknown fields. The arms and
-builders shared by the experiment configs live beside them, in ``experiments/configs/common.py``.
+builders shared by the experiment configs live beside them, in ``saliency_jax/configs/common.py``.
 """
 
 from __future__ import annotations

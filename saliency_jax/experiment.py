@@ -23,7 +23,7 @@ import logging
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import ml_collections
@@ -39,49 +39,140 @@ from saliency_jax.config import ConfigError, apply_overrides
 from saliency_jax.evaluators.base import ReportContext, RunRecord, settings_dict
 from saliency_jax.plan import TrainResult
 
-__all__ = ["arm_config", "check_config", "evaluate_run", "model_digest", "run_experiment", "to_jsonable"]
+__all__ = ["arm_config", "arms_setting", "check_config", "check_paths", "check_run", "evaluate_run", "model_digest",
+           "run_experiment", "select_arms", "to_jsonable"]
 
 
-def arm_config(config: ml_collections.ConfigDict, arm: str, repeat: int) -> ml_collections.ConfigDict:
-    """The train config of one arm and repeat: the arm's overrides applied and ``seed`` advanced by ``repeat``.
+def _nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *path, leaf = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def arm_config(config: ml_collections.ConfigDict, arm: str, repeat: int, *,
+               every_arm: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The train config of one arm and repeat: the arm's overrides applied, then ``every_arm`` (dotted fields, e.g.
+    ``{"distraction.fill": "one"}``: set in every arm over the arm's own value), and ``seed`` advanced by ``repeat``.
 
     Raises:
-      KeyError: if ``arm`` is not in ``config.experiment.arms`` or its overrides name unknown fields.
+      KeyError: if ``arm`` is not in ``config.experiment.arms`` or the overrides name unknown fields.
     """
     arms = dict(config.experiment.arms)
     if arm not in arms:
         raise KeyError(f"unknown arm {arm!r}; the config has {list(arms)}")
     cfg = apply_overrides(config, arms[arm])
+    if every_arm:
+        cfg = apply_overrides(cfg, _nested(every_arm))
     cfg.seed = config.seed + repeat
     return cfg
 
 
-def check_config(config: ml_collections.ConfigDict) -> list[str]:
-    """Validates every arm before anything is trained; returns the arm names.
+def arms_setting(config: ml_collections.ConfigDict, fields: Mapping[str, Any] | list[str]) -> dict[str, list[str]]:
+    """Which arms of ``config.experiment.arms`` set each of the dotted ``fields`` (the field itself, a section holding
+    it, or a field inside it): ``{field: [arm, ...]}`` for the fields some arm sets. An experiment-level override of
+    such a field (``--config.FIELD=VALUE``) would be replaced by those arms' values."""
+    out: dict[str, list[str]] = {}
+    for field in fields:
+        if field == "experiment" or field.startswith("experiment."):
+            continue
+        for arm, overrides in config.experiment.arms:
+            keys = [k.partition("=")[0] for k in _flat(overrides)]
+            if any(k == field or field.startswith(k + ".") or k.startswith(field + ".") for k in keys):
+                out.setdefault(field, []).append(arm)
+    return out
 
-    Per arm: :func:`saliency_jax.train.validate` (the loop fields, the trainer's settings - for supervised training
-    the schemes - and, once per distinct dataset and model, the train and test sources against each other and the
-    model on their shape; every split is read once per process, and training reuses it) and its evaluators.
+
+def select_arms(config: ml_collections.ConfigDict, names: list[str] | tuple[str, ...] | None) -> list[str]:
+    """The arms to run: ``names`` (in the config's order), or every arm of ``config.experiment.arms`` for None.
 
     Raises:
-      ConfigError: (a ``ValueError``) no arms, a repeated arm name, or an arm that cannot run (the arm is named).
-      ValueError: an arm whose trainer / schemes / evaluators / settings are wrong (the arm is named).
-      KeyError: an arm override naming an unknown field.
+      ConfigError: a name the config has no arm for (the message lists the arms), or an empty selection.
     """
     arms = [name for name, _ in config.experiment.arms]
-    if not arms:
+    if names is None:
+        return arms
+    unknown = [n for n in names if n not in arms]
+    if unknown:
+        raise ConfigError(f"--arms: unknown arm(s) {unknown}; the config's arms are: {', '.join(arms)}")
+    if not names:
+        raise ConfigError(f"--arms selects no arm; the config's arms are: {', '.join(arms)}")
+    return [a for a in arms if a in names]
+
+
+def check_paths(config: ml_collections.ConfigDict) -> None:
+    """The paths a run config names exist, when set: ``dataset.data_dir``, ``model.pretrained`` and the ``data_dir``
+    of each listed evaluator's section (e.g. ``pointing_game.data_dir``).
+
+    Raises:
+      FileNotFoundError: naming the field, the path and the folder a relative path was read from.
+    """
+    fields = [("dataset.data_dir", config.dataset.get("data_dir")),
+              ("model.pretrained", config.model.get("pretrained"))]
+    for name in evaluators_lib.base.evaluator_list(config.get("evaluators")):
+        section = config.get(name)
+        if isinstance(section, ml_collections.ConfigDict) and "data_dir" in section:
+            fields.append((f"{name}.data_dir", section.data_dir))
+    for field, path in fields:
+        if path and not os.path.exists(path):
+            where = "" if os.path.isabs(path) else f" (relative to the current folder {os.getcwd()})"
+            raise FileNotFoundError(f"config.{field}={str(path)!r}: no such file or folder{where}")
+
+
+def check_run(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
+    """Validates one run config before anything is written: :func:`check_paths`,
+    :func:`saliency_jax.train.validate` (loop fields, trainer and scheme settings, the data sources read and checked,
+    the model traced) and the evaluators' settings (:func:`saliency_jax.evaluators.build_evaluators`).
+
+    Raises:
+      FileNotFoundError: as :func:`check_paths`; ConfigError / ValueError / KeyError: as the others.
+    """
+    check_paths(config)
+    train_lib.validate(config, data=data)
+    evaluators_lib.build_evaluators(config)
+
+
+def check_config(config: ml_collections.ConfigDict, *, arms: list[str] | tuple[str, ...] | None = None,
+                 every_arm: Mapping[str, Any] | None = None) -> list[str]:
+    """Validates every arm (or the ``arms`` selected, :func:`select_arms`) before anything is trained; returns the arm
+    names.
+
+    Per arm, :func:`check_run`: its paths (:func:`check_paths`), :func:`saliency_jax.train.validate` (the loop fields,
+    the trainer's settings - for supervised training the schemes - and, once per distinct dataset and model, the train
+    and test sources against each other and the model and its layers on their shape; every split is read once per
+    process, and training reuses it) and its evaluators' settings.
+
+    Args:
+      config: the experiment config.
+      arms: the arms to run (None: all).
+      every_arm: dotted fields set in every arm over the arms' own values (:func:`arm_config`).
+
+    Raises:
+      ConfigError: (a ``ValueError``) no arms, a repeated arm name, an unknown selected arm, or an arm that cannot run
+        (the arm is named).
+      ValueError: an arm whose trainer / schemes / evaluators / settings are wrong (the arm is named).
+      KeyError: an arm override naming an unknown field.
+      FileNotFoundError: a data path or weights file an arm names does not exist (:func:`check_paths`).
+    """
+    names = [name for name, _ in config.experiment.arms]
+    if not names:
         raise ConfigError("config.experiment.arms is empty: nothing to run")
-    if len(set(arms)) != len(arms):
-        raise ConfigError(f"config.experiment.arms repeats a name: {arms}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config.experiment.arms repeats a name: {names}")
+    arms = select_arms(config, arms)
     validated = set()
     for arm in arms:
-        cfg = arm_config(config, arm, 0)
+        cfg = arm_config(config, arm, 0, every_arm=every_arm)
         what = json.dumps({k: cfg.get(k) and cfg[k].to_dict() for k in ("dataset", "model")}, sort_keys=True,
                           default=str)
         try:
-            train_lib.validate(cfg, data=what not in validated)
+            check_run(cfg, data=what not in validated)
             validated.add(what)
-            evaluators_lib.build_evaluators(cfg)
         except ValueError as e:
             error = type(e) if isinstance(e, ConfigError) else ValueError
             raise error(f"arm {arm!r}: {e}" if len(arms) > 1 else str(e)) from e
@@ -146,13 +237,19 @@ def evaluate_run(result: TrainResult, evaluators: dict[str, evaluators_lib.Evalu
     (``sha256``). A stored evaluation is reused only from an intact record (its SHA-256 matches) of the same model (the
     same checkpoint digest: a run retrained after its checkpoints were deleted is evaluated again) with the same
     evaluator settings; otherwise a warning names the file and the evaluator runs again.
+
+    The numeric entries of the metrics of every evaluator that ran (:func:`saliency_jax.evaluators.scalar_entries`)
+    also go to the run's TensorBoard log (``workdir/tensorboard``) at the run's final step, tagged
+    ``eval/<evaluator>/<entry>`` (dots as ``/``), with the figures the run's folder holds (``*.png``, e.g. the
+    background-invariance masks) as images tagged ``figures/<name>``: under the experiment's workdir TensorBoard shows
+    them under the run's ``<arm>/seed<k>``.
     """
     workdir = result.workdir
     step = int(result.state.step)
     checkpoint = model_digest(result)
     stored = _stored_record(workdir / "run.json", checkpoint)
     old = stored.get("evaluations", {})
-    metrics, seconds, evaluations = {}, {}, {}
+    metrics, seconds, evaluations, fresh = {}, {}, {}, []
     for name, evaluator in evaluators.items():
         settings = to_jsonable(settings_dict(evaluators_lib.evaluator_settings(result.config, name)))
         if name in old and old[name].get("settings") == settings:
@@ -166,6 +263,7 @@ def evaluate_run(result: TrainResult, evaluators: dict[str, evaluators_lib.Evalu
                     n: train_lib.train(s.config, s.workdir, progress=f"{arm} {n}") for n, s in stages.items()})
             metrics[name] = to_jsonable(evaluator.evaluate(run, data))
             seconds[name] = time.time() - t0
+            fresh.append(name)
         evaluations[name] = {"settings": settings, "metrics": metrics[name], "seconds": seconds[name]}
     train_seconds = result.train_seconds or stored.get("train_seconds", 0.0)
     record = to_jsonable({"arm": arm, "seed": int(result.config.seed), "step": step, "checkpoint": checkpoint,
@@ -176,8 +274,37 @@ def evaluate_run(result: TrainResult, evaluators: dict[str, evaluators_lib.Evalu
         tmp = workdir / "run.json.tmp"
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, workdir / "run.json")
+        if fresh:  # a rerun that reuses every evaluation wrote them already
+            _to_tensorboard(workdir, step, {n: metrics[n] for n in fresh}, figures=sorted(workdir.glob("*.png")),
+                            figure_prefix="figures/")
     return RunRecord(arm=arm, seed=int(result.config.seed), workdir=workdir, config=result.config,
                      metrics=metrics, train_seconds=train_seconds, eval_seconds=seconds)
+
+
+def _to_tensorboard(folder: pathlib.Path, step: int, metrics: dict[str, Any], *, figures=(),
+                    figure_prefix: str) -> None:
+    """Each evaluator's numeric entries as scalars ``eval/<evaluator>/<entry>`` and the PNG ``figures`` as images
+    ``<figure_prefix><file stem>`` in ``folder/tensorboard`` at ``step``."""
+    log = workdirs.MetricsLog(folder)
+    try:
+        for name, m in metrics.items():
+            log.write_scalars(step, evaluators_lib.scalar_entries(m), prefix=f"eval/{name}/")
+        for path in figures:
+            log.write_figure(step, figure_prefix + path.stem, path)
+    finally:
+        log.close()
+
+
+def _progress_line(record: RunRecord) -> str:
+    """``[arm seed k] <evaluator>.<headline> value ...  (train, eval seconds)``: every evaluator's headline scalar
+    (:func:`saliency_jax.evaluators.headline`)."""
+    scalars = []
+    for name, m in record.metrics.items():
+        head = evaluators_lib.headline(name, m)
+        if head is not None:
+            scalars.append(f"{name}.{head[0]} {head[1]:.4f}")
+    return (f"[{record.arm} seed {record.seed}] {'  '.join(scalars)}  ({record.train_seconds:.0f} s train, "
+            f"{sum(record.eval_seconds.values()):.0f} s eval)")
 
 
 def _summary(values: list[Any]):
@@ -190,23 +317,31 @@ def _summary(values: list[Any]):
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True,
-                   compilation_cache: str | os.PathLike | None = None) -> dict[str, Any]:
+                   compilation_cache: str | os.PathLike | None = None, arms: list[str] | tuple[str, ...] | None = None,
+                   every_arm: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Trains every arm x repeat of ``config.experiment``, evaluates each run and writes the report into ``workdir``.
 
     Args:
       config: an experiment config.
       workdir: output folder.
       progress: progress bars.
+      arms: the arms to run, by name (None: every arm; ``saliency-jax experiment --arms=A,B``).
+      every_arm: dotted fields set in every arm over the arms' own values (``{"distraction.fill": "one"}``;
+        ``saliency-jax experiment --override_arms``); the report lists them.
       compilation_cache: JAX's persistent compilation cache folder, or ``"off"``; None: the environment variable
         ``SALIENCY_JAX_COMPILATION_CACHE``, else the folder JAX already uses, else the default folder
         (:mod:`saliency_jax.compile_cache`). A second launch then reads its compiled programs from disk.
 
     Returns:
       The contents of ``metrics.json``: per arm, per repeat and summarised (mean and sample std) metrics of every
-      evaluator, and the wall, training and evaluation seconds.
+      evaluator, the wall, training and evaluation seconds, and ``every_arm``.
 
-    One experiment launch per workdir: ``workdir``'s lock (:class:`saliency_jax.workdirs.WorkdirLock`) is held
-    throughout, and each run's own workdir is locked while it trains and is evaluated.
+    Besides each run's TensorBoard log (:func:`evaluate_run`), the report's figures go to ``workdir/tensorboard`` as
+    images tagged ``report/<name>`` (at step 0).
+
+    The config is checked first (:func:`check_config`: nothing is written when it cannot run). One experiment launch
+    per workdir: ``workdir``'s lock (:class:`saliency_jax.workdirs.WorkdirLock`) is then held throughout, and each
+    run's own workdir is locked while it trains and is evaluated.
 
     Raises:
       WorkdirLockedError: (a ``ConfigError``) another launch holds ``workdir`` (or a run's workdir), at once.
@@ -214,30 +349,29 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     """
     compile_cache.enable_compilation_cache(compilation_cache)
     workdir = pathlib.Path(workdir)
+    every_arm = dict(every_arm or {})
+    arms = check_config(config, arms=arms, every_arm=every_arm)  # before the workdir is made
     with workdirs.WorkdirLock(workdir):
-        return _run_experiment(config, workdir, progress=progress)
+        return _run_experiment(config, workdir, progress=progress, arms=arms, every_arm=every_arm)
 
 
-def _run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, progress: bool) -> dict[str, Any]:
-    """:func:`run_experiment`, with the experiment's lock held."""
-    arms = check_config(config)
+def _run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, progress: bool, arms: list[str],
+                    every_arm: dict[str, Any]) -> dict[str, Any]:
+    """:func:`run_experiment`, with the experiment's lock held (``arms``: as :func:`check_config` returned them)."""
     is_main = jax.process_index() == 0
     data = evaluators_lib.ExperimentData(config)
     runs: dict[str, list[RunRecord]] = {arm: [] for arm in arms}
     start = time.time()
     for repeat in range(config.experiment.repeats):
         for arm in arms:
-            cfg = arm_config(config, arm, repeat)
+            cfg = arm_config(config, arm, repeat, every_arm=every_arm)
             run_dir = workdir / arm / f"seed{cfg.seed}"
             with workdirs.WorkdirLock(run_dir):  # training and run.json
                 result = train_lib.train(cfg, run_dir, progress=f"{arm} seed{cfg.seed}" if progress else False)
                 record = evaluate_run(result, evaluators_lib.build_evaluators(cfg), data, arm=arm)
             runs[arm].append(record)
             if is_main:
-                scalars = "  ".join(f"{n}.{k} {v:.4f}" for n, m in record.metrics.items() if isinstance(m, dict)
-                                    for k, v in m.items() if "accuracy" in k and isinstance(v, float))
-                print(f"[{arm} seed {cfg.seed}] {scalars}  ({record.train_seconds:.0f} s train, "
-                      f"{sum(record.eval_seconds.values()):.0f} s eval)", flush=True)
+                print(_progress_line(record), flush=True)
     wall = time.time() - start
     train_s = sum(r.train_seconds for rs in runs.values() for r in rs)
     eval_s = sum(sum(r.eval_seconds.values()) for rs in runs.values() for r in rs)
@@ -247,17 +381,19 @@ def _run_experiment(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
            "runs": {arm: [{"seed": r.seed, "train_seconds": r.train_seconds, "eval_seconds": r.eval_seconds,
                            "metrics": r.metrics} for r in rs] for arm, rs in runs.items()},
            "wall_seconds": wall, "train_seconds": train_s, "eval_seconds": eval_s,
-           "devices": [str(d) for d in jax.devices()]}
+           "devices": [str(d) for d in jax.devices()], "every_arm": every_arm}
     if is_main:
         (workdir / "metrics.json").write_text(json.dumps(to_jsonable(out), indent=2, default=str))
         ctx = ReportContext(config=config, arms=arms, runs=runs, workdir=workdir)
         sections = []
-        for name, evaluator in evaluators_lib.build_evaluators(arm_config(config, arms[0], 0)).items():
+        for name, evaluator in evaluators_lib.build_evaluators(arm_config(config, arms[0], 0,
+                                                                          every_arm=every_arm)).items():
             if evaluator.report is not None:
                 section = evaluator.report(ctx)
                 if section is not None:
                     sections.append(section)
         (workdir / "report.md").write_text(_report(config, arms, runs, out, sections))
+        _to_tensorboard(workdir, 0, {}, figures=sorted(workdir.glob("*.png")), figure_prefix="report/")
     return out
 
 
@@ -306,6 +442,12 @@ def _report(config, arms, runs, out, sections) -> str:
           for a in arms],
         "",
     ]
+    if out.get("every_arm"):
+        lines += ["Set in every arm over the arms' own values (`--override_arms`): "
+                  + ", ".join(f"`{k}={v}`" for k, v in out["every_arm"].items()) + ".", ""]
+    selected = [name for name, _ in config.experiment.arms]
+    if arms != selected:
+        lines += [f"Arms run (`--arms`): {', '.join(arms)} of {', '.join(selected)}.", ""]
     for section in sections:
         lines += [f"## {section.title}", "", section.markdown, ""]
     return "\n".join(lines)

@@ -152,7 +152,15 @@ def validate(config: ml_collections.ConfigDict, *, data: bool = True) -> Validat
         return Validated(trainer, None)
     run_data = inputs.load_run_data(config)
     model = as_trainable(trainer.classifier(config, run_data.num_classes))
-    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *run_data.image_shape), jnp.float32)))
+    images = jax.ShapeDtypeStruct((1, *run_data.image_shape), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(images.shape, jnp.float32)))
+    layers = [layer for layer in (model.layers.grad_cam_layer, model.layers.classifier) if layer]
+    if layers:  # the layers the model section names (or its architecture's defaults) exist: evaluators read them
+        try:
+            jax.eval_shape(lambda v, x: model.capture(v, x, layers), variables, images)
+        except ValueError as e:
+            raise ConfigError(f"config.model (grad_cam_layer {model.layers.grad_cam_layer!r}, classifier "
+                              f"{model.layers.classifier!r}): {e}") from e
     if isinstance(checked, training.Scheme):  # a trainer whose phases are the generic step of this scheme
         training.check_model(model, checked, run_data.image_shape,
                              multi_label=config.get("loss") == "sigmoid_binary_cross_entropy",

@@ -576,6 +576,32 @@ class MetricsLog:
         tb.add_images(tag, np.clip(images, 0.0, 1.0), step, dataformats="NHWC")
         tb.flush()
 
+    def write_scalars(self, step: int, scalars: dict[str, float], prefix: str = "") -> None:
+        """Writes ``scalars`` to TensorBoard only (not to ``metrics.jsonl``), each under ``prefix + name`` with the
+        dots of dotted names as ``/`` (TensorBoard's tag groups)."""
+        if not self.enabled or not scalars:
+            return
+        tb = self._writer()
+        for k, v in scalars.items():
+            tb.add_scalar(prefix + k.replace(".", "/"), float(v), step)
+        tb.flush()
+
+    def write_figure(self, step: int, tag: str, path: str | os.PathLike) -> None:
+        """Writes the PNG figure at ``path`` to TensorBoard as one image under ``tag`` (RGB; alpha dropped).
+
+        Raises:
+          OSError: ``path`` cannot be read as an image.
+        """
+        if not self.enabled:
+            return
+        from PIL import Image
+
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"), np.float32) / 255.0
+        tb = self._writer()
+        tb.add_image(tag, pixels, step, dataformats="HWC")
+        tb.flush()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

@@ -1,6 +1,7 @@
 """The command line (issue 13): help, one-line errors, every None field overridable, distributed flags."""
 
 import glob
+import json
 import os
 import pathlib
 import subprocess
@@ -16,10 +17,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "experiments/configs/distraction_digits.py") + ":runlocal"
 
 
-def _cli(*args, env=None, script=None):
+def _cli(*args, env=None, script=None, timeout=300):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **(env or {})}
     command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "saliency_jax"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
 
 def test_help_shows_commands_flags_and_how_to_list_fields():
@@ -64,7 +65,7 @@ def test_config_command_lists_every_field_with_overrides():
 
 def _config_specs():
     for path in sorted(glob.glob(str(REPO / "experiments/configs/*.py"))):
-        if path.endswith("common.py"):
+        if path.endswith(("common.py", "__init__.py")):
             continue
         yield path
         if '"runlocal"' in pathlib.Path(path).read_text():
@@ -218,3 +219,103 @@ def test_a_full_disk_ends_the_run_with_one_line_and_the_last_good_checkpoint_kep
     assert len(errors) == 1 and "No space left on device" in errors[0], out.stderr[-3000:]
     assert "the last checkpoint is step" in errors[0] and "errors.log" in errors[0]
     assert out.stderr.count("Traceback") == 0, out.stderr[-3000:]
+
+
+# Issue 24: the version, shipped configs by name, every invalid setting and missing path refused before the workdir
+# is touched, arm overrides, --arms.
+
+BI_MNIST = str(REPO / "experiments/configs/background_invariance_mnist.py")
+
+
+def test_version_and_shipped_configs_by_name_from_any_folder(tmp_path):
+    from saliency_jax import __version__, configs
+
+    out = _cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"saliency-jax {__version__}"
+    assert "distraction_digits" in configs.names() and "common" not in configs.names()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    by_name = subprocess.run([sys.executable, "-m", "saliency_jax", "config", "--config",
+                              "distraction_digits:runlocal"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert by_name.returncode == 0, by_name.stderr[-2000:]
+    assert by_name.stdout == _cli("config", f"--config={DIGITS}").stdout  # the same config as by path
+    out = _cli("config", "--config=distraction_digit")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "'distraction_digit' is neither a config file nor a shipped " \
+        "config" in lines[0] and "distraction_digits" in lines[0]
+
+
+@pytest.mark.parametrize("command, config, args, message", [
+    ("train", DIGITS, ["--config.schemes=distraction", "--config.distraction.fill=two"],
+     "config.distraction: fill must be one of ('zero', 'one', 'random'); got 'two'"),
+    ("experiment", DIGITS, ["--config.random_erasing.probability=2.0"],
+     "config.random_erasing: probability must lie in [0, 1]"),
+    ("experiment", DIGITS, ["--config.saliency_maps.score=logits"], "config.saliency_maps: score must be"),
+    ("experiment", DIGITS, ["--config.dataset.name=nope"], "Unknown source spec 'nope'"),
+    ("train", DIGITS, ["--config.model.kwargs.widths=(4,)"], "layer 'conv3' not found in SmallCNN"),
+    ("train", DIGITS, ["--config.model.name=nope"], "model 'nope'"),
+    ("train", DIGITS, ["--config.dataset.name=mnist", "--config.dataset.data_dir=no/such/mnist"],
+     "config.dataset.data_dir='no/such/mnist': no such file or folder (relative to the current folder"),
+    ("experiment", BI_MNIST, ["--config.dataset.data_dir=/no/such/mnist"],
+     "config.dataset.data_dir='/no/such/mnist': no such file or folder"),
+    ("train", DIGITS, ["--config.model.pretrained=/no/weights.safetensors"], "config.model.pretrained="),
+    ("experiment", DIGITS, ["--config.distraction.fill=one"],
+     "--config.distraction.fill is also set by arm(s) 0-occlusion"),
+    ("experiment", DIGITS, ["--arms=baseline,nope"], "--arms: unknown arm(s) ['nope']; the config's arms are: "
+                                                     "baseline, 0-occlusion"),
+    ("train", DIGITS, ["--arms=baseline"], "--arms and --override_arms apply to saliency-jax experiment only"),
+])
+def test_invalid_settings_and_missing_paths_are_refused_before_the_workdir_is_touched(tmp_path, command, config,
+                                                                                         args, message):
+    workdir = tmp_path / "run"
+    out = _cli(command, f"--config={config}", f"--workdir={workdir}", "--noprogress", *args)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("saliency-jax: error: ") and message in lines[0], out.stderr
+    assert not workdir.exists()
+
+
+def test_evaluator_settings_are_checked_when_the_evaluators_are_built():
+    from saliency_jax import evaluators
+    from saliency_jax.config import default_config
+
+    config = default_config()
+    config.evaluators = ("fgsm", "random_erasing", "saliency_maps")
+    for section, message in ((dict(fgsm={"epsilons": (-0.1,)}), "config.fgsm: epsilons must be numbers in [0, 1]"),
+                             (dict(random_erasing={"area_range": (0.5, 0.1)}), "config.random_erasing: area_range"),
+                             (dict(saliency_maps={"weighting": "gradcam"}), "config.saliency_maps: weighting")):
+        bad = ml_collections.ConfigDict({**config.to_dict(), **section})
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            evaluators.build_evaluators(bad)
+    assert set(evaluators.build_evaluators(config)) == {"fgsm", "random_erasing", "saliency_maps"}
+
+
+def test_experiment_runs_selected_arms_with_an_override_applied_to_every_arm(tmp_path):
+    """--arms runs a subset; --override_arms sets a field the arms set in every arm, and the report says so; the
+    progress line shows each evaluator's headline; the evaluators' scalars and the figures go to TensorBoard."""
+    from saliency_jax import workdirs
+
+    workdir = tmp_path / "exp"
+    out = _cli("experiment", f"--config={DIGITS}", f"--workdir={workdir}", "--noprogress", "--compilation_cache=off",
+               "--arms=0-occlusion", "--config.distraction.fill=one", "--override_arms", "--config.num_steps=2",
+               "--config.checkpoint_every=2", "--config.log_every=1",
+               "--config.evaluators=classification,random_erasing,training_curves",  # no Grad-CAM compilation
+               timeout=900)  # about a minute on 2 idle cores; the margin is for a loaded host
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["arms"] == ["0-occlusion"] and metrics["every_arm"] == {"distraction.fill": "one"}
+    assert not (workdir / "baseline").exists()
+    run_config = json.loads((workdir / "0-occlusion" / "seed0" / "config.json").read_text())
+    assert run_config["distraction"]["fill"] == "one"  # the arm's own value ("zero") replaced
+    report = (workdir / "report.md").read_text()
+    assert "Set in every arm over the arms' own values (`--override_arms`): `distraction.fill=one`." in report
+    assert "Arms run (`--arms`): 0-occlusion of baseline, 0-occlusion." in report
+    progress = [line for line in out.stdout.splitlines() if line.startswith("[0-occlusion seed 0]")]
+    assert len(progress) == 1
+    for headline in ("classification.accuracy", "random_erasing.accuracy", "training_curves.loss"):
+        assert headline in progress[0], progress[0]
+    scalars = workdirs.read_tensorboard_scalars(workdir / "0-occlusion" / "seed0")
+    run = json.loads((workdir / "0-occlusion" / "seed0" / "run.json").read_text())
+    assert scalars["eval/classification/accuracy"] == [(2, pytest.approx(
+        run["evaluations"]["classification"]["metrics"]["accuracy"]))]
+    assert "eval/random_erasing/f1_macro" in scalars and "eval/classification/true_positive_rate/0" in scalars
+    assert set(workdirs.tensorboard_image_tags(workdir)) == {"report/training_curves"}

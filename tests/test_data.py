@@ -781,3 +781,35 @@ def test_real_cifar10():
     np.testing.assert_array_equal(np.bincount(test.labels), np.full(10, 1000))
     mean = test.images.reshape(-1, 3).mean(axis=0)
     np.testing.assert_allclose(mean, [126.025, 123.709, 114.854], atol=0.01)
+
+
+def test_npz_carries_extra_per_example_arrays_as_fields(tmp_path):
+    """Any ``<field>_<split>`` array with one entry per example of the split is a field of the items (a region mask
+    for attention guidance / RRR, resized with the image; a per-example number passed through); others are left."""
+    rng = np.random.default_rng(0)
+    region = np.zeros((5, 4, 4), np.uint8)
+    region[:, :2, :2] = 1
+    path = tmp_path / "own.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (5, 4, 4, 1), dtype=np.uint8), y_train=np.arange(5) % 2,
+             x_test=rng.integers(0, 256, (3, 4, 4, 1), dtype=np.uint8), y_test=np.array([0, 1, 0]),
+             region_train=region, weight_train=np.linspace(0, 1, 5), region_test=region[:2],  # 2 != 3 test examples
+             palette=np.zeros((7, 3)))
+    train = sources.load_npz(path, "train")
+    item = train[3]
+    assert sorted(item) == ["image", "label", "region", "weight"]
+    np.testing.assert_array_equal(item["region"], region[3].astype(np.float32))
+    assert item["region"].dtype == np.float32 and float(item["weight"]) == pytest.approx(0.75)
+    assert sorted(sources.load_npz(path, "test")[0]) == ["image", "label"]  # region_test has 2 rows for 3 examples
+    resized = sources.load_npz(path, "train", image_size=8)[0]
+    assert resized["image"].shape == (8, 8, 1) and resized["region"].shape == (8, 8)
+    assert resized["region"][0, 0] == pytest.approx(1.0) and resized["region"][7, 7] == pytest.approx(0.0)
+    # Through the public path: get_source and the pipeline's batches carry the field.
+    src = sources.get_source("npz", "train", data_dir=str(path))
+    batch = next(iter(pipeline.make_eval_batches(src, np.arange(5), batch_size=5)))
+    np.testing.assert_array_equal(batch["region"][:5], region.astype(np.float32))
+    with pytest.raises(ValueError, match="one entry per example"):
+        sources.ImageSource(np.zeros((2, 4, 4, 1), np.uint8), np.array([0, 1]), num_classes=2,
+                            fields={"region": np.zeros((3, 4, 4))})
+    with pytest.raises(ValueError, match="cannot be named 'label'"):
+        sources.ImageSource(np.zeros((2, 4, 4, 1), np.uint8), np.array([0, 1]), num_classes=2,
+                            fields={"label": np.zeros(2)})

@@ -93,3 +93,29 @@ def test_training_curves_validation_dashed_in_training_panel(tmp_path):
     assert without.shape == paired.shape and not np.array_equal(without, paired)  # the dashed line and its legend
     unnoted = _pixels(ev.training_curves_figure(history, tmp_path / "unnoted.png", train_note=None))
     assert not np.array_equal(unnoted, paired)
+
+
+def test_signed_overlay_centres_the_diverging_colormap_at_zero():
+    """0 is the colour map's middle, +-max|map| its ends (per map), or +-scale for every map; matplotlib's colours."""
+    images = np.zeros((2, 1, 3, 1), np.float32)
+    maps = np.array([[[-2.0, 0.0, 1.0]], [[0.0, 0.0, 0.0]]], np.float32)
+    out = ev.signed_overlay(images, maps, alpha=1.0)
+    rdbu = matplotlib.colormaps["RdBu_r"]
+    expected = rdbu(np.array([[[0.0, 0.5, 0.75]], [[0.5, 0.5, 0.5]]]))[..., :3]  # -2 / 2 -> 0; 1 / 2 -> 0.75
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    assert out[0, 0, 0, 2] > out[0, 0, 0, 0] and out[0, 0, 2, 0] > out[0, 0, 2, 2]  # negative blue, positive red
+    fixed = ev.signed_overlay(images, maps, alpha=1.0, scale=4.0)  # the same scale for both maps
+    np.testing.assert_allclose(fixed[0, 0], rdbu(np.array([0.25, 0.5, 0.625]))[..., :3], atol=1e-6)
+    jitted = jax.jit(lambda x, m: ev.signed_overlay(x, m, alpha=1.0))(images, maps)
+    np.testing.assert_allclose(jitted, out, atol=1e-6)
+    half = ev.signed_overlay(np.ones_like(images), maps, alpha=0.5)
+    np.testing.assert_allclose(half, 0.5 + 0.5 * expected, atol=1e-6)
+    with pytest.raises(ValueError, match="scale"):
+        ev.signed_overlay(images, maps, scale=0.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        ev.signed_overlay(images, np.full((2, 1, 3), np.nan, np.float32))
+    with pytest.raises(ValueError, match="resize_maps"):
+        ev.signed_overlay(images, np.zeros((2, 2, 2)))
+    import saliency_jax.evaluation
+
+    assert {"overlay", "signed_overlay"} <= set(saliency_jax.evaluation.__all__)

@@ -482,6 +482,7 @@ def _config(tmp_path, methods, models=("vgg16",), images=_VOC_IMAGES):
 
 
 def test_reference_config():
+    from saliency_jax import train
     from saliency_jax.evaluators import pointing_game as pge
     from saliency_jax.experiment import arm_config, check_config
 
@@ -489,7 +490,15 @@ def test_reference_config():
     cfg_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cfg_module)
     config = cfg_module.get_config()
-    assert check_config(config) == ["vgg16", "resnet50"]
+    # The weights and the VOC tree are not here: refused up front, naming the field (issue 24); the rest checks.
+    with pytest.raises(FileNotFoundError, match="config.model.pretrained='weights/vgg16_voc.safetensors'"):
+        check_config(config)
+    for arm in ("vgg16", "resnet50"):
+        train.validate(arm_config(config, arm, 0), data=False)
+    config.weights.vgg16, config.weights.resnet50 = __file__, __file__  # files that exist: the VOC tree is next
+    with pytest.raises(FileNotFoundError, match="config.pointing_game.data_dir='data/VOCdevkit/VOC2007'"):
+        check_config(config)
+    config.weights.vgg16, config.weights.resnet50 = "weights/vgg16_voc.safetensors", "weights/resnet50_voc.safetensors"
     vgg, resnet = arm_config(config, "vgg16", 0), arm_config(config, "resnet50", 0)
     assert dict(vgg.pointing_game.layers) == {"grad_cam": "relu5_3", "excitation_backprop": "pool4",
                                               "contrastive_excitation_backprop": "pool4", "contrast": "relu7"}

@@ -67,3 +67,41 @@ def test_metrics_log_rejects_bad_images(tmp_path):
             log.write_images(0, "x", np.zeros((4, 4, 3)))
     finally:
         log.close()
+
+
+def test_evaluators_results_and_run_figures_go_to_tensorboard(tmp_path):
+    """Every evaluator's numeric entries (nested dicts flattened) as ``eval/<evaluator>/<entry>`` at the final step,
+    and the PNG figures of the run's folder as images; a rerun that reuses the stored evaluations writes nothing."""
+    from saliency_jax import experiment
+
+    c = tiny_config()
+    c.num_steps = 2
+    c.evaluators = ("classification", "training_curves")
+    result = train_lib.train(c, tmp_path / "run", progress=False)
+    from PIL import Image
+
+    Image.new("RGB", (6, 4), (255, 0, 0)).save(tmp_path / "run" / "masks.png")  # a figure a trainer leaves
+    record = experiment.evaluate_run(result, evaluators.build_evaluators(c), evaluators.ExperimentData(c))
+    scalars = workdirs.read_tensorboard_scalars(tmp_path / "run")
+    metrics = record.metrics["classification"]
+    assert scalars["eval/classification/accuracy"] == [(2, pytest.approx(metrics["accuracy"]))]
+    assert scalars["eval/classification/true_positive_rate/3"] == [
+        (2, pytest.approx(metrics["true_positive_rate"]["3"]))]
+    assert scalars["eval/training_curves/loss"] == [(2, pytest.approx(record.metrics["training_curves"]["loss"]))]
+    assert not [k for k in scalars if "confusion_matrix" in k]  # lists are not scalars
+    assert workdirs.tensorboard_image_tags(tmp_path / "run") == ["figures/masks"]
+    experiment.evaluate_run(result, evaluators.build_evaluators(c), evaluators.ExperimentData(c))  # all reused
+    assert workdirs.read_tensorboard_scalars(tmp_path / "run") == scalars
+
+
+def test_scalar_entries_and_headlines():
+    metrics = {"examples": 10, "accuracy": {"clean": 0.9, "noise": 0.5}, "layer": "conv3", "ok": True,
+               "curve": [0.1, 0.2]}
+    assert evaluators.scalar_entries(metrics) == {"examples": 10, "accuracy.clean": 0.9, "accuracy.noise": 0.5}
+    assert evaluators.headline("backgrounds", metrics) == ("accuracy.clean", 0.9)  # the first non-count entry
+    fgsm = {"examples": 5, "accuracy": {"0.00000": 0.9, "0.03137": 0.2}}
+    assert evaluators.headline("fgsm", fgsm) == ("accuracy.0.03137", 0.2)  # the largest epsilon, as registered
+    assert evaluators.headline("classification", {"num_examples": 3}) is None
+    assert evaluators.headline("training_curves", {"accuracy": 0.5, "loss": 1.5}) == ("loss", 1.5)  # registered
+    assert evaluators.headline("training_curves", {"accuracy": 0.5}) == ("accuracy", 0.5)  # loss not logged
+    assert evaluators.headline("not_an_evaluator", metrics) is None

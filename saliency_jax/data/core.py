@@ -143,15 +143,22 @@ class ImageSource:
         name: short name used in error messages and logs, e.g. ``"mnist/train"``.
         image_size: if set, every item is resized (bilinear) to
             [image_size, image_size, channels]; None keeps the stored size.
+        fields: other per-example arrays ``{name: [num_examples, ...]}``
+            (e.g. ``"region"`` masks [num_examples, height, width] for
+            attention guidance / RRR): item ``i`` carries ``fields[name][i]``.
+            A field whose per-example shape starts with the images' [height,
+            width] is spatial: float32, resized with the image.
 
-    Items are ``{"image": [h, w, c] float32 in [0, 1], "label": int32 scalar}``.
+    Items are ``{"image": [h, w, c] float32 in [0, 1], "label": int32 scalar,
+    **fields}``.
 
     Raises:
         TypeError: images not uint8/float32 or labels not integer.
         ValueError: images not rank 4, labels not rank 1 or of a different
             length, labels outside [0, num_classes), NaN or out-of-range float
-            pixels, or ``len(class_names) != num_classes``; the message names the
-            source.
+            pixels, ``len(class_names) != num_classes``, or a field named
+            ``image``, ``label`` or ``mask`` or not one entry per example; the
+            message names the source.
 
     >>> src = ImageSource(np.zeros((2, 4, 4, 1), np.uint8), np.array([0, 1]),
     ...                   num_classes=2, name="toy")
@@ -165,6 +172,7 @@ class ImageSource:
     class_names: tuple[str, ...] = ()
     name: str = "images"
     image_size: int | None = None
+    fields: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         name = self.name
@@ -232,6 +240,16 @@ class ImageSource:
                 f" {num_classes} classes."
             )
         check_image_size(self.image_size, f"Source {name!r}")
+        fields = {}
+        for key, value in dict(self.fields).items():
+            value = np.asarray(value)
+            if key in ("image", "label", "mask"):
+                raise ValueError(f"Source {name!r}: a field cannot be named {key!r} (the pipeline's own)")
+            if value.ndim < 1 or value.shape[0] != images.shape[0]:
+                raise ValueError(f"Source {name!r}: field {key!r} has shape {value.shape}; it needs one entry per "
+                                 f"example ({images.shape[0]})")
+            fields[key] = value
+        object.__setattr__(self, "fields", fields)
         object.__setattr__(self, "labels", labels.astype(np.int32))
         object.__setattr__(self, "num_classes", int(num_classes))
         object.__setattr__(self, "class_names", class_names)
@@ -241,10 +259,21 @@ class ImageSource:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
-        return {
+        item = {
             "image": to_float_image(self.images[index], self.image_size),
             "label": np.int32(self.labels[index]),
         }
+        height_width = self.images.shape[1:3]
+        for key, value in self.fields.items():
+            value = value[index]
+            if value.shape[:2] == height_width:  # spatial: [h, w, ...] resized with the image
+                value = np.asarray(value, np.float32)
+                if self.image_size is not None and height_width != (self.image_size, self.image_size):
+                    moved = np.moveaxis(value, (0, 1), (-2, -1)) if value.ndim > 2 else value
+                    moved = augment_lib.resize_spatial(moved, self.image_size)
+                    value = np.moveaxis(moved, (-2, -1), (0, 1)) if value.ndim > 2 else moved
+            item[key] = value
+        return item
 
     def __repr__(self) -> str:
         return (

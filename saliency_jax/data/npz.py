@@ -49,7 +49,12 @@ def load_npz(
 
     The archive is opened with ``allow_pickle=False``. ``x_*`` is
     [n, h, w, c] (or [n, h, w], given a channel axis) uint8 in [0, 255] or
-    float32 in [0, 1]; ``y_*`` is [n] (or [n, 1]) integer labels.
+    float32 in [0, 1]; ``y_*`` is [n] (or [n, 1]) integer labels. Any other
+    array ``<field>_<split>`` whose first dimension is the split's ``n`` is a
+    per-example field of the items (:class:`~saliency_jax.data.ImageSource`
+    ``fields``): e.g. ``region_train`` [n, h, w] in {0, 1}, the region that
+    attention guidance / RRR read as ``"region"`` (``wrong_region`` likewise),
+    resized with the image.
     ``num_classes`` is ``len(class_names)`` when names are known, otherwise
     ``max(y_train, y_test) + 1`` so that both splits agree.
 
@@ -76,6 +81,7 @@ def load_npz(
         raise FileNotFoundError(f"NumPy archive not found: {path}")
     required = ("x_train", "y_train", "x_test", "y_test")
     wanted = (f"x_{split}", f"y_{split}", "y_train", "y_test", "class_names")
+    suffix = f"_{split}"
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -85,6 +91,8 @@ def load_npz(
         with archive:
             found = tuple(archive.files)
             arrays = {k: np.asarray(archive[k]) for k in wanted if k in found}
+            extra = {k[:-len(suffix)]: np.asarray(archive[k]) for k in found
+                     if k.endswith(suffix) and k not in wanted and len(k) > len(suffix)}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise ValueError(f"Cannot read NumPy archive {path}: {e}") from e
     missing = [k for k in required if k not in found]
@@ -119,6 +127,7 @@ def load_npz(
     else:
         num_classes = 1 + max(int(y.max()) for y in all_labels if y.size)
         class_names = default_class_names(num_classes)
+    fields = {k: v for k, v in extra.items() if v.ndim >= 1 and v.shape[0] == labels.shape[0]}
     return ImageSource(
         images=images,
         labels=labels,
@@ -126,6 +135,7 @@ def load_npz(
         class_names=class_names,
         name=name or f"{path.stem}/{split}",
         image_size=image_size,
+        fields=fields,
     )
 
 

@@ -20,7 +20,7 @@ from saliency_jax.evaluation.faithfulness import (CausalMetricResult, Randomizat
 from saliency_jax.evaluation.infidelity_sensitivity import (gaussian_perturbations, infidelity, sensitivity_max,
                                                             uniform_perturbations)
 from saliency_jax.evaluation.remove_and_debias import RoadResult, noisy_linear_imputation, road
-from saliency_jax.evaluation.figures import overlay
+from saliency_jax.evaluation.figures import overlay, signed_overlay
 from saliency_jax.evaluation.figures import saliency_figure
 from saliency_jax.evaluation.figures import training_curves_figure
 from saliency_jax.evaluation.metrics import SCALAR_METRICS
@@ -63,6 +63,7 @@ __all__ = [
     "sensitivity_max",
     "uniform_perturbations",
     "overlay",
+    "signed_overlay",
     "BACKGROUND_NAMES",
     "TEST_SET_NAMES",
     "background_contact_sheet",

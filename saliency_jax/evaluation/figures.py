@@ -39,7 +39,7 @@ from matplotlib.patches import Rectangle
 from saliency_jax.saliency.core import normalize_maps
 
 __all__ = ["TRAIN_CURVE_NOTE", "clip_maps_figure", "evidence_pool_figure", "frame_sums_figure", "overlay",
-           "saliency_figure", "training_curves_figure"]
+           "saliency_figure", "signed_overlay", "training_curves_figure"]
 
 _RANGE_TOLERANCE = 1e-6  # Values this far outside [0, 1] are float rounding, clipped silently.
 
@@ -139,6 +139,50 @@ def overlay(
     heat = lut[index.astype(jnp.int32)]
     rgb = jnp.broadcast_to(jnp.clip(images.astype(jnp.float32), 0.0, 1.0), (*images.shape[:3], 3))
     return (1.0 - alpha) * rgb + alpha * heat
+
+
+def signed_overlay(
+    images: Any,
+    maps: Any,
+    *,
+    colormap: str = "RdBu_r",
+    alpha: float = 0.5,
+    scale: float | None = None,
+) -> jax.Array:
+    """Signed maps (gradient x input, LRP, contrastive EB before clipping, raw Grad-CAM: evidence for and against)
+    blended over images with a diverging colour map centred at 0: :func:`overlay` of ``0.5 + 0.5 * map / s``, so 0 is
+    the colour map's middle (white for ``"RdBu_r"``), ``+s`` its top (red) and ``-s`` its bottom (blue).
+
+    Args:
+      images: [batch, height, width, channels] float in [0, 1], channels 1 or 3.
+      maps: [batch, height, width] float, any sign (``normalize=False`` maps), at the image resolution.
+      colormap: a diverging matplotlib colour map (``"RdBu_r"``: negative blue, positive red; ``"bwr"``, ...).
+      alpha: weight of the heat map in [0, 1].
+      scale: ``s``, the magnitude shown at the colour map's ends (larger values are clipped), the same for every map,
+        so that maps compare; None: each map's own largest ``|value|`` (a zero map is drawn as 0 everywhere).
+
+    Returns:
+      float32 [batch, height, width, 3] RGB in [0, 1].
+
+    Raises:
+      ValueError: as :func:`overlay`; ``scale`` not a positive finite number; (concrete arrays) non-finite maps.
+
+    >>> out = signed_overlay(jnp.zeros((1, 2, 2, 1)), jnp.array([[[-1.0, 0.0], [0.5, 1.0]]]), alpha=1.0)
+    >>> out.shape, bool(out[0, 0, 0, 2] > out[0, 0, 0, 0]), bool(out[0, 1, 1, 0] > out[0, 1, 1, 2])
+    ((1, 2, 2, 3), True, True)
+    """
+    maps = jnp.asarray(maps, jnp.float32)
+    if scale is not None and not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}.")
+    if not isinstance(maps, jax.core.Tracer) and maps.size and not bool(jnp.all(jnp.isfinite(maps))):
+        raise ValueError("maps contain non-finite values.")
+    if scale is None:
+        s = jnp.max(jnp.abs(maps), axis=tuple(range(1, maps.ndim)), keepdims=True) if maps.ndim else jnp.abs(maps)
+        s = jnp.where(s > 0, s, 1.0)
+    else:
+        s = jnp.float32(scale)
+    centred = jnp.clip(0.5 + 0.5 * maps / s, 0.0, 1.0)
+    return overlay(images, centred, colormap=colormap, alpha=alpha)
 
 
 def _check_probabilities(value: Any, num_rows: int, name: str) -> np.ndarray:

@@ -7,7 +7,7 @@ below. ``config.evaluators`` lists the ones a run uses, in report order.
 
 from saliency_jax.evaluators.base import (EVALUATORS, Evaluator, EvaluatorSettings, ExperimentData, ReportContext,
                                           RunRecord, Section, build_evaluators, evaluator_names, evaluator_settings,
-                                          register_evaluator, settings_section)
+                                          headline, register_evaluator, scalar_entries, settings_section)
 from saliency_jax.evaluators.classification import (classification_evaluator, fgsm_evaluator,
                                                     random_erasing_evaluator)
 from saliency_jax.evaluators.figures import read_metrics_log, saliency_maps_evaluator, training_curves_evaluator
@@ -32,6 +32,8 @@ __all__ = [
     "build_evaluators",
     "evaluator_names",
     "evaluator_settings",
+    "headline",
+    "scalar_entries",
     "register_evaluator",
     "settings_section",
     "classification_evaluator",

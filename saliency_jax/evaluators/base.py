@@ -30,7 +30,8 @@ from saliency_jax.models.trainable import TrainableModel, as_trainable
 from saliency_jax.registry import EVALUATORS, name_list
 
 __all__ = ["run_model", "linen_module", "Evaluator", "Stage", "Section", "RunRecord", "ReportContext", "ExperimentData", "EvaluatorSettings", "EVALUATORS",
-           "register_evaluator", "build_evaluators", "evaluator_names", "settings_section", "evaluator_settings"]
+           "register_evaluator", "build_evaluators", "evaluator_names", "settings_section", "evaluator_settings",
+           "scalar_entries", "headline"]
 
 
 class Section(NamedTuple):
@@ -142,9 +143,15 @@ class EvaluatorSettings(Settings):
 # (EVALUATORS is the shared instance of :mod:`saliency_jax.registry`.)
 
 
-def register_evaluator(name: str, settings: type):
+def register_evaluator(name: str, settings: type, *, headline: str | Callable[[Mapping[str, Any]], str] | None = None):
     """Decorator registering ``builder(settings) -> Evaluator`` under ``name`` in :data:`EVALUATORS` (settings: an
     :class:`EvaluatorSettings` dataclass; ``config.<name>`` holds its fields).
+
+    Args:
+      name: the evaluator's config name.
+      settings: its settings dataclass.
+      headline: the entry of its metrics the runner's progress line shows (:func:`headline`): a dotted key of
+        :func:`scalar_entries`, or a function ``metrics -> key``; None: the first non-integer entry.
 
     Raises:
       TypeError: if ``settings`` is not an :class:`EvaluatorSettings` dataclass.
@@ -152,7 +159,42 @@ def register_evaluator(name: str, settings: type):
     """
     if not (dataclasses.is_dataclass(settings) and issubclass(settings, EvaluatorSettings)):
         raise TypeError(f"settings of evaluator {name!r} must be an EvaluatorSettings dataclass; got {settings}")
-    return EVALUATORS.register(name, settings=settings)
+    return EVALUATORS.register(name, settings=settings, headline=headline)
+
+
+def scalar_entries(metrics: Any) -> dict[str, float | int]:
+    """The numeric entries of an evaluator's metrics, nested dicts flattened with dotted keys
+    (``{"accuracy": 0.9, "per_set": {"clean": 0.95}}`` -> ``{"accuracy": 0.9, "per_set.clean": 0.95}``), in the
+    metrics' order; lists, strings, booleans and None are left out."""
+    out: dict[str, float | int] = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{prefix}{key}"] = value
+    if isinstance(metrics, Mapping):
+        walk(metrics, "")
+    return out
+
+
+def headline(name: str, metrics: Any) -> tuple[str, float] | None:
+    """The headline scalar of evaluator ``name``'s metrics, ``(dotted key, value)``: the entry its registration
+    names (``headline=``) when the metrics have it, else the first non-integer entry of :func:`scalar_entries`
+    (counts such as ``examples`` are integers); None when there is none (or the evaluator is not registered)."""
+    if name not in EVALUATORS:
+        return None
+    entries = scalar_entries(metrics)
+    key = EVALUATORS.metadata(name).get("headline")
+    if callable(key):
+        try:
+            key = key(metrics)
+        except (KeyError, TypeError, ValueError, StopIteration):
+            key = None
+    if key not in entries:
+        key = next((k for k, v in entries.items() if isinstance(v, float)), None)
+    return None if key is None else (key, float(entries[key]))
 
 
 def evaluator_names() -> tuple[str, ...]:

@@ -98,6 +98,12 @@ class RandomErasingSettings(EvaluatorSettings):
     fill: str = "random"
     seed: int = 1234
 
+    def __post_init__(self):  # the erasing's own checks, at config time (Raises: ValueError, as random_erasing's)
+        from saliency_jax.evaluation import robustness
+
+        robustness._validated_args(np.zeros((1, 8, 8, 3), np.float32), self.probability, tuple(self.area_range),
+                                   tuple(self.aspect_range), self.fill, (0.0, 1.0), 100)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Erase:
@@ -152,6 +158,12 @@ class FGSMSettings(EvaluatorSettings):
     examples: int = 0
     seed: int = 0
 
+    def __post_init__(self):
+        if not self.epsilons or any(not isinstance(e, (int, float)) or not 0 <= e <= 1 for e in self.epsilons):
+            raise ValueError(f"epsilons must be numbers in [0, 1] (pixel units); got {self.epsilons!r}")
+        if self.examples < 0:
+            raise ValueError(f"examples must be >= 0 (0: the whole test split); got {self.examples}")
+
 
 def fgsm_images(logits_fn, images, labels, epsilon: float):
     """The Fast Gradient Sign Method: ``clip(x + epsilon * sign(d CE(f(x), y) / d x), 0, 1)``.
@@ -172,7 +184,8 @@ def fgsm_images(logits_fn, images, labels, epsilon: float):
     return jnp.clip(images + epsilon * step, 0.0, 1.0).astype(images.dtype)
 
 
-@register_evaluator("fgsm", FGSMSettings)
+@register_evaluator("fgsm", FGSMSettings,  # headline: the accuracy at the largest epsilon
+                    headline=lambda m: "accuracy." + list(m["accuracy"])[-1])
 def fgsm_evaluator(settings: FGSMSettings) -> Evaluator:
     """Test accuracy under an FGSM attack for each ``epsilon`` (one gradient per image, inference mode).
 

@@ -83,6 +83,16 @@ class SaliencyMapsSettings(EvaluatorSettings):
     weighting: str = "guided"
     threshold: float = 0.85
 
+    def __post_init__(self):
+        if self.examples < 0:
+            raise ValueError(f"examples must be >= 0; got {self.examples}")
+        if self.score not in ("logit", "softmax"):
+            raise ValueError(f"score must be 'logit' or 'softmax' (Grad-CAM's class score); got {self.score!r}")
+        if self.weighting not in ("plain", "guided"):
+            raise ValueError(f"weighting must be 'plain' or 'guided' (Grad-CAM's weights); got {self.weighting!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1] (maps are normalised); got {self.threshold}")
+
 
 @register_evaluator("saliency_maps", SaliencyMapsSettings)
 def saliency_maps_evaluator(settings: SaliencyMapsSettings) -> Evaluator:
@@ -148,7 +158,7 @@ class TrainingCurvesSettings(EvaluatorSettings):
     metrics: tuple[str, ...] = ("loss", "accuracy")
 
 
-@register_evaluator("training_curves", TrainingCurvesSettings)
+@register_evaluator("training_curves", TrainingCurvesSettings, headline="loss")  # the last logged training loss
 def training_curves_evaluator(settings: TrainingCurvesSettings) -> Evaluator:
     """The training curves of every arm (first repeat) from ``metrics.jsonl``; the final logged values per run."""
 

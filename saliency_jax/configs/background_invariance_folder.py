@@ -32,8 +32,7 @@ Runtime: not run here (no such data on this machine); expect it to need an accel
 epochs).
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 from ml_collections import config_dict
 

@@ -1,9 +1,8 @@
 """Arms and builders shared by the experiment configs beside this file.
 
-A config imports them with (the two lines at the top of every config here)::
+A config imports them with (the line at the top of every config here)::
 
-  import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))
-  import common
+  from saliency_jax.configs import common
 """
 
 from __future__ import annotations

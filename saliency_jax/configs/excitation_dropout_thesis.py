@@ -25,8 +25,7 @@ Expected (thesis, mean of 5): CIFAR-10 ED 81.94% / SD 80.13%; CIFAR-100 52.04% /
 28.73%; UCF101 VGG16 73.23% / 71.93%.
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = "cifar10"):

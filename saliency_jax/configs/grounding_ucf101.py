@@ -42,8 +42,7 @@ Command once they exist::
       --config.dataset.data_dir=/data/ucf101_frames --config.model.pretrained=/weights/vgg16_ucf101.safetensors
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):

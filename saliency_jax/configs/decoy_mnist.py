@@ -49,8 +49,7 @@ every w_g) but at w_g = 1 leaves most of the decoy reliance in place; at w_g = 1
 dense head shows little mass on the patch even for the plain model that relies on it.
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 #: The arms in report order: (name, overrides of the base config).
 ARMS = (

@@ -20,8 +20,7 @@ Paper scale: ``hnc_imagenet.py``. Runtime and measured numbers: see the closing 
 config (measured under load, so not repeated here).
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):

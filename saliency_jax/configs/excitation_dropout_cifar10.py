@@ -49,8 +49,7 @@ the compression behaviour, not the thesis's accuracy ranking (ED 81.9% vs SD 80.
 off the least relevant units at test time gives it ground-truth probability 1.0, and its test accuracy is low.
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):

@@ -29,10 +29,7 @@ Command once they exist::
       --config.dataset.data_dir=/data/thumos14_frames --config.model.pretrained=/weights/vgg16_lstm_thumos.npz
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
-
-import grounding_ucf101
+from saliency_jax.configs import grounding_ucf101
 
 
 def get_config(arg: str | None = None):

@@ -48,8 +48,7 @@ robust than the poster's (66.0 mean against 31.2): one epoch at batch 64, no aug
 falls well below both here (the poster has it near the vanilla CNN); not investigated further.
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 CLASSIFIER_EPOCHS = 1.0
 MASK_EPOCHS = 0.25

@@ -35,8 +35,7 @@ average 7.7% / 4.6% of an image's ink, and for 43% / 50% of the images it change
 black background) or a Grad-CAM layer inside the encoder are the obvious next arms to try; not measured.
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):

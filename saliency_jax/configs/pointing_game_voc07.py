@@ -55,8 +55,7 @@ Tiny variant (tests; random tiny models, no weights): ``--config experiments/con
 with ``--config.pointing_game.data_dir`` pointing at a small generated VOC tree.
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 import ml_collections
 

@@ -23,8 +23,7 @@ images): with the most relevant units up to p_c = 0.5 (0.75) switched off, the g
 0.85 vs 0.43 / 0.46 / 0.50 (Fig. 5.5's ranking, as without rescaling).
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):

@@ -17,8 +17,7 @@ Expected (measured, seeds 0-1, mean ± sample std): clean accuracy 0.951 ± 0.01
 under-trained (train accuracy ~0.97 at the end), so clean accuracy stays below the usual 0.99.
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):

@@ -9,8 +9,7 @@ Command (from the repository root):
   saliency-jax experiment --config experiments/configs/hnc_mnist.py:label_noise --workdir runs/hnc_mnist_noise
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):

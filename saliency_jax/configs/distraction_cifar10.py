@@ -17,8 +17,7 @@ Expected (measured, seed 0, baseline and 0-occlusion only): clean test accuracy 
 0.644; with every test image randomly erased 0.344 / 0.397 (R- and 1-occlusion not run yet).
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):

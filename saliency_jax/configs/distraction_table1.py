@@ -19,8 +19,7 @@ Expected (paper, Table 1), accuracy: Cars 0.846 (FT-ResNet50), 0.875 (0-occ.), 0
 Aircraft 0.733, 0.751, 0.740, 0.746.
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 DATASETS = ("stanford_cars", "fgvc_aircraft")
 

@@ -16,8 +16,7 @@ Expected (paper): Table 3 accuracy 0.67 (FT-ResNet50) vs 0.68 (0-occlusion), wei
 Table 4 (randomly erased test images) accuracy 0.59 vs 0.60.
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):

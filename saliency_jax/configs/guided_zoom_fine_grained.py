@@ -38,8 +38,7 @@ CNN at 448 px, each Evidence CNN at 224 px), plus RISE's 1000 forward passes per
 (the dominant cost of the pools) and k x 3 cEB maps per test image.
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 #: name -> number of classes (the folder source counts them; listed for the docstring's record).
 DATASETS = {"cub": 200, "dogs": 120, "aircraft": 100}

@@ -25,8 +25,7 @@ occlusion threshold amplifies float-level differences over 1,200 steps; the base
 erasing accuracy is therefore known to about +-0.04.
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):

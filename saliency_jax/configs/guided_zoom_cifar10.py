@@ -38,8 +38,7 @@ Runtime and measured numbers: see the closing note of the issue that added this 
 loaded, shared 2-core CPU, so they are not repeated here as expectations). Paper scale: ``guided_zoom_fine_grained.py``.
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 from saliency_jax.evaluators import settings_section
 

@@ -20,8 +20,7 @@ Expected: lower top-1 error for both HNC arms than for CE (the paper's claim; it
 project has, so no number is quoted here); not run here.
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 TRAIN_IMAGES = 1_281_167
 KD_WEIGHT = {"resnet101": 0.0065, "resnet152": 0.0048}

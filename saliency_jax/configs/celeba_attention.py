@@ -33,8 +33,7 @@ torchvision, ``saliency_jax.models.weights``):
       --config.dataset.data_dir=/path/to/celeba --config.model.pretrained=/path/to/alexnet.safetensors
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 ARMS = (
     ("baseline", {"schemes": ()}),

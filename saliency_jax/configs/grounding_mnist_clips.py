@@ -51,8 +51,7 @@ the authors' released Caffe LSTM unit (its gradient), which is what the thesis's
 6 frames, a tiny model, a few steps; no files needed).
 """
 
-import pathlib, sys; sys.path.insert(0, str(pathlib.Path(__file__).parent))  # common.py, beside this file
-import common
+from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):
