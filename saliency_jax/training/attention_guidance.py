@@ -59,13 +59,17 @@ Array = jax.Array
 
 __all__ = [
     "DEFAULT_IOU_EPSILON",
+    "INPUT_LAYER",
     "MODES",
+    "WEIGHTINGS",
     "GuidanceConfig",
     "RRRConfig",
     "attention_guidance_scheme",
     "rrr_scheme",
     "soft_iou",
     "guidance_maps",
+    "raw_guidance_maps",
+    "input_layer_model",
     "guidance_loss",
     "multilabel_guidance_loss",
     "input_gradients",
@@ -107,6 +111,13 @@ def _check_field(value: Any, name: str) -> None:
 MODES = ("inference", "train")
 """How the schemes run the model for the map / input gradient inside ``loss_fn`` (see :class:`GuidanceConfig`)."""
 
+WEIGHTINGS = ("plain", "guided", "hirescam", "gradient_x_activation")
+"""The maps the guidance loss can be put on (:func:`raw_guidance_maps`): Grad-CAM with plain or guided weights (the
+poster: ``"plain"``), HiResCAM, or the magnitude of gradient x activation."""
+
+INPUT_LAYER = "input"
+"""``GuidanceConfig.layer`` value naming the image itself (the map at the input, :func:`input_layer_model`)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class GuidanceConfig(SchemeSettings):
@@ -121,9 +132,14 @@ class GuidanceConfig(SchemeSettings):
       w_g: weight of the guidance loss ``loss_g = -ln IoU(G, S)``, ``>= 0``.
       epsilon: smoothing of the soft IoU in pixels, ``> 0`` (see :func:`soft_iou`).
       score: Grad-CAM class score, ``"logit"`` (Selvaraju et al. 2017) or ``"softmax"`` (single-label only).
-      weighting: Grad-CAM weights, ``"plain"`` (Selvaraju et al., Eq. 1) or ``"guided"`` (see
-        :func:`saliency_jax.saliency.grad_cam_weights`); ``"hirescam"`` replaces Grad-CAM by HiResCAM (an ablation,
-        see :func:`guidance_maps`).
+      weighting: the map ``G``: Grad-CAM with ``"plain"`` (Selvaraju et al., Eq. 1; the poster) or ``"guided"``
+        weights (see :func:`saliency_jax.saliency.grad_cam_weights`); ``"hirescam"`` (HiResCAM) or
+        ``"gradient_x_activation"`` (``|sum_k dS/dA_k A_k|`` per position), ablations defined in
+        :func:`raw_guidance_maps`.
+      layer: the layer ``A`` the map is taken at: None (default, the poster's) = the model's Grad-CAM layer
+        (``config.model.grad_cam_layer``, the last convolutional block), a layer path of the model
+        (``"relu_conv1"``), or ``"input"`` (:data:`INPUT_LAYER`): the image itself, where
+        ``"gradient_x_activation"`` is gradient x input. An unknown path is reported when the step is first traced.
       mode: how the map's network runs inside ``loss_fn``: ``"inference"`` (``train=False``: running BatchNorm
         statistics, no dropout; each example's map depends on that example only) or ``"train"`` (``train=True``:
         batch statistics, dropout from the loss term's key, which differs from the training forward's draw). Both
@@ -143,7 +159,8 @@ class GuidanceConfig(SchemeSettings):
     w_g: float = 1.0
     epsilon: float = DEFAULT_IOU_EPSILON
     score: Literal["logit", "softmax"] = "logit"
-    weighting: Literal["plain", "guided", "hirescam"] = "plain"
+    weighting: Literal["plain", "guided", "hirescam", "gradient_x_activation"] = "plain"
+    layer: str | None = None
     mode: Literal["inference", "train"] = "inference"
     region_field: str = "region"
     attributes: tuple[int, ...] = ()
@@ -157,9 +174,11 @@ class GuidanceConfig(SchemeSettings):
         object.__setattr__(self, "epsilon", _check_number(self.epsilon, "GuidanceConfig.epsilon", positive=True))
         if self.score not in ("logit", "softmax"):
             raise ValueError(f"GuidanceConfig.score must be 'logit' or 'softmax'; got {self.score!r}")
-        if self.weighting not in ("plain", "guided", "hirescam"):
-            raise ValueError(f"GuidanceConfig.weighting must be 'plain', 'guided' or 'hirescam'; got "
-                             f"{self.weighting!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"GuidanceConfig.weighting must be one of {WEIGHTINGS}; got {self.weighting!r}")
+        if self.layer is not None and (not isinstance(self.layer, str) or not self.layer):
+            raise ValueError(f"GuidanceConfig.layer must be None (the model's Grad-CAM layer), a layer path or "
+                             f"{INPUT_LAYER!r}; got {self.layer!r}")
         _check_mode(self.mode, "GuidanceConfig.mode")
         _check_field(self.region_field, "GuidanceConfig.region_field")
         attributes = (self.attributes,) if isinstance(self.attributes, numbers.Integral) else self.attributes
@@ -283,41 +302,105 @@ def _check_regions(regions: Array, images: Array, leading: tuple[int, ...], fn: 
                          f"got {list(regions.shape)}")
 
 
-def guidance_maps(layer_model: LayerModel, images: Array, targets: Array, *, score: str = "logit",
-                  weighting: str = "plain") -> Array:
-    """The map ``G`` of the guidance loss: Grad-CAM, ReLU, bilinear resize to the input, per-image min-max.
+def input_layer_model(logits_fn: Callable[[Array], Array]) -> LayerModel:
+    """The network "split" at its input: the activations ``A`` are the images themselves.
 
-    Plain :func:`saliency_jax.saliency.grad_cam`; gradients flow through it into whatever ``layer_model`` closes
-    over (the parameters). Where a map is constant (``max == min``, e.g. all zeros after the ReLU) the normalised map
-    is 0 and its gradient is 0 (never NaN).
+    ``fn(images, perturbation) = (logits_fn(images + perturbation), images)``, so ``dS/dA`` is the input gradient and
+    :func:`raw_guidance_maps` with ``weighting="gradient_x_activation"`` is gradient x input (Shrikumar et al. 2016),
+    summed over the colour channels.
 
     Args:
-      layer_model: the network split at its last convolutional layer, built from the current variables in
-        inference mode (``linen_layer(module, variables, "conv3", train=False)``).
-      images: [batch, height, width, channels] float.
-      targets: int [batch] class per example (the ground truth).
-      score: ``"logit"`` or ``"softmax"``.
-      weighting: ``"plain"`` or ``"guided"`` (Grad-CAM's channel weights, :func:`saliency_jax.saliency.grad_cam`),
-        or ``"hirescam"``: not Grad-CAM but HiResCAM (Draelos & Carin 2020), ``ReLU(sum_k dS/dA_k * A_k)`` with the
-        gradient kept per position instead of averaged over the map - faithful to heads that are not a global
-        average pool (flatten + dense), where Grad-CAM's averaged weights can hide evidence the head reads at one
-        position (the Decoy MNIST patch). An ablation; the poster uses Grad-CAM.
+      logits_fn: ``images [batch, height, width, channels] -> logits [batch, num_classes]``, built from the current
+        (traced) parameters.
 
     Returns:
-      [batch, height, width] float32 in [0, 1].
+      A :class:`~saliency_jax.saliency.LayerModel` named ``"input"``.
     """
-    if weighting != "hirescam":
-        return grad_cam(layer_model, images, targets, score=score, weighting=weighting, relu=True, resize=True,
-                        normalize=True)
+    return LayerModel(fn=lambda images, perturbation: (logits_fn(images + perturbation), images), layer=INPUT_LAYER)
+
+
+def raw_guidance_maps(layer_model: LayerModel, images: Array, targets: Array, *, score: str = "logit",
+                      weighting: str = "plain") -> Array:
+    """The map the guidance loss is put on, at the layer's resolution, non-negative, not normalised.
+
+    With ``A`` the layer's activations [batch, h, w, K] and ``S`` the class score (``score``) of ``targets``:
+
+    * ``"plain"`` / ``"guided"``: Grad-CAM (Selvaraju et al. 2017, Eq. 1-2), ``ReLU(sum_k alpha_k A_k)`` with
+      ``alpha_k`` the spatial mean of ``dS/dA_k`` (``"guided"``: :func:`saliency_jax.saliency.grad_cam_weights`).
+      The poster's map.
+    * ``"hirescam"``: HiResCAM (Draelos & Carin 2020), ``ReLU(sum_k dS/dA_k * A_k)``: the gradient kept per
+      position instead of averaged over the map, so evidence a flatten + dense head reads at one position (the
+      Decoy MNIST patch) is not averaged away; for a head that global-average-pools ``A`` the two are equal.
+    * ``"gradient_x_activation"``: ``|sum_k dS/dA_k * A_k|`` per position: the magnitude of each position's
+      first-order contribution to the score, of either sign. HiResCAM keeps only the positive part, so a position
+      whose evidence lowers the score (or that the network uses as a negative cue) is invisible to it and not
+      penalised by the loss; a shortcut is used whichever sign it has (RRR, too, penalises the squared input
+      gradient). At the input (:func:`input_layer_model`) it is gradient x input, which is 0 wherever the pixel is
+      0 (Decoy MNIST's background), so its mass lies on the digit and the patch only.
+
+    Args:
+      layer_model: the network split at the layer, built from the current variables (inference mode as a rule).
+      images: [batch, height, width, channels] float.
+      targets: int [batch] class per example.
+      score: ``"logit"`` or ``"softmax"``.
+      weighting: one of :data:`WEIGHTINGS`.
+
+    Returns:
+      [batch, h, w] float32 (at least), ``>= 0``, ``h, w`` the layer's grid.
+
+    Raises:
+      ValueError: on an unknown ``weighting``, or as :func:`saliency_jax.saliency.grad_cam`.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
+    if weighting in ("plain", "guided"):
+        return grad_cam(layer_model, images, targets, score=score, weighting=weighting, relu=True, resize=False,
+                        normalize=False)
     check_images(images)
     shape = layer_model.activation_shape(images)
+    if len(shape.shape) != 4:
+        raise ValueError(f"{weighting} maps need a [batch, h, w, channels] layer; {layer_model.layer!r} gives "
+                         f"{list(shape.shape)}")
 
     def summed_score(perturbation):
         logits, activations = layer_model(images, perturbation)
         return jnp.sum(class_scores(logits, resolve_targets(targets, logits), score)), activations
 
     gradients, activations = jax.grad(summed_score, has_aux=True)(jnp.zeros(shape.shape, shape.dtype))
-    maps = jax.nn.relu(jnp.sum(at_least_float32(gradients) * at_least_float32(activations), axis=-1))
+    contributions = jnp.sum(at_least_float32(gradients) * at_least_float32(activations), axis=-1)
+    return jax.nn.relu(contributions) if weighting == "hirescam" else jnp.abs(contributions)
+
+
+def guidance_maps(layer_model: LayerModel, images: Array, targets: Array, *, score: str = "logit",
+                  weighting: str = "plain") -> Array:
+    """The map ``G`` of the guidance loss: Grad-CAM, ReLU, bilinear resize to the input, per-image min-max.
+
+    Plain :func:`saliency_jax.saliency.grad_cam` for the poster's map; gradients flow through it into whatever
+    ``layer_model`` closes over (the parameters). Where a map is constant (``max == min``, e.g. all zeros after the
+    ReLU) the normalised map is 0 and its gradient is 0 (never NaN). The ablations (``"hirescam"``,
+    ``"gradient_x_activation"``) go through the same resize and normalisation (:func:`raw_guidance_maps`).
+
+    Args:
+      layer_model: the network split at its last convolutional layer, built from the current variables in
+        inference mode (``linen_layer(module, variables, "conv3", train=False)``), or at another layer / the input
+        (:func:`input_layer_model`).
+      images: [batch, height, width, channels] float.
+      targets: int [batch] class per example (the ground truth).
+      score: ``"logit"`` or ``"softmax"``.
+      weighting: ``"plain"`` or ``"guided"`` (Grad-CAM's channel weights, :func:`saliency_jax.saliency.grad_cam`),
+        or ``"hirescam"`` / ``"gradient_x_activation"``: not Grad-CAM (:func:`raw_guidance_maps`). Ablations; the
+        poster uses Grad-CAM.
+
+    Returns:
+      [batch, height, width] float32 in [0, 1].
+
+    Raises:
+      ValueError: as :func:`raw_guidance_maps`.
+    """
+    if weighting in ("plain", "guided"):
+        return grad_cam(layer_model, images, targets, score=score, weighting=weighting, relu=True, resize=True,
+                        normalize=True)
+    maps = raw_guidance_maps(layer_model, images, targets, score=score, weighting=weighting)
     return normalize_maps(resize_maps(maps, images.shape[1:3]))
 
 
@@ -563,14 +646,18 @@ def _batch_field(batch, name: str, scheme: str) -> Array:
 
 
 def _layer_model(ctx: StepContext, variables: Any, layer: str, mode: str) -> LayerModel:
-    """The network split at ``layer`` for a scheme's extra pass in ``mode`` (see :class:`GuidanceConfig`)."""
+    """The network split at ``layer`` (or at its input, :data:`INPUT_LAYER`) for a scheme's extra pass in ``mode``
+    (see :class:`GuidanceConfig`)."""
+    if layer == INPUT_LAYER:
+        return input_layer_model(_logits_fn(ctx, mode, variables))
     return ctx.model.layer_model(variables, layer, train=mode == "train", rng=ctx.key)
 
 
-def _logits_fn(ctx: StepContext, mode: str) -> Callable[[Array], Array]:
+def _logits_fn(ctx: StepContext, mode: str, variables: Any = None) -> Callable[[Array], Array]:
+    variables = ctx.variables if variables is None else variables
     if mode == "train":
-        return lambda x: ctx.model.forward(ctx.variables, x, rng=ctx.key).logits
-    return lambda x: ctx.model.apply(ctx.variables, x)
+        return lambda x: ctx.model.forward(variables, x, rng=ctx.key).logits
+    return lambda x: ctx.model.apply(variables, x)
 
 
 def _masked_mean(values: Array, weights: Array) -> Array:
@@ -583,7 +670,8 @@ def _masked_mean(values: Array, weights: Array) -> Array:
 def attention_guidance_scheme(config: GuidanceConfig, layers: ModelLayers) -> Scheme:
     """Grad-CAM attention guidance (poster, seed 003) as a training scheme: the loss term ``w_g * loss_g``.
 
-    Inside ``loss_fn`` the network is split at ``layers.grad_cam_layer`` with the step's *traced* parameters
+    Inside ``loss_fn`` the network is split at ``config.layer`` (default ``layers.grad_cam_layer``; ``"input"``: at
+    the image, :func:`input_layer_model`) with the step's *traced* parameters
     (``ctx.model.layer_model(ctx.variables, layer)``), so the update differentiates through Grad-CAM's own
     gradient (second order). Single-label batches (``label`` [batch] int): :func:`guidance_loss` with the batch's
     region field ``[batch, height, width]``. Multi-label batches (``label`` [batch, num_classes] multi-hot, with
@@ -594,6 +682,9 @@ def attention_guidance_scheme(config: GuidanceConfig, layers: ModelLayers) -> Sc
       config: the scheme's settings.
       layers: the model's layers (``grad_cam_layer``: the last convolutional layer, post-ReLU).
 
+    Raises:
+      ValueError: if ``config.layer`` is None and the model names no Grad-CAM layer.
+
     Returns:
       A :class:`~saliency_jax.training.Scheme` with a loss term and no forward or batch transform. Metrics:
       ``guidance_loss`` (batch mean of ``loss_g``, unweighted; multi-label: of the examples' means over their
@@ -602,7 +693,10 @@ def attention_guidance_scheme(config: GuidanceConfig, layers: ModelLayers) -> Sc
       pairs) and ``guidance_degenerate_maps`` (fraction of the maps ``G`` that are constant or non-finite, on which
       the guidance term trains nothing; same averaging).
     """
-    layer = layers.grad_cam_layer
+    layer = layers.grad_cam_layer if config.layer is None else config.layer
+    if layer is None:
+        raise ValueError("attention_guidance: the model names no Grad-CAM layer (config.model.grad_cam_layer); set "
+                         "config.attention_guidance.layer")
 
     def loss(ctx: StepContext, batch, forward: Forward):
         del forward  # the map needs the network split at the layer; it is recomputed from ctx.variables
@@ -638,7 +732,7 @@ def attention_guidance_scheme(config: GuidanceConfig, layers: ModelLayers) -> Sc
         return config.w_g * loss_g, {"guidance_loss": jnp.mean(loss_g), "grad_cam_mass_in_region": mass,
                                      "guidance_degenerate_maps": degenerate}
 
-    return Scheme(loss=loss, maps=(layer,))
+    return Scheme(loss=loss, maps=() if layer == INPUT_LAYER else (layer,))
 
 
 @register_scheme("rrr", RRRConfig)
