@@ -63,6 +63,46 @@ ARMS = (
 #: The w_g values of the sweep (``:sweep``).
 SWEEP_W_G = (0.1, 1.0, 10.0)
 
+#: The map table (``:maps``): (arm, attention_guidance.weighting, attention_guidance.layer) of the guided arms on
+#: the flatten + dense model; "guidance" is the poster's map (Grad-CAM at the model's Grad-CAM layer, relu_conv3).
+MAP_ARMS = (
+    ("guidance", "plain", None),
+    ("grad x input", "gradient_x_activation", "input"),
+    ("grad x act relu_conv1", "gradient_x_activation", "relu_conv1"),
+    ("hirescam relu_conv1", "hirescam", "relu_conv1"),
+    ("grad-cam relu_conv1", "plain", "relu_conv1"),
+    ("hirescam relu_conv3", "hirescam", "relu_conv3"),
+    ("grad x act relu_conv3", "gradient_x_activation", "relu_conv3"),
+    ("grad x act relu_conv2", "gradient_x_activation", "relu_conv2"),
+    ("hirescam relu_conv2", "hirescam", "relu_conv2"),
+    ("grad-cam relu_conv2", "plain", "relu_conv2"),
+)
+
+
+#: Steps of the map table (``:maps``), every arm; see the module docstring for why fewer than the comparison's.
+MAPS_STEPS = 1000
+
+
+def maps_arms() -> tuple:
+    """The arms of ``:maps``, in the order they are run (the most telling first, so that a run cut short by its
+    budget has them): plain, the poster's guidance, the input and relu_conv1 maps of :data:`MAP_ARMS`, the GAP-head
+    model plain and guided with Grad-CAM at relu_conv3 (= HiResCAM there), relu_conv3's and relu_conv2's other
+    maps, and rrr (the most expensive step; its 2000-step result is the comparison's). The ``region_mass`` evaluator measures, besides Grad-CAM at relu_conv3,
+    every arm's own map; on plain and rrr every map of the table."""
+    guided = {}
+    for name, weighting, layer in MAP_ARMS:
+        section = {"weighting": weighting, **({"layer": layer} if layer else {})}
+        own = (f"{layer}:{weighting}",) if layer else ()
+        guided[name] = {"schemes": ("attention_guidance",), "attention_guidance": section, "region_mass": {"maps": own}}
+    gap = {"model": {"kwargs": {"head": "gap"}}, "region_mass": {"maps": ()}}  # relu_conv3 averaged over positions
+    names = [name for name, _, _ in MAP_ARMS]
+    return (("plain", {"schemes": ()}),
+            *((n, guided[n]) for n in names[:5]),
+            ("gap plain", {"schemes": (), **gap}),
+            ("gap grad-cam relu_conv3", {"schemes": ("attention_guidance",), **gap}),
+            *((n, guided[n]) for n in names[5:]),
+            ("rrr", {"schemes": ("rrr",)}))
+
 def get_config(arg: str | None = None):
     c = common.decoy_mnist_config()
     c.experiment.arms = ARMS
@@ -78,8 +118,22 @@ def get_config(arg: str | None = None):
         c.experiment.arms += (("guidance hirescam", {"schemes": ("attention_guidance",),
                                                      "attention_guidance": {"weighting": "hirescam"}}),)
         c.experiment.title = "Decoy MNIST: sweep of the guidance weight w_g"
+    elif arg in ("maps", "maps_runlocal"):
+        c.experiment.arms = maps_arms()
+        c.model.kwargs["head"] = "flatten"  # CNN2's default, named so that the GAP arms can override it
+        c.experiment.title = "Decoy MNIST: which map the guidance loss is put on"
+        c.num_steps = MAPS_STEPS
+        c.checkpoint_every = 250  # a run stopped by its time budget resumes from the last quarter
+        # Every arm's own map measured on every arm, next to the poster's Grad-CAM at relu_conv3.
+        c.region_mass.maps = tuple(f"{layer}:{weighting}" for _, weighting, layer in MAP_ARMS if layer)
+        c.region_mass.examples = 1000
+        c.split_accuracy.examples = 2000
+        c.evaluators = ("classification", "split_accuracy", "decoy_agreement", "region_mass", "training_curves")
+        if arg == "maps_runlocal":
+            common.runlocal_decoy(c)
+            c.model.kwargs["head"] = "flatten"
     elif arg == "runlocal":
         common.runlocal_decoy(c)
     elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; use 'sweep' or 'runlocal'")
+        raise ValueError(f"unknown config argument {arg!r}; use 'sweep', 'maps', 'maps_runlocal' or 'runlocal'")
     return c
