@@ -181,6 +181,104 @@ def test_hirescam_maps_hand_computed():
     assert not np.allclose(got, ag.guidance_maps(model, jnp.asarray(x), jnp.asarray([0, 2])), atol=1e-3)
 
 
+def test_gradient_x_activation_and_input_maps_hand_computed():
+    """On a linear head z_c = sum_{h,w,k} W[h,w,k,c] A[h,w,k] the gradient is W[..., c]: gradient x activation is
+    |sum_k W A| (HiResCAM its positive part); at the input it is |sum_k W x| (gradient x input)."""
+    from saliency_jax.saliency import split_layer
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(4, 4, 2, 3)).astype(np.float32)
+    x = rng.normal(size=(2, 4, 4, 2)).astype(np.float32)
+    head = lambda a: jnp.einsum("bhwk,hwkc->bc", a, jnp.asarray(w))  # noqa: E731
+    targets = jnp.asarray([1, 2])
+    contributions = np.stack([np.einsum("hwk,hwk->hw", x[i], w[..., c]) for i, c in enumerate([1, 2])])
+    assert (contributions < 0).any() and (contributions > 0).any()
+    split = split_layer(lambda im: im, head)
+    raw = ag.raw_guidance_maps(split, jnp.asarray(x), targets, weighting="gradient_x_activation")
+    np.testing.assert_allclose(raw, np.abs(contributions), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ag.raw_guidance_maps(split, jnp.asarray(x), targets, weighting="hirescam"),
+                               np.maximum(contributions, 0), rtol=1e-5, atol=1e-6)
+    at_input = ag.input_layer_model(head)
+    np.testing.assert_allclose(ag.raw_guidance_maps(at_input, jnp.asarray(x), targets,
+                                                    weighting="gradient_x_activation"),
+                               np.abs(contributions), rtol=1e-5, atol=1e-6)
+    a = np.abs(contributions)
+    want = (a - a.min((1, 2), keepdims=True)) / (a.max((1, 2), keepdims=True) - a.min((1, 2), keepdims=True))
+    np.testing.assert_allclose(ag.guidance_maps(at_input, jnp.asarray(x), targets, weighting="gradient_x_activation"),
+                               want, rtol=1e-5, atol=1e-6)
+    # Grad-CAM's raw map is grad_cam's without resize and normalisation.
+    from saliency_jax.saliency import grad_cam
+    np.testing.assert_allclose(ag.raw_guidance_maps(split, jnp.asarray(x), targets),
+                               grad_cam(split, jnp.asarray(x), targets, resize=False, normalize=False), rtol=1e-6)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        ag.raw_guidance_maps(split, jnp.asarray(x), targets, weighting="gradcam")
+
+
+@pytest.mark.parametrize("layer,weighting", [("relu_conv1", "gradient_x_activation"), ("relu_conv2", "plain"),
+                                             ("input", "gradient_x_activation")])
+def test_guidance_at_another_layer_equals_independent_gradient(layer, weighting):
+    """GuidanceConfig.layer / weighting: the step's update is the gradient of the loss written from the pure
+    functions with the map at that layer (the input: input_layer_model) - second order included."""
+    model, batch = tiny_cnn2(), toy_batch()
+    scheme = ag.attention_guidance_scheme(ag.GuidanceConfig(w_g=2.0, layer=layer, weighting=weighting), LAYERS)
+    assert scheme.maps == (() if layer == "input" else (layer,))
+    params, new, metrics = sgd_update(model, scheme, batch)
+
+    def total(p):
+        v = {"params": p}
+        lm = (ag.input_layer_model(lambda x: model.apply(v, x)) if layer == "input"
+              else linen_layer(model, v, layer, train=False))
+        ce = optax.softmax_cross_entropy_with_integer_labels(model.apply(v, batch["image"]), batch["label"])
+        loss_g = ag.guidance_loss(lm, batch["image"], batch["label"], batch["region"], weighting=weighting)
+        return jnp.mean(ce + 2.0 * loss_g), loss_g
+
+    (value, loss_g), grads = jax.value_and_grad(total, has_aux=True)(params)
+    np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
+    np.testing.assert_allclose(metrics["guidance_loss"], jnp.mean(loss_g), rtol=1e-5)
+    assert_trees_close(jax.tree.map(lambda p, q: p - q, params, new), grads)
+    # Another layer gives another loss than the poster's (Grad-CAM at relu_conv3).
+    poster = ag.guidance_loss(linen_layer(model, {"params": params}, "relu_conv3", train=False), batch["image"],
+                              batch["label"], batch["region"])
+    assert not np.isclose(float(jnp.mean(poster)), float(metrics["guidance_loss"]), rtol=1e-3)
+
+
+def test_guidance_layer_and_weighting_settings():
+    assert ag.GuidanceConfig().layer is None and ag.GuidanceConfig().weighting == "plain"
+    assert ag.GuidanceConfig.from_mapping({"layer": "input", "weighting": "gradient_x_activation"}).layer == "input"
+    with pytest.raises(ValueError, match="layer must be None"):
+        ag.GuidanceConfig(layer="")
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        ag.GuidanceConfig(weighting="gradxact")
+    with pytest.raises(ValueError, match="names no Grad-CAM layer"):
+        ag.attention_guidance_scheme(ag.GuidanceConfig(), ModelLayers(None, None))
+    # An unknown layer path: named when the step is traced.
+    model, batch = tiny_cnn2(), toy_batch()
+    opt = optax.sgd(1.0)
+    step = make_train_step(model, opt, ag.attention_guidance_scheme(ag.GuidanceConfig(layer="relu_conv9"), LAYERS))
+    with pytest.raises(ValueError, match="relu_conv9"):
+        jax.jit(step)(init_state(model, opt, (12, 12, 1), 0), batch, jax.random.key(0))
+
+
+def test_cnn2_gap_head_grad_cam_equals_hirescam():
+    """head="gap": relu_conv3 averaged over its positions feeds fc1, so every position gets the same gradient and
+    Grad-CAM there is HiResCAM; the flatten head (the default) gives different maps."""
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(3, 12, 12, 1)), jnp.float32)
+    targets = jnp.asarray([0, 1, 3])
+    maps = {}
+    for head in ("gap", "flatten"):
+        model = CNN2(4, conv_features=(3, 4, 4), fc_features=(6, 5), init_std=0.3, head=head)
+        variables = model.init(jax.random.key(0), x)
+        assert model.apply(variables, x).shape == (3, 4)
+        lm = linen_layer(model, variables, "relu_conv3", train=False)
+        maps[head] = [ag.raw_guidance_maps(lm, x, targets, weighting=w) for w in ("plain", "hirescam")]
+        assert maps[head][0].shape == (3, 3, 3)
+    assert float(jnp.max(maps["gap"][1])) > 0
+    np.testing.assert_allclose(maps["gap"][0], maps["gap"][1], rtol=1e-4, atol=1e-7)
+    assert not np.allclose(maps["flatten"][0], maps["flatten"][1], atol=1e-4)
+    with pytest.raises(ValueError, match="head must be"):
+        CNN2(4, conv_features=(3, 4, 4), fc_features=(6, 5), head="avg").init(jax.random.key(0), x)
+
+
 def test_scheme_settings_and_errors():
     c = ml_collections.ConfigDict({"schemes": ("attention_guidance",),
                                    "attention_guidance": training.settings_section("attention_guidance")})
@@ -402,6 +500,56 @@ def test_region_masses_hand_computed():
     np.testing.assert_allclose(got["region"], expected, rtol=1e-5)
 
 
+def test_region_masses_of_further_maps_hand_computed():
+    """maps=("layer:weighting", ...): on PixelNet with a constant positive kernel column, HiResCAM and gradient x
+    activation at the conv are 0.1 * image, gradient x input is the same, so each mass is sum(image * region) /
+    sum(image); with a negative column HiResCAM is all zero (NaN) while gradient x activation keeps the magnitude."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(5, 8, 8, 1)).astype(np.float32)
+    region = (rng.uniform(size=(5, 8, 8)) < 0.3).astype(np.float32)
+    wrong = np.zeros((5, 8, 8), np.float32)
+    wrong[:, :2, :2] = 1
+    labels = np.array([0, 1, 0, 0, 1])
+    model, variables = pixel_net([1.0, -1.0])
+    specs = ("conv+relu:hirescam", "conv+relu:gradient_x_activation", "input:gradient_x_activation")
+    batches = data_lib.make_eval_batches(
+        _ArraySource(images, labels, region=region, wrong_region=wrong), None, batch_size=4)
+    got = region_masses(model, variables, batches, layer="conv+relu", maps=specs)
+    x = images[..., 0]
+    want = (x * region).sum((1, 2)) / x.sum((1, 2))
+    want_wrong = (x * wrong).sum((1, 2)) / x.sum((1, 2))
+    for spec in specs:
+        keep = labels == 0 if "hirescam" in spec else np.ones(5, bool)
+        np.testing.assert_allclose(got[f"{spec}/region"][keep], want[keep], rtol=1e-5)
+        np.testing.assert_allclose(got[f"{spec}/wrong_region"][keep], want_wrong[keep], rtol=1e-5)
+    assert np.all(np.isnan(got["conv+relu:hirescam/region"][labels == 1]))
+    with pytest.raises(ValueError, match="layer:weighting"):
+        from saliency_jax.evaluators.attention_guidance import RegionMassSettings
+        RegionMassSettings(maps=("relu_conv1",))
+
+
+def test_maps_config_arms():
+    """decoy_mnist.py:maps: every arm runs (config checks only, no training), the guided arms put the loss on the
+    map they are named after, the GAP arms change only the head, and every guided arm's map is measured."""
+    from saliency_jax.experiment import arm_config, check_config
+
+    for arg in ("maps", "maps_runlocal"):
+        config = load_config("decoy_mnist", arg)
+        arms = check_config(config)
+        assert arms[:2] == ["plain", "guidance"] and arms[-1] == "rrr" and len(arms) == 14
+        assert arm_config(config, "hirescam relu_conv1", 0).region_mass.maps == ("relu_conv1:hirescam",)
+        assert arm_config(config, "guidance", 0).attention_guidance.layer is None
+        g = arm_config(config, "grad x input", 1).attention_guidance
+        assert (g.layer, g.weighting) == ("input", "gradient_x_activation")
+        gap = arm_config(config, "gap grad-cam relu_conv3", 0)
+        assert gap.model.kwargs.head == "gap" and arm_config(config, "plain", 0).model.kwargs.head == "flatten"
+        assert tuple(gap.schemes) == ("attention_guidance",)
+        for name, weighting, layer in load_module("decoy_mnist").MAP_ARMS[1:]:
+            assert f"{layer}:{weighting}" in config.region_mass.maps
+    with pytest.raises(ValueError, match="maps"):
+        load_config("decoy_mnist", "map")
+
+
 class _ArraySource:
     def __init__(self, images, labels, **fields):
         self.images, self.labels, self.fields = images, labels, fields
@@ -487,11 +635,15 @@ def test_cooccurrence_accuracy_evaluator_hand_values(tmp_path):
 # The configs end to end.
 
 
-def load_config(name, arg=None):
+def load_module(name):
     spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return module
+
+
+def load_config(name, arg=None):
+    return load_module(name).get_config(arg)
 
 
 # The whole Decoy MNIST comparison at runlocal scale (~190 s on 2 cores); schemes, sources and evaluators have fast

@@ -74,6 +74,11 @@ class RegionMassSettings(EvaluatorSettings):
       attributes: multi-label only: the logits of the region's planes (``GuidanceConfig.attributes``); ``()`` =
         every logit.
       batch_size: images per Grad-CAM call.
+      maps: further maps measured the same way next to Grad-CAM, as ``"layer:weighting"`` strings: ``layer`` a
+        layer path of the model or ``"input"``, ``weighting`` one of
+        :data:`saliency_jax.training.attention_guidance.WEIGHTINGS` (e.g. ``"relu_conv1:hirescam"``,
+        ``"input:gradient_x_activation"``; :func:`~saliency_jax.training.attention_guidance.raw_guidance_maps`):
+        the maps a guidance loss can be put on, measured on every arm. Single-label data only.
     """
 
     examples: int = 0
@@ -82,6 +87,7 @@ class RegionMassSettings(EvaluatorSettings):
     weighting: str = "plain"
     attributes: tuple[int, ...] = ()
     batch_size: int = 250
+    maps: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.score not in ("logit", "softmax") or self.weighting not in ("plain", "guided"):
@@ -90,10 +96,25 @@ class RegionMassSettings(EvaluatorSettings):
         if int(self.examples) < 0 or int(self.batch_size) < 1:
             raise ValueError(f"region_mass: examples must be >= 0 and batch_size >= 1; got {self.examples}, "
                              f"{self.batch_size}")
+        maps = (self.maps,) if isinstance(self.maps, str) else tuple(self.maps)
+        for spec in maps:
+            _parse_map(spec)
+        object.__setattr__(self, "maps", maps)
+
+
+def _parse_map(spec: Any) -> tuple[str, str]:
+    """``"layer:weighting"`` -> ``(layer, weighting)`` (see :class:`RegionMassSettings`)."""
+    from saliency_jax.training.attention_guidance import WEIGHTINGS
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")) \
+            or spec.split(":")[1] not in WEIGHTINGS:
+        raise ValueError(f"region_mass: each of maps must be 'layer:weighting' with weighting one of {WEIGHTINGS} "
+                         f"(e.g. 'relu_conv1:hirescam'); got {spec!r}")
+    layer, weighting = spec.split(":")
+    return layer, weighting
 
 
 def region_masses(model, variables, batches, *, layer: str, score: str = "logit", weighting: str = "plain",
-                  attributes: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+                  attributes: tuple[int, ...] = (), maps: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Per-example fractions of the Grad-CAM mass inside the batches' ``region`` (and ``wrong_region``).
 
     Grad-CAM (ReLU, at the layer's resolution, not normalised) of the ground-truth class with the model in
@@ -110,15 +131,25 @@ def region_masses(model, variables, batches, *, layer: str, score: str = "logit"
       layer: the Grad-CAM layer.
       score, weighting: Grad-CAM settings.
       attributes: multi-label: the guided logits (``()`` = all).
+      maps: further maps, ``"layer:weighting"`` (:class:`RegionMassSettings`), with the ``score``; single-label.
 
     Returns:
       ``{"region": [n] float, "wrong_region": [n] float (if the data has it)}`` with NaN for all-zero maps;
-      multi-label: ``{"region": [pairs] float, "attribute": [pairs] int}`` (the logit of each pair).
+      multi-label: ``{"region": [pairs] float, "attribute": [pairs] int}`` (the logit of each pair). With ``maps``,
+      also ``"<spec>/region"`` and ``"<spec>/wrong_region"`` for each spec.
 
     Raises:
-      ValueError: if the batches have no ``region`` field.
+      ValueError: if the batches have no ``region`` field, on a bad map spec, or ``maps`` with multi-label data.
     """
+    from saliency_jax.training.attention_guidance import INPUT_LAYER, input_layer_model, raw_guidance_maps
+
     layer_fn = lambda v: linen_layer(model, v, layer, train=False)  # noqa: E731
+    extra = tuple((spec, *_parse_map(spec)) for spec in maps)
+
+    def extra_layer(v, name):
+        if name == INPUT_LAYER:
+            return input_layer_model(lambda x: model.apply(v, x, train=False))
+        return linen_layer(model, v, name, train=False)
 
     @jax.jit
     def single(v, images, labels, region, wrong):
@@ -126,6 +157,11 @@ def region_masses(model, variables, batches, *, layer: str, score: str = "logit"
         out = {"region": evaluation.relevance_mass_accuracy(maps, region)}
         if wrong is not None:
             out["wrong_region"] = evaluation.relevance_mass_accuracy(maps, wrong)
+        for spec, name, kind in extra:
+            m = raw_guidance_maps(extra_layer(v, name), images, labels, score=score, weighting=kind)
+            out[f"{spec}/region"] = evaluation.relevance_mass_accuracy(m, region)
+            if wrong is not None:
+                out[f"{spec}/wrong_region"] = evaluation.relevance_mass_accuracy(m, wrong)
         return out
 
     @jax.jit
@@ -150,6 +186,9 @@ def region_masses(model, variables, batches, *, layer: str, score: str = "logit"
             for k, v in result.items():
                 out.setdefault(k, []).append(np.asarray(v)[keep])
         else:
+            if extra:
+                raise ValueError("region_mass: maps (further maps than Grad-CAM) are measured on single-label data "
+                                 "only")
             guided = tuple(attributes) or tuple(range(labels.shape[1]))
             if region.ndim != 4 or region.shape[1] != len(guided):
                 raise ValueError(f"region_mass: multi-label regions must be [batch, {len(guided)}, h, w] (one plane "
@@ -182,10 +221,14 @@ def region_mass_evaluator(settings: RegionMassSettings) -> Evaluator:
                                              image_size=config.dataset.get("image_size"))
         layer = model_layers(config).grad_cam_layer
         masses = region_masses(linen_module(run, 'the attention_guidance evaluator'), run.variables, batches, layer=layer, score=settings.score,
-                               weighting=settings.weighting, attributes=tuple(settings.attributes))
+                               weighting=settings.weighting, attributes=tuple(settings.attributes),
+                               maps=settings.maps)
         out: dict[str, Any] = {"layer": layer, "region": _stats(masses["region"])}
         if "wrong_region" in masses:
             out["wrong_region"] = _stats(masses["wrong_region"])
+        if settings.maps:
+            out["maps"] = {spec: {k: _stats(masses[f"{spec}/{k}"]) for k in ("region", "wrong_region")
+                                  if f"{spec}/{k}" in masses} for spec in settings.maps}
         if "attribute" in masses:
             out["per_attribute"] = {int(a): _stats(masses["region"][masses["attribute"] == a])
                                     for a in np.unique(masses["attribute"])}
@@ -209,6 +252,28 @@ def region_mass_evaluator(settings: RegionMassSettings) -> Evaluator:
                 row += f" {_mean_std([m.get('wrong_region', {}).get('mean') for m in runs])} |"
             row += f" {sum(m['region']['zero_maps'] for m in runs)} / {sum(m['region']['examples'] for m in runs)} |"
             lines.append(row)
+        if settings.maps:
+            lines += ["", "The same fraction for the further maps (`layer:weighting`, "
+                      "saliency_jax.training.attention_guidance.raw_guidance_maps; the first arm's list, `-` where "
+                      "an arm measured another list), each cell mass in S"
+                      + (" / mass in A" if wrong else "") + ":", "",
+                      "| arm | " + " | ".join(f"`{spec}`" for spec in settings.maps) + " |",
+                      "| --- |" + " ---: |" * len(settings.maps)]
+            for arm in ctx.arms:
+                runs = [m for m in results.get(arm, []) if "maps" in m]
+                if not runs:
+                    continue
+                cells = []
+                for spec in settings.maps:  # an arm that measured other maps (its own overrides): "-"
+                    measured = [m["maps"][spec] for m in runs if spec in m["maps"]]
+                    if not measured:
+                        cells.append("-")
+                        continue
+                    cell = _mean_std([r["region"]["mean"] for r in measured])
+                    if wrong:
+                        cell += " / " + _mean_std([r.get("wrong_region", {}).get("mean") for r in measured])
+                    cells.append(cell)
+                lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         return Section("Grad-CAM mass inside the user's region", "\n".join(lines))
 
     return Evaluator(evaluate, report)

@@ -51,7 +51,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from saliency_jax.saliency import LayerModel, grad_cam, hirescam
+from saliency_jax.saliency import LayerModel, grad_cam, hirescam, normalize_maps, resize_maps
 from saliency_jax.saliency.core import check_images, degenerate_maps
 from saliency_jax.training.scheme import Forward, ModelLayers, Scheme, SchemeSettings, StepContext, register_scheme
 
@@ -641,14 +641,18 @@ def _batch_field(batch, name: str, scheme: str) -> Array:
 
 
 def _layer_model(ctx: StepContext, variables: Any, layer: str, mode: str) -> LayerModel:
-    """The network split at ``layer`` for a scheme's extra pass in ``mode`` (see :class:`GuidanceConfig`)."""
+    """The network split at ``layer`` (or at its input, :data:`INPUT_LAYER`) for a scheme's extra pass in ``mode``
+    (see :class:`GuidanceConfig`)."""
+    if layer == INPUT_LAYER:
+        return input_layer_model(_logits_fn(ctx, mode, variables))
     return ctx.model.layer_model(variables, layer, train=mode == "train", rng=ctx.key)
 
 
-def _logits_fn(ctx: StepContext, mode: str) -> Callable[[Array], Array]:
+def _logits_fn(ctx: StepContext, mode: str, variables: Any = None) -> Callable[[Array], Array]:
+    variables = ctx.variables if variables is None else variables
     if mode == "train":
-        return lambda x: ctx.model.forward(ctx.variables, x, rng=ctx.key).logits
-    return lambda x: ctx.model.apply(ctx.variables, x)
+        return lambda x: ctx.model.forward(variables, x, rng=ctx.key).logits
+    return lambda x: ctx.model.apply(variables, x)
 
 
 def _masked_mean(values: Array, weights: Array) -> Array:
@@ -661,7 +665,8 @@ def _masked_mean(values: Array, weights: Array) -> Array:
 def attention_guidance_scheme(config: GuidanceConfig, layers: ModelLayers) -> Scheme:
     """Grad-CAM attention guidance (poster, seed 003) as a training scheme: the loss term ``w_g * loss_g``.
 
-    Inside ``loss_fn`` the network is split at ``layers.grad_cam_layer`` with the step's *traced* parameters
+    Inside ``loss_fn`` the network is split at ``config.layer`` (default ``layers.grad_cam_layer``; ``"input"``: at
+    the image, :func:`input_layer_model`) with the step's *traced* parameters
     (``ctx.model.layer_model(ctx.variables, layer)``), so the update differentiates through Grad-CAM's own
     gradient (second order). Single-label batches (``label`` [batch] int): :func:`guidance_loss` with the batch's
     region field ``[batch, height, width]``. Multi-label batches (``label`` [batch, num_classes] multi-hot, with
@@ -672,6 +677,9 @@ def attention_guidance_scheme(config: GuidanceConfig, layers: ModelLayers) -> Sc
       config: the scheme's settings.
       layers: the model's layers (``grad_cam_layer``: the last convolutional layer, post-ReLU).
 
+    Raises:
+      ValueError: if ``config.layer`` is None and the model names no Grad-CAM layer.
+
     Returns:
       A :class:`~saliency_jax.training.Scheme` with a loss term and no forward or batch transform. Metrics:
       ``guidance_loss`` (batch mean of ``loss_g``, unweighted; multi-label: of the examples' means over their
@@ -680,7 +688,10 @@ def attention_guidance_scheme(config: GuidanceConfig, layers: ModelLayers) -> Sc
       pairs) and ``guidance_degenerate_maps`` (fraction of the maps ``G`` that are constant or non-finite, on which
       the guidance term trains nothing; same averaging).
     """
-    layer = layers.grad_cam_layer
+    layer = layers.grad_cam_layer if config.layer is None else config.layer
+    if layer is None:
+        raise ValueError("attention_guidance: the model names no Grad-CAM layer (config.model.grad_cam_layer); set "
+                         "config.attention_guidance.layer")
 
     def loss(ctx: StepContext, batch, forward: Forward):
         del forward  # the map needs the network split at the layer; it is recomputed from ctx.variables
@@ -716,7 +727,7 @@ def attention_guidance_scheme(config: GuidanceConfig, layers: ModelLayers) -> Sc
         return config.w_g * loss_g, {"guidance_loss": jnp.mean(loss_g), "grad_cam_mass_in_region": mass,
                                      "guidance_degenerate_maps": degenerate}
 
-    return Scheme(loss=loss, maps=(layer,))
+    return Scheme(loss=loss, maps=() if layer == INPUT_LAYER else (layer,))
 
 
 @register_scheme("rrr", RRRConfig)
