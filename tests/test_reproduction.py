@@ -164,6 +164,8 @@ def test_load_results_refuses_a_misnamed_file(tmp_path):
 def test_claims_name_arms_and_evaluators_their_configs_have():
     """Every claim's arms are arms of its run's config, and its metric paths start at an evaluator the config runs
     (configs that do not load in this checkout are skipped by name)."""
+    from saliency_jax.evaluators.temporal_grounding import TemporalGroundingSettings, detection_rows
+
     not_here = []
     for name, result in rp.RESULTS.items():
         try:
@@ -177,8 +179,31 @@ def test_claims_name_arms_and_evaluators_their_configs_have():
                 assert side.arm in arms, (claim, arms)
                 for path in side.paths:
                     assert path[0] in config.evaluators, (claim, path)
+                    if path[:2] == ("temporal_grounding", "detection"):  # a row the evaluator writes
+                        rows = {f"{layout}/{gt}" for layout, _, gt in detection_rows(config.temporal_grounding)}
+                        assert path[3] in rows, (claim, path, rows)
+                    if path[0] == "temporal_grounding" and "/" in path[-1]:  # an -R method under a cell rule run
+                        rules = config.temporal_grounding.get("cell_rules", TemporalGroundingSettings.cell_rules)
+                        assert path[-1].split("/")[1] in rules, (claim, path)
     assert set(not_here) <= {"decoy_maps"}, not_here  # decoy_mnist.py:maps comes with the guidance-table branch
     assert {c.result for c in rp.CLAIMS} <= set(rp.RESULTS)
+
+
+def test_paper_numbers_are_quoted_from_the_seeds():
+    """Every decimal number of a claim's ``paper`` column occurs in its seed document, and a ``paper_value`` is one
+    of the claim's numbers (quoted, or derived in the claim's words)."""
+    import re
+
+    seeds = next((d for d in (REPO.parent / "shared" / "seeds", pathlib.Path("/work/shared/seeds")) if d.is_dir()),
+                 None)
+    if seeds is None:
+        pytest.skip("the seed documents (../shared/seeds) are not here")
+    texts = {key: next(seeds.glob(f"{key}_*.txt")).read_text() for key in rp.SEEDS}
+    for claim in rp.CLAIMS:
+        for number in re.findall(r"\d+\.\d+", claim.paper):
+            assert number in texts[claim.seed], (claim.table, claim.claim, number)
+        if claim.paper_value is not None:
+            assert f"{claim.paper_value:g}" in claim.paper + claim.claim, claim
 
 
 def test_committed_table_is_what_the_script_writes():
