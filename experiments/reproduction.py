@@ -27,7 +27,7 @@ the sample standard deviation over seeds. Status:
 * ``not run here``: no stored result; what the run needs is listed.
 
 Raises (as :class:`ReproductionError`, one line on the command line): a missing or unreadable ``metrics.json``, one
-without the runner's fields, a run name not in :data:`RESULTS`, a config file that does not load here, a claim whose
+without the runner's fields, a workdir an experiment launch still holds, a run name not in :data:`RESULTS`, a config file that does not load here, a claim whose
 arm or metric path a stored result lacks.
 """
 
@@ -651,13 +651,22 @@ def collect(name: str, workdir: str | pathlib.Path, *, config: str | None = None
     """Store the reduced result of the experiment in ``workdir`` as ``results_dir/<name>.json``; returns its path.
 
     Raises:
-      ReproductionError: ``name`` is not in :data:`RESULTS`; the metrics are missing or malformed
-        (:func:`read_metrics`); the config does not load here.
+      ReproductionError: ``name`` is not in :data:`RESULTS`; ``workdir`` is missing or an experiment launch still
+        holds its lock (``launch.lock``); the metrics are missing or malformed (:func:`read_metrics`); the config
+        does not load here.
     """
     if name not in RESULTS:
         raise ReproductionError(f"unknown run {name!r}; the table knows: {', '.join(RESULTS)}")
     workdir = pathlib.Path(workdir)
-    metrics = read_metrics(workdir)
+    if not workdir.is_dir():
+        raise ReproductionError(f"{workdir}: no such folder")
+    from saliency_jax import workdirs
+
+    try:
+        with workdirs.WorkdirLock(workdir):  # not while a launch (a rerun) writes there
+            metrics = read_metrics(workdir)
+    except workdirs.WorkdirLockedError as e:
+        raise ReproductionError(f"an experiment is still running there: {e}") from e
     spec = config or RESULTS[name].config
     differences = config_differences(spec, metrics["config"])
     commit = _git("rev-parse", "HEAD")

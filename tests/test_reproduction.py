@@ -117,6 +117,33 @@ def test_collect_refuses_bad_input(tmp_path):
         rp.collect("background_invariance_mnist", tmp_path, config="experiments/configs/background_invariance_mnist.py:x",
                    results_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+    with pytest.raises(rp.ReproductionError, match="no such folder"):
+        rp.collect("distraction_digits", tmp_path / "absent", results_dir=tmp_path / "r")
+
+
+def test_collect_refuses_a_workdir_in_use(digits_run, tmp_path):
+    """A launch (here: another thread) holding the workdir's lock: its metrics.json may be a previous launch's."""
+    import threading
+
+    from saliency_jax import workdirs
+
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        with workdirs.WorkdirLock(digits_run):
+            held.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(rp.ReproductionError, match="an experiment is still running there"):
+            rp.collect("distraction_digits", digits_run, config=RUNLOCAL, results_dir=tmp_path)
+    finally:
+        done.set()
+        thread.join()
+    assert rp.collect("distraction_digits", digits_run, config=RUNLOCAL, results_dir=tmp_path).is_file()
 
 
 def _record(name, runs, config=None):
