@@ -201,15 +201,16 @@ _RESULTS = [
     Result("grounding_ucf101", "experiments/configs/grounding_ucf101.py",
            "the thesis's: VGG16-LSTM (256 units) on UCF101 16-frame clips; THUMOS14 person boxes; synthetic "
            "rand / GT clips of 128 frames",
-           "does not run yet (its docstring lists what is missing: a video-frames source, a vgg16_lstm model, the "
-           "evaluator's video path), UCF101 frames, THUMOS14 boxes, the UCF101-trained VGG16 of Ma et al., a GPU",
+           "code this project does not have yet (the config's docstring lists it: a video-frames source, a "
+           "vgg16_lstm model, the evaluator's video path), UCF101 frames, THUMOS14 person boxes, the UCF101-trained "
+           "VGG16 of Ma et al., a GPU",
            _cmd("experiments/configs/grounding_ucf101.py", "grounding_ucf101",
                 "--config.dataset.data_dir=DIR --config.model.pretrained=vgg16_ucf101.safetensors")),
     Result("grounding_thumos14", "experiments/configs/grounding_thumos14.py",
            "the thesis's: the VGG16-LSTM fine-tuned on UCF101 and THUMOS14 trimmed sequences; 213 annotated test "
            "videos in 128-frame clips",
-           "does not run yet (everything grounding_ucf101 lacks, a THUMOS14 source of untrimmed videos and the "
-           "temporal pointing-game evaluator), THUMOS14, the fine-tuned weights, a GPU",
+           "code this project does not have yet (what grounding_ucf101 lacks, a THUMOS14 source of untrimmed videos "
+           "and an evaluator of the pointing game in time), THUMOS14, the fine-tuned weights, a GPU",
            _cmd("experiments/configs/grounding_thumos14.py", "grounding_thumos14",
                 "--config.dataset.data_dir=DIR --config.model.pretrained=vgg16_lstm_thumos.npz")),
     Result("grounding_mnist_clips", "experiments/configs/grounding_mnist_clips.py",
