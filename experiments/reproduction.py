@@ -786,6 +786,13 @@ def evaluate(claim: Claim, results: dict[str, dict[str, Any]]) -> Row:
     return row
 
 
+def within_spread(row: Row) -> bool:
+    """Whether the two means differ by less than the sum of their sample standard deviations (2+ seeds)."""
+    if row.ours is None or row.ours[1] is None or row.reference[1] is None:
+        return False
+    return abs(row.ours[0] - row.reference[0]) < row.ours[1] + row.reference[1]
+
+
 def _fmt(ms: tuple[float, float | None], scale: float) -> str:
     digits = 1 if scale == 100 else 3
     m, s = ms
@@ -837,8 +844,8 @@ def render(results: dict[str, dict[str, Any]], claims: list[Claim] = CLAIMS,
         "tolerance of the paper's (only where the run is comparable: same data and scale); **same direction** = the "
         "comparison holds, the magnitude is not comparable at this budget or outside the tolerance; **does not "
         "reproduce** = the comparison fails (with the measured reason); **not run here** = no stored result, with "
-        "what a run needs. With 1-2 seeds a comparison whose difference is within the spreads is not a finding "
-        "either way.",
+        "what a run needs. Where the two means differ by less than the sum of their standard deviations the row "
+        "says so: with 2 seeds such a difference is not a finding either way.",
         "",
         "Counts: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".",
         "",
@@ -863,6 +870,8 @@ def render(results: dict[str, dict[str, Any]], claims: list[Claim] = CLAIMS,
                 ours = (f"{c.ours.label} {_fmt(row.ours, c.scale)} vs {c.reference.label} "
                         f"{_fmt(row.reference, c.scale)}{' %' if c.scale == 100 else ''} "
                         f"({'seed' if len(row.seeds) == 1 else 'seeds'} {', '.join(map(str, row.seeds))})")
+                if within_spread(row):
+                    ours += "; the difference is within the seeds' spread"
             lines.append("| " + " | ".join(_cell(x) for x in (c.table, c.claim, c.paper, config_cell, ours,
                                                                 _status_cell(row))) + " |")
         lines.append("")

@@ -167,6 +167,8 @@ def test_status_follows_the_numbers():
 
     row = status([0.84, 0.86], [0.30, 0.32])
     assert row.status == "reproduces" and row.ours[0] == pytest.approx(85.0) and row.seeds == [0, 1]
+    assert not rp.within_spread(row)
+    assert rp.within_spread(status([0.40, 0.46], [0.41, 0.43]))  # 43 vs 42, stds 4.2 and 1.4
     assert status([0.95, 0.93], [0.30, 0.32]).status == "same direction"  # 94 is 8.5 points from 85.5
     assert status([0.30, 0.31], [0.40, 0.42]).status == "does not reproduce"
     # Several paths: their mean per seed.
