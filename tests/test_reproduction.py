@@ -184,6 +184,24 @@ def test_status_follows_the_numbers():
             "background_invariance_mnist", {"proposal": [{"backgrounds": {}}], "vanilla": [bg(0.3)]})})
 
 
+#: Runs whose metrics have the shape of a recorded ``:runlocal`` experiment (tests/data/recorded, pinned by
+#: tests/test_recorded.py): the same arms and evaluators.
+RECORDED_SHAPE = {"excitation_dropout_mnist": "excitation_dropout_runlocal",
+                  "excitation_dropout_cifar10": "excitation_dropout_runlocal",
+                  "background_invariance_mnist": "background_invariance_runlocal"}
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED_SHAPE))
+def test_claims_read_metrics_the_runs_write(name):
+    """Every claim on these runs finds its arms and metric paths in a real run's metrics (a recorded runlocal one)."""
+    recorded_runs = json.loads((recorded.RECORDED / f"{RECORDED_SHAPE[name]}.json").read_text())["runs"]
+    record = _record(name, {arm: [rp._scalars(r["metrics"]) for r in runs] for arm, runs in recorded_runs.items()})
+    claims = [c for c in rp.CLAIMS if c.result == name]
+    assert claims
+    for claim in claims:
+        assert rp.evaluate(claim, {name: record}).status != "not run here"
+
+
 def test_load_results_refuses_a_misnamed_file(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps(_record("distraction_digits", {"baseline": [{}]})))
     with pytest.raises(rp.ReproductionError, match="not a run of RESULTS named as the file"):
