@@ -794,8 +794,8 @@ def within_spread(row: Row) -> bool:
 
 
 def _fmt(ms: tuple[float, float | None], scale: float) -> str:
-    digits = 1 if scale == 100 else 3
     m, s = ms
+    digits = 1 if scale == 100 or abs(m) >= 10 else 3  # percentages and counts to a tenth, fractions to 3 places
     return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
