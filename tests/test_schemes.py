@@ -56,8 +56,9 @@ def _step_cases():
         "distraction_per_example": (small, distraction_scheme(DistractionConfig(
             probability=0.5, fill="zero", per_example=True, score="logit", weighting="plain"), LAYERS), (16, 16, 1)),
     }
-    for s in ("excitation", "standard", "curriculum"):
-        cases[f"dropout_{s}"] = (cnn2, dropout_scheme(DropoutConfig(scheme=s, layer="relu_fc1")), (16, 16, 3))
+    for s in ("excitation", "standard", "curriculum"):  # recorded without rescaling (the default since: "authors")
+        cases[f"dropout_{s}"] = (cnn2, dropout_scheme(DropoutConfig(scheme=s, layer="relu_fc1", rescale="none")),
+                                 (16, 16, 3))
     return cases
 
 
@@ -95,6 +96,7 @@ def _train_config(name):
         c = common.excitation_dropout_config()
         c.dataset.image_size = 16
         c = common.reduced_dropout_config(c, "runlocal", num_steps=20, log_every=1, checkpoint_every=10)
+        c.dropout.rescale = "none"  # the recorded setting (the default since: the authors' per-scheme rescaling)
         if name == "standard_per_image":
             c.dropout.scheme = "standard_per_image"
     c.batch_size, c.num_steps, c.log_every, c.checkpoint_every = 8, 20, 1, 10

@@ -11,7 +11,10 @@ import ml_collections
 from ml_collections import config_dict
 
 from saliency_jax.config import default_config
+from saliency_jax.data.celeba import POSTER_ATTRIBUTES, REGION_TEMPLATES
+from saliency_jax.data.clips import ClipSettings
 from saliency_jax.evaluators import settings_section as evaluator_section
+from saliency_jax.trainers.background_invariance import settings_section as trainer_section
 from saliency_jax.training import settings_section as scheme_section
 
 #: The four arms of Morales et al. 2021, Table 1: (arm name, overrides) pairs in the table's column order.
@@ -151,7 +154,6 @@ def grounding_config() -> ml_collections.ConfigDict:
     scheme, which the EB / cEB / BP baselines explain), no augmentation; evaluated by ``temporal_grounding``
     (Tables 7.1-7.2, Figs. 7.5-7.6) and the training curves. The clips' parameters are ``config.dataset.options``
     (:class:`saliency_jax.data.clips.ClipSettings`)."""
-    from saliency_jax.data.clips import ClipSettings
 
     c = default_config()
     c.dataset.name = "mnist_clips"
@@ -235,7 +237,6 @@ def celeba_attention_config() -> ml_collections.ConfigDict:
     """The poster's CelebA setting (seed 003): AlexNet fine-tuned on three attributes with multi-label binary
     cross-entropy, region templates on the aligned face, Grad-CAM at ``relu5``; the baseline and the guided arm
     (``experiments/configs/celeba_attention.py`` gives the budget and why)."""
-    from saliency_jax.data.celeba import POSTER_ATTRIBUTES, REGION_TEMPLATES
 
     c = default_config()
     c.dataset.name = "celeba"
@@ -275,7 +276,6 @@ def background_invariance_config() -> ml_collections.ConfigDict:
     training scheme, and the MNIST background protocol (``"backgrounds"``: Table 1 shape) with the training curves.
     ``background_invariance.batch_size`` follows ``config.batch_size`` (a reference, so a command-line override of
     ``--config.batch_size`` changes both). The configs set the dataset, the budget and the arms."""
-    from saliency_jax.trainers.background_invariance import settings_section as trainer_section
 
     c = default_config()
     c.trainer = "background_invariance"

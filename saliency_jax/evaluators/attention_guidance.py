@@ -35,6 +35,7 @@ from saliency_jax.models.build import model_layers
 from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, linen_module,
                                           register_evaluator, run_model)
 from saliency_jax.saliency import grad_cam, linen_layer
+from saliency_jax.training.attention_guidance import INPUT_LAYER, WEIGHTINGS, input_layer_model, raw_guidance_maps
 
 __all__ = ["RegionMassSettings", "SplitAccuracySettings", "DecoyAgreementSettings", "CooccurrenceAccuracySettings",
            "region_mass_evaluator", "split_accuracy_evaluator", "decoy_agreement_evaluator",
@@ -104,7 +105,6 @@ class RegionMassSettings(EvaluatorSettings):
 
 def _parse_map(spec: Any) -> tuple[str, str]:
     """``"layer:weighting"`` -> ``(layer, weighting)`` (see :class:`RegionMassSettings`)."""
-    from saliency_jax.training.attention_guidance import WEIGHTINGS
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")) \
             or spec.split(":")[1] not in WEIGHTINGS:
         raise ValueError(f"region_mass: each of maps must be 'layer:weighting' with weighting one of {WEIGHTINGS} "
@@ -141,7 +141,6 @@ def region_masses(model, variables, batches, *, layer: str, score: str = "logit"
     Raises:
       ValueError: if the batches have no ``region`` field, on a bad map spec, or ``maps`` with multi-label data.
     """
-    from saliency_jax.training.attention_guidance import INPUT_LAYER, input_layer_model, raw_guidance_maps
 
     layer_fn = lambda v: linen_layer(model, v, layer, train=False)  # noqa: E731
     extra = tuple((spec, *_parse_map(spec)) for spec in maps)
@@ -220,7 +219,8 @@ def region_mass_evaluator(settings: RegionMassSettings) -> Evaluator:
         batches = data_lib.make_eval_batches(source, idx, batch_size=settings.batch_size,
                                              image_size=config.dataset.get("image_size"))
         layer = model_layers(config).grad_cam_layer
-        masses = region_masses(linen_module(run, 'the attention_guidance evaluator'), run.variables, batches, layer=layer, score=settings.score,
+        module = linen_module(run, "the attention_guidance evaluator")
+        masses = region_masses(module, run.variables, batches, layer=layer, score=settings.score,
                                weighting=settings.weighting, attributes=tuple(settings.attributes),
                                maps=settings.maps)
         out: dict[str, Any] = {"layer": layer, "region": _stats(masses["region"])}
@@ -413,8 +413,8 @@ class CooccurrenceAccuracySettings(EvaluatorSettings):
     """Settings of the ``"cooccurrence_accuracy"`` evaluator (poster, seed 003).
 
     Attributes:
-      pairs: ``{attribute: the attribute it co-occurs with}``; empty = :data:`saliency_jax.data.celeba.COOCCURRENCE_PAIRS`
-        for the chosen attributes that have a partner.
+      pairs: ``{attribute: the attribute it co-occurs with}``; empty =
+        :data:`saliency_jax.data.celeba.COOCCURRENCE_PAIRS` for the chosen attributes that have a partner.
       batch_size: images per model call.
     """
 

@@ -18,6 +18,7 @@ import optax
 
 from saliency_jax import data as data_lib
 from saliency_jax import evaluation
+from saliency_jax.evaluation import robustness
 from saliency_jax.evaluation.predict import predict
 from saliency_jax.evaluators.base import (Evaluator, EvaluatorSettings, ReportContext, Section, register_evaluator,
                                           run_model)
@@ -99,8 +100,6 @@ class RandomErasingSettings(EvaluatorSettings):
     seed: int = 1234
 
     def __post_init__(self):  # the erasing's own checks, at config time (Raises: ValueError, as random_erasing's)
-        from saliency_jax.evaluation import robustness
-
         robustness._validated_args(np.zeros((1, 8, 8, 3), np.float32), self.probability, tuple(self.area_range),
                                    tuple(self.aspect_range), self.fill, (0.0, 1.0), 100)
 
