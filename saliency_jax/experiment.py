@@ -127,13 +127,18 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
 def check_run(config: ml_collections.ConfigDict, *, data: bool = True) -> None:
     """Validates one run config before anything is written: :func:`check_paths`,
     :func:`saliency_jax.train.validate` (loop fields, trainer and scheme settings, the data sources read and checked,
-    the model traced) and the evaluators' settings (:func:`saliency_jax.evaluators.build_evaluators`).
+    the model traced), the section of every registered scheme the config has, listed in ``schemes`` or not (a bad
+    value is refused even where an arm turns the scheme on), and the evaluators' settings
+    (:func:`saliency_jax.evaluators.build_evaluators`).
 
     Raises:
       FileNotFoundError: as :func:`check_paths`; ConfigError / ValueError / KeyError: as the others.
     """
     check_paths(config)
     train_lib.validate(config, data=data)
+    for name in training.scheme.TRAINING_SCHEMES.names():  # sections of schemes the run does not list, too
+        if isinstance(config.get(name), ml_collections.ConfigDict):
+            training.scheme.scheme_settings(config, name)
     evaluators_lib.build_evaluators(config)
 
 

@@ -247,6 +247,8 @@ def test_version_and_shipped_configs_by_name_from_any_folder(tmp_path):
 @pytest.mark.parametrize("command, config, args, message", [
     ("train", DIGITS, ["--config.schemes=distraction", "--config.distraction.fill=two"],
      "config.distraction: fill must be one of ('zero', 'one', 'random'); got 'two'"),
+    ("train", DIGITS, ["--config.distraction.fill=two"],  # a section the run does not list is checked too
+     "config.distraction: fill must be one of ('zero', 'one', 'random'); got 'two'"),
     ("experiment", DIGITS, ["--config.random_erasing.probability=2.0"],
      "config.random_erasing: probability must lie in [0, 1]"),
     ("experiment", DIGITS, ["--config.saliency_maps.score=logits"], "config.saliency_maps: score must be"),
