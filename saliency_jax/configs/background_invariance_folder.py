@@ -40,6 +40,15 @@ IMAGE_SIZE = 128
 
 
 def get_config(arg: str | None = None):
+    """This experiment's ``ml_collections.ConfigDict`` (every field as the module docstring describes it).
+
+    Args:
+      arg: the text after ``:`` in ``--config NAME:ARG`` (the variants the module docstring lists;
+        ``"runlocal"`` where there is one: the tiny variant the tests run), or None for the default.
+
+    Raises:
+      ValueError: an argument the config does not know.
+    """
     if arg:
         raise ValueError(f"unknown config argument {arg!r}")
     c = common.background_invariance_config()

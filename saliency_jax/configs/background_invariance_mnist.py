@@ -67,6 +67,15 @@ MASK_LR = 1e-3
 
 
 def get_config(arg: str | None = None):
+    """This experiment's ``ml_collections.ConfigDict`` (every field as the module docstring describes it).
+
+    Args:
+      arg: the text after ``:`` in ``--config NAME:ARG`` (the variants the module docstring lists;
+        ``"runlocal"`` where there is one: the tiny variant the tests run), or None for the default.
+
+    Raises:
+      ValueError: an argument the config does not know.
+    """
     c = common.background_invariance_config()
     c.dataset.name = "mnist32"
     c.dataset.data_dir = "../shared/data/mnist"

@@ -42,6 +42,15 @@ ARMS = (
 
 
 def get_config(arg: str | None = None):
+    """This experiment's ``ml_collections.ConfigDict`` (every field as the module docstring describes it).
+
+    Args:
+      arg: the text after ``:`` in ``--config NAME:ARG`` (the variants the module docstring lists;
+        ``"runlocal"`` where there is one: the tiny variant the tests run), or None for the default.
+
+    Raises:
+      ValueError: an argument the config does not know.
+    """
     c = common.celeba_attention_config()
     c.experiment.arms = ARMS
     c.experiment.title = "CelebA: directing AlexNet's attention with region templates (poster)"

@@ -167,6 +167,15 @@ def maps_arms() -> tuple:
             ("rrr", {"schemes": ("rrr",)}))
 
 def get_config(arg: str | None = None):
+    """This experiment's ``ml_collections.ConfigDict`` (every field as the module docstring describes it).
+
+    Args:
+      arg: the text after ``:`` in ``--config NAME:ARG`` (the variants the module docstring lists;
+        ``"runlocal"`` where there is one: the tiny variant the tests run), or None for the default.
+
+    Raises:
+      ValueError: an argument the config does not know.
+    """
     c = common.decoy_mnist_config()
     c.experiment.arms = ARMS
     c.experiment.title = "Decoy MNIST: Grad-CAM attention guidance vs RRR (Ross et al. 2017)"

@@ -25,6 +25,15 @@ DATASETS = ("stanford_cars", "fgvc_aircraft")
 
 
 def get_config(arg: str | None = "stanford_cars"):
+    """This experiment's ``ml_collections.ConfigDict`` (every field as the module docstring describes it).
+
+    Args:
+      arg: the text after ``:`` in ``--config NAME:ARG`` (the variants the module docstring lists;
+        ``"runlocal"`` where there is one: the tiny variant the tests run), or None for the default.
+
+    Raises:
+      ValueError: an argument the config does not know.
+    """
     if arg not in DATASETS:
         raise ValueError(f"choose the dataset after the config path: one of {DATASETS}; got {arg!r}")
     c = common.distraction_config()

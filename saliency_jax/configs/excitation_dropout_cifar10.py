@@ -42,7 +42,8 @@ thesis's ranking: with the most relevant half of the units off the ground-truth 
 vs 0.18 standard, 0.21 per-image, 0.16 curriculum (0.39 / 0.33 / 0.37 / 0.39 with nothing off). # neurons ON at
 relu_fc1: standard 89, per-image 75, curriculum 90, excitation 75, adaptive 131.
 
-Measured without rescaling (2026-11-23, 2 shared CPU cores, ``--noprogress``): 15.2 min wall for the 6 arms x 2 repeats (67-78 s of
+Measured without rescaling (2026-11-23, 2 shared CPU cores, ``--noprogress``): 15.2 min wall for the 6 arms x 2
+repeats (67-78 s of
 training and 3-7 s of analyses per run). Test accuracy on 2,000 test images, mean ± sample std over seeds 0, 1:
 
   none 0.526 ± 0.038, standard 0.462 ± 0.017, standard_per_image 0.494 ± 0.017, curriculum 0.534 ± 0.036,
@@ -65,6 +66,12 @@ from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):
+    """This experiment's ``ml_collections.ConfigDict`` (every field as the module docstring describes it).
+
+    Args:
+      arg: the text after ``:`` in ``--config NAME:ARG`` (the variants the module docstring lists;
+        ``"runlocal"`` where there is one: the tiny variant the tests run), or None for the default.
+    """
     c = common.excitation_dropout_config()
     c.dataset.name = "cifar10"
     c.dataset.data_dir = "../shared/data/cifar10/cifar10.npz"

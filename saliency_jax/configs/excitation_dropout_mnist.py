@@ -27,6 +27,12 @@ from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):
+    """This experiment's ``ml_collections.ConfigDict`` (every field as the module docstring describes it).
+
+    Args:
+      arg: the text after ``:`` in ``--config NAME:ARG`` (the variants the module docstring lists;
+        ``"runlocal"`` where there is one: the tiny variant the tests run), or None for the default.
+    """
     c = common.excitation_dropout_config()
     c.dataset.name = "mnist"
     c.dataset.data_dir = "../shared/data/mnist"

@@ -5,7 +5,8 @@ Arguments (``--config experiments/configs/excitation_dropout_thesis.py:<arg>``):
 * ``cifar10``, ``cifar100``, ``caltech256``: CNN-2 (96/128/256 filters, 2048-unit fc layers, Gaussian init std
   0.01) from scratch, dropout at ``fc1``, 100k iterations of batch 100, SGD momentum 0.9, weight decay 0.005 (biases
   too), lr 1e-3 then 1e-4 after 25k with the authors' released script's multipliers (x10 / x20 on the last layer's
-  weights / bias, x2 on other biases) and rescaling (see ``common.excitation_dropout_config``); Caltech-256 at 128 px. Six arms (none, standard, standard + mask per image, curriculum,
+  weights / bias, x2 on other biases) and rescaling (see ``common.excitation_dropout_config``); Caltech-256 at
+  128 px. Six arms (none, standard, standard + mask per image, curriculum,
   excitation, adaptive), P = 0.5, five repeats. Tables 5.1, 5.3, 5.5 and Figs. 5.3, 5.5-5.8.
 * ``ucf101_vgg16``: VGG16 fine-tuned on UCF101 frames at 224 px (an image folder of extracted frames:
   ``DIR/{train,test}/<class>/*.jpg``), dropout at ``fc6`` (the model's own ``drop6`` bypassed; ``drop7`` kept),
@@ -29,6 +30,15 @@ from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = "cifar10"):
+    """This experiment's ``ml_collections.ConfigDict`` (every field as the module docstring describes it).
+
+    Args:
+      arg: the text after ``:`` in ``--config NAME:ARG`` (the variants the module docstring lists;
+        ``"runlocal"`` where there is one: the tiny variant the tests run), or None for the default.
+
+    Raises:
+      ValueError: an argument the config does not know.
+    """
     c = common.excitation_dropout_config()  # CNN-2 and the thesis optimizer, 100k steps, 5 repeats
     arg = arg or "cifar10"
     if arg == "cifar10":

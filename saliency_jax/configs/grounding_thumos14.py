@@ -33,6 +33,15 @@ from saliency_jax.configs import grounding_ucf101
 
 
 def get_config(arg: str | None = None):
+    """This experiment's ``ml_collections.ConfigDict`` (every field as the module docstring describes it).
+
+    Args:
+      arg: the text after ``:`` in ``--config NAME:ARG`` (the variants the module docstring lists;
+        ``"runlocal"`` where there is one: the tiny variant the tests run), or None for the default.
+
+    Raises:
+      ValueError: an argument the config does not know.
+    """
     c = grounding_ucf101.get_config()
     c.dataset.data_dir = "/data/thumos14_frames"
     c.dataset.options.update(length=128)

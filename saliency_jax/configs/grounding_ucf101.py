@@ -46,6 +46,15 @@ from saliency_jax.configs import common
 
 
 def get_config(arg: str | None = None):
+    """This experiment's ``ml_collections.ConfigDict`` (every field as the module docstring describes it).
+
+    Args:
+      arg: the text after ``:`` in ``--config NAME:ARG`` (the variants the module docstring lists;
+        ``"runlocal"`` where there is one: the tiny variant the tests run), or None for the default.
+
+    Raises:
+      ValueError: an argument the config does not know.
+    """
     c = common.grounding_config()
     c.dataset.name = "video_frames"  # not implemented (see "Missing")
     c.dataset.data_dir = "/data/ucf101_frames"

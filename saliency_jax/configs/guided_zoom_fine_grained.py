@@ -45,6 +45,15 @@ DATASETS = {"cub": 200, "dogs": 120, "aircraft": 100}
 
 
 def get_config(arg: str | None = "cub"):
+    """This experiment's ``ml_collections.ConfigDict`` (every field as the module docstring describes it).
+
+    Args:
+      arg: the text after ``:`` in ``--config NAME:ARG`` (the variants the module docstring lists;
+        ``"runlocal"`` where there is one: the tiny variant the tests run), or None for the default.
+
+    Raises:
+      ValueError: an argument the config does not know.
+    """
     if arg not in DATASETS:
         raise ValueError(f"choose the dataset after the config path: one of {tuple(DATASETS)}; got {arg!r}")
     c = common.guided_zoom_config()

@@ -27,6 +27,15 @@ KD_WEIGHT = {"resnet101": 0.0065, "resnet152": 0.0048}
 
 
 def get_config(arg: str | None = "resnet101"):
+    """This experiment's ``ml_collections.ConfigDict`` (every field as the module docstring describes it).
+
+    Args:
+      arg: the text after ``:`` in ``--config NAME:ARG`` (the variants the module docstring lists;
+        ``"runlocal"`` where there is one: the tiny variant the tests run), or None for the default.
+
+    Raises:
+      ValueError: an argument the config does not know.
+    """
     arg = arg or "resnet101"
     if arg not in KD_WEIGHT:
         raise ValueError(f"choose the network after the config path: one of {sorted(KD_WEIGHT)}; got {arg!r}")

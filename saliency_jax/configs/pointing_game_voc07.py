@@ -69,6 +69,12 @@ REFERENCE_LAYERS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """This experiment's ``ml_collections.ConfigDict`` (every field as the module docstring describes it).
+
+    Args:
+      arg: the text after ``:`` in ``--config NAME:ARG`` (the variants the module docstring lists;
+        ``"runlocal"`` where there is one: the tiny variant the tests run), or None for the default.
+    """
     c = common.default_config()
     c.num_steps = 0  # nothing is trained: the arms evaluate imported weights
     c.num_epochs = 0.0

@@ -427,29 +427,31 @@ def _linear_rule(prim, params, data_pos, weight_pos, contrastive):
     return _with_backward(prim, params, bwd)
 
 
-def _unsupported_rule(eqn, reason):
-    """Forward as usual; the backward pass raises, naming the primitive (only if the signal reaches it)."""
+_EB_SUPPORTED = (
+    "Excitation Backprop cannot propagate through", "Supported on the path from the layer to the logits: dense/conv "
+    "layers with parameter weights, average/global-average/max pooling, ReLU, residual sums, batch norm in inference "
+    "mode, affine ops with parameter operands, reshapes/slices/concatenation, lax.scan loops (ReLU-LSTM cells: sigmoid "
+    "gates times data). Explain the logits, not softmax probabilities, and apply the model in inference mode.")
+
+
+def unsupported_rule(eqn, reason: str, method: tuple[str, str] = _EB_SUPPORTED):
+    """Forward as usual; the backward pass raises :class:`UnsupportedOperationError`, naming the primitive, its
+    operands' shapes and its source line (only if the signal reaches it). ``method``: (what cannot propagate, what is
+    supported), the two parts of the message that differ between EB and LRP."""
     prim, params = eqn.primitive, eqn.params
     where = source_location(eqn)
     in_shapes = ", ".join(f"{v.aval.str_short()}" for v in eqn.invars)
+    cannot, supported = method
 
     def bwd(_, p):
-        raise UnsupportedOperationError(
-            f"Excitation Backprop cannot propagate through primitive '{prim.name}' ({in_shapes}) at {where}: "
-            f"{reason}. Supported on the path from the layer to the logits: dense/conv layers with parameter "
-            "weights, average/global-average/max pooling, ReLU, residual sums, batch norm in inference mode, "
-            "affine ops with parameter operands, reshapes/slices/concatenation, lax.scan loops (ReLU-LSTM cells: "
-            "sigmoid gates times data). Explain the logits, not softmax probabilities, and apply the model in "
-            "inference mode.")
+        raise UnsupportedOperationError(f"{cannot} primitive '{prim.name}' ({in_shapes}) at {where}: {reason}. "
+                                        f"{supported}")
 
     @jax.custom_vjp
     def rule(*operands):
         return _bind(prim, params, operands)
 
-    def fwd(*operands):
-        return _bind(prim, params, operands), None
-
-    rule.defvjp(fwd, bwd)
+    rule.defvjp(lambda *operands: (_bind(prim, params, operands), None), bwd)
     return rule
 
 
@@ -557,7 +559,7 @@ def _apply(eqn, rule: Rule, values, contrastive_here):
         return _residual_rule(prim, params)(*operands)
     if rule.name == "linear":
         return _linear_rule(prim, params, rule.data_pos, rule.weight_pos, contrastive_here)(*operands)
-    return _unsupported_rule(eqn, rule.reason)(*operands)
+    return unsupported_rule(eqn, rule.reason)(*operands)
 
 
 def with_excitation_rules(fn: Callable, *, probe_argnums: int | Sequence[int] = (), contrastive: bool = False,

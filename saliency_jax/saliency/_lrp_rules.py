@@ -36,13 +36,12 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from saliency_jax.saliency._eb_rules import UnsupportedOperationError, _with_backward, _zero_cotangent
+from saliency_jax.saliency._eb_rules import _with_backward, _zero_cotangent, unsupported_rule
 from saliency_jax.saliency._jaxpr import (
     evaluate_jaxpr,
     inner_jaxpr,
     is_float,
     operand_values,
-    source_location,
     unbroadcast,
 )
 
@@ -336,26 +335,11 @@ def _pass_rule(prim, params, data_pos):
     return _with_backward(prim, params, bwd)
 
 
-def _unsupported_rule(eqn, reason):
-    """Forward as usual; the backward pass raises, naming the primitive (only if relevance reaches it)."""
-    prim, params = eqn.primitive, eqn.params
-    where = source_location(eqn)
-    in_shapes = ", ".join(f"{v.aval.str_short()}" for v in eqn.invars)
-
-    def bwd(_, r):
-        raise UnsupportedOperationError(
-            f"LRP cannot propagate relevance through primitive '{prim.name}' ({in_shapes}) at {where}: {reason}. "
-            "Supported between the input and the logits: dense/conv layers with parameter weights, sum/average/max "
-            "pooling, ReLU (max(x, 0)), tanh/sigmoid activations, residual sums, batch norm in inference mode and "
-            "other affine ops with parameter operands, reshapes/slices/concatenation/padding. Explain the logits, "
-            "not softmax probabilities, and apply the model in inference mode.")
-
-    @jax.custom_vjp
-    def rule(*operands):
-        return _bind(prim, params, operands)
-
-    rule.defvjp(lambda *operands: (_bind(prim, params, operands), None), bwd)
-    return rule
+_LRP_SUPPORTED = (
+    "LRP cannot propagate relevance through", "Supported between the input and the logits: dense/conv layers with "
+    "parameter weights, sum/average/max pooling, ReLU (max(x, 0)), tanh/sigmoid activations, residual sums, batch norm "
+    "in inference mode and other affine ops with parameter operands, reshapes/slices/concatenation/padding. Explain "
+    "the logits, not softmax probabilities, and apply the model in inference mode.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,7 +399,7 @@ def _run(jaxpr, consts, args, arg_data, options: LRPOptions):
         elif rule.name == "sum":
             out = _sum_rule(prim, params, options.stabilizer)(*operands)
         else:
-            out = _unsupported_rule(eqn, rule.reason)(*operands)
+            out = unsupported_rule(eqn, rule.reason, _LRP_SUPPORTED)(*operands)
         return (out if prim.multiple_results else [out]), out_data
 
     outs, out_data = evaluate_jaxpr(jaxpr, consts, False, args, arg_data, eval_equation, literal_tag=lambda _: False)
