@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import make_cam_references as R  # noqa: E402
 
 from saliency_jax.saliency import (METHODS, excitation_backprop, grad_cam, hirescam, linen_layer,  # noqa: E402
-                                   linen_view, occlusion, saliency_map, top_k)
+                                   linen_view, occlusion, saliency_map, saliency_maps, top_k)
 from saliency_jax.saliency.occlusion import occlusion_positions  # noqa: E402
 
 REF = dict(np.load(R.PATH))
@@ -172,6 +172,57 @@ def test_eb_target_set_is_one_vjp_of_the_eb_rules():
         ref = excitation_backprop(lm, X, T[:, j])
         np.testing.assert_allclose(out.extras["probability"][:, j], ref.probability, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(out.extras["probability"].sum(axis=(2, 3, 4)), 1.0, rtol=1e-4)  # conservation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several methods on one forward: saliency_maps.
+
+SHARED = ["grad_cam", "grad_cam_plus_plus", "hirescam", "layer_cam", "xgrad_cam", "vanilla_gradient",
+          "gradient_x_input", "excitation_backprop", "contrastive_excitation_backprop"]
+
+
+@pytest.mark.parametrize("targets", [None, 1, "column", "set", "top_k"])
+def test_several_methods_equal_one_call_each(targets):
+    t = {"column": T[:, 0], "set": T, "top_k": top_k(3)}.get(targets, targets)
+    got = saliency_maps(SHARED + ["eigen_cam", "occlusion"], VIEW, X, t)
+    assert list(got) == SHARED + ["eigen_cam", "occlusion"]
+    for name, maps in got.items():
+        want = saliency_map(name, VIEW, X, t)
+        assert maps.shape == want.shape and maps.dtype == jnp.float32, name
+        np.testing.assert_allclose(maps, want, rtol=1e-4, atol=1e-5, err_msg=name)
+    raw = saliency_maps(["grad_cam", "vanilla_gradient"], VIEW, X, t, normalize=False, score="softmax")
+    for name, maps in raw.items():
+        want = saliency_map(name, VIEW, X, t, normalize=False, score="softmax")
+        np.testing.assert_allclose(maps, want, rtol=1e-4, atol=1e-6 * float(np.abs(want).max()), err_msg=name)
+
+
+def test_gradient_methods_share_one_forward_and_one_backward():
+    def convs(fn):
+        return str(jax.make_jaxpr(fn)(X)).count("conv_general_dilated")
+
+    one = convs(lambda x: saliency_map("vanilla_gradient", VIEW, x, top_k(2), normalize=False))
+    shared = convs(lambda x: saliency_maps(["grad_cam", "hirescam", "vanilla_gradient", "gradient_x_input"], VIEW, x,
+                                           top_k(2), normalize=False))
+    apart = sum(convs(lambda x, m=m: saliency_map(m, VIEW, x, top_k(2), normalize=False))
+                for m in ("grad_cam", "hirescam", "vanilla_gradient", "gradient_x_input"))
+    assert shared == one < apart
+
+
+def test_several_methods_refuse_what_they_cannot_share():
+    with pytest.raises(KeyError, match="unknown saliency method"):
+        saliency_maps(["grad_cam", "gradcam"], VIEW, X)
+    with pytest.raises(ValueError, match="duplicate"):
+        saliency_maps(["grad_cam", "grad_cam"], VIEW, X)
+    with pytest.raises(ValueError, match="random"):
+        saliency_maps(["rise"], VIEW, X)
+    with pytest.raises(ValueError, match="at least one"):
+        saliency_maps([], VIEW, X)
+    with pytest.raises(ValueError, match="target function"):
+        saliency_maps(["grad_cam"], VIEW, X, lambda out: out[:, 0])
+    bad = jax.jit(lambda t: saliency_maps(["grad_cam", "excitation_backprop", "vanilla_gradient"], VIEW, X, t))(
+        jnp.array([[0, 1], [2, 7], [1, 1]]))
+    for maps in bad.values():
+        assert np.isnan(maps[1, 1]).all() and np.isfinite(np.delete(np.asarray(maps).reshape(6, -1), 3, 0)).all()
 
 
 def test_attention_guidance_hirescam_is_the_shared_one():

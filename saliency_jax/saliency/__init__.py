@@ -4,7 +4,8 @@ This package knows nothing of training; :mod:`saliency_jax.training` builds on i
 
 One call for every method: ``saliency_map(name, view, images, targets)`` (:mod:`saliency_jax.saliency.methods`,
 registry :data:`METHODS`) on a view of a linen module, an NNX module or a pure function
-(:mod:`saliency_jax.saliency.views`); the per-method functions below remain the low-level API.
+(:mod:`saliency_jax.saliency.views`); the per-method functions below remain the low-level API. ``saliency_maps(names, view, images, targets)`` gives several
+methods' maps of one batch from a shared forward (and, for the gradient CAMs and input gradients, one shared backward).
 
 Bad inputs (:mod:`saliency_jax.saliency.core`): a target class outside ``[0, num_classes)`` or a NaN / inf pixel
 raises for concrete inputs; under ``jax.jit`` the maps of those examples are NaN, and :func:`checked` runs a
@@ -98,5 +99,6 @@ from saliency_jax.saliency.methods import (
     cosine_similarity,
     region_score,
     saliency_map,
+    saliency_maps,
     weighted_outputs,
 )

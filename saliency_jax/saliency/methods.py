@@ -88,6 +88,7 @@ __all__ = [
     "cosine_similarity",
     "region_score",
     "saliency_map",
+    "saliency_maps",
     "weighted_outputs",
 ]
 
@@ -575,3 +576,142 @@ def saliency_map(method: str, view: Any, images: Array, targets: Array | int | T
     if normalize:
         maps = _layer_cams.normalize_any(maps)
     return Explanation(maps, extras) if return_extras else maps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several methods on one forward pass.
+
+#: The gradient CAMs that :func:`saliency_maps` computes from one shared backward pass: ``cam(A, g)``.
+_SHARED_LAYER_CAMS: dict[str, Callable[[Array, Array], Array]] = {
+    "grad_cam": lambda a, g: _layer_cams.grad_cam_map(a, g, "plain"),
+    "grad_cam_plus_plus": _layer_cams.grad_cam_plus_plus_map,
+    "hirescam": _layer_cams.hirescam_map,
+    "layer_cam": _layer_cams.layer_cam_map,
+    "xgrad_cam": _layer_cams.xgrad_cam_map,
+}
+#: The input-gradient methods that share that backward pass: whether the gradient is multiplied by the input.
+_SHARED_INPUT = {"vanilla_gradient": False, "gradient_x_input": True}
+#: Excitation Backprop and contrastive EB: whether contrastive.
+_SHARED_EXCITATION = {"excitation_backprop": False, "contrastive_excitation_backprop": True}
+
+
+def _as_target_set(targets: Any, batch: int) -> Any:
+    """One target per example as a target set of one column (``None`` = the predicted class = ``top_k(1)``)."""
+    if _sets.is_target_set(targets):
+        return targets
+    if targets is None:
+        return _sets.top_k(1)
+    if isinstance(targets, int):
+        return jnp.full((batch, 1), targets, jnp.int32)
+    return jnp.reshape(targets, (-1, 1))
+
+
+def saliency_maps(methods: Any, view: Any, images: Array, targets: Array | int | None = None, *,
+                  score: str = "logit", normalize: bool = True) -> dict[str, Array]:
+    """Maps of several methods for one batch, sharing the forward pass and every backward pass that can be shared.
+
+    What is shared (the maps equal :func:`saliency_map`'s, each method at its defaults, up to float rounding):
+
+    * the gradient CAMs (``"grad_cam"``, ``"grad_cam_plus_plus"``, ``"hirescam"``, ``"layer_cam"``,
+      ``"xgrad_cam"``) and the input gradients (``"vanilla_gradient"``, ``"gradient_x_input"``, reduced with
+      ``"abs_sum"``): **one** forward (``jax.vjp`` with respect to the images and the view's layer) and **one**
+      backward pass, ``vmap``-ed over the ``k`` score cotangents of a target set - the layer's gradient is read
+      on the way down to the input's;
+    * Excitation Backprop and contrastive EB: one EB-ruled pullback each, ``vmap``-ed over the ``k`` targets
+      (their forward values are the network's; under ``jax.jit`` XLA merges the duplicate forward computations);
+    * any other method of :data:`METHODS`: its own :func:`saliency_map` call at its defaults (under ``jit`` its
+      forward is merged where it is identical).
+
+    Top-k targets (:func:`~saliency_jax.saliency.target_sets.top_k`) are read from the shared forward pass. Method
+    options other than ``score`` are not taken here: call :func:`saliency_map` for a method with other options.
+
+    Args:
+      methods: names of :data:`METHODS` (a sequence of str, no duplicates).
+      view: as :func:`saliency_map` (a view with a layer when a layer method is asked for).
+      images: [batch, height, width, channels] float.
+      targets: ``None`` (predicted class), ``int``, int [batch], int [batch, k] or ``top_k(k)``.
+      score: ``"logit"`` or ``"softmax"``, for every gradient method.
+      normalize: per-map min-max normalisation to [0, 1].
+
+    Returns:
+      ``{method: float32 maps}``, [batch, height, width] or [batch, k, height, width] for a target set; all-NaN
+      maps for examples with a NaN / inf pixel or an out-of-range target (under ``jit``).
+
+    Raises:
+      KeyError: an unknown method. ValueError: duplicate methods, an empty list, a random method (give it a key
+      through :func:`saliency_map`), a target function (use :func:`saliency_map`), and what :func:`saliency_map`
+      raises for the same method and inputs.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from saliency_jax.saliency import function_view, saliency_maps, top_k
+      >>> w = jnp.array([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+      >>> view = function_view(None, w, features_fn=lambda p, x: x, head_fn=lambda p, a: a.mean((1, 2)) @ p)
+      >>> maps = saliency_maps(["grad_cam", "vanilla_gradient"], view, jnp.ones((4, 5, 5, 3)), top_k(2))
+      >>> {name: m.shape for name, m in maps.items()}
+      {'grad_cam': (4, 2, 5, 5), 'vanilla_gradient': (4, 2, 5, 5)}
+    """
+    names = [methods] if isinstance(methods, str) else list(methods)
+    if not names:
+        raise ValueError("saliency_maps needs at least one method")
+    for name in names:
+        if name not in METHODS:
+            raise KeyError(f"unknown saliency method {name!r}; METHODS: {sorted(METHODS)}")
+        if METHODS[name].needs_key:
+            raise ValueError(f"{name} is random: call saliency_map({name!r}, ..., key=...) for it")
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate methods in {names}")
+    if callable(targets):
+        raise ValueError("saliency_maps takes class targets; give a target function to saliency_map")
+    if score not in ("logit", "softmax"):
+        raise ValueError(f"score must be 'logit' or 'softmax'; got {score!r}")
+    view = as_view(view)
+    check_images(images)
+    several = _sets.is_target_set(targets)
+    target_set = _as_target_set(targets, images.shape[0])
+    maps: dict[str, Array] = {}
+
+    layer_names = [n for n in names if n in _SHARED_LAYER_CAMS]
+    input_names = [n for n in names if n in _SHARED_INPUT]
+    if layer_names or input_names:
+        if layer_names:
+            lm = _spatial_layer(view, layer_names[0], images)
+            _layer_cams._check_spatial(lm.activation_shapes(images), lm, layer_names[0])
+            multi = isinstance(lm.layer, tuple)
+            zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in lm.activation_shapes(images))
+
+            def run(x, perturbations):
+                logits, activations = lm(x, perturbations if multi else perturbations[0])
+                return logits, (tuple(activations) if multi else (activations,))
+
+            logits, pullback, activations = jax.vjp(run, images, zeros, has_aux=True)
+        else:
+            logits, pullback = jax.vjp(view.output_fn, images)
+        classes = _sets.resolve_target_set(target_set, logits)
+        cotangents = jax.vmap(pullback)(_sets._score_cotangents(logits, classes, score))
+        input_gradient = jnp.moveaxis(cotangents[0], 0, 1).astype(jnp.float32)
+        num_classes = logits.shape[-1]
+        for name in layer_names:
+            gradients = tuple(jnp.moveaxis(g, 0, 1) for g in cotangents[1])
+            layer_maps = tuple(_layer_cams._per_target(_SHARED_LAYER_CAMS[name], a, g)
+                               for a, g in zip(activations, gradients))
+            maps[name] = _sets.mark_invalid_sets(_layer_cams.image_maps(layer_maps, images, True), images, classes,
+                                                 num_classes)
+        for name in input_names:
+            attribution = (images[:, None].astype(jnp.float32) * input_gradient if _SHARED_INPUT[name]
+                           else input_gradient)
+            b, k = attribution.shape[:2]
+            reduced = _gradients.reduce_attribution(attribution.reshape((b * k, *attribution.shape[2:])), "abs_sum")
+            maps[name] = _sets.mark_invalid_sets(reduced.reshape((b, k, *reduced.shape[1:])), images, classes,
+                                                 num_classes)
+
+    for name in names:
+        if name in _SHARED_EXCITATION:
+            maps[name] = METHODS[name].fn(view, images, target_set)[0]
+    if not several:  # the shared paths ran on one column
+        maps = {name: m[:, 0] for name, m in maps.items()}
+    for name in names:
+        if name not in maps:
+            maps[name] = saliency_map(name, view, images, targets, normalize=False)
+    return {name: (_layer_cams.normalize_any(at_least_float32(maps[name])) if normalize
+                   else at_least_float32(maps[name])) for name in names}
