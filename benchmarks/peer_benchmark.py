@@ -15,6 +15,10 @@ method             ours / peers
 ``eb``             :func:`~saliency_jax.saliency.excitation_backprop` / TorchRay ``excitation_backprop``
 ``ceb``            :func:`~saliency_jax.saliency.contrastive_excitation_backprop` / TorchRay
                    ``contrastive_excitation_backprop``
+``gradient_top5``  the maps of each example's 5 most likely classes ([batch, 5, h, w]): ours one call with
+``gradcam_top5``   ``targets=top_k(5)`` (one forward, one backward ``vmap``-ed over the 5 cotangents,
+``eb_top5``        :mod:`saliency_jax.saliency.target_sets`) / the peer's method called 5 times, once per class
+                   column (the classes of our forward, stored with the inputs), as its users do
 =================  ==========================================================================================
 
 Layers: ResNet-18/50 Grad-CAM ``layer4``, EB/cEB ``layer3`` (TorchRay: ``update_resnet`` so the residual sums get
@@ -67,13 +71,14 @@ import time
 
 import numpy as np
 
-METHODS = ("forward", "gradient", "gradcam", "eb", "ceb")
+TOP = 5  # the top-k rows: k
+METHODS = ("forward", "gradient", "gradcam", "eb", "ceb", "gradient_top5", "gradcam_top5", "eb_top5")
 LIBRARIES = ("ours", "torch", "torchray", "captum", "pytorch-grad-cam")
 PEER_METHODS = {  # library -> methods it offers
-    "torch": ("forward", "gradient"),
-    "torchray": ("gradcam", "eb", "ceb"),
-    "captum": ("gradient", "gradcam"),
-    "pytorch-grad-cam": ("gradcam",),
+    "torch": ("forward", "gradient", "gradient_top5"),
+    "torchray": ("gradcam", "eb", "ceb", "gradcam_top5", "eb_top5"),
+    "captum": ("gradient", "gradcam", "gradient_top5", "gradcam_top5"),
+    "pytorch-grad-cam": ("gradcam", "gradcam_top5"),
 }
 MODELS = ("resnet18", "resnet50", "vgg16")
 # (Grad-CAM layer, EB layer) in our paths.
@@ -116,7 +121,9 @@ def _jax_methods(model_name: str, data: str, methods, patches_max: int | None):
     from saliency_jax import models
     from saliency_jax.models import conv as conv_lib
     from saliency_jax.saliency import (contrastive_excitation_backprop, excitation_backprop, grad_cam, linen_layer,
-                                       vanilla_gradient)
+                                       top_k, vanilla_gradient)
+    from saliency_jax.saliency.layer_cams import grad_cam_map
+    from saliency_jax.saliency.target_sets import excitation_signals, input_gradients, layer_gradients
 
     if patches_max is not None:
         conv_lib.PATCHES_MAX_INPUT_PIXELS = patches_max
@@ -130,6 +137,11 @@ def _jax_methods(model_name: str, data: str, methods, patches_max: int | None):
     def logits_fn(v):
         return functools.partial(module.apply, v, train=False)
 
+    def gradcam_top(v, x):  # raw Grad-CAM at the layer for each of the top-k classes: [batch, k, h, w]
+        lg = layer_gradients(linen_layer(module, v, cam_layer, train=False), x, top_k(TOP))
+        cam = jax.vmap(grad_cam_map, in_axes=(None, 1), out_axes=1)(lg.activations[0], lg.gradients[0])
+        return jnp.maximum(cam, 0.0)
+
     fns = {
         "forward": lambda v, x, t: module.apply(v, x, train=False),
         "gradient": lambda v, x, t: vanilla_gradient(logits_fn(v), x, t, reduction="abs_sum"),
@@ -138,6 +150,10 @@ def _jax_methods(model_name: str, data: str, methods, patches_max: int | None):
         "eb": lambda v, x, t: excitation_backprop(linen_layer(module, v, eb_layer, train=False), x, t).saliency,
         "ceb": lambda v, x, t: contrastive_excitation_backprop(linen_layer(module, v, eb_layer, train=False), x,
                                                                t).saliency,
+        "gradient_top5": lambda v, x, t: jnp.sum(jnp.abs(input_gradients(logits_fn(v), x, top_k(TOP))[0]), -1),
+        "gradcam_top5": lambda v, x, t: gradcam_top(v, x),
+        "eb_top5": lambda v, x, t: jnp.sum(excitation_signals(linen_layer(module, v, eb_layer, train=False), x,
+                                                              top_k(TOP))[0], -1),
     }
     out = {}
     for name in methods:
@@ -178,12 +194,15 @@ def _torch_layers(model_name: str, net):
 
 
 def _torch_methods(model_name: str, data: str, wanted):
+    import functools
+
     import torch
 
     torch.set_grad_enabled(True)
     with np.load(os.path.join(data, "inputs.npz")) as f:
         x = torch.from_numpy(np.ascontiguousarray(np.transpose(f["images"], (0, 3, 1, 2))))
         targets = torch.from_numpy(f["targets"].astype(np.int64))
+        top = torch.from_numpy(f["top"].astype(np.int64))  # our forward's top-k classes [batch, k]
     libraries = {lib for lib, _ in wanted}
     model, net = _torch_model(model_name, data)
     cam_layer, eb_layer, contrast_layer, classifier = _torch_layers(model_name, net)
@@ -193,31 +212,31 @@ def _torch_methods(model_name: str, data: str, wanted):
         return t.detach().numpy() if hasattr(t, "detach") else np.asarray(t)
 
     if "torch" in libraries:
-        def forward():
+        def forward(t):
             with torch.no_grad():
                 return numpy(model(x))
 
-        def gradient():
+        def gradient(t):
             xg = x.clone().requires_grad_(True)
             logits = model(xg)
-            (g,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), xg)
+            (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), xg)
             return numpy(g.abs().sum(1))
 
         out[("torch", "forward")], out[("torch", "gradient")] = forward, gradient
     if "captum" in libraries:
         from captum.attr import LayerGradCam, Saliency
 
-        out[("captum", "gradient")] = lambda: numpy(
-            Saliency(model).attribute(x.clone().requires_grad_(True), target=targets, abs=True).sum(1))
-        out[("captum", "gradcam")] = lambda: numpy(
-            LayerGradCam(model, cam_layer).attribute(x, target=targets, relu_attributions=True)[:, 0])
+        out[("captum", "gradient")] = lambda t: numpy(
+            Saliency(model).attribute(x.clone().requires_grad_(True), target=t, abs=True).sum(1))
+        out[("captum", "gradcam")] = lambda t: numpy(
+            LayerGradCam(model, cam_layer).attribute(x, target=t, relu_attributions=True)[:, 0])
     if "pytorch-grad-cam" in libraries:
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        def pgc():
+        def pgc(t):
             with GradCAM(model=model, target_layers=[cam_layer]) as cam:
-                return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+                return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t])
 
         out[("pytorch-grad-cam", "gradcam")] = pgc
     if "torchray" in libraries:
@@ -232,12 +251,15 @@ def _torch_methods(model_name: str, data: str, wanted):
         if model_name.startswith("resnet"):
             update_resnet(tr_net)  # residual sums as EltwiseSum modules: TorchRay's EB rule for them
         tr_cam, tr_eb, tr_contrast, tr_classifier = _torch_layers(model_name, tr_net)
-        out[("torchray", "gradcam")] = lambda: numpy(grad_cam(tr_model, x, targets, saliency_layer=tr_cam)[:, 0])
-        out[("torchray", "eb")] = lambda: numpy(excitation_backprop(tr_model, x, targets,
-                                                                    saliency_layer=tr_eb)[:, 0])
-        out[("torchray", "ceb")] = lambda: numpy(contrastive_excitation_backprop(
-            tr_model, x, targets, saliency_layer=tr_eb, contrast_layer=tr_contrast,
-            classifier_layer=tr_classifier)[:, 0])
+        out[("torchray", "gradcam")] = lambda t: numpy(grad_cam(tr_model, x, t, saliency_layer=tr_cam)[:, 0])
+        out[("torchray", "eb")] = lambda t: numpy(excitation_backprop(tr_model, x, t, saliency_layer=tr_eb)[:, 0])
+        out[("torchray", "ceb")] = lambda t: numpy(contrastive_excitation_backprop(
+            tr_model, x, t, saliency_layer=tr_eb, contrast_layer=tr_contrast, classifier_layer=tr_classifier)[:, 0])
+    for (lib, method), fn in list(out.items()):
+        out[(lib, method)] = functools.partial(fn, targets)
+        # the top-k rows: the peer's method once per class column, as its users compute k maps
+        out[(lib, f"{method}_top{TOP}")] = functools.partial(
+            lambda f: np.stack([f(top[:, j]) for j in range(top.shape[1])], axis=1), fn)
     return {k: v for k, v in out.items() if k in wanted}
 
 
@@ -266,13 +288,16 @@ def worker_main(args) -> None:
         reply = {"seconds": seconds, "rss_mb": rss, "peak_mb": _status_mb("VmHWM")}
         if cmd.get("save"):
             np.save(cmd["save"], np.asarray(result, np.float32))
-            if key == ("pytorch-grad-cam", "gradcam") and os.path.exists(cmd.get("ours_raw", "")):
+            if key[0] == "pytorch-grad-cam" and os.path.exists(cmd.get("ours_raw", "")):
                 from pytorch_grad_cam.utils.image import scale_cam_image
                 ours = np.load(cmd["ours_raw"])
+                flat = ours.reshape((-1, *ours.shape[-2:]))  # [batch(, k), h, w] -> [n, h, w]
                 # pytorch-grad-cam's post-processing: per layer min-max + resize, then over layers max(., 0),
                 # mean and min-max again (BaseCAM.forward / aggregate_multi_layers)
-                per_layer = scale_cam_image(np.maximum(ours, 0), (result.shape[2], result.shape[1]))
-                np.save(cmd["save"].replace(".npy", "_ours_scaled.npy"), scale_cam_image(np.maximum(per_layer, 0)))
+                per_layer = scale_cam_image(np.maximum(flat, 0), (result.shape[-1], result.shape[-2]))
+                scaled = scale_cam_image(np.maximum(per_layer, 0))
+                np.save(cmd["save"].replace(".npy", "_ours_scaled.npy"),
+                        scaled.reshape((*ours.shape[:-2], *scaled.shape[-2:])))
         print(json.dumps(reply), flush=True)
 
 
@@ -342,17 +367,21 @@ def make_data(model_name: str, batch: int, size: int, data: str, seed: int = 0) 
         values[key] = value.astype(np.float32)
     np.savez(os.path.join(data, "flax.npz"), **{"/".join(k): v for k, v in values.items()})
     np.savez(os.path.join(data, "torch.npz"), **export_state_dict(model_name, traverse_util.unflatten_dict(values)))
-    np.savez(os.path.join(data, "inputs.npz"), images=rng.uniform(size=(batch, size, size, 3)).astype(np.float32),
-             targets=rng.integers(0, 1000, size=batch).astype(np.int32))
+    images = rng.uniform(size=(batch, size, size, 3)).astype(np.float32)
+    logits = np.asarray(module.apply(traverse_util.unflatten_dict(values), images, train=False))
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :TOP].astype(np.int32)  # ties to the lower index, as top_k
+    np.savez(os.path.join(data, "inputs.npz"), images=images, targets=rng.integers(0, 1000, size=batch).astype(
+        np.int32), top=top)
 
 
 def _agreement(ours: np.ndarray, peer: np.ndarray) -> str:
-    """Max |difference| after dividing each map by its own max |value| (per example), over the maps where both
-    are finite; maps with a NaN/inf are counted and named instead."""
+    """Max |difference| after dividing each map by its own max |value| (per example; per example and class for the
+    top-k maps), over the maps where both are finite; maps with a NaN/inf are counted and named instead."""
     if ours.shape != peer.shape:
         return f"shapes differ: {ours.shape} vs {peer.shape}"
-    ours = ours.reshape(ours.shape[0], -1).astype(np.float64)
-    peer = peer.reshape(peer.shape[0], -1).astype(np.float64)
+    rows = (-1, ours.shape[-2] * ours.shape[-1]) if ours.ndim == 4 else (ours.shape[0], -1)  # a top-k map each
+    ours = ours.reshape(rows).astype(np.float64)
+    peer = peer.reshape(rows).astype(np.float64)
     finite = np.isfinite(ours).all(axis=1) & np.isfinite(peer).all(axis=1)
     note = "" if finite.all() else (f" (non-finite values in example(s) {np.flatnonzero(~finite).tolist()}: ours "
                                     f"{int((~np.isfinite(ours)).sum())}, peer {int((~np.isfinite(peer)).sum())})")
@@ -436,7 +465,7 @@ def run(args, data: str) -> None:
 
     if not args.skip_fresh:
         print(f"\n== phase 1: one fresh process per (library, method) [{_load()}]")
-        print(f"{'library':<22}{'method':<10}{'first call s':>13}{'RSS set-up MB':>15}{'peak RSS MB':>13}"
+        print(f"{'library':<22}{'method':<14}{'first call s':>13}{'RSS set-up MB':>15}{'peak RSS MB':>13}"
               f"{'  max |diff| vs ours (normalised)'}")
         saved = {}
         for label, kind, lib, method, patches, flags in jobs:
@@ -454,7 +483,7 @@ def run(args, data: str) -> None:
                     ours = np.load(path.replace(".npy", "_ours_scaled.npy"))
                 diff = _agreement(ours, peer)
             info = f"  ({worker.info})" if worker.info else ""
-            print(f"{label:<22}{method:<10}{reply['seconds']:>13.2f}{worker.ready['rss_mb']:>15.0f}"
+            print(f"{label:<22}{method:<14}{reply['seconds']:>13.2f}{worker.ready['rss_mb']:>15.0f}"
                   f"{reply['peak_mb']:>13.0f}  {diff}{info}", flush=True)
         print(f"[{_load()}]")
 
@@ -481,14 +510,14 @@ def run(args, data: str) -> None:
         w.close()
     print(f"[{_load()}]")
     medians = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{'method':<10}{'library':<22}{'median s':>10}{'min s':>9}{'max s':>9}{'  vs ours: peer/ours'}")
+    print(f"{'method':<14}{'library':<22}{'median s':>10}{'min s':>9}{'max s':>9}{'  vs ours: peer/ours'}")
     for method in args.methods:
         base = medians.get(("ours", method))
         for (label, m), value in medians.items():
             if m != method:
                 continue
             ratio = f"{value / base:6.2f}x" if base and label != "ours" else ""
-            print(f"{m:<10}{label:<22}{value:>10.3f}{min(times[(label, m)]):>9.3f}{max(times[(label, m)]):>9.3f}"
+            print(f"{m:<14}{label:<22}{value:>10.3f}{min(times[(label, m)]):>9.3f}{max(times[(label, m)]):>9.3f}"
                   f"  {ratio}")
     # per-round ratios (same round), for the spread of the ratio itself
     print("\nper-round ratio peer/ours, median [min, max] over rounds:")
@@ -496,7 +525,7 @@ def run(args, data: str) -> None:
         if label == "ours" or ("ours", m) not in times:
             continue
         ratios = [v / o for v, o in zip(values, times[("ours", m)])]
-        print(f"  {m:<9}{label:<22}{statistics.median(ratios):6.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]")
+        print(f"  {m:<14}{label:<22}{statistics.median(ratios):6.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]")
 
 
 if __name__ == "__main__":
