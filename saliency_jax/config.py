@@ -106,7 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
         channels=3, val_fraction=0.25,
         options={},  # the source's own settings (saliency_jax.data.get_source: SOURCE_OPTIONS, region_templates)
         train_limit=0, label_noise=0.0, oversample={},
-        read_threads=2, prefetch=256,  # grain threads: raise on hosts with many cores
+        read_threads=2, prefetch=4,  # grain threads (raise on hosts with many cores) and prefetched batches
         # Morales et al. 2021: flip, rotation [-40, 40], channel shift [-30, 30], brightness [0.5, 1.5].
         augment=dict(hflip=True, rotation=40.0, channel_shift=30.0, brightness=(0.5, 1.5)),
     ))

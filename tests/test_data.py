@@ -711,6 +711,45 @@ def test_train_iterator_state_round_trip():
         np.testing.assert_array_equal(got["image"], want["image"])
 
 
+def _per_example_prefetch_stream(src, batch_size, seed, augment_kwargs, shard_index=0, shard_count=1):
+    """The training stream as built before 2026-12-07: batched after grain's per-example prefetch."""
+    import functools
+
+    import grain
+
+    ds = grain.MapDataset.source(pipeline._Subset(src, np.arange(len(src)))).seed(seed).shuffle().repeat(None)
+    ds = ds.map(functools.partial(pipeline._prepare, image_size=None)).random_map(
+        functools.partial(pipeline._augment_example, augment_kwargs=augment_kwargs))
+    local = batch_size // shard_count
+    if shard_count > 1:
+        ds = pipeline._ProcessRows(ds, local, shard_index, shard_count)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)).batch(local,
+                                                                                               drop_remainder=True)
+
+
+@pytest.mark.parametrize("shard_index,shard_count", [(0, 1), (1, 2)])
+def test_batches_made_before_the_prefetch_are_the_old_batches_and_old_positions_resume(shard_index, shard_count):
+    src = id_source(20)
+    kwargs = dict(batch_size=4, seed=3, augment_kwargs=aug.PAPER_AUGMENTATION)
+    new = pipeline.make_train_dataset(src, None, shard_index=shard_index, shard_count=shard_count, **kwargs)
+    old = _per_example_prefetch_stream(src, shard_index=shard_index, shard_count=shard_count, **kwargs)
+    old_it, new_it = iter(old), iter(new)
+    for want, got in zip(take(old_it, 9), take(new_it, 9)):  # across two epoch boundaries
+        np.testing.assert_array_equal(got["label"], want["label"])
+        np.testing.assert_array_equal(got["image"], want["image"])
+    # An older checkpoint's position (examples) resumes at the same batch; the new one counts batches.
+    old_state = old_it.get_state()
+    assert set(old_state) == {"next_index"} and new_it.get_state() == {"next_batch": 9}
+    resumed = iter(new)
+    resumed.set_state(old_state)
+    for want, got in zip(take(old_it, 3), take(resumed, 3)):
+        np.testing.assert_array_equal(got["image"], want["image"])
+    with pytest.raises(ValueError, match="whole number of batches"):
+        resumed.set_state({"next_index": int(old_state["next_index"]) + 1})
+    with pytest.raises(ValueError, match="unknown training data-iterator state"):
+        resumed.set_state({"position": 3})
+
+
 def test_train_pipeline_resizes():
     src = id_source(8, side=4)
     batch = next(iter(pipeline.make_train_dataset(

@@ -115,14 +115,14 @@ def load_run_data(config: ml_collections.ConfigDict) -> RunData:
 def make_train_input(config: ml_collections.ConfigDict, train_source, train_indices) -> grain.IterDataset:
     """The training batches of a config: :func:`saliency_jax.data.make_train_dataset` over ``train_source[
     train_indices]`` with ``config.batch_size`` (global), ``config.seed``, ``config.dataset``'s ``image_size``,
-    ``augment``, ``read_threads`` and ``prefetch``, this process's shard. ``iter()`` of it is the loop's checkpointable
+    ``augment``, ``read_threads`` and ``prefetch`` (batches read ahead), this process's shard. ``iter()`` of it is the loop's checkpointable
     data iterator."""
     return pipeline.make_train_dataset(
         train_source, train_indices, batch_size=config.batch_size, seed=config.seed,
         image_size=config.dataset.get("image_size"), augment_kwargs=dict(config.dataset.get("augment") or {}),
         shard_index=jax.process_index(), shard_count=jax.process_count(),
         read_options=grain.ReadOptions(num_threads=config.dataset.get("read_threads", 2),
-                                       prefetch_buffer_size=config.dataset.get("prefetch", 256)))
+                                       prefetch_buffer_size=config.dataset.get("prefetch", 4)))
 
 
 def check_batch(batch: dict[str, np.ndarray], num_classes: int, where: str = "batch", *,
