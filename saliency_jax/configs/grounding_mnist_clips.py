@@ -4,7 +4,7 @@ A small CNN-LSTM (:class:`saliency_jax.models.CNNLSTM`: 3 conv layers of 8/16/32
 a ReLU-LSTM of 64 units, a classifier at every step, and the single-frame classifier on ``fc``) is trained on
 single-digit clips from the MNIST **train** digits (16 frames of 48 x 48 px, the digit moving at 1-3 px per frame
 and bouncing, 4 static 10-px clutter fragments of other digits) with the cross-entropy at every LSTM step plus the frame
-classifier's (``frame_classifier`` scheme), Adam 1e-3, batch 32, no augmentation. The ``temporal_grounding``
+classifier's (``frame_classifier`` scheme), Adam 1e-3, batch 16, no augmentation. The ``temporal_grounding``
 evaluator then grounds the ground-truth class of clips built from the MNIST **test** digits (fixed seed, the same
 for every run):
 
@@ -20,42 +20,39 @@ Command (from the repository root; MNIST IDX files in ../shared/data/mnist, or p
   nice -n 5 saliency-jax experiment --config experiments/configs/grounding_mnist_clips.py \
       --workdir runs/grounding_mnist_clips --config.dataset.data_dir=/work/shared/data/mnist
 
-Runtime: 47.8 min wall for the 2 seeds on 2 CPU cores shared with other jobs (load average 15-24): training
-1,500 steps 22 + 21 min, evaluation 3 + 1 min.
+Runtime (2026-12-07; shared 2-core CPU, so not idle figures): seed 0 81 min (training 1,500 steps 68 min, evaluation
+13 min; load 8-31), seed 1 12 min (training resumed at step 250 of an earlier launch: 1,250 steps 11 min, evaluation
+1 min; load 3-6).
 
-Measured (2 seeds, mean ± sample std; % ; the report's tables, ``runs/grounding_mnist_clips/report.md``):
+Measured (main 8daa0a0, the authors' cell rule as default; 2 seeds, mean ± sample std; %; the report's tables,
+``runs/grounding_mnist_clips/report.md``, stored in ``docs/results/grounding_mnist_clips.json``):
 
-* the models are under-trained (the loss was still falling): clip accuracy on the pointing clips 75.0 ± 12.7 at the
-  last step, 73.2 ± 11.0 averaging the steps' probabilities; frame classifier 66.7 ± 11.6 (seed 0: 84.0 / 81.0 /
-  74.9; seed 1: 66.0 / 65.5 / 58.4). More steps would help every method.
-* Table 7.2 shape, rand + GT + rand (32 frames), GT length 3 / 10 / 16, known length: probability 18.5 / 52.0 /
-  67.9, EB-R (exc) 11.1 / 26.4 / 41.5, cEB-R (exc) 33.4 / 64.0 / 79.3, EB-R (grad) 2.1 / 13.0 / 27.8, cEB-R (grad)
-  14.3 / 47.0 / 71.2; unknown length: probability 10.9 / 20.7 / 32.6, cEB-R (exc) 16.4 / 37.2 / 49.0, cEB-R (grad)
-  5.2 / 21.3 / 35.9 (thesis, 11 / 41 / 65 of 128 frames: known probability 8.5 / 28.2 / 47.7, EB-R 11.3 / 38.5 /
-  56.3, cEB-R 15.5 / 53.2 / 73.5; unknown probability 3.4 / 9.5 / 35.7, cEB-R 4.1 / 47.9 / 62.0). cEB-R (exc)
-  beats the probability in every rand + GT + rand row, known and unknown length, as in the thesis; EB-R falls
-  below the probability here (above it in the thesis); the gradient cell rule trails the excitation rule.
-  Two-segment clips (16 frames, known length): rand + GT probability 33.8, EB-R (exc) 94.0, cEB-R (exc) 89.4;
-  GT + rand 96.5 / 44.5 / 82.7.
-* Table 7.1 shape (tolerance 2 px): centre 88.8, EB 92.8 ± 8.3, EB-R 92.0 ± 9.1 (exc) / 92.2 ± 8.7 (grad), cEB
-  90.7 ± 8.2, cEB-R 72.7 ± 7.3 (exc) / 68.8 ± 10.4 (grad), BP 87.6, BP-R 85.7: the digit's box covers much of a
-  48 px frame (the centre scores 88.8), so the game barely separates the methods; the contrastive -R maps score
-  lowest, as the thesis's contrastive versions do.
+* the models are under-trained (the loss was still falling): clip accuracy on the pointing clips 76.2 ± 6.0 at the
+  last step, 74.8 ± 9.5 averaging the steps' probabilities; frame classifier 66.6 ± 8.3 (seed 0: 80.5 / 81.5 /
+  72.4; seed 1: 72.0 / 68.0 / 60.8). More steps would help every method.
+* Table 7.2 shape, rand + GT + rand (32 frames), GT length 3 / 10 / 16, known length: probability 20.7 / 49.6 /
+  67.0, cEB-R (grad) 17.9 / 48.4 / 72.0, EB-R (grad) 3.3 / 14.1 / 30.5, cEB-R (exc) 35.9 / 66.3 / 83.5, EB-R (exc)
+  15.2 / 29.0 / 42.7; unknown length: probability 9.3 / 16.8 / 28.4, cEB-R (grad) 4.4 / 16.1 / 33.6, cEB-R (exc)
+  19.5 / 40.9 / 44.7 (thesis, 11 / 41 / 65 of 128 frames: known probability 8.5 / 28.2 / 47.7, EB-R 11.3 / 38.5 /
+  56.3, cEB-R 15.5 / 53.2 / 73.5; unknown probability 3.4 / 9.5 / 35.7, cEB-R 4.1 / 47.9 / 62.0). With the
+  authors' cell rule cEB-R beats the probability only at the longest GT (known and unknown length) and is below or
+  level with it (within the seeds' spread) at GT 3 and 10; with EB's own rule (exc) cEB-R beats the probability in
+  every row, known and unknown, as in the thesis. EB-R falls below the probability under both rules (above it in
+  the thesis). Two-segment clips (16 frames, known length): rand + GT probability 32.5, EB-R 95.6 (grad) / 91.8
+  (exc), cEB-R 87.1 (grad) / 89.3 (exc); GT + rand 95.0 / 20.8 / 45.9 / 68.7 / 80.1.
+* Table 7.1 shape (tolerance 2 px): centre 88.8, EB 92.5 ± 8.7, EB-R 92.0 ± 9.3 (grad) / 92.1 ± 8.9 (exc), cEB
+  90.8 ± 6.7, cEB-R 70.3 ± 10.9 (grad) / 73.1 ± 7.6 (exc), BP 87.5 ± 2.0, BP-R 86.0 ± 2.2: the digit's box covers
+  much of a 48 px frame (the centre scores 88.8), so the game barely separates the methods; the contrastive -R
+  maps score lowest, as the thesis's contrastive versions do.
 * Fig. 7.6 shape: the cEB-R map sums are negative on rand frames and positive on GT frames, changing sign at the
   midpoint in both rand + GT and GT + rand (both cell rules); EB-R's are positive throughout.
 
 The LSTM cell rule: ``(grad)`` is the authors' released Caffe LSTM unit (its gradient), which is what the thesis's
 numbers were produced with and is the library's default (``cell_rule="gradient"``, the evaluator's first rule);
-``(exc)`` is EB's rule with the gates as constant weights (``temporal_grounding.cell_rules``).
-
-Re-run with the authors' rule as default (2026-12-07, main 9d5184e, seed 0 only - seed 1 was stopped for lack of
-time; load 8-31, 81 min for seed 0): clip accuracy 80.5 (last step) / 81.5 (mean of the steps' probabilities),
-frame classifier 72.4 (the earlier seed 0 above: 84.0 / 81.0 / 74.9 - the change touches only the evaluation, so
-the training differs for another reason, not investigated: the runs above predate several loop changes). Known
-length, rand + GT + rand, GT 3 / 10 / 16: probability 21.8 / 53.4 / 70.7, cEB-R (grad) 24.7 / 60.4 / 81.3, cEB-R
-(exc) 40.7 / 72.1 / 86.1, EB-R (grad) 4.8 / 19.1 / 37.3, EB-R (exc) 19.0 / 33.8 / 46.4: cEB-R beats the probability
-in every row under both rules, and the excitation rule still leads the authors' rule. Pointing game: centre 88.8,
-EB 98.7, EB-R 98.6 (grad) / 98.3 (exc), cEB 95.6, cEB-R 78.0 (grad) / 78.4 (exc), BP 88.9, BP-R 87.5.
+``(exc)`` is EB's rule with the gates as constant weights (``temporal_grounding.cell_rules``). Both rules are
+evaluated on the same trained models, so the rule changes only the evaluation. An earlier 2-seed run (before
+several loop changes, seed 0 / 1 clip accuracy 84.0 / 66.0) gave the same picture: cEB-R (exc) known 33.4 / 64.0 /
+79.3 against probability 18.5 / 52.0 / 67.9, cEB-R (grad) 14.3 / 47.0 / 71.2.
 
 ``:runlocal`` is the tiny variant the tests run (clips of scikit-learn's embedded 8 x 8 digits on 16 px canvases,
 6 frames, a tiny model, a few steps; no files needed).
