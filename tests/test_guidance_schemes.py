@@ -528,13 +528,16 @@ def test_region_masses_of_further_maps_hand_computed():
         RegionMassSettings(maps=("relu_conv1",))
 
 
-def test_maps_config_arms():
+def test_maps_config_arms(tmp_path):
     """decoy_mnist.py:maps: every arm runs (config checks only, no training), the guided arms put the loss on the
     map they are named after, the GAP arms change only the head, and every guided arm's map is measured."""
     from saliency_jax.experiment import arm_config, check_config
 
     for arg in ("maps", "maps_runlocal"):
         config = load_config("decoy_mnist", arg)
+        if config.dataset.get("data_dir"):  # generated IDX files: the checks load the sources, not real MNIST
+            make_mnist(tmp_path)
+            config.dataset.data_dir = str(tmp_path)
         arms = check_config(config)
         assert arms[:2] == ["plain", "guidance"] and arms[-1] == "rrr" and len(arms) == 14
         assert arm_config(config, "hirescam relu_conv1", 0).region_mass.maps == ("relu_conv1:hirescam",)
