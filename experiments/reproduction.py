@@ -236,7 +236,7 @@ _RESULTS = [
     Result("decoy_maps", "experiments/configs/decoy_mnist.py:maps",
            "Decoy MNIST as decoy_mnist, 1,000 steps, the guidance loss on each of several maps (layers, Grad-CAM / "
            "HiResCAM / gradient x activation, a GAP head); 2 seeds",
-           "the MNIST IDX files; hours on 2 shared CPU cores",
+           "the MNIST IDX files; 94 min on 2 shared CPU cores (load 4-6)",
            _cmd("experiments/configs/decoy_mnist.py:maps", "decoy_maps")),
     # Background invariance (seed 004).
     Result("background_invariance_mnist", "experiments/configs/background_invariance_mnist.py",
