@@ -691,8 +691,8 @@ def saliency_maps(methods: Any, view: Any, images: Array, targets: Array | int |
         cotangents = jax.vmap(pullback)(_sets._score_cotangents(logits, classes, score))
         input_gradient = jnp.moveaxis(cotangents[0], 0, 1).astype(jnp.float32)
         num_classes = logits.shape[-1]
+        gradients = tuple(jnp.moveaxis(g, 0, 1) for g in cotangents[1]) if layer_names else ()
         for name in layer_names:
-            gradients = tuple(jnp.moveaxis(g, 0, 1) for g in cotangents[1])
             layer_maps = tuple(_layer_cams._per_target(_SHARED_LAYER_CAMS[name], a, g)
                                for a, g in zip(activations, gradients))
             maps[name] = _sets.mark_invalid_sets(_layer_cams.image_maps(layer_maps, images, True), images, classes,
