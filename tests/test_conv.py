@@ -1,5 +1,7 @@
 """Tests of the small-map convolution lowering (saliency_jax.models.conv) and of the torchvision weight export."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -92,6 +94,29 @@ def test_conv2d_uses_a_dot_on_small_maps_and_a_convolution_on_large_ones():
     names = lambda jaxpr: {e.primitive.name for e in jaxpr.jaxpr.eqns}  # noqa: E731
     assert "dot_general" in names(small) and "conv_general_dilated" not in names(small)
     assert "conv_general_dilated" in names(large) and "dot_general" not in names(large)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_unpadded_1x1_convolutions_are_one_dot_and_equal_nn_conv(stride, monkeypatch):
+    x = _images((2, 7, 6, 5))
+    reference, ours = nn.Conv(6, (1, 1), strides=stride, padding=0), conv_lib.Conv(6, (1, 1), strides=stride,
+                                                                                  padding=0)
+    variables = reference.init(jax.random.key(1), x)
+    names = lambda f: {e.primitive.name for e in jax.make_jaxpr(f)(x).jaxpr.eqns}  # noqa: E731
+    assert "dot_general" in names(lambda xx: ours.apply(variables, xx))
+    assert "conv_general_dilated" not in names(lambda xx: ours.apply(variables, xx))
+
+    def loss(module, xx):
+        return jnp.sum(jnp.sin(module.apply(variables, xx)))
+
+    np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.grad(functools.partial(loss, ours))(x),
+                               jax.grad(functools.partial(loss, reference))(x), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(conv_lib, "DOT_1X1", False)
+    assert "conv_general_dilated" in names(lambda xx: ours.apply(variables, xx))
+    padded = conv_lib.Conv(6, (1, 1), padding=1)  # a padded 1x1 convolution keeps the convolution
+    monkeypatch.setattr(conv_lib, "DOT_1X1", True)
+    assert "conv_general_dilated" in names(lambda xx: padded.apply(padded.init(jax.random.key(0), xx), xx))
 
 
 def test_bad_inputs_raise():
