@@ -112,6 +112,30 @@ def test_faithfulness_evaluator_matches_hand_computed_values(tmp_path, monkeypat
     assert "| gradient | " + f"{np.mean(rank):.3f} |" in section.markdown
 
 
+def test_every_arm_after_the_first_reuses_the_compiled_scores():
+    from saliency_jax.evaluators import faithfulness as evaluator_lib
+
+    settings = FaithfulnessSettings(methods=("gradient",), examples=0, insertion_substrate=0.0, pixels_per_step=1,
+                                    randomization=False)
+    images = IMAGES.reshape(3, 2, 2, 1)
+    first = {"params": {"fc": {"kernel": W, "bias": B}}}
+    second = {"params": {"fc": {"kernel": W_RANDOM, "bias": B}}}  # another arm: other weights, same model
+    layers = {}
+    a = evaluator_lib.evaluate_faithfulness(Linear(), first, images, settings, layers=layers)
+    compiled = evaluator_lib._scores._cache_size()
+    b = evaluator_lib.evaluate_faithfulness(Linear(), second, images, settings, layers=layers)
+    assert evaluator_lib._scores._cache_size() == compiled  # no new trace: the same programs
+    assert a["gradient"]["per_image"] != b["gradient"]["per_image"]  # ... run on the new weights
+    # the same numbers as the uncached computation of each arm
+    for variables, got in ((first, a), (second, b)):
+        maps = evaluator_lib.method_maps_fn(Linear(), "gradient", None)
+        targets = jax.numpy.argmax(Linear().apply(variables, images), -1)
+        from saliency_jax.evaluation import faithfulness as F
+        curve = jax.jit(lambda v: F.deletion(lambda x: Linear().apply(v, x), images, maps(v, images, targets),
+                                             targets, substrate=0.0, pixels_per_step=1).auc)(variables)
+        np.testing.assert_array_equal(got["gradient"]["per_image"]["deletion_auc"], np.asarray(curve))
+
+
 def test_faithfulness_settings_reject_bad_values():
     with pytest.raises(ValueError, match="methods must name"):
         FaithfulnessSettings(methods=("gradcam",))

@@ -212,8 +212,10 @@ def causal_metric(
     holds ``softmax(logits_fn(x))[target]`` after each step and its :func:`auc` treats the steps as evenly spaced
     in [0, 1] (as the code does, also when the last step changes fewer pixels).
 
-    All ``(num_steps + 1) * batch`` model queries run inside one :func:`jax.lax.map` over chunks of
-    ``steps_per_call`` steps; each call of ``logits_fn`` sees ``steps_per_call * batch`` images.
+    All ``(num_steps + 1) * batch`` model queries run inside one :func:`jax.lax.map` over
+    ``ceil((num_steps + 1) / steps_per_call)`` chunks of (nearly) equal size, at most ``steps_per_call`` steps each;
+    each call of ``logits_fn`` sees ``chunk * batch`` images (the last chunk may hold steps past the last one, whose
+    results are dropped).
 
     Args:
       logits_fn: ``images [n, height, width, channels] -> logits [n, num_classes]`` in inference mode.
@@ -228,7 +230,7 @@ def causal_metric(
         ``"blur"`` (:func:`gaussian_blur` of the image), a number (e.g. ``0.0``), or an array broadcastable to
         ``images`` (e.g. a per-channel mean colour [channels]).
       pixels_per_step: pixels changed per step; default the image width (the paper's 224 on 224 x 224 images).
-      steps_per_call: steps evaluated together (memory vs. speed; the result does not depend on it).
+      steps_per_call: the most steps evaluated together (memory vs. speed; the result does not depend on it).
       blur_kernel_size, blur_sigma: the blur of ``substrate="blur"`` (RISE code: 11 and 5).
 
     Returns:
@@ -249,8 +251,8 @@ def causal_metric(
     chunk = _check_positive_int("steps_per_call", steps_per_call)
     num_steps = -(-num_pixels // step)
     num_evals = num_steps + 1
-    chunk = min(chunk, num_evals)
-    num_chunks = -(-num_evals // chunk)
+    num_chunks = -(-num_evals // min(chunk, num_evals))
+    chunk = -(-num_evals // num_chunks)  # the steps spread evenly over the calls: at most num_chunks - 1 padded
 
     # The predicted class needs the logits; explicit targets only need their shape.
     logits = logits_fn(images) if targets is None else jax.eval_shape(logits_fn, images)

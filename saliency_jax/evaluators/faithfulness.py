@@ -33,15 +33,18 @@ Three more, each off by default (``road``, ``infidelity``, ``sensitivity``):
   ``||map(x + u) - map(x)|| / ||map(x)||`` over ``perturb_samples`` uniform perturbations of radius
   ``sensitivity_radius`` (Captum's 0.02), explaining the same class. Lower is more stable.
 
-Every computation is batched over the examples and jitted (one compilation per method); the deletion / insertion
-curves of all examples run in :func:`jax.lax.map` chunks, the randomisation steps in one :func:`jax.lax.map`.
+Every computation is batched over the examples and jitted; the deletion / insertion curves of all examples run in
+:func:`jax.lax.map` chunks, the randomisation steps in one :func:`jax.lax.map`. The maps and scores of a method are
+compiled once per process for each (model, method, layer, metric settings, shapes): every arm and repeat after the
+first reuses them. The randomisation test is compiled for each run: the model's batch statistics are constants of
+its program, as when the recorded results (tests/test_recorded.py) were computed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -198,6 +201,66 @@ def _nanmean(x) -> float | None:
     return float(np.nanmean(x)) if np.isfinite(x).any() else None
 
 
+class _Metrics(NamedTuple):
+    """The settings the jitted scores depend on (hashable: the static argument of :func:`_scores`)."""
+
+    deletion_substrate: float
+    insertion_substrate: Any
+    pixels_per_step: int | None
+    road: bool
+    road_fractions: tuple[float, ...]
+    infidelity: bool
+    sensitivity: bool
+    perturb_samples: int
+    infidelity_std: float
+    sensitivity_radius: float
+
+    @classmethod
+    def of(cls, settings: FaithfulnessSettings) -> "_Metrics":
+        return cls(float(settings.deletion_substrate), settings.insertion_substrate,
+                   int(settings.pixels_per_step) or None, bool(settings.road), tuple(settings.road_fractions),
+                   bool(settings.infidelity), bool(settings.sensitivity), int(settings.perturb_samples),
+                   float(settings.infidelity_std), float(settings.sensitivity_radius))
+
+
+# The jitted computations take the module, method, layer and metric settings as static arguments, so they are
+# traced and compiled once per process for each (model, method, layer, settings, shapes): every arm of an experiment
+# and every repeat reuses the first one's compilations.
+@functools.partial(jax.jit, static_argnames=("module",))
+def _predicted_classes(variables, images, *, module):
+    return jnp.argmax(module.apply(variables, images, train=False), axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _initial_params(key, images, *, module):
+    return module.init(key, images, train=False)["params"]
+
+
+@functools.partial(jax.jit, static_argnames=("module", "method", "layer", "metrics"))
+def _scores(variables, images, targets, *, module, method: str, layer: str | None, metrics: _Metrics):
+    maps_fn = method_maps_fn(module, method, layer)
+    maps = maps_fn(variables, images, targets)
+    f = functools.partial(module.apply, variables, train=False)
+    dele = F.deletion(f, images, maps, targets, substrate=metrics.deletion_substrate,
+                      pixels_per_step=metrics.pixels_per_step)
+    ins = F.insertion(f, images, maps, targets, substrate=metrics.insertion_substrate,
+                      pixels_per_step=metrics.pixels_per_step)
+    extra = {}
+    if metrics.road or metrics.infidelity or metrics.sensitivity:
+        road_key, infidelity_key, sensitivity_key = jax.random.split(jax.random.key(_METRIC_SEED), 3)
+    if metrics.road:
+        extra["road"] = R.road(f, images, maps, targets, key=road_key, fractions=metrics.road_fractions)
+    if metrics.infidelity:
+        noise = I.gaussian_perturbations(infidelity_key, images, metrics.perturb_samples, std=metrics.infidelity_std)
+        extra["infidelity"] = I.infidelity(f, images, maps, targets, perturbations=noise, normalize=True)
+    if metrics.sensitivity:
+        shifts = I.uniform_perturbations(sensitivity_key, images, metrics.perturb_samples,
+                                         radius=metrics.sensitivity_radius)
+        extra["sensitivity_max"] = I.sensitivity_max(lambda x, t: maps_fn(variables, x, t), images, targets,
+                                                     perturbations=shifts)
+    return maps, dele.auc, ins.auc, extra
+
+
 def evaluate_faithfulness(module, variables: Any, images: np.ndarray, settings: FaithfulnessSettings, *,
                           layers: dict[str, str], regions: np.ndarray | None = None, random_params: Any = None,
                           ) -> dict[str, dict[str, Any]]:
@@ -221,38 +284,15 @@ def evaluate_faithfulness(module, variables: Any, images: np.ndarray, settings: 
       "sensitivity_max": [n] where computed}}}``; the predicted classes are explained.
     """
     images = jnp.asarray(images, jnp.float32)
-    logits_fn = functools.partial(module.apply, variables, train=False)
-    targets = jnp.argmax(jax.jit(logits_fn)(images), axis=-1).astype(jnp.int32)
-    step = int(settings.pixels_per_step) or None
+    targets = _predicted_classes(variables, images, module=module)
+    metrics = _Metrics.of(settings)
     out = {}
     for method in settings.methods:
-        maps_fn = method_maps_fn(module, method, layers.get(method))
-
-        @jax.jit
-        def scores(variables, images, targets):
-            maps = maps_fn(variables, images, targets)
-            f = functools.partial(module.apply, variables, train=False)
-            dele = F.deletion(f, images, maps, targets, substrate=float(settings.deletion_substrate),
-                              pixels_per_step=step)
-            ins = F.insertion(f, images, maps, targets, substrate=settings.insertion_substrate,
-                              pixels_per_step=step)
-            extra = {}
-            if settings.road or settings.infidelity or settings.sensitivity:
-                road_key, infidelity_key, sensitivity_key = jax.random.split(jax.random.key(_METRIC_SEED), 3)
-            if settings.road:
-                extra["road"] = R.road(f, images, maps, targets, key=road_key, fractions=settings.road_fractions)
-            if settings.infidelity:
-                noise = I.gaussian_perturbations(infidelity_key, images, int(settings.perturb_samples),
-                                                 std=float(settings.infidelity_std))
-                extra["infidelity"] = I.infidelity(f, images, maps, targets, perturbations=noise, normalize=True)
-            if settings.sensitivity:
-                shifts = I.uniform_perturbations(sensitivity_key, images, int(settings.perturb_samples),
-                                                 radius=float(settings.sensitivity_radius))
-                extra["sensitivity_max"] = I.sensitivity_max(lambda x, t: maps_fn(variables, x, t), images, targets,
-                                                             perturbations=shifts)
-            return maps, dele.auc, ins.auc, extra
-
-        maps, dele, ins, extra = scores(variables, images, targets)
+        if method not in FAITHFULNESS_METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {tuple(FAITHFULNESS_METHODS)}")
+        layer = layers.get(method) if method in _LAYER_METHODS else None
+        maps, dele, ins, extra = _scores(variables, images, targets, module=module, method=method, layer=layer,
+                                         metrics=metrics)
         record = {"deletion_auc": float(jnp.mean(dele)), "insertion_auc": float(jnp.mean(ins)),
                   "relevance_mass": None,
                   "per_image": {"deletion_auc": np.asarray(dele).tolist(), "insertion_auc": np.asarray(ins).tolist()}}
@@ -275,6 +315,10 @@ def evaluate_faithfulness(module, variables: Any, images: np.ndarray, settings: 
             rand_layers = tuple(settings.randomization_layers) or _default_layers(variables["params"])
             n = min(int(settings.randomization_examples), images.shape[0])
             state = {k: v for k, v in variables.items() if k != "params"}
+            # Jitted per call with the model's non-parameter variables (batch statistics) as constants of the
+            # program, as the results recorded before the cached programs were computed (tests/test_recorded.py):
+            # as arguments, the Spearman correlations move at the 1e-7 level.
+            maps_fn = method_maps_fn(module, method, layer)
             result = jax.jit(lambda p, r, x, t: F.model_randomization(
                 lambda q, xx, tt: maps_fn({"params": q, **state}, xx, tt), p, r, rand_layers, x, t,
                 ssim_window=None))(variables["params"], random_params, images[:n], targets[:n])
@@ -302,15 +346,15 @@ def faithfulness_evaluator(settings: FaithfulnessSettings) -> Evaluator:
         regions = batch["region"][:n] if "region" in batch else None
         if regions is not None and regions.ndim != 3:
             regions = None  # several regions per image (templates per attribute): not one known region
+        module = linen_module(run, "the faithfulness evaluator")
         grad_cam_layer = model_layers(run.config).grad_cam_layer
         layers = {m: settings.layers.get(m) or grad_cam_layer for m in _LAYER_METHODS}
         random_params = None
         if settings.randomization:
             shape = jnp.zeros((1, *images.shape[1:]), jnp.float32)
-            random_params = jax.jit(lambda: linen_module(run, 'the faithfulness evaluator').init(jax.random.key(int(run.config.seed) + 1), shape,
-                                                           train=False)["params"])()
-        metrics = evaluate_faithfulness(linen_module(run, 'the faithfulness evaluator'), run.variables, images, settings, layers=layers,
-                                        regions=regions, random_params=random_params)
+            random_params = _initial_params(jax.random.key(int(run.config.seed) + 1), shape, module=module)
+        metrics = evaluate_faithfulness(module, run.variables, images, settings, layers=layers, regions=regions,
+                                        random_params=random_params)
         return {"examples": int(n), "layers": layers, "methods": metrics}
 
     def report(ctx: ReportContext) -> Section | None:
