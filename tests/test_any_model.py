@@ -149,6 +149,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+# 80 s on 2 cores; in CI the library's sharded steps equal one device (tests/test_train.py, test_guidance_schemes.py)
+@pytest.mark.slow
 def test_eight_devices_equal_one():
     """The data-parallel step (batch sharded over 8 fake CPU devices) equals one device: the NNX CNN's BatchNorm and
     flax's ResNet's ``axis_name`` BatchNorm both take the statistics of the whole global batch."""

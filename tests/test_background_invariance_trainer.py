@@ -450,6 +450,7 @@ def test_backgrounds_evaluator_table_on_a_fixed_linear_model(tmp_path):
 # The runlocal experiment end to end.
 
 
+@pytest.mark.slow  # 70 s on 2 cores; in CI: every phase (test_each_phase_...) and the recorded straight run
 def test_runlocal_experiment_end_to_end(tmp_path):
     config = load_config("background_invariance_mnist").get_config("runlocal")
     out = experiment.run_experiment(config, tmp_path, progress=False)

@@ -134,6 +134,7 @@ def test_colab_badge_and_install_cell(name, tmp_path, monkeypatch):
     assert not [r for r in requirements if re.match(r"jax(lib)?\b", r)]
 
 
+@pytest.mark.slow  # 35-55 s on 2 cores; .ci/run executes both notebooks from the installed wheel
 def test_digits_notebook_runs_top_to_bottom_quick(tmp_path, monkeypatch):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     run_dir = _execute_quick(notebook, tmp_path, monkeypatch)
@@ -194,6 +195,7 @@ METHODS = ["gradient", "guided backprop", "Grad-CAM (conv3)", "Grad-CAM++ (conv3
            "RISE"]
 
 
+@pytest.mark.slow  # 35-55 s on 2 cores; .ci/run executes both notebooks from the installed wheel
 def test_saliency_methods_notebook_runs_top_to_bottom_quick(tmp_path, monkeypatch):
     notebook = nbformat.read(METHODS_NOTEBOOK, as_version=4)
     headings = [c.source.split("\n")[0] for c in notebook.cells if c.cell_type == "markdown"]

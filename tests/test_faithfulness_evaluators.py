@@ -16,7 +16,7 @@ import scipy.stats
 
 from saliency_jax import evaluators
 from saliency_jax.evaluators.base import ReportContext, RunRecord
-from saliency_jax.evaluators.faithfulness import FaithfulnessSettings
+from saliency_jax.evaluators.faithfulness import FAITHFULNESS_METHODS, FaithfulnessSettings
 
 W = np.array([[0.9, -0.2, 0.1],
               [-0.4, 0.7, 0.3],
@@ -145,10 +145,18 @@ def test_faithfulness_settings_reject_bad_values():
         FaithfulnessSettings(insertion_substrate="noise")
 
 
-def test_method_maps_are_the_registrys_saliency_map_exactly():
+#: The evaluator's default methods run in CI; the other methods' cases are slow (a compilation of three programs
+#: each, about 4 s per method on 2 cores).
+_DEFAULT_METHODS = FaithfulnessSettings().methods
+
+
+@pytest.mark.parametrize("method", [
+    m if m in _DEFAULT_METHODS else pytest.param(m, marks=pytest.mark.slow)
+    for m in FAITHFULNESS_METHODS])
+def test_method_maps_are_the_registrys_saliency_map_exactly(method):
     """Every method's maps are saliency_map of its registry method on a linen view (unnormalised), and equal, element
     for element, the low-level calls the evaluator made before it went through the registry."""
-    from saliency_jax.evaluators.faithfulness import FAITHFULNESS_METHODS, method_maps_fn
+    from saliency_jax.evaluators.faithfulness import method_maps_fn
     from saliency_jax.models import SmallCNN
     from saliency_jax.saliency import grad_cam_plus_plus, layer_cams, occlusion
     from saliency_jax.saliency import (METHODS, contrastive_excitation_backprop, excitation_backprop, grad_cam,
@@ -179,16 +187,16 @@ def test_method_maps_are_the_registrys_saliency_map_exactly():
         "occlusion": lambda x, t: occlusion(f, x, t, sliding_window_shapes=(4, 4), strides=(2, 2)),
     }
     assert set(before) == set(FAITHFULNESS_METHODS)
-    for method, (name, options) in FAITHFULNESS_METHODS.items():
-        assert name in METHODS
-        got = jax.jit(method_maps_fn(module, method, "conv2"))(variables, images, targets)
-        key = jax.random.key(0) if METHODS[name].needs_key else None
-        view = linen_view(module, variables, "conv2", train=False)
-        registry = jax.jit(lambda x, t: saliency_map(name, view, x, t, normalize=False, key=key, **options))
-        want = registry(images, targets)
-        assert got.dtype == np.float32 and got.shape == (3, 8, 8)
-        np.testing.assert_array_equal(got, want, err_msg=method)
-        np.testing.assert_array_equal(got, jax.jit(before[method])(images, targets), err_msg=method)
+    name, options = FAITHFULNESS_METHODS[method]
+    assert name in METHODS
+    got = jax.jit(method_maps_fn(module, method, "conv2"))(variables, images, targets)
+    key = jax.random.key(0) if METHODS[name].needs_key else None
+    view = linen_view(module, variables, "conv2", train=False)
+    registry = jax.jit(lambda x, t: saliency_map(name, view, x, t, normalize=False, key=key, **options))
+    want = registry(images, targets)
+    assert got.dtype == np.float32 and got.shape == (3, 8, 8)
+    np.testing.assert_array_equal(got, want, err_msg=method)
+    np.testing.assert_array_equal(got, jax.jit(before[method])(images, targets), err_msg=method)
     with pytest.raises(ValueError, match="unknown method"):
         method_maps_fn(module, "gradcam", "conv2")
 

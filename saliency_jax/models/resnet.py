@@ -43,8 +43,8 @@ Constructors: :data:`ResNet18`, :data:`ResNet34`, :data:`ResNet50`, :data:`ResNe
 
 >>> import jax, jax.numpy as jnp
 >>> model = ResNet18(num_classes=10)
->>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
->>> model.apply(variables, jnp.zeros((2, 32, 32, 3))).shape
+>>> variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+>>> jax.jit(model.apply)(variables, jnp.zeros((2, 32, 32, 3))).shape
 (2, 10)
 """
 
