@@ -7,7 +7,8 @@ Each row times one choice against the current lowering, interleaved in one proce
   and its input gradient (the VJP with respect to the input: the backward convolution of the input gradient,
   Grad-CAM's and EB's backward).
 * ``3x3 conv``: the 3x3 convolutions, ``conv_general_dilated`` forward vs its input gradient (what the backward
-  costs against the forward; XLA lowers the input gradient to a convolution with the flipped kernel).
+  costs against the forward; XLA lowers the input gradient to a convolution with the flipped kernel); the 7x7/2
+  stem and two 3x3 convolutions as im2col + ``dot_general`` (:func:`saliency_jax.models.conv.patches_conv2d`).
 * ``model``: the whole ResNet-50 forward and input gradient in inference mode, with its batch norms as they are vs
   folded into the convolutions (:func:`saliency_jax.saliency.fold_batch_norm`: the batch norm keeps only a shift,
   which XLA fuses into the next elementwise pass).
@@ -72,6 +73,8 @@ def main() -> None:
     import jax.numpy as jnp
     from jax import lax
 
+    from saliency_jax.models import conv as conv_lib
+
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, batch {args.batch} [{_load()}]")
     key = jax.random.key(0)
     dn = ("NHWC", "HWIO", "NHWC")
@@ -118,9 +121,31 @@ def main() -> None:
         print(f"\n== 3x3 conv: input gradient (now) vs forward (alt) [{_load()}]")
         _pairs(rows, args.rounds)
 
+        def explicit(f, pad):
+            return lambda x, k, s: f(x, k, s, ((pad, pad), (pad, pad)))
+
+        def xla(x, k, s, pads):
+            return lax.conv_general_dilated(x, k, (s, s), pads, dimension_numbers=dn)
+
+        def im2col(x, k, s, pads):
+            return conv_lib.patches_conv2d(x, k, (s, s), pads)
+
+        rows_f, rows_b = [], []
+        for hw, ci, co, kk, s, p in [(224, 3, 64, 7, 2, 3), (56, 64, 64, 3, 1, 1), (28, 128, 128, 3, 1, 1)]:
+            x = jax.random.normal(key, (args.batch, hw, hw, ci), jnp.float32)
+            k = jax.random.normal(key, (kk, kk, ci, co), jnp.float32) * 0.05
+            label = f"{kk}x{kk}/{s} {hw}x{hw}x{ci}->{co}"
+            now, alt = explicit(xla, p), explicit(im2col, p)
+            rows_f.append((label, jax.jit(now, static_argnums=2), jax.jit(alt, static_argnums=2), (x, k, s)))
+            rows_b.append((label, jax.jit(grad_in(now), static_argnums=2), jax.jit(grad_in(alt), static_argnums=2),
+                           (x, k, s)))
+        print(f"\n== stem and 3x3 convs forward: conv_general_dilated (now) vs im2col + dot_general [{_load()}]")
+        _pairs(rows_f, args.rounds)
+        print(f"\n== ... their input gradient [{_load()}]")
+        _pairs(rows_b, args.rounds)
+
     if args.only in ("model", "all"):
         from saliency_jax import models
-        from saliency_jax.models import conv as conv_lib
         from saliency_jax.saliency import excitation_backprop, fold_batch_norm, grad_cam, linen_layer
 
         module = models.get_model("resnet50", 1000)
