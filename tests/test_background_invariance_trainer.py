@@ -28,6 +28,7 @@ from saliency_jax import data as data_lib
 from saliency_jax import experiment
 from saliency_jax import train as train_lib
 from saliency_jax import trainers
+from saliency_jax import workdirs
 from saliency_jax.config import default_config
 from saliency_jax.data.inputs import RunData
 from saliency_jax.evaluation import backgrounds as bg
@@ -277,12 +278,37 @@ def assert_recomputed(run, reference, cache, entry):
 def test_phase_cache_entry_with_a_flipped_bit_is_refused_and_recomputed(cached_vanilla, tmp_path, caplog):
     reference = cached_vanilla[0]
     cache, entry = copied_cache(cached_vanilla, tmp_path)
-    # One bit of the largest array-data file (the OCDBT chunks, read without a check of their own).
+    # One bit of the largest array-data file (the OCDBT chunks, read without a check of their own). Where it lands
+    # varies between runs (the order of the compressed chunks in the file does): inside a chunk's values it decodes to
+    # a wrong array (the checksum refuses it), in a header the chunk cannot be decoded (the read refuses it).
     files = [p for p in entry.glob("checkpoint/*/state/ocdbt.process_*/d/*") if p.is_file()]
     target = max(files, key=lambda p: p.stat().st_size)
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x10
     target.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        run = train_lib.train(tiny_config("classifier", phase_cache=str(cache)), tmp_path / "run", progress=False)
+    assert re.search(rf"phase cache entry .*{entry.name} is not used: (1 array\(s\) differ from the checksums in its "
+                     r"manifest.json \(\[.*\)|its checkpoint cannot be read \(.*\)); training phase 1 again",
+                     caplog.text, re.S)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert_recomputed(run, reference, cache, entry)
+    assert "phase cache" not in caplog.text
+
+
+def test_phase_cache_entry_whose_array_differs_from_its_checksum_is_refused_and_recomputed(cached_vanilla, tmp_path,
+                                                                                              caplog):
+    """The checksum check itself, deterministically: the manifest (re-signed, as if the array had decoded to other
+    values) records another checksum for one array."""
+    reference = cached_vanilla[0]
+    cache, entry = copied_cache(cached_vanilla, tmp_path)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    payload = manifest["payload"]
+    name = sorted(k for k in payload["state_checksums"] if "kernel" in k)[0]
+    payload["state_checksums"][name] = "0" * len(str(payload["state_checksums"][name]))
+    manifest["sha256"] = workdirs.json_digest(payload)
+    (entry / "manifest.json").write_text(json.dumps(manifest))
     with caplog.at_level(logging.WARNING):
         run = train_lib.train(tiny_config("classifier", phase_cache=str(cache)), tmp_path / "run", progress=False)
     assert re.search(rf"phase cache entry .*{entry.name} is not used: 1 array\(s\) differ from the checksums in its "
