@@ -1,21 +1,21 @@
 r"""ResNet-50 on XLA:CPU: which lowering of its convolutions and batch norms is fastest (issue 23, item 2).
 
-Each row times one choice against the current lowering, interleaved in one process (same threads, same load):
+Each row times two choices interleaved in one process (same threads, same load); "now" is
+``lax.conv_general_dilated`` (the lowering before :data:`saliency_jax.models.conv.DOT_1X1`), "alt" the other one:
 
-* ``1x1 conv``: every 1x1 convolution of ResNet-50's bottlenecks at batch ``--batch`` (224 px input), as
-  ``lax.conv_general_dilated`` (now) vs ``dot_general`` on the channels (stride 2: a strided slice first), forward
-  and its input gradient (the VJP with respect to the input: the backward convolution of the input gradient,
-  Grad-CAM's and EB's backward).
-* ``3x3 conv``: the 3x3 convolutions, ``conv_general_dilated`` forward vs its input gradient (what the backward
-  costs against the forward; XLA lowers the input gradient to a convolution with the flipped kernel); the 7x7/2
-  stem and two 3x3 convolutions as im2col + ``dot_general`` (:func:`saliency_jax.models.conv.patches_conv2d`).
-* ``model``: the whole ResNet-50 forward and input gradient in inference mode, with its batch norms as they are vs
-  folded into the convolutions (:func:`saliency_jax.saliency.fold_batch_norm`: the batch norm keeps only a shift,
-  which XLA fuses into the next elementwise pass).
+* ``--only convs``: every distinct 1x1 convolution of ResNet-50 at batch ``--batch`` (224 px input) as
+  ``conv_general_dilated`` vs ``dot_general`` on the channels (stride 2: a strided slice first), forward and input
+  gradient (the VJP with respect to the input: Grad-CAM's and EB's backward); the 3x3 convolutions' input gradient
+  (now) against their forward (alt); the 7x7/2 stem and two 3x3 convolutions as ``conv_general_dilated`` vs
+  im2col + ``dot_general`` (:func:`saliency_jax.models.conv.patches_conv2d`), forward and input gradient.
+* ``--only model``: the whole ResNet-50 (random weights and running statistics, inference mode) - forward, input
+  gradient, Grad-CAM at ``layer4`` and EB at ``layer3`` - traced with ``DOT_1X1 = False`` (now) and ``True`` (alt),
+  with the maximum relative difference of their outputs; then the forward with its batch norms as they are vs
+  folded into the convolutions (:func:`saliency_jax.saliency.fold_batch_norm`: the batch norm keeps only a shift).
 
 Usage::
 
-  JAX_PLATFORMS=cpu python benchmarks/cpu_conv_lowering.py --batch 8 --rounds 5 [--threads 2]
+  JAX_PLATFORMS=cpu python benchmarks/cpu_conv_lowering.py --batch 8 --rounds 5 [--only convs|model]
 
 Prints milliseconds (median of ``--rounds``) and the ratio now / alternative (> 1: the alternative is faster), with
 the load average before and after.
