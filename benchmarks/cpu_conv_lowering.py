@@ -51,7 +51,6 @@ def _pairs(rows, rounds):
     print(f"{'':<44}{'now ms':>10}{'alt ms':>10}{'now/alt':>9}")
     total_now = total_alt = 0.0
     for label, now, alt, args in rows:
-        a = b = None
         ts_now, ts_alt = [], []
         for _ in range(rounds):  # interleaved
             ts_now.append(_median_ms(now, args, 1))

@@ -288,8 +288,6 @@ def evaluate_faithfulness(module, variables: Any, images: np.ndarray, settings: 
     metrics = _Metrics.of(settings)
     out = {}
     for method in settings.methods:
-        if method not in FAITHFULNESS_METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {tuple(FAITHFULNESS_METHODS)}")
         layer = layers.get(method) if method in _LAYER_METHODS else None
         maps, dele, ins, extra = _scores(variables, images, targets, module=module, method=method, layer=layer,
                                          metrics=metrics)
